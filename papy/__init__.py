@@ -1,0 +1,52 @@
+"""PaPy: parallel pipelines in Python.
+
+Write plain functions, connect them into a graph with :class:`Pipeline`, and evaluate it as
+lazy, parallel, nested maps on threads, processes or a Dask cluster::
+
+    from papy import Pipeline
+
+    pipe = Pipeline("demo")
+    double = pipe.add(lambda x: 2 * x)
+    pipe.add(str, after=double)
+    print(list(pipe.map(range(5))))   # ['0', '2', '4', '6', '8']
+"""
+
+from papy._errors import (
+    CycleError,
+    GraphError,
+    ItemFailed,
+    JournalError,
+    PapyError,
+    PoolError,
+    RunAborted,
+    WorkerCrashed,
+)
+from papy._imap import imap
+from papy._items import Failure
+from papy._pipeline import Node, Pipeline
+from papy._report import NodeReport, Report
+from papy.pools import InlinePool, Pool, ProcessPool, ThreadPool
+
+__version__ = "2.0.0a1"
+
+__all__ = [
+    "CycleError",
+    "Failure",
+    "GraphError",
+    "InlinePool",
+    "ItemFailed",
+    "JournalError",
+    "Node",
+    "NodeReport",
+    "PapyError",
+    "Pipeline",
+    "Pool",
+    "PoolError",
+    "ProcessPool",
+    "Report",
+    "RunAborted",
+    "ThreadPool",
+    "WorkerCrashed",
+    "__version__",
+    "imap",
+]

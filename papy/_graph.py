@@ -1,0 +1,196 @@
+"""Graph algorithms: validation, order, scatter levels and fusion into steps.
+
+Everything here runs before any item is processed, so a wrong graph fails fast with a
+message in words (which node, what is wrong, what to do).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from papy._errors import CycleError, GraphError
+from papy._task import Stage, StepSpec
+
+if TYPE_CHECKING:
+    from papy._pipeline import Node
+    from papy.pools._base import Pool
+
+
+def topological_order(nodes: Sequence[Node]) -> list[Node]:
+    """Return the nodes parents-first; raise CycleError naming a cycle if there is one."""
+    order: list[Node] = []
+    state: dict[int, int] = {}  # 1 = on the current path, 2 = done
+    path: list[Node] = []
+
+    def visit(n: Node) -> None:
+        mark = state.get(id(n))
+        if mark == 2:
+            return
+        if mark == 1:
+            start = next(i for i, p in enumerate(path) if p is n)
+            raise CycleError([p.name for p in path[start:]])
+        state[id(n)] = 1
+        path.append(n)
+        for p in n.parents:
+            visit(p)
+        path.pop()
+        state[id(n)] = 2
+        order.append(n)
+
+    for n in nodes:
+        visit(n)
+    return order
+
+
+def scatter_stacks(order: Sequence[Node]) -> dict[str, tuple[str, ...]]:
+    """Return, per node, the scatter nodes whose sub-items its *outputs* are.
+
+    Raise GraphError for a gather with nothing to gather, and for a join whose parents
+    are at different scatter levels (their items could not be paired by id).
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for n in order:
+        if n.parents:
+            stacks = [out[p.name] for p in n.parents]
+            first = stacks[0]
+            for p, s in zip(n.parents[1:], stacks[1:]):
+                if s != first:
+                    raise GraphError(
+                        f"node {n.name!r} joins items from different scatter levels: "
+                        f"{n.parents[0].name!r} gives {_level(first)} but {p.name!r} gives "
+                        f"{_level(s)}; gather the scattered branch before the join"
+                    )
+            stack = first
+        else:
+            stack = ()
+        if n.gather:
+            if not stack:
+                raise GraphError(
+                    f"node {n.name!r} has gather=True but no scatter node upstream "
+                    "of it; add scatter=True to an upstream node or drop gather=True"
+                )
+            stack = stack[:-1]
+        if n.scatter:
+            stack = (*stack, n.name)
+        out[n.name] = stack
+    return out
+
+
+def _level(stack: tuple[str, ...]) -> str:
+    if not stack:
+        return "top-level items"
+    return "sub-items of " + " > ".join(repr(s) for s in stack)
+
+
+@dataclass(eq=False)
+class Step:
+    """A chain of fused nodes that runs as one task per batch on one pool."""
+
+    index: int
+    nodes: list[Node]
+    pool: Pool
+    spec: StepSpec
+    parents: list[Step] = field(default_factory=list)
+    #: (child step, slot in the child's head's parents) for every edge leaving the tail
+    children: list[tuple[Step, int]] = field(default_factory=list)
+    in_stack: tuple[str, ...] = ()
+    out_stack: tuple[str, ...] = ()
+
+    @property
+    def head(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def tail(self) -> Node:
+        return self.nodes[-1]
+
+    @property
+    def name(self) -> str:
+        return "+".join(n.name for n in self.nodes)
+
+    @property
+    def timeout(self) -> float | None:
+        return self.head.timeout
+
+
+_spec_counter = itertools.count()
+
+
+def make_stage(n: Node) -> Stage:
+    """Return what a worker needs to know to run node ``n``."""
+    return Stage(
+        name=n.name,
+        call=n.call,
+        join=len(n.parents) > 1,
+        scatter=n.scatter,
+        batched=n.batched,
+        is_async=n.is_async,
+        retries=n.retries,
+        retry_on=n.retry_on,
+        timeout=n.timeout,
+        concurrency=n.concurrency,
+    )
+
+
+def _fusable(n: Node, c: Node, pools: dict[str, Pool], keep: set[str]) -> bool:
+    pool = pools[n.name]
+    return (
+        pools[c.name] is pool
+        and pool.fuses
+        and len(n.children) == 1
+        and len(c.parents) == 1
+        and not n.scatter
+        and not c.gather
+        and n.timeout is None
+        and c.timeout is None
+        and c.batch in (None, n.batch)
+        and n.name not in keep
+    )
+
+
+def build_steps(order: Sequence[Node], pools: dict[str, Pool], keep: set[str]) -> list[Step]:
+    """Fuse chains of 1:1 nodes on the same pool into steps, in topological order.
+
+    ``keep`` names nodes whose outputs the driver needs (the requested output), so they
+    end a step.
+    """
+    stacks = scatter_stacks(order)
+    step_of: dict[str, Step] = {}
+    steps: list[Step] = []
+    run_id = uuid.uuid4().hex[:8]
+    for n in order:
+        if n.name in step_of:
+            continue
+        chain = [n]
+        while True:
+            last = chain[-1]
+            if len(last.children) != 1:
+                break
+            c = last.children[0]
+            if not _fusable(last, c, pools, keep):
+                break
+            chain.append(c)
+        spec = StepSpec(f"{run_id}-{next(_spec_counter)}", [make_stage(x) for x in chain])
+        head = chain[0]
+        in_stack = stacks[head.parents[0].name] if head.parents else ()
+        step = Step(
+            len(steps),
+            chain,
+            pools[n.name],
+            spec,
+            in_stack=in_stack,
+            out_stack=stacks[chain[-1].name],
+        )
+        steps.append(step)
+        for x in chain:
+            step_of[x.name] = step
+    for step in steps:
+        for slot, p in enumerate(step.head.parents):
+            parent = step_of[p.name]
+            step.parents.append(parent)
+            parent.children.append((step, slot))
+    return steps

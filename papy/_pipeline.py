@@ -1,0 +1,337 @@
+"""Pipeline and Node: building a graph of plain Python functions and running it.
+
+A :class:`Pipeline` is a directed acyclic graph of :class:`Node` objects. Building it does
+no work; :meth:`Pipeline.map` and :meth:`Pipeline.run` validate the graph, then hand it to
+the scheduler (``papy._scheduler``), which evaluates it lazily over the input items.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from papy._errors import GraphError
+from papy._graph import scatter_stacks, topological_order
+from papy._task import Call
+
+if TYPE_CHECKING:
+    from papy._report import Report
+    from papy.pools._base import Pool
+
+ErrorMode = Literal["raise", "yield", "skip"]
+OnError = Literal["continue", "raise"]
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class Node:
+    """One function of a pipeline and how to run it; made by :meth:`Pipeline.add`.
+
+    Nodes are handles: pass them as ``after=`` to connect, or use their ``name``.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        fns: list[Callable[..., Any]],
+        name: str,
+        parents: list[Node],
+        *,
+        pool: Pool | None,
+        batch: int | None,
+        ordered: bool,
+        scatter: bool,
+        gather: bool,
+        batched: bool,
+        args: Sequence[Any] | Sequence[tuple[Any, ...]],
+        kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None,
+        retries: int,
+        retry_on: tuple[type[BaseException], ...] | None,
+        timeout: float | None,
+        on_error: OnError,
+        concurrency: int,
+    ) -> None:
+        self.pipeline = pipeline
+        self.fns = fns
+        self.name = name
+        self.parents = parents
+        self.children: list[Node] = []
+        self.pool = pool
+        self.batch = batch
+        self.ordered = ordered
+        self.scatter = scatter
+        self.gather = gather
+        self.batched = batched
+        self.retries = retries
+        self.retry_on = retry_on
+        self.timeout = timeout
+        self.on_error = on_error
+        self.concurrency = concurrency
+        self.is_async = inspect.iscoroutinefunction(fns[0])
+        per_args, per_kwargs = _split_arguments(fns, args, kwargs)
+        self.call = Call(fns, per_args, per_kwargs)
+
+    @property
+    def is_source(self) -> bool:
+        """Tell whether this node gets the input items (it has no parents)."""
+        return not self.parents
+
+    @property
+    def is_sink(self) -> bool:
+        """Tell whether this node's outputs leave the pipeline (it has no children)."""
+        return not self.children
+
+    def __repr__(self) -> str:
+        after = ", ".join(p.name for p in self.parents)
+        return f"Node({self.name!r}{', after=[' + after + ']' if after else ''})"
+
+
+def _split_arguments(
+    fns: list[Callable[..., Any]],
+    args: Sequence[Any] | Sequence[tuple[Any, ...]],
+    kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None,
+) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+    """Give each composed function its extra arguments.
+
+    ``args``/``kwargs`` are appended to every call. With several functions, a list with one
+    tuple (dict) per function gives each its own, as PaPy 1's Worker did.
+    """
+    n = len(fns)
+    per_function = (
+        n > 1
+        and isinstance(args, list)
+        and len(args) == n
+        and all(isinstance(a, tuple) for a in args)
+    )
+    per_args = [tuple(a) for a in args] if per_function else [tuple(args)] * n
+    if isinstance(kwargs, list):
+        if len(kwargs) != n:
+            raise ValueError(f"kwargs has {len(kwargs)} dicts for {n} functions")
+        per_kwargs = [dict(k) for k in kwargs]
+    else:
+        per_kwargs = [dict(kwargs or {})] * n  # type: ignore[arg-type]
+    return per_args, per_kwargs
+
+
+class Pipeline:
+    """A graph of functions evaluated as lazy, parallel maps over input items.
+
+    ``pool`` is the pool for nodes that name none (default: a ProcessPool with one worker per
+    core, made for each run and closed when it ends). ``buffer`` bounds how many input items
+    are in flight at once in the whole run, which bounds memory (default: automatic).
+    """
+
+    def __init__(
+        self, name: str = "pipeline", *, pool: Pool | None = None, buffer: int | None = None
+    ) -> None:
+        if buffer is not None and buffer < 1:
+            raise ValueError(f"buffer must be at least 1, got {buffer}")
+        self.name = name
+        self.pool = pool
+        self.buffer = buffer
+        self.nodes: list[Node] = []
+        self._names: dict[str, Node] = {}
+        self.last_report: Report | None = None
+
+    # -- building --------------------------------------------------------------------------
+
+    def add(
+        self,
+        fn_or_list: Callable[..., Any] | Sequence[Callable[..., Any]],
+        *,
+        after: Node | str | Sequence[Node | str] | None = None,
+        name: str | None = None,
+        pool: Pool | None = None,
+        batch: int | None = None,
+        ordered: bool = True,
+        scatter: bool = False,
+        gather: bool = False,
+        batched: bool = False,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
+        on_error: OnError = "continue",
+        concurrency: int = 64,
+    ) -> Node:
+        """Add a node that applies ``fn_or_list`` to the outputs of ``after``; return it.
+
+        A node with no ``after`` is a source: it receives every input item. With k parents
+        the function is called ``fn(out_1, ..., out_k, *args, **kwargs)`` in ``after`` order.
+        ``scatter=True``: the function returns an iterable, each element becomes a sub-item.
+        ``gather=True``: the function receives the list of sub-results of the nearest
+        scatter upstream, in scatter order. ``batched=True``: the function receives a list
+        of items (a batch) and returns a list of the same length.
+        """
+        fns: list[Callable[..., Any]] = (
+            list(fn_or_list) if isinstance(fn_or_list, (list, tuple)) else [fn_or_list]  # type: ignore[list-item]
+        )
+        if not fns or not all(callable(f) for f in fns):
+            raise TypeError(f"add() needs a function or a list of functions, got {fn_or_list!r}")
+        parents = [self._resolve(a) for a in _as_list(after)]
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if on_error not in ("continue", "raise"):
+            raise ValueError(f"on_error must be 'continue' or 'raise', got {on_error!r}")
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        node_name = self._unique(name or "+".join(_fn_name(f) for f in fns), explicit=name)
+        node = Node(
+            self,
+            fns,
+            node_name,
+            parents,
+            pool=pool,
+            batch=batch,
+            ordered=ordered,
+            scatter=scatter,
+            gather=gather,
+            batched=batched,
+            args=args,
+            kwargs=kwargs,
+            retries=retries,
+            retry_on=retry_on,
+            timeout=timeout,
+            on_error=on_error,
+            concurrency=concurrency,
+        )
+        for p in parents:
+            p.children.append(node)
+        self.nodes.append(node)
+        self._names[node_name] = node
+        return node
+
+    def connect(self, parent: Node | str, child: Node | str) -> None:
+        """Add an edge after both nodes exist (``child`` gets one more input, last)."""
+        p, c = self._resolve(parent), self._resolve(child)
+        c.parents.append(p)
+        p.children.append(c)
+        c.call = Call(c.call.fns, c.call.args, c.call.kwargs)
+
+    def node(self, name: str) -> Node:
+        """Return the node called ``name``."""
+        return self._resolve(name)
+
+    def _resolve(self, ref: Node | str) -> Node:
+        if isinstance(ref, Node):
+            if ref.pipeline is not self:
+                raise GraphError(
+                    f"node {ref.name!r} belongs to pipeline {ref.pipeline.name!r}, "
+                    f"not to {self.name!r}; add it to this pipeline"
+                )
+            return ref
+        if isinstance(ref, str):
+            try:
+                return self._names[ref]
+            except KeyError:
+                raise GraphError(
+                    f"no node named {ref!r} in pipeline {self.name!r}; "
+                    f"nodes are: {', '.join(self._names) or '(none)'}"
+                ) from None
+        raise GraphError(f"after= takes nodes or node names, got {ref!r}")
+
+    def _unique(self, base: str, explicit: str | None) -> str:
+        if base not in self._names:
+            return base
+        if explicit is not None:
+            raise GraphError(f"a node named {explicit!r} already exists in {self.name!r}")
+        for i in itertools.count(2):
+            candidate = f"{base}_{i}"
+            if candidate not in self._names:
+                return candidate
+        raise AssertionError("unreachable")
+
+    # -- inspecting ------------------------------------------------------------------------
+
+    @property
+    def sources(self) -> list[Node]:
+        """Return the nodes that receive the input items."""
+        return [n for n in self.nodes if n.is_source]
+
+    @property
+    def sinks(self) -> list[Node]:
+        """Return the nodes whose outputs leave the pipeline."""
+        return [n for n in self.nodes if n.is_sink]
+
+    def validate(
+        self, output: str | Node | None = None, *, need_single: bool = False
+    ) -> Node | None:
+        """Check the graph; return the output node. Raise GraphError saying what is wrong."""
+        if not self.nodes:
+            raise GraphError(f"pipeline {self.name!r} has no nodes; add some with add()")
+        order = topological_order(self.nodes)
+        scatter_stacks(order)
+        if output is not None:
+            try:
+                return self._resolve(output)
+            except GraphError:
+                raise GraphError(
+                    f"output {output if isinstance(output, str) else output.name!r} is not a "
+                    f"node of pipeline {self.name!r}; sinks are: "
+                    f"{', '.join(n.name for n in self.sinks)}"
+                ) from None
+        if need_single:
+            sinks = self.sinks
+            if len(sinks) != 1:
+                raise GraphError(
+                    f"pipeline {self.name!r} has {len(sinks)} sinks "
+                    f"({', '.join(repr(n.name) for n in sinks)}); pass output=NAME to map()"
+                )
+            return sinks[0]
+        return None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def map(
+        self,
+        items: Iterable[Any],
+        *,
+        output: str | Node | None = None,
+        errors: ErrorMode = "raise",
+        progress: bool | None = False,
+        **options: Any,
+    ) -> Iterator[Any]:
+        """Yield the outputs of the sink (or of ``output``) lazily, in input order.
+
+        ``errors``: ``"raise"`` raises :class:`papy.ItemFailed` when a failed item's turn
+        comes, ``"yield"`` yields the :class:`papy.Failure`, ``"skip"`` drops it.
+        """
+        if errors not in ("raise", "yield", "skip"):
+            raise ValueError(f"errors must be 'raise', 'yield' or 'skip', got {errors!r}")
+        out = self.validate(output, need_single=True)
+        from papy._scheduler import Scheduler
+
+        sched = Scheduler(self, output=out, errors=errors, progress=progress, **options)
+        return sched.iterate(items)
+
+    def run(self, items: Iterable[Any], *, progress: bool | None = None, **options: Any) -> Report:
+        """Run every item through the graph, drain all sinks, and return the Report."""
+        self.validate()
+        from papy._scheduler import Scheduler
+
+        sched = Scheduler(self, output=None, errors="skip", progress=progress, **options)
+        for _ in sched.iterate(items):
+            pass
+        assert sched.report is not None
+        return sched.report
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, nodes={[n.name for n in self.nodes]})"
+
+
+def _as_list(after: Node | str | Sequence[Node | str] | None) -> list[Node | str]:
+    if after is None:
+        return []
+    if isinstance(after, (Node, str)):
+        return [after]
+    return list(after)

@@ -1,0 +1,584 @@
+"""The run loop: lazy input, batches, backpressure, and routing of items by key.
+
+One :class:`Scheduler` owns all the state of a run and is the only thing that changes it.
+It runs in the caller's thread, inside the generator that ``Pipeline.map`` returns:
+
+1. *admit*: pull input items lazily, only while fewer than ``buffer`` input items are in
+   flight (an input item leaves the run when all its outputs reached every sink);
+2. *dispatch*: cut each step's waiting items into batches and submit them to the step's
+   pool, downstream steps first (to drain the pipeline and keep memory low), at most two
+   tasks per worker in flight; a partial batch goes only to a pool with an idle worker;
+3. *complete*: take finished tasks from one completion queue (pools call back from their
+   own threads, never touching this state), record statistics, and route every output by
+   key: straight to one-parent children, through a pairing table to joins, through a
+   group table to gathers, and to the sinks;
+4. *deliver*: put the output node's results back in input order (a reorder buffer keyed by
+   input position) and yield them.
+
+Pools, progress display and journal only observe; none of them reaches into this state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from papy._errors import ItemFailed, PapyError, PoolError, RunAborted
+from papy._graph import Step, build_steps, topological_order
+from papy._items import Failure, Key, child_key, parent_key
+from papy._report import NodeStats, Report, build_report
+from papy._task import TaskResult
+from papy.pools._base import Pool, Task
+
+if TYPE_CHECKING:
+    from papy._pipeline import Node, Pipeline
+
+log = logging.getLogger("papy")
+
+_DEFAULT_BUFFER = 16_384  # input items in flight when the user sets no buffer
+_MAX_BATCH = 8_192
+_TASKS_PER_WORKER = 2
+
+
+def _merge_keys(a: Sequence[Key], b: Sequence[Key]) -> Sequence[Key]:
+    """Concatenate two key sequences, keeping contiguous ranges as ranges (cheap)."""
+    if isinstance(a, range) and isinstance(b, range) and a.stop == b.start:
+        return range(a.start, b.stop)
+    return [*a, *b]
+
+
+class _StepState:
+    """The scheduler's per-step bookkeeping: waiting items, tasks, batch size."""
+
+    def __init__(self, step: Step, batch: int | None) -> None:
+        self.step = step
+        self.pool = step.pool
+        self.inbox: deque[tuple[Sequence[Key], list[Any]]] = deque()
+        self.ready = 0
+        self.outstanding = 0
+        self.fixed_batch = batch is not None
+        if batch is None and step.timeout is not None:
+            batch = 1  # a timeout is enforced per task: keep one item per task
+        self.batch = batch or 1
+        self.item_time: float | None = None
+        n_parents = len(step.head.parents)
+        self.join: dict[Key, list[Any]] | None = {} if n_parents > 1 else None
+        self.join_missing: dict[Key, int] = {}
+        self.n_parents = n_parents
+        #: gather groups: parent key -> [expected count or -1, received, values by index]
+        self.groups: dict[Key, list[Any]] | None = {} if step.head.gather else None
+
+    def push(self, keys: Sequence[Key], values: list[Any]) -> None:
+        if keys:
+            self.inbox.append((keys, values))
+            self.ready += len(keys)
+
+    def take(self, n: int) -> tuple[Sequence[Key], list[Any]]:
+        keys, values = self.inbox.popleft()
+        if len(keys) > n:
+            self.inbox.appendleft((keys[n:], values[n:]))
+            keys, values = keys[:n], values[:n]
+        while len(keys) < n and self.inbox:
+            k2, v2 = self.inbox.popleft()
+            want = n - len(keys)
+            if len(k2) > want:
+                self.inbox.appendleft((k2[want:], v2[want:]))
+                k2, v2 = k2[:want], v2[:want]
+            keys = _merge_keys(keys, k2)
+            values = values + v2
+        self.ready -= len(keys)
+        return keys, values
+
+    def learn(self, n: int, busy: float, target: float, cap: int) -> None:
+        """Resize the batch so a task takes about ``target`` seconds of work."""
+        if self.fixed_batch or n == 0:
+            return
+        per_item = busy / n
+        self.item_time = (
+            per_item if self.item_time is None else 0.7 * self.item_time + 0.3 * per_item
+        )
+        size = cap if self.item_time <= 0 else int(target / self.item_time)
+        self.batch = max(1, min(cap, size))
+
+
+class _Terminal:
+    """A node whose outputs leave the run: a sink, or the output ``map`` yields."""
+
+    def __init__(self, node: Node, stack: tuple[str, ...], is_output: bool) -> None:
+        self.node = node
+        self.stack = stack
+        self.top_level = not stack
+        self.is_output = is_output
+        self.need: dict[int, int] = {}
+        self.groups: dict[int, list[tuple[Key, Any]]] = {}
+
+
+class Scheduler:
+    """Own and drive one run of a pipeline; see the module docstring for the loop."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        output: Node | None,
+        errors: str,
+        progress: bool | None = False,
+        buffer: int | None = None,
+        observers: Sequence[Any] = (),
+    ) -> None:
+        self.pipeline = pipeline
+        self.output = output
+        self.errors = errors
+        self.progress = progress
+        self.buffer = buffer or pipeline.buffer or _DEFAULT_BUFFER
+        self.observers = list(observers)
+        self.report: Report | None = None
+        self._own_pools: list[Pool] = []
+        self._queue: queue.SimpleQueue[tuple[_StepState, Sequence[Key], Future[TaskResult]]] = (
+            queue.SimpleQueue()
+        )
+        self.admitted = 0
+        self.retired = 0
+        self.failed = 0
+        self._exhausted = False
+        self._stats: dict[str, NodeStats] = {}
+        self._started = 0.0
+
+    # -- set up and tear down --------------------------------------------------------------
+
+    def _setup(self) -> None:
+        pipe = self.pipeline
+        order = topological_order(pipe.nodes)
+        default: Pool | None = pipe.pool
+        pools: dict[str, Pool] = {}
+        for n in order:
+            pool = n.pool or default
+            if pool is None:
+                from papy.pools.process import ProcessPool
+
+                default = pool = ProcessPool()
+                self._own_pools.append(pool)
+            pools[n.name] = pool
+        keep = {self.output.name} if self.output is not None else set()
+        self.steps = build_steps(order, pools, keep)
+        for p in {id(p): p for p in pools.values()}.values():
+            if p.closed:
+                raise PoolError(f"{p!r} is closed; make a new pool for this run")
+            p.start()
+        self.states = [_StepState(s, s.head.batch) for s in self.steps]
+        self._state_of = {id(s): st for s, st in zip(self.steps, self.states)}
+        self._pool_out: dict[int, int] = {id(p): 0 for p in pools.values()}
+        self._pools = {id(p): p for p in pools.values()}
+        self._sources = [st for st in self.states if not st.step.head.parents]
+        stacks = {}
+        for s in self.steps:
+            for i, n in enumerate(s.nodes):
+                stacks[n.name] = s.out_stack if i == len(s.nodes) - 1 else s.in_stack
+        # Terminals: every sink, plus the requested output node.
+        self.terminals: dict[str, _Terminal] = {}
+        for n in order:
+            if n.is_sink or n is self.output:
+                self.terminals[n.name] = _Terminal(n, stacks[n.name], n is self.output)
+        self._term_of_step = {
+            id(s): self.terminals[s.tail.name] for s in self.steps if s.tail.name in self.terminals
+        }
+        self._done_count: dict[int, int] = {}
+        # Who must hear about a scatter's size: gathers closing it, terminals below it.
+        self._scatter_gathers: dict[str, list[_StepState]] = {}
+        for st in self.states:
+            if st.groups is not None:
+                closes = st.step.in_stack[-1]
+                self._scatter_gathers.setdefault(closes, []).append(st)
+        self._scatter_terms: dict[str, list[_Terminal]] = {}
+        for t in self.terminals.values():
+            for scatter_name in t.stack:
+                self._scatter_terms.setdefault(scatter_name, []).append(t)
+        # Output ordering.
+        self._ordered = self.output is None or self.output.ordered
+        self._out_queue: deque[tuple[Sequence[Key], list[Any], Sequence[int]]] = deque()
+        self._pending_out: dict[int, tuple[Sequence[Key], list[Any], Sequence[int]]] = {}
+        self._next_out = 0
+        for s in self.steps:
+            label = s.pool.describe()
+            for n in s.nodes:
+                self._stats[n.name] = NodeStats(n.name, pool=label)
+        self._workers = {n.name: s.pool.workers for s in self.steps for n in s.nodes}
+        self._started = time.perf_counter()
+        for obs in self.observers:
+            obs.started(self)
+
+    def _teardown(self, error: BaseException | None) -> None:
+        for pool in self._own_pools:
+            pool.close()
+        wall = time.perf_counter() - self._started if self._started else 0.0
+        self.report = build_report(
+            self.pipeline.name, wall, self.admitted, self.failed, self._stats, self._workers
+        )
+        self.pipeline.last_report = self.report
+        for obs in self.observers:
+            obs.finished(self, error)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def iterate(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Run the pipeline over ``items``; yield the output node's results."""
+        it = iter(items)
+        error: BaseException | None = None
+        restore = _trap_sigterm()
+        try:
+            self._setup()
+            while True:
+                self._admit(it)
+                self._dispatch()
+                if self._out_queue:
+                    _, values, positions = self._out_queue.popleft()
+                    if Failure in set(map(type, values)):
+                        yield from self._deliver(values)
+                    else:
+                        yield from values
+                    self._retire_output(positions)
+                    continue
+                if self._exhausted and self.admitted == self.retired:
+                    return
+                self._wait()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                self._teardown(error)
+            finally:
+                restore()
+
+    def _deliver(self, values: list[Any]) -> Iterator[Any]:
+        errors = self.errors
+        for v in values:
+            if type(v) is Failure:
+                if errors == "raise":
+                    raise ItemFailed(v)
+                if errors == "yield":
+                    yield v
+            else:
+                yield v
+
+    def _admit(self, it: Iterator[Any]) -> None:
+        if self._exhausted:
+            return
+        sources = self._sources
+        while True:
+            room = self.buffer - (self.admitted - self.retired)
+            if room <= 0:
+                return
+            want = max(st.batch * st.pool.workers * _TASKS_PER_WORKER - st.ready for st in sources)
+            if want <= 0:
+                return
+            n = min(room, max(want, 1))
+            chunk = list(itertools.islice(it, n))
+            if len(chunk) < n:
+                self._exhausted = True
+            if chunk:
+                keys = range(self.admitted, self.admitted + len(chunk))
+                self.admitted += len(chunk)
+                for st in sources:
+                    st.push(keys, chunk)
+                for obs in self.observers:
+                    obs.admitted(keys, chunk)
+            if self._exhausted:
+                return
+
+    def _dispatch(self) -> None:
+        pool_out = self._pool_out
+        for partial in (False, True):
+            for st in reversed(self.states):
+                if not st.ready:
+                    continue
+                pool = st.pool
+                pid = id(pool)
+                limit = pool.workers * _TASKS_PER_WORKER
+                while st.ready and pool_out[pid] < limit:
+                    n = st.batch
+                    if st.ready < n:
+                        if not partial or pool_out[pid] >= pool.workers:
+                            break
+                        n = st.ready
+                    keys, values = st.take(n)
+                    self._submit(st, keys, values)
+
+    def _submit(self, st: _StepState, keys: Sequence[Key], values: list[Any]) -> None:
+        task = Task(st.step.spec, keys, values, st.step.timeout)
+        st.outstanding += 1
+        self._pool_out[id(st.pool)] += 1
+        for n in st.step.nodes:
+            self._stats[n.name].in_flight += len(keys)
+        fut = st.pool.submit(task)
+        q = self._queue
+        fut.add_done_callback(lambda f: q.put((st, keys, f)))
+
+    def _wait(self) -> None:
+        if not any(self._pool_out.values()):
+            if any(st.ready for st in self.states):
+                return  # dispatch will take them
+            raise RuntimeError(
+                "papy scheduler stalled with items in flight and no work queued; this is a "
+                f"bug, please report it (admitted={self.admitted}, retired={self.retired})"
+            )
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        waited = time.perf_counter() - t0
+        for st in self.states:
+            if st.outstanding == 0 and st.ready == 0:
+                for n in st.step.nodes:
+                    self._stats[n.name].wait_input_s += waited
+        self._complete(*item)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(*item)
+
+    # -- completion and routing ------------------------------------------------------------
+
+    def _complete(self, st: _StepState, keys: Sequence[Key], fut: Future[TaskResult]) -> None:
+        st.outstanding -= 1
+        self._pool_out[id(st.pool)] -= 1
+        step = st.step
+        try:
+            result = fut.result()
+        except BaseException as exc:
+            if isinstance(exc, PapyError):
+                raise
+            raise PoolError(
+                f"pool {st.pool!r} failed running node {step.head.name!r}: {exc}"
+            ) from exc
+        values = result.values
+        busy = 0.0
+        for n, s in zip(step.nodes, result.stats):
+            ns = self._stats[n.name]
+            ns.record(s.n_in, s.n_failed, s.busy)
+            ns.in_flight -= len(keys)
+            busy += s.busy
+            if s.n_failed and n.on_error == "raise":
+                raise RunAborted(
+                    s.first_failure
+                    or next(v for v in values if type(v) is Failure and v.node == n.name)
+                )
+        if not result.stats:  # the pool failed the task as a whole (timeout, crash)
+            for n in step.nodes:
+                self._stats[n.name].in_flight -= len(keys)
+            failed = [v for v in values if type(v) is Failure]
+            self._stats[step.head.name].record(len(keys), len(failed), 0.0)
+            for n in step.nodes:
+                if n.on_error == "raise" and failed:
+                    raise RunAborted(failed[0])
+        target = getattr(st.pool, "target_task_s", 0.02)
+        cap = max(1, min(_MAX_BATCH, self.buffer // max(1, 2 * st.pool.workers)))
+        st.learn(len(keys), busy, target, cap)
+        tail = step.tail
+        if tail.scatter:
+            keys, values = self._expand(tail.name, keys, values)
+        for n in step.nodes[:-1]:
+            self._stats[n.name].items_out += len(keys) if not n.scatter else 0
+        self._stats[tail.name].items_out += len(keys)
+        for child, slot in step.children:
+            self._route(self._state_of[id(child)], slot, keys, values)
+        term = self._term_of_step.get(id(step))
+        if term is not None:
+            self._arrive(term, keys, values)
+        for obs in self.observers:
+            obs.completed(step, keys, values)
+
+    def _expand(
+        self, name: str, keys: Sequence[Key], values: list[Any]
+    ) -> tuple[list[Key], list[Any]]:
+        """Turn each scattered output into sub-items and announce each item's count."""
+        out_keys: list[Key] = []
+        out_values: list[Any] = []
+        gathers = self._scatter_gathers.get(name, ())
+        terms = self._scatter_terms.get(name, ())
+        for key, value in zip(keys, values):
+            subs = [value] if type(value) is Failure else value
+            n = len(subs)
+            for i, sub in enumerate(subs):
+                out_keys.append(child_key(key, i))
+                out_values.append(sub)
+            for g in gathers:
+                self._expect(g, key, n)
+            for t in terms:
+                p = key if isinstance(key, int) else key[0]
+                need = t.need.get(p, 1) + n - 1
+                t.need[p] = need
+                if need == 0:
+                    self._finish_terminal(t, p)
+        return out_keys, out_values
+
+    def _expect(self, st: _StepState, key: Key, n: int) -> None:
+        groups = st.groups
+        assert groups is not None
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = [n, 0, [None] * n]
+        else:
+            group[0] = n
+            group[2].extend([None] * (n - len(group[2])))
+        if group[1] == n:
+            self._gathered(st, key, group)
+
+    def _gathered(self, st: _StepState, key: Key, group: list[Any]) -> None:
+        del st.groups[key]  # type: ignore[union-attr]
+        subs = group[2]
+        value = next((v for v in subs if type(v) is Failure), subs)
+        st.push([key], [value])
+
+    def _route(self, st: _StepState, slot: int, keys: Sequence[Key], values: list[Any]) -> None:
+        if st.groups is not None:
+            groups = st.groups
+            for key, value in zip(keys, values):
+                pk = parent_key(key)  # type: ignore[arg-type]
+                idx = key[-1]  # type: ignore[index]
+                group = groups.get(pk)
+                if group is None:  # the count is not known yet (cannot happen; be safe)
+                    groups[pk] = group = [-1, 0, []]
+                subs = group[2]
+                if idx >= len(subs):
+                    subs.extend([None] * (idx + 1 - len(subs)))
+                subs[idx] = value
+                group[1] += 1
+                if group[1] == group[0]:
+                    self._gathered(st, pk, group)
+        elif st.join is not None:
+            table, missing = st.join, st.join_missing
+            out_keys: list[Key] = []
+            out_values: list[Any] = []
+            for key, value in zip(keys, values):
+                slots = table.get(key)
+                if slots is None:
+                    table[key] = slots = [None] * st.n_parents
+                    missing[key] = st.n_parents
+                slots[slot] = value
+                missing[key] -= 1
+                if missing[key] == 0:
+                    del table[key], missing[key]
+                    out_keys.append(key)
+                    out_values.append(
+                        next((v for v in slots if type(v) is Failure), None) or tuple(slots)
+                    )
+            if out_keys:
+                st.push(out_keys, out_values)
+        else:
+            st.push(keys, values)
+
+    # -- terminals, output order, retirement -----------------------------------------------
+
+    def _arrive(self, t: _Terminal, keys: Sequence[Key], values: list[Any]) -> None:
+        if Failure in set(map(type, values)):
+            self.failed += sum(1 for v in values if type(v) is Failure)
+        if t.top_level:
+            if t.is_output:
+                self._queue_output(keys, values, keys)  # type: ignore[arg-type]
+            else:
+                for p in keys:
+                    self._position_done(p)  # type: ignore[arg-type]
+            return
+        for key, value in zip(keys, values):
+            p = key if isinstance(key, int) else key[0]
+            if t.is_output:
+                t.groups.setdefault(p, []).append((key, value))
+            need = t.need.get(p, 1) - 1
+            t.need[p] = need
+            if need == 0:
+                self._finish_terminal(t, p)
+
+    def _finish_terminal(self, t: _Terminal, p: int) -> None:
+        del t.need[p]
+        if t.is_output:
+            group = sorted(t.groups.pop(p, []), key=lambda kv: kv[0])
+            self._queue_output([k for k, _ in group], [v for _, v in group], [p])
+        else:
+            self._position_done(p)
+
+    def _queue_output(
+        self, keys: Sequence[Key], values: list[Any], positions: Sequence[int]
+    ) -> None:
+        if not self._ordered:
+            self._out_queue.append((keys, values, positions))
+            return
+        first = positions[0]
+        if first != self._next_out:
+            if isinstance(positions, range) or len(positions) == 1:
+                self._pending_out[first] = (keys, values, positions)
+                return
+            # Keys after a join or an unordered merge: file each position on its own.
+            for k, v in zip(keys, values):
+                self._pending_out[k] = ([k], [v], [k])  # type: ignore[index,list-item]
+            self._flush_pending()
+            return
+        if not isinstance(positions, range) and positions[-1] - first != len(positions) - 1:
+            for k, v in zip(keys, values):
+                self._pending_out[k] = ([k], [v], [k])  # type: ignore[index,list-item]
+            self._flush_pending()
+            return
+        self._out_queue.append((keys, values, positions))
+        self._next_out = positions[-1] + 1
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        pending = self._pending_out
+        while self._next_out in pending:
+            keys, values, positions = pending.pop(self._next_out)
+            self._out_queue.append((keys, values, positions))
+            self._next_out = positions[-1] + 1
+
+    def _retire_output(self, positions: Sequence[int]) -> None:
+        if len(self.terminals) == 1:
+            self._retire(len(positions))
+        else:
+            for p in positions:
+                self._position_done(p)
+
+    def _position_done(self, p: int) -> None:
+        if len(self.terminals) == 1:
+            self._retire(1)
+            return
+        c = self._done_count.get(p, 0) + 1
+        if c == len(self.terminals):
+            del self._done_count[p]
+            self._retire(1)
+        else:
+            self._done_count[p] = c
+
+    def _retire(self, n: int) -> None:
+        self.retired += n
+
+
+def _trap_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into KeyboardInterrupt during a run, so it shuts down cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous not in (signal.SIG_DFL, None):
+            return lambda: None  # the application handles SIGTERM itself
+
+        def handler(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt("SIGTERM")
+
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):
+            pass
+
+    return restore

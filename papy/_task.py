@@ -1,0 +1,288 @@
+"""What a worker runs: one task is a batch of items through a chain of fused nodes.
+
+The scheduler groups consecutive 1:1 nodes that share a pool into one *step*; a task runs
+one batch through every node of the step, node after node (stage-major), so the data does
+not return to the driver in between and each node's time is measured once per batch, not
+once per item. This module is imported by worker processes, so it stays small and pure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from papy._items import Failure, Key, failure_from_exception
+
+
+class Call:
+    """Apply a composed list of functions to one item, appending the node's arguments.
+
+    ``Call([f, g], args=[(1,), ()])(x)`` is ``g(f(x, 1))``: the first function gets the node's
+    inputs (one per parent), each later one the previous result.
+    """
+
+    __slots__ = ("fns", "args", "kwargs", "fast")
+
+    def __init__(
+        self,
+        fns: Sequence[Callable[..., Any]],
+        args: Sequence[tuple[Any, ...]],
+        kwargs: Sequence[dict[str, Any]],
+    ) -> None:
+        self.fns = list(fns)
+        self.args = list(args)
+        self.kwargs = list(kwargs)
+        self.fast = self._specialize()
+
+    def _specialize(self) -> Callable[..., Any]:
+        """Return the cheapest callable equivalent to this one (hot loops call it)."""
+        if len(self.fns) == 1 and not self.args[0] and not self.kwargs[0]:
+            return self.fns[0]
+        return self._general
+
+    def _general(self, *inputs: Any) -> Any:
+        fns, args, kwargs = self.fns, self.args, self.kwargs
+        value = fns[0](*inputs, *args[0], **kwargs[0])
+        for i in range(1, len(fns)):
+            value = fns[i](value, *args[i], **kwargs[i])
+        return value
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.fast(*inputs)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.fns, self.args, self.kwargs)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.fns, self.args, self.kwargs = state
+        self.fast = self._specialize()
+
+
+@dataclass
+class Stage:
+    """One node as a worker sees it: its function and how to apply it."""
+
+    name: str
+    call: Callable[..., Any]
+    join: bool = False  # inputs are tuples, one value per parent
+    scatter: bool = False  # output is an iterable: one sub-item each
+    batched: bool = False  # the function takes the whole batch as a list
+    is_async: bool = False  # the function is ``async def``: run on an event loop
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] | None = None
+    timeout: float | None = None
+    concurrency: int = 64  # for async stages: coroutines in flight per task
+
+
+@dataclass
+class StepSpec:
+    """The fused chain of stages a task runs, shipped to each worker once."""
+
+    id: str
+    stages: list[Stage]
+
+
+@dataclass
+class StageStats:
+    """What one stage did in one task."""
+
+    n_in: int = 0
+    n_failed: int = 0
+    busy: float = 0.0
+    first_failure: Failure | None = None
+
+
+@dataclass
+class TaskResult:
+    """The outputs of a task (one per input item) and each stage's statistics.
+
+    For a step ending in a scatter node each output is a list of sub-values (or a Failure).
+    """
+
+    values: list[Any]
+    stats: list[StageStats] = field(default_factory=list)
+    crashes: int = 0
+
+    def extend(self, other: TaskResult) -> None:
+        """Append another part of the same task (used when a crashed batch was split)."""
+        self.values.extend(other.values)
+        if not self.stats:
+            self.stats = other.stats
+        else:
+            for mine, theirs in zip(self.stats, other.stats):
+                mine.n_in += theirs.n_in
+                mine.n_failed += theirs.n_failed
+                mine.busy += theirs.busy
+                if mine.first_failure is None:
+                    mine.first_failure = theirs.first_failure
+        self.crashes += other.crashes
+
+
+def _timeout_error(stage: Stage) -> TimeoutError:
+    return TimeoutError(f"item exceeded the node's timeout of {stage.timeout:g} s")
+
+
+def _apply_one(stage: Stage, key: Key, value: Any) -> Any:
+    """Run one item through one stage with retries and timeout; return value or Failure."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            out = stage.call(*value) if stage.join else stage.call(value)
+            return list(out) if stage.scatter else out
+        except Exception as exc:
+            if attempts <= stage.retries and (
+                stage.retry_on is None or isinstance(exc, stage.retry_on)
+            ):
+                continue
+            return failure_from_exception(stage.name, key, exc, value, attempts)
+
+
+def _run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list[Any]:
+    """Run an ``async def`` stage over a batch with at most ``concurrency`` items at once."""
+    import asyncio
+
+    async def one(sem: asyncio.Semaphore, key: Key, value: Any) -> Any:
+        if type(value) is Failure:
+            return value
+        attempts = 0
+        async with sem:
+            while True:
+                attempts += 1
+                try:
+                    coro = stage.call(*value) if stage.join else stage.call(value)
+                    if stage.timeout is not None:
+                        out = await asyncio.wait_for(coro, stage.timeout)
+                    else:
+                        out = await coro
+                    return list(out) if stage.scatter else out
+                except Exception as exc:
+                    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+                        exc = _timeout_error(stage)
+                    if attempts <= stage.retries and (
+                        stage.retry_on is None or isinstance(exc, stage.retry_on)
+                    ):
+                        continue
+                    return failure_from_exception(stage.name, key, exc, value, attempts)
+
+    async def main() -> list[Any]:
+        sem = asyncio.Semaphore(stage.concurrency)
+        return list(await asyncio.gather(*(one(sem, k, v) for k, v in zip(keys, values))))
+
+    return asyncio.run(main())
+
+
+def _apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list[Any]:
+    """Call a ``batched=True`` stage once on the batch's good items; map results back."""
+    good = [i for i, v in enumerate(values) if type(v) is not Failure]
+    if not good:
+        return values
+    inputs = [values[i] for i in good]
+    try:
+        outs = list(stage.call(inputs))
+        if len(outs) != len(inputs):
+            raise ValueError(
+                f"a batched node must return one output per input: got {len(outs)} "
+                f"outputs for {len(inputs)} inputs"
+            )
+    except Exception as exc:
+        if len(good) == 1:
+            i = good[0]
+            result = list(values)
+            result[i] = failure_from_exception(stage.name, keys[i], exc, values[i])
+            return result
+        # Find the culprits: run the good items one by one so one bad item does not fail
+        # the whole batch.
+        single = Stage(
+            name=stage.name,
+            call=lambda x: _single_batched(stage.call, x),
+            join=False,
+            scatter=stage.scatter,
+            retries=stage.retries,
+            retry_on=stage.retry_on,
+        )
+        return [v if type(v) is Failure else _apply_one(single, k, v) for k, v in zip(keys, values)]
+    result = list(values)
+    for i, out in zip(good, outs):
+        result[i] = list(out) if stage.scatter else out
+    return result
+
+
+def _single_batched(call: Callable[..., Any], value: Any) -> Any:
+    outs = list(call([value]))
+    if len(outs) != 1:
+        raise ValueError(f"a batched node must return one output per input: got {len(outs)}")
+    return outs[0]
+
+
+def _map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageStats) -> list[Any]:
+    """Apply a plain 1:1 function to a batch with no failures in it, at C-loop speed.
+
+    ``list.extend(map(...))`` keeps what it appended when the function raises, and the
+    shared iterator has moved past the bad item, so a failure costs one ``except`` and the
+    loop resumes: no item runs twice and the good path has no per-item bookkeeping.
+    """
+    call = getattr(stage.call, "fast", stage.call)
+    out: list[Any] = []
+    it = iter(values)
+    while True:
+        try:
+            out.extend(map(call, it))
+            return out
+        except Exception as exc:
+            i = len(out)
+            f = failure_from_exception(stage.name, keys[i], exc, values[i])
+            out.append(f)
+            st.n_failed += 1
+            if st.first_failure is None:
+                st.first_failure = f
+
+
+def run_task(spec: StepSpec, keys: Sequence[Key], values: list[Any]) -> TaskResult:
+    """Run a batch through every stage of ``spec``; failures become Failure values."""
+    stats = []
+    perf = time.perf_counter
+    dirty = Failure in set(map(type, values))  # any failed item to skip in this batch?
+    for stage in spec.stages:
+        t0 = perf()
+        st = StageStats(n_in=len(values))
+        if stage.batched or stage.is_async or stage.retries or stage.join or stage.scatter:
+            if stage.batched:
+                values = _apply_batched(stage, keys, values)
+            elif stage.is_async:
+                values = _run_async_stage(stage, keys, values)
+            else:
+                values = [
+                    v if type(v) is Failure else _apply_one(stage, k, v)
+                    for k, v in zip(keys, values)
+                ]
+            for v in values:
+                if type(v) is Failure and v.node == stage.name:
+                    st.n_failed += 1
+                    if st.first_failure is None:
+                        st.first_failure = v
+        elif not dirty:
+            values = _map_plain(stage, keys, values, st)
+        else:
+            call = getattr(stage.call, "fast", stage.call)
+            out: list[Any] = []
+            append = out.append
+            for i, v in enumerate(values):
+                if type(v) is Failure:
+                    append(v)
+                    continue
+                try:
+                    append(call(v))
+                except Exception as exc:
+                    f = failure_from_exception(stage.name, keys[i], exc, v)
+                    append(f)
+                    st.n_failed += 1
+                    if st.first_failure is None:
+                        st.first_failure = f
+            values = out
+        dirty = dirty or st.n_failed > 0
+        st.busy = perf() - t0
+        stats.append(st)
+    return TaskResult(values, stats)

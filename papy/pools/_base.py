@@ -1,0 +1,139 @@
+"""The one interface every pool implements, and the task it runs.
+
+A pool runs tasks (a batch of items through a fused step) and hands back a
+:class:`concurrent.futures.Future` of a :class:`~papy._task.TaskResult`. The scheduler only
+ever calls :meth:`Pool.submit`, reads :attr:`Pool.workers` and calls :meth:`Pool.close`,
+so a new kind of pool (a cluster, a GPU queue) is one new module and no scheduler change.
+
+Contract for implementers:
+- ``submit`` never raises for a problem with an *item* (unpicklable, crashing, timing out):
+  that item's output becomes a :class:`~papy.Failure` and the other items complete.
+- A future fails (``set_exception``) only when the pool itself is unusable (closed, or a
+  cluster unreachable); the scheduler then stops the run with that error.
+- ``close()`` is idempotent, releases every worker, and leaves no process or thread that
+  keeps the interpreter alive.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from papy._items import Failure, Key, failure_from_exception
+from papy._task import StepSpec, TaskResult
+
+
+@dataclass
+class Task:
+    """A batch of items to run through one step.
+
+    ``timeout`` is the per-item limit of the step (seconds) when a node set one; pools that
+    can enforce it do so for the whole task as ``timeout * len(keys)``.
+    """
+
+    spec: StepSpec
+    keys: Sequence[Key]
+    values: list[Any]
+    timeout: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def first_stage(self) -> str:
+        """Return the name of the node an item enters this task at."""
+        return self.spec.stages[0].name
+
+    def last_stage(self) -> str:
+        """Return the name of the node whose output this task returns."""
+        return self.spec.stages[-1].name
+
+    def fail_all(self, exc: BaseException, node: str | None = None) -> TaskResult:
+        """Return a result in which every still-good item failed with ``exc``."""
+        name = node or self.first_stage()
+        values = [
+            v if type(v) is Failure else failure_from_exception(name, k, exc, v)
+            for k, v in zip(self.keys, self.values)
+        ]
+        return TaskResult(values, [])
+
+
+class Pool(abc.ABC):
+    """Run tasks on some workers; the scheduler's only view of compute resources."""
+
+    #: How many tasks can run at the same time.
+    workers: int
+    #: Whether a node on this pool should be fused with a following node on the same pool.
+    fuses: bool = True
+    #: A short, human name for reports and drawings (``processx4``).
+    kind: str = "pool"
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._start_lock = threading.Lock()
+        self._started = False
+
+    @property
+    def closed(self) -> bool:
+        """Tell whether :meth:`close` was called."""
+        return self._closed
+
+    def start(self) -> None:
+        """Start the workers now (pools also start lazily on first submit)."""
+        with self._start_lock:
+            if self._closed:
+                from papy._errors import PoolError
+
+                raise PoolError(f"{self!r} is closed; make a new pool")
+            if not self._started:
+                self._start()
+                self._started = True
+
+    def submit(self, task: Task) -> Future[TaskResult]:
+        """Run ``task`` and return a future of its result."""
+        if not self._started or self._closed:
+            self.start()
+        return self._submit(task)
+
+    def close(self) -> None:
+        """Stop the workers; idempotent. Tasks not finished get a PoolError."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
+            started = self._started
+        if started:
+            self._close()
+
+    def describe(self) -> str:
+        """Return the label used in reports and drawings, such as ``processx2``."""
+        return f"{self.kind}x{self.workers}"
+
+    @abc.abstractmethod
+    def _start(self) -> None: ...
+
+    @abc.abstractmethod
+    def _submit(self, task: Task) -> Future[TaskResult]: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+    def __enter__(self) -> Pool:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._started else "idle")
+        return f"{type(self).__name__}(workers={self.workers}, {state})"

@@ -1,0 +1,465 @@
+"""ProcessPool: run tasks in worker processes, surviving crashes and stuck items.
+
+Each worker has a private pipe and holds at most two tasks (one running, one queued), so
+the pool always knows what a worker was doing when it died:
+
+- a worker that dies (SIGKILL, segfault, ``os._exit``, the OOM killer) is noticed through its
+  process sentinel at once and replaced, so the pool keeps its size;
+- the task it was running is re-run: a batch is split in halves so innocent items complete,
+  and a single item that kills its worker twice is reported as a
+  :class:`~papy.WorkerCrashed` failure with the exit code or signal;
+- queued tasks the dead worker never started are re-sent unchanged;
+- a task that overruns its node's ``timeout`` gets its worker killed and replaced; a
+  one-item task then becomes a ``TimeoutError`` failure, a larger one is re-run item by item
+  so only the slow item fails.
+
+Functions are shipped once per worker with cloudpickle (lambdas, closures and functions
+defined in ``__main__`` work); items and results use pickle, with cloudpickle as fallback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import cloudpickle
+
+from papy._errors import PoolError, WorkerCrashed
+from papy._items import Failure, failure_from_exception, qualified_type
+from papy._task import TaskResult
+from papy.pools._base import Pool, Task
+from papy.pools._worker import dumps, frame, qualified_name, unframe, unpicklable, worker_main
+
+_PER_WORKER = 2  # tasks a worker holds at once: one running, one queued in its pipe
+_TIMEOUT_GRACE = 0.25  # seconds past a deadline before the worker is killed
+
+
+def _default_start_method() -> str:
+    # fork starts (and restarts) workers in milliseconds and never re-imports __main__; it
+    # is the platform default before Python 3.14, which moved to forkserver for safety
+    # with threads. Follow the interpreter's own choice.
+    return mp.get_start_method(allow_none=False)
+
+
+class _Job:
+    """A task in the pool, with what to do when it is done."""
+
+    __slots__ = ("task", "done", "crashes", "started", "deadline", "timed_out", "id")
+
+    def __init__(self, task: Task, done: Callable[[TaskResult], None], crashes: int = 0):
+        self.task = task
+        self.done = done
+        self.crashes = crashes
+        self.started = 0.0
+        self.deadline: float | None = None
+        self.timed_out = False
+        self.id = 0
+
+
+class _Worker:
+    __slots__ = ("process", "conn", "jobs", "specs", "send_lock", "dead")
+
+    def __init__(self, process: Any, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.jobs: deque[_Job] = deque()
+        self.specs: set[str] = set()
+        self.send_lock = threading.Lock()
+        self.dead = False
+
+
+def _split(job: _Job, parts: list[Task], crashes: int) -> list[_Job]:
+    """Replace a job by jobs for ``parts``; the original completes when all parts do."""
+    results: list[TaskResult | None] = [None] * len(parts)
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def part_done(i: int, result: TaskResult) -> None:
+        with lock:
+            results[i] = result
+            remaining[0] -= 1
+            finished = remaining[0] == 0
+        if finished:
+            merged = TaskResult([], [])
+            for r in results:
+                merged.extend(r)  # type: ignore[arg-type]
+            job.done(merged)
+
+    def on_part(i: int) -> Callable[[TaskResult], None]:
+        return lambda r: part_done(i, r)
+
+    return [_Job(part, on_part(i), crashes) for i, part in enumerate(parts)]
+
+
+def _sub_task(task: Task, start: int, stop: int) -> Task:
+    return Task(task.spec, task.keys[start:stop], task.values[start:stop], task.timeout)
+
+
+class ProcessPool(Pool):
+    """Run tasks in ``workers`` processes (default: one per core)."""
+
+    kind = "process"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        start_method: str | None = None,
+        *,
+        initializer: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if workers is not None and workers < 1:
+            raise ValueError(f"ProcessPool needs at least one worker, got {workers}")
+        self.workers = workers or os.cpu_count() or 1
+        self.start_method = start_method or _default_start_method()
+        self._ctx: Any = mp.get_context(self.start_method)
+        self._initializer = initializer
+        self._lock = threading.Lock()
+        self._pool: list[_Worker] = []
+        self._pending: deque[_Job] = deque()
+        self._ids = itertools.count()
+        self._spec_blobs: dict[str, bytes] = {}
+        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
+        self._manager: threading.Thread | None = None
+        self.restarts = 0  # workers replaced after a crash or a timeout
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        for _ in range(self.workers):
+            self._pool.append(self._spawn())
+        self._manager = threading.Thread(target=self._manage, name="papy-process-pool", daemon=True)
+        self._manager.start()
+        weakref.finalize(self, _kill_all, list(self._pool))
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        initializer = cloudpickle.dumps(self._initializer) if self._initializer else None
+        proc = self._ctx.Process(
+            target=_worker_entry, args=(child, initializer), name="papy-worker", daemon=True
+        )
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _close(self) -> None:
+        self._wake()
+        if self._manager is not None and self._manager is not threading.current_thread():
+            self._manager.join(timeout=5)
+        with self._lock:
+            workers = list(self._pool)
+            jobs = [j for w in workers for j in w.jobs] + list(self._pending)
+            self._pending.clear()
+            for w in workers:
+                w.jobs.clear()
+        for w in workers:
+            try:
+                w.conn.close()  # the worker sees EOF and exits
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0
+        for w in workers:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in workers:
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=1.0)
+        error = PoolError("the pool was closed before the task finished")
+        for job in jobs:
+            job.done(job.task.fail_all(error))
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def pids(self) -> list[int]:
+        """Return the process ids of the live workers (for monitoring and tests)."""
+        with self._lock:
+            return [w.process.pid for w in self._pool if not w.dead]
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def _submit(self, task: Task) -> Future[TaskResult]:
+        fut: Future[TaskResult] = Future()
+        fut.set_running_or_notify_cancel()
+
+        def done(result: TaskResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        spec = task.spec
+        if spec.id not in self._spec_blobs:
+            try:
+                self._spec_blobs[spec.id] = cloudpickle.dumps(
+                    spec, protocol=pickle.HIGHEST_PROTOCOL
+                )
+            except Exception as exc:
+                fut.set_result(
+                    task.fail_all(
+                        TypeError(
+                            f"the node's function cannot be sent to a worker process "
+                            f"({qualified_type(exc)}: {exc}); use a ThreadPool for it"
+                        )
+                    )
+                )
+                return fut
+        self._enqueue([_Job(task, done)])
+        return fut
+
+    def _enqueue(self, jobs: list[_Job], front: bool = False) -> None:
+        with self._lock:
+            if front:
+                self._pending.extendleft(reversed(jobs))
+            else:
+                self._pending.extend(jobs)
+            sends = self._assign_locked()
+        self._send(sends)
+
+    def _assign_locked(self) -> list[tuple[_Worker, _Job]]:
+        sends = []
+        while self._pending and not self._closed:
+            worker = min(
+                (w for w in self._pool if not w.dead), key=lambda w: len(w.jobs), default=None
+            )
+            if worker is None or len(worker.jobs) >= _PER_WORKER:
+                break
+            job = self._pending.popleft()
+            job.id = next(self._ids)
+            if not worker.jobs:
+                self._mark_started(job)
+            worker.jobs.append(job)
+            sends.append((worker, job))
+        return sends
+
+    def _mark_started(self, job: _Job) -> None:
+        job.started = time.monotonic()
+        t = job.task.timeout
+        if t is not None:
+            job.deadline = job.started + t * max(1, len(job.task)) + _TIMEOUT_GRACE
+            self._wake()  # the manager must wait for this deadline
+
+    def _send(self, sends: list[tuple[_Worker, _Job]]) -> None:
+        for worker, job in sends:
+            task = job.task
+            spec_id = task.spec.id
+            blob = None if spec_id in worker.specs else self._spec_blobs[spec_id]
+            body = self._encode_items(job)
+            with worker.send_lock:
+                if worker.dead:
+                    continue  # the manager re-queues the jobs of dead workers
+                try:
+                    worker.conn.send_bytes(frame((job.id, spec_id, blob, _keys(task.keys)), body))
+                    worker.specs.add(spec_id)
+                except (OSError, ValueError):
+                    pass  # the worker died; its sentinel fires and the manager re-queues
+
+    def _encode_items(self, job: _Job) -> bytes:
+        task = job.task
+        try:
+            return dumps(task.values)
+        except Exception:
+            pass
+        # Fail only the items that cannot travel, naming their type.
+        values = []
+        name = task.first_stage()
+        for key, value in zip(task.keys, task.values):
+            exc = None if type(value) is Failure else unpicklable(value)
+            if exc is None:
+                values.append(value)
+            else:
+                err = TypeError(
+                    f"the item of type {qualified_name(value)} cannot be sent to a worker "
+                    f"process ({qualified_type(exc)}: {exc}); use a ThreadPool for this node"
+                )
+                values.append(failure_from_exception(name, key, err, value))
+        task.values = values
+        return dumps(values)
+
+    # -- the manager thread ----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send_bytes(b"")
+        except OSError:
+            pass
+
+    def _manage(self) -> None:
+        """Receive results, replace dead workers, and enforce deadlines until closed."""
+        while not self._closed:
+            with self._lock:
+                workers = [w for w in self._pool if not w.dead]
+                deadlines = [w.jobs[0].deadline for w in workers if w.jobs and w.jobs[0].deadline]
+            waitables: list[Any] = [self._wake_r]
+            for w in workers:
+                waitables.append(w.conn)
+                waitables.append(w.process.sentinel)
+            timeout = None
+            if deadlines:
+                timeout = max(0.0, min(deadlines) - time.monotonic())  # type: ignore[type-var]
+            try:
+                ready = wait(waitables, timeout)
+            except OSError:
+                ready = []
+            if self._closed:
+                return
+            for obj in ready:
+                if obj is self._wake_r:
+                    try:
+                        while self._wake_r.poll():
+                            self._wake_r.recv_bytes()
+                    except (EOFError, OSError):
+                        return
+            for w in workers:
+                if w.conn in ready:
+                    self._drain(w)
+            for w in workers:
+                if w.process.sentinel in ready or (w.conn in ready and not w.process.is_alive()):
+                    self._drain(w)
+                    self._bury(w)
+            self._enforce_deadlines()
+
+    def _drain(self, w: _Worker) -> None:
+        """Read every result the worker has sent."""
+        while True:
+            try:
+                if not w.conn.poll():
+                    return
+                data = w.conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            job_id, body = unframe(data)
+            with self._lock:
+                if not w.jobs or w.jobs[0].id != job_id:
+                    continue  # a result for a job already given up on (timed out)
+                job = w.jobs.popleft()
+                if w.jobs:
+                    self._mark_started(w.jobs[0])
+                sends = self._assign_locked()
+            try:
+                result: TaskResult = pickle.loads(body)
+            except Exception as exc:
+                result = job.task.fail_all(
+                    TypeError(
+                        "a result could not be rebuilt in the driver "
+                        f"({qualified_type(exc)}: {exc})"
+                    ),
+                    job.task.last_stage(),
+                )
+            result.crashes += job.crashes
+            self._send(sends)
+            job.done(result)
+
+    def _bury(self, w: _Worker) -> None:
+        """Replace a dead worker and re-run or fail what it held."""
+        w.process.join(timeout=1.0)
+        code = w.process.exitcode
+        with self._lock:
+            if w.dead:
+                return
+            with w.send_lock:
+                w.dead = True
+            lost = list(w.jobs)
+            w.jobs.clear()
+            self._pool.remove(w)
+            if not self._closed:
+                self._pool.append(self._spawn())
+                self.restarts += 1
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        retry: list[_Job] = []
+        for i, job in enumerate(lost):
+            if i > 0:
+                retry.append(job)  # never started: not its fault
+                continue
+            retry.extend(self._after_death(job, code))
+        self._enqueue(retry, front=True)
+
+    def _after_death(self, job: _Job, code: int | None) -> list[_Job]:
+        task = job.task
+        n = len(task)
+        if job.timed_out:
+            if n == 1:
+                limit = task.timeout or 0.0
+                job.done(
+                    task.fail_all(
+                        TimeoutError(
+                            f"item exceeded the node's timeout of {limit:g} s; "
+                            "its worker was killed and replaced"
+                        )
+                    )
+                )
+                return []
+            return _split(job, [_sub_task(task, i, i + 1) for i in range(n)], 0)
+        crashes = job.crashes + 1
+        if n > 1:
+            half = n // 2
+            return _split(job, [_sub_task(task, 0, half), _sub_task(task, half, n)], 0)
+        if crashes < 2:
+            job.crashes = crashes
+            return [job]
+        job.done(task.fail_all(WorkerCrashed(_describe_exit(code), code)))
+        return []
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        victims = []
+        with self._lock:
+            for w in self._pool:
+                if w.jobs and w.jobs[0].deadline is not None and w.jobs[0].deadline <= now:
+                    w.jobs[0].timed_out = True
+                    victims.append(w)
+        for w in victims:
+            try:
+                w.process.kill()
+            except OSError:
+                pass
+            w.process.join(timeout=1.0)
+            self._drain(w)
+            self._bury(w)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "the worker process died while running this item"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the worker process was killed by {name} while running this item"
+    return f"the worker process exited with code {code} while running this item"
+
+
+def _worker_entry(conn: Connection, initializer: bytes | None) -> None:
+    init = pickle.loads(initializer) if initializer else None
+    worker_main(conn, init)
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    for w in workers:
+        try:
+            if w.process.is_alive():
+                w.process.kill()
+        except Exception:
+            pass
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("papy.pools.process needs a POSIX system")
+
+
+def _keys(keys: Any) -> Any:
+    # A range pickles in a few bytes whatever its length; keep it one.
+    return keys if isinstance(keys, range) else list(keys)
