@@ -74,3 +74,18 @@ class PoolError(PapyError):
 
 class JournalError(PapyError):
     """Report a journal that is corrupt, foreign, or recorded for a different pipeline."""
+
+
+# Show (and pickle) these under their public name, ``papy.WorkerCrashed``, not the module
+# they happen to live in.
+for _cls in (
+    PapyError,
+    GraphError,
+    CycleError,
+    ItemFailed,
+    RunAborted,
+    WorkerCrashed,
+    PoolError,
+    JournalError,
+):
+    _cls.__module__ = "papy"

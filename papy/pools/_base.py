@@ -52,11 +52,13 @@ class Task:
         """Return the name of the node whose output this task returns."""
         return self.spec.stages[-1].name
 
-    def fail_all(self, exc: BaseException, node: str | None = None) -> TaskResult:
+    def fail_all(
+        self, exc: BaseException, node: str | None = None, attempts: int = 1
+    ) -> TaskResult:
         """Return a result in which every still-good item failed with ``exc``."""
         name = node or self.first_stage()
         values = [
-            v if type(v) is Failure else failure_from_exception(name, k, exc, v)
+            v if type(v) is Failure else failure_from_exception(name, k, exc, v, attempts)
             for k, v in zip(self.keys, self.values)
         ]
         return TaskResult(values, [])

@@ -164,12 +164,16 @@ class ProcessPool(Pool):
             self._pending.clear()
             for w in workers:
                 w.jobs.clear()
+        # Workers hold no state worth saving: stop them at once. (Waiting for them to see
+        # EOF is not enough: forked siblings inherit each other's pipe ends.)
         for w in workers:
             try:
-                w.conn.close()  # the worker sees EOF and exits
+                w.conn.close()
             except OSError:
                 pass
-        deadline = time.monotonic() + 1.0
+            if w.process.is_alive():
+                w.process.terminate()
+        deadline = time.monotonic() + 2.0
         for w in workers:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
         for w in workers:
@@ -409,7 +413,7 @@ class ProcessPool(Pool):
         if crashes < 2:
             job.crashes = crashes
             return [job]
-        job.done(task.fail_all(WorkerCrashed(_describe_exit(code), code)))
+        job.done(task.fail_all(WorkerCrashed(_describe_exit(code), code), attempts=crashes))
         return []
 
     def _enforce_deadlines(self) -> None:

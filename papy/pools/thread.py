@@ -116,6 +116,8 @@ class ThreadPool(Pool):
                     if running.abandoned:
                         continue  # finished in time
                     running.abandoned = True
+                if not self._closed:
+                    self._spawn()  # before reporting, so the pool is whole when seen
                 task = running.task
                 limit = task.timeout or 0.0
                 running.future.set_result(
@@ -126,8 +128,6 @@ class ThreadPool(Pool):
                         )
                     )
                 )
-                if not self._closed:
-                    self._spawn()
 
     def _submit(self, task: Task) -> Future[TaskResult]:
         fut: Future[TaskResult] = Future()

@@ -1,0 +1,321 @@
+"""Real faults: dead workers, segfaults, hangs, bad items, interruption.
+
+Every test checks that the run ends, every good item is delivered exactly once, every bad
+one is reported once with the right cause, and the pool is back to its size.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from faults.crashers import (
+    cpu_ms,
+    exit_on,
+    flaky_once,
+    segfault_on,
+    sleep_on,
+    unpicklable_result,
+)
+from helpers import explode, fail_on_7, inc
+
+from papy import (
+    Failure,
+    Pipeline,
+    ProcessPool,
+    RunAborted,
+    ThreadPool,
+    WorkerCrashed,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _split(out):
+    good = [o for o in out if not isinstance(o, Failure)]
+    bad = [o for o in out if isinstance(o, Failure)]
+    return good, bad
+
+
+def test_sigkill_of_a_worker_mid_batch_loses_nothing():
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("kill", pool=pool)
+        pipe.add(cpu_ms, kwargs={"ms": 2.0}, batch=50)
+        out = []
+        killed = None
+        for o in pipe.map(range(1000), errors="yield"):
+            out.append(o)
+            if len(out) == 100:
+                killed = pool.pids()[0]
+                os.kill(killed, signal.SIGKILL)
+        assert out == list(range(1000))
+        assert pool.restarts >= 1
+        pids = pool.pids()
+        assert len(pids) == 2 and killed not in pids
+
+
+@pytest.mark.parametrize("make_bad", [segfault_on, exit_on], ids=["segfault", "os._exit"])
+def test_item_that_kills_its_worker_every_time_is_isolated(make_bad):
+    bad = {13, 777}
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("poison", pool=pool)
+        pipe.add(make_bad(bad), name="risky", batch=64)
+        out = list(pipe.map(range(1000), errors="yield"))
+        assert len(pool.pids()) == 2
+    good, failures = _split(out)
+    assert good == [2 * x for x in range(1000) if x not in bad]
+    assert sorted(f.item for f in failures) == sorted(bad)
+    for f in failures:
+        assert f.node == "risky"
+        assert f.exc_type == "papy.WorkerCrashed"
+        assert isinstance(f.exception, WorkerCrashed)
+        if make_bad is segfault_on:
+            assert "SIGSEGV" in f.message and f.exception.exitcode == -signal.SIGSEGV
+        else:
+            assert "exited with code 3" in f.message and f.exception.exitcode == 3
+
+
+def test_exceptions_in_one_percent_of_items(process_pool):
+    pipe = Pipeline("one-percent", pool=process_pool)
+    a = pipe.add(fail_on_7, name="check")
+    pipe.add(inc, after=a)
+    n = 10_000
+    items = [x * 10 if x % 100 == 0 else x * 10 + 1 for x in range(n)]
+    items = [x - 3 if i % 100 == 0 else x for i, x in enumerate(items)]  # 1% end in 7
+    out = list(pipe.map(items, errors="yield"))
+    good, failures = _split(out)
+    assert len(failures) == n // 100
+    assert {f.item for f in failures} == {i for i in range(n) if i % 100 == 0}
+    assert all(f.exc_type == "ValueError" and isinstance(f.exception, ValueError) for f in failures)
+    assert good == [x + 1 for x in items if x % 10 != 7]
+    report = pipe.last_report
+    assert report is not None and report.nodes["check"].failed == n // 100
+
+
+def test_timeout_in_a_process_pool_kills_and_replaces_the_worker():
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("timeout", pool=pool)
+        pipe.add(sleep_on({3}, seconds=60), name="stuck", timeout=1.0)
+        t0 = time.monotonic()
+        out = list(pipe.map(range(20), errors="yield"))
+        elapsed = time.monotonic() - t0
+        assert len(pool.pids()) == 2
+    good, failures = _split(out)
+    assert good == [x for x in range(20) if x != 3]
+    assert [f.item for f in failures] == [3]
+    assert failures[0].exc_type == "TimeoutError" and "timeout of 1 s" in failures[0].message
+    assert elapsed < 20
+
+
+def test_timeout_in_a_process_pool_with_a_batch_fails_only_the_slow_item():
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("timeout-batch", pool=pool)
+        pipe.add(sleep_on({5}, seconds=60), name="stuck", timeout=0.3, batch=10)
+        out = list(pipe.map(range(30), errors="yield"))
+    good, failures = _split(out)
+    assert good == [x for x in range(30) if x != 5]
+    assert [f.item for f in failures] == [5]
+
+
+def test_timeout_in_a_thread_pool_abandons_the_item_and_keeps_the_pool_size():
+    with ThreadPool(3) as pool:
+        pipe = Pipeline("timeout-threads", pool=pool)
+        pipe.add(sleep_on({2}, seconds=3), name="stuck", timeout=0.3)
+        t0 = time.monotonic()
+        out = list(pipe.map(range(10), errors="yield"))
+        assert time.monotonic() - t0 < 2.5  # did not wait for the stuck call
+        good, failures = _split(out)
+        assert good == [x for x in range(10) if x != 2]
+        assert [f.item for f in failures] == [2]
+        assert "abandoned" in failures[0].message
+        assert pool.alive_threads >= 3 + 1  # the replacement, and the abandoned one still busy
+        # The pool still works: three more quick items at once.
+        assert list(pipe.map([10, 11, 12])) == [10, 11, 12]
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_retries_succeed_on_the_second_try(tmp_path, kind):
+    pool = ThreadPool(2) if kind == "thread" else ProcessPool(2)
+    with pool:
+        pipe = Pipeline("retry", pool=pool)
+        pipe.add(flaky_once(str(tmp_path)), name="flaky", retries=1, retry_on=ConnectionError)
+        assert list(pipe.map(range(20))) == list(range(20))
+    assert len(list(tmp_path.iterdir())) == 40  # two attempts per item, no more
+
+
+def test_retry_on_filter_does_not_retry_other_errors(tmp_path):
+    pipe = Pipeline("no-retry", pool=ThreadPool(2))
+    pipe.add(flaky_once(str(tmp_path)), name="flaky", retries=3, retry_on=KeyError)
+    out = list(pipe.map(range(5), errors="yield"))
+    assert all(isinstance(o, Failure) and o.attempts == 1 for o in out)
+    assert len(list(tmp_path.iterdir())) == 5
+
+
+def test_unpicklable_result_fails_that_item_naming_node_and_type(process_pool):
+    pipe = Pipeline("unpicklable-out", pool=process_pool)
+    pipe.add(unpicklable_result, name="make_lock")
+    out = list(pipe.map(range(10), errors="yield"))
+    good, failures = _split(out)
+    assert good == [x for x in range(10) if x != 5]
+    (f,) = failures
+    assert f.item == 5 and f.node == "make_lock"
+    assert "_thread.lock" in f.message and "cannot be sent back" in f.message
+
+
+def test_unpicklable_item_fails_that_item_naming_node_and_type(process_pool):
+    pipe = Pipeline("unpicklable-in", pool=process_pool)
+    pipe.add(lambda x: x if isinstance(x, int) else "?", name="consume")
+    items = [1, 2, threading.Lock(), 4]
+    out = list(pipe.map(items, errors="yield"))
+    good, failures = _split(out)
+    assert good == [1, 2, 4]
+    (f,) = failures
+    assert f.item == 2 and f.node == "consume"
+    assert "_thread.lock" in f.message and "cannot be sent to a worker" in f.message
+
+
+def test_exception_inside_a_scatter_and_inside_a_gather(pool):
+    def split(x):
+        if x == 3:
+            raise RuntimeError("cannot split 3")
+        return range(x)
+
+    def total(xs):
+        if len(xs) == 5:
+            raise ArithmeticError("cannot sum five")
+        return sum(xs)
+
+    pipe = Pipeline("sg-faults", pool=pool)
+    s = pipe.add(split, scatter=True)
+    d = pipe.add(inc, after=s)
+    pipe.add(total, after=d, gather=True)
+    out = list(pipe.map(range(8), errors="yield"))
+    assert len(out) == 8
+    assert isinstance(out[3], Failure) and out[3].node == "split"
+    assert "cannot split 3" in out[3].message
+    assert isinstance(out[5], Failure) and out[5].node == "total"
+    assert out[5].exc_type == "ArithmeticError"
+    assert [o for i, o in enumerate(out) if i not in (3, 5)] == [
+        sum(range(1, x + 1)) for x in range(8) if x not in (3, 5)
+    ]
+
+
+def test_on_error_raise_stops_the_run_cleanly():
+    pipe = Pipeline("abort")
+    pipe.add(fail_on_7, on_error="raise")
+    with pytest.raises(RunAborted) as info:
+        list(pipe.map(range(100), errors="yield"))
+    assert info.value.failure.item == 7 and info.value.failure.node == "fail_on_7"
+
+
+def test_early_break_stops_the_run_and_frees_own_pools():
+    pipe = Pipeline("break")  # its own ProcessPool
+    pipe.add(cpu_ms)
+    for out in pipe.map(range(100_000)):
+        if out == 10:
+            break
+    else:  # pragma: no cover
+        pytest.fail("did not break")
+    # The generator was closed by the break: pools are gone (checked by the fixture too).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        kids = [c for c in psutil.Process().children() if c.is_running()]
+        kids = [c for c in kids if c.status() != psutil.STATUS_ZOMBIE]
+        if not kids:
+            break
+        time.sleep(0.05)
+    assert not kids
+
+
+def test_abandoned_iterator_is_closed_by_garbage_collection():
+    import gc
+
+    pipe = Pipeline("gc")
+    pipe.add(cpu_ms)
+    it = pipe.map(range(100_000))
+    next(it)
+    del it
+    gc.collect()
+    assert not [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_user_pool_survives_an_abandoned_run(process_pool):
+    pipe = Pipeline("reuse-after-break", pool=process_pool)
+    pipe.add(inc)
+    for _ in pipe.map(range(100_000)):
+        break
+    assert list(pipe.map(range(10))) == list(range(1, 11))
+
+
+def test_exception_keeps_type_message_and_user_frame_across_processes(process_pool):
+    pipe = Pipeline("types", pool=process_pool)
+    pipe.add(explode, scatter=True)
+    out = list(pipe.map([-1 + 0.5], errors="yield"))
+    (f,) = out
+    assert isinstance(f.exception, TypeError)
+    assert f.message == str(f.exception)
+    assert "explode" in f.traceback and "helpers.py" in f.traceback
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from faults.crashers import cpu_ms
+    from papy import Pipeline, ProcessPool
+
+    pipe = Pipeline("interrupted", pool=ProcessPool(2))
+    pipe.add(cpu_ms, kwargs={{"ms": 5.0}}, batch=1)
+    for i, out in enumerate(pipe.map(range(1_000_000))):
+        if i == 20:
+            print("RUNNING", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupting_a_driver_leaves_no_worker_behind(tmp_path, sig):
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "RUNNING", proc.stderr.read() if proc.stderr else ""
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 5
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [w for w in alive if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)
+    assert not alive, f"workers survived the driver: {alive}"
+    # No zombie either: the workers were reaped (ps shows nothing for their pids).
+    ps = subprocess.run(
+        ["ps", "-o", "pid=,stat=", "-p", ",".join(str(w.pid) for w in workers)],
+        capture_output=True,
+        text=True,
+    )
+    assert ps.stdout.strip() == ""
