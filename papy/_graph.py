@@ -152,7 +152,9 @@ def _fusable(n: Node, c: Node, pools: dict[str, Pool], keep: set[str]) -> bool:
     )
 
 
-def build_steps(order: Sequence[Node], pools: dict[str, Pool], keep: set[str]) -> list[Step]:
+def build_steps(
+    order: Sequence[Node], pools: dict[str, Pool], keep: set[str], run_dir: str | None = None
+) -> list[Step]:
     """Fuse chains of 1:1 nodes on the same pool into steps, in topological order.
 
     ``keep`` names nodes whose outputs the driver needs (the requested output), so they
@@ -174,7 +176,7 @@ def build_steps(order: Sequence[Node], pools: dict[str, Pool], keep: set[str]) -
             if not _fusable(last, c, pools, keep):
                 break
             chain.append(c)
-        spec = StepSpec(f"{run_id}-{next(_spec_counter)}", [make_stage(x) for x in chain])
+        spec = StepSpec(f"{run_id}-{next(_spec_counter)}", [make_stage(x) for x in chain], run_dir)
         head = chain[0]
         in_stack = stacks[head.parents[0].name] if head.parents else ()
         step = Step(

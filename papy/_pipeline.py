@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from papy._errors import GraphError
@@ -124,16 +125,25 @@ class Pipeline:
     ``pool`` is the pool for nodes that name none (default: a ProcessPool with one worker per
     core, made for each run and closed when it ends). ``buffer`` bounds how many input items
     are in flight at once in the whole run, which bounds memory (default: automatic).
+    ``workdir``: where files passed between nodes (:func:`papy.io.dump_item`, shell nodes
+    with ``stdout="file"``) are written and kept; by default a temporary directory that is
+    removed when the run ends.
     """
 
     def __init__(
-        self, name: str = "pipeline", *, pool: Pool | None = None, buffer: int | None = None
+        self,
+        name: str = "pipeline",
+        *,
+        pool: Pool | None = None,
+        buffer: int | None = None,
+        workdir: str | Path | None = None,
     ) -> None:
         if buffer is not None and buffer < 1:
             raise ValueError(f"buffer must be at least 1, got {buffer}")
         self.name = name
         self.pool = pool
         self.buffer = buffer
+        self.workdir = workdir
         self.nodes: list[Node] = []
         self._names: dict[str, Node] = {}
         self.last_report: Report | None = None
@@ -298,32 +308,93 @@ class Pipeline:
         *,
         output: str | Node | None = None,
         errors: ErrorMode = "raise",
-        progress: bool | None = False,
-        **options: Any,
+        progress: bool | None = None,
+        report: str | Path | None = None,
+        journal: str | Path | None = None,
+        key: Callable[[Any], Any] | None = None,
+        retry_failed: bool = False,
+        force: bool = False,
     ) -> Iterator[Any]:
         """Yield the outputs of the sink (or of ``output``) lazily, in input order.
 
         ``errors``: ``"raise"`` raises :class:`papy.ItemFailed` when a failed item's turn
         comes, ``"yield"`` yields the :class:`papy.Failure`, ``"skip"`` drops it.
+        ``progress``: live display (default: on when stderr is a terminal). ``report``: write
+        the HTML run report there. ``journal``: a SQLite file that makes the run resumable
+        (see :meth:`run`).
         """
         if errors not in ("raise", "yield", "skip"):
             raise ValueError(f"errors must be 'raise', 'yield' or 'skip', got {errors!r}")
         out = self.validate(output, need_single=True)
         from papy._scheduler import Scheduler
 
-        sched = Scheduler(self, output=out, errors=errors, progress=progress, **options)
+        sched = Scheduler(
+            self,
+            output=out,
+            errors=errors,
+            progress=progress,
+            report=report,
+            journal=journal,
+            key=key,
+            retry_failed=retry_failed,
+            force=force,
+        )
         return sched.iterate(items)
 
-    def run(self, items: Iterable[Any], *, progress: bool | None = None, **options: Any) -> Report:
-        """Run every item through the graph, drain all sinks, and return the Report."""
+    def run(
+        self,
+        items: Iterable[Any],
+        *,
+        progress: bool | None = None,
+        report: str | Path | None = None,
+        journal: str | Path | None = None,
+        key: Callable[[Any], Any] | None = None,
+        retry_failed: bool = False,
+        force: bool = False,
+    ) -> Report:
+        """Run every item through the graph, drain all sinks, and return the Report.
+
+        With ``journal="run.db"`` the run records each finished input item (keyed by its
+        position, or by ``key(item)``); running again with the same journal skips them, so
+        an interrupted run resumes where it stopped. ``retry_failed=True`` re-runs the items
+        that failed last time; ``force=True`` accepts a journal written by a different graph.
+        """
         self.validate()
         from papy._scheduler import Scheduler
 
-        sched = Scheduler(self, output=None, errors="skip", progress=progress, **options)
+        sched = Scheduler(
+            self,
+            output=None,
+            errors="skip",
+            progress=progress,
+            report=report,
+            journal=journal,
+            key=key,
+            retry_failed=retry_failed,
+            force=force,
+        )
         for _ in sched.iterate(items):
             pass
         assert sched.report is not None
         return sched.report
+
+    def to_mermaid(self) -> str:
+        """Return a Mermaid flowchart of the graph (nodes show pool, batch, scatter/gather)."""
+        from papy._draw import to_mermaid
+
+        return to_mermaid(self)
+
+    def to_dot(self) -> str:
+        """Return the graph in Graphviz DOT."""
+        from papy._draw import to_dot
+
+        return to_dot(self)
+
+    def draw(self, path: str | Path, format: str | None = None) -> Path:
+        """Draw the graph with Graphviz to ``path`` (svg, png, pdf by suffix); return it."""
+        from papy._draw import draw
+
+        return draw(self, path, format)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, nodes={[n.name for n in self.nodes]})"

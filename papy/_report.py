@@ -28,6 +28,7 @@ class NodeStats:
     batch_item_s: list[float] = field(default_factory=list)
     wait_input_s: float = 0.0
     wait_room_s: float = 0.0
+    wait_pool_s: float = 0.0
     in_flight: int = 0
 
     def record(self, n_in: int, n_failed: int, busy: float) -> None:
@@ -54,8 +55,9 @@ class NodeReport:
     mean_item_s: float
     p95_item_s: float
     throughput: float  # items per second of wall time
-    wait_input_s: float
-    wait_room_s: float
+    wait_input_s: float  # idle: nothing to do, upstream has not delivered yet
+    wait_room_s: float  # a source held back: the buffer is full, downstream must drain
+    wait_pool_s: float  # items ready, waiting for a free worker of the node's pool
     utilization: float  # busy seconds / (wall seconds * pool workers)
 
 
@@ -97,6 +99,7 @@ class Report:
             "util",
             "wait in s",
             "wait room s",
+            "wait pool s",
         )
         rows = [head]
         for n in self.nodes.values():
@@ -114,6 +117,7 @@ class Report:
                     f"{n.utilization:.0%}",
                     f"{n.wait_input_s:.2f}",
                     f"{n.wait_room_s:.2f}",
+                    f"{n.wait_pool_s:.2f}",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -164,6 +168,7 @@ def build_report(
             throughput=s.items_in / wall_s if wall_s > 0 else 0.0,
             wait_input_s=s.wait_input_s,
             wait_room_s=s.wait_room_s,
+            wait_pool_s=s.wait_pool_s,
             utilization=min(1.0, s.busy_s / (wall_s * w)) if wall_s > 0 else 0.0,
         )
     bottleneck, suggestion = _bottleneck(nodes, workers)

@@ -22,18 +22,25 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._errors import ItemFailed, PapyError, PoolError, RunAborted
 from papy._graph import Step, build_steps, topological_order
 from papy._items import Failure, Key, child_key, parent_key
+from papy._observe import Observer, Timeline
+from papy._progress import Progress, progress_wanted
 from papy._report import NodeStats, Report, build_report
 from papy._task import TaskResult
 from papy.pools._base import Pool, Task
@@ -132,14 +139,22 @@ class Scheduler:
         errors: str,
         progress: bool | None = False,
         buffer: int | None = None,
-        observers: Sequence[Any] = (),
+        report: str | Path | None = None,
+        journal: str | Path | None = None,
+        key: Callable[[Any], Any] | None = None,
+        retry_failed: bool = False,
+        force: bool = False,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.pipeline = pipeline
         self.output = output
         self.errors = errors
         self.progress = progress
         self.buffer = buffer or pipeline.buffer or _DEFAULT_BUFFER
-        self.observers = list(observers)
+        self.observers: list[Observer] = [Timeline(), *observers]
+        if progress_wanted(progress):
+            self.observers.append(Progress())
+        self.report_path = report
         self.report: Report | None = None
         self._own_pools: list[Pool] = []
         self._queue: queue.SimpleQueue[tuple[_StepState, Sequence[Key], Future[TaskResult]]] = (
@@ -149,8 +164,12 @@ class Scheduler:
         self.retired = 0
         self.failed = 0
         self._exhausted = False
-        self._stats: dict[str, NodeStats] = {}
+        self.stats: dict[str, NodeStats] = {}  # read by observers, written only here
         self._started = 0.0
+        self.run_dir: str | None = None
+        self._remove_run_dir = False
+        self.timeline = next((o for o in self.observers if isinstance(o, Timeline)), None)
+        self._tick_s = 0.1
 
     # -- set up and tear down --------------------------------------------------------------
 
@@ -168,7 +187,12 @@ class Scheduler:
                 self._own_pools.append(pool)
             pools[n.name] = pool
         keep = {self.output.name} if self.output is not None else set()
-        self.steps = build_steps(order, pools, keep)
+        if pipe.workdir is not None:
+            self.run_dir = str(Path(pipe.workdir).resolve())
+        else:
+            self.run_dir = os.path.join(tempfile.gettempdir(), f"papy-run-{uuid.uuid4().hex[:12]}")
+            self._remove_run_dir = True
+        self.steps = build_steps(order, pools, keep, self.run_dir)
         for p in {id(p): p for p in pools.values()}.values():
             if p.closed:
                 raise PoolError(f"{p!r} is closed; make a new pool for this run")
@@ -209,7 +233,7 @@ class Scheduler:
         for s in self.steps:
             label = s.pool.describe()
             for n in s.nodes:
-                self._stats[n.name] = NodeStats(n.name, pool=label)
+                self.stats[n.name] = NodeStats(n.name, pool=label)
         self._workers = {n.name: s.pool.workers for s in self.steps for n in s.nodes}
         self._started = time.perf_counter()
         for obs in self.observers:
@@ -218,13 +242,25 @@ class Scheduler:
     def _teardown(self, error: BaseException | None) -> None:
         for pool in self._own_pools:
             pool.close()
+        if self._remove_run_dir and self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         wall = time.perf_counter() - self._started if self._started else 0.0
         self.report = build_report(
-            self.pipeline.name, wall, self.admitted, self.failed, self._stats, self._workers
+            self.pipeline.name,
+            wall,
+            self.admitted,
+            self.failed,
+            self.stats,
+            self._workers,
+            timeline=self.timeline.samples if self.timeline else None,
         )
         self.pipeline.last_report = self.report
         for obs in self.observers:
             obs.finished(self, error)
+        if self.report_path is not None:
+            from papy._html import write_html
+
+            write_html(self.pipeline, self.report, self.report_path)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -317,12 +353,21 @@ class Scheduler:
         st.outstanding += 1
         self._pool_out[id(st.pool)] += 1
         for n in st.step.nodes:
-            self._stats[n.name].in_flight += len(keys)
+            self.stats[n.name].in_flight += len(keys)
         fut = st.pool.submit(task)
         q = self._queue
         fut.add_done_callback(lambda f: q.put((st, keys, f)))
 
+    def pool_load(self) -> dict[str, tuple[int, int]]:
+        """Return, per pool label, (tasks in flight, workers): how busy each pool is."""
+        out: dict[str, tuple[int, int]] = {}
+        for pid, pool in self._pools.items():
+            out[pool.describe()] = (min(self._pool_out[pid], pool.workers), pool.workers)
+        return out
+
     def _wait(self) -> None:
+        for obs in self.observers:
+            obs.tick(self)
         if not any(self._pool_out.values()):
             if any(st.ready for st in self.states):
                 return  # dispatch will take them
@@ -331,12 +376,23 @@ class Scheduler:
                 f"bug, please report it (admitted={self.admitted}, retired={self.retired})"
             )
         t0 = time.perf_counter()
-        item = self._queue.get()
+        try:
+            item = self._queue.get(timeout=self._tick_s)
+        except queue.Empty:
+            item = None
         waited = time.perf_counter() - t0
+        full = self.admitted - self.retired >= self.buffer and not self._exhausted
         for st in self.states:
-            if st.outstanding == 0 and st.ready == 0:
-                for n in st.step.nodes:
-                    self._stats[n.name].wait_input_s += waited
+            if st.ready:
+                # Items wait for a worker of their pool.
+                self.stats[st.step.head.name].wait_pool_s += waited
+            elif st.outstanding == 0:
+                if full and st.step.head.is_source:
+                    self.stats[st.step.head.name].wait_room_s += waited
+                else:
+                    self.stats[st.step.head.name].wait_input_s += waited
+        if item is None:
+            return
         self._complete(*item)
         while True:
             try:
@@ -362,7 +418,7 @@ class Scheduler:
         values = result.values
         busy = 0.0
         for n, s in zip(step.nodes, result.stats):
-            ns = self._stats[n.name]
+            ns = self.stats[n.name]
             ns.record(s.n_in, s.n_failed, s.busy)
             ns.in_flight -= len(keys)
             busy += s.busy
@@ -373,9 +429,9 @@ class Scheduler:
                 )
         if not result.stats:  # the pool failed the task as a whole (timeout, crash)
             for n in step.nodes:
-                self._stats[n.name].in_flight -= len(keys)
+                self.stats[n.name].in_flight -= len(keys)
             failed = [v for v in values if type(v) is Failure]
-            self._stats[step.head.name].record(len(keys), len(failed), 0.0)
+            self.stats[step.head.name].record(len(keys), len(failed), 0.0)
             for n in step.nodes:
                 if n.on_error == "raise" and failed:
                     raise RunAborted(failed[0])
@@ -386,8 +442,8 @@ class Scheduler:
         if tail.scatter:
             keys, values = self._expand(tail.name, keys, values)
         for n in step.nodes[:-1]:
-            self._stats[n.name].items_out += len(keys) if not n.scatter else 0
-        self._stats[tail.name].items_out += len(keys)
+            self.stats[n.name].items_out += len(keys) if not n.scatter else 0
+        self.stats[tail.name].items_out += len(keys)
         for child, slot in step.children:
             self._route(self._state_of[id(child)], slot, keys, values)
         term = self._term_of_step.get(id(step))
@@ -511,23 +567,14 @@ class Scheduler:
         if not self._ordered:
             self._out_queue.append((keys, values, positions))
             return
-        first = positions[0]
-        if first != self._next_out:
-            if isinstance(positions, range) or len(positions) == 1:
-                self._pending_out[first] = (keys, values, positions)
-                return
-            # Keys after a join or an unordered merge: file each position on its own.
+        pending = self._pending_out
+        if isinstance(positions, range) or len(positions) == 1:
+            # A contiguous run (straight from the source) or one position's group.
+            pending[positions[0]] = (keys, values, positions)
+        else:
+            # Keys after a join or a gather come in any order: file each position alone.
             for k, v in zip(keys, values):
-                self._pending_out[k] = ([k], [v], [k])  # type: ignore[index,list-item]
-            self._flush_pending()
-            return
-        if not isinstance(positions, range) and positions[-1] - first != len(positions) - 1:
-            for k, v in zip(keys, values):
-                self._pending_out[k] = ([k], [v], [k])  # type: ignore[index,list-item]
-            self._flush_pending()
-            return
-        self._out_queue.append((keys, values, positions))
-        self._next_out = positions[-1] + 1
+                pending[k] = ([k], [v], [k])  # type: ignore[index,list-item]
         self._flush_pending()
 
     def _flush_pending(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from papy._items import Failure, Key, failure_from_exception
+from papy._rundir import set_current as set_run_dir
 
 
 class Call:
@@ -82,6 +83,7 @@ class StepSpec:
 
     id: str
     stages: list[Stage]
+    run_dir: str | None = None  # where file helpers write (papy.io.run_dir())
 
 
 @dataclass
@@ -242,6 +244,7 @@ def _map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageSt
 
 def run_task(spec: StepSpec, keys: Sequence[Key], values: list[Any]) -> TaskResult:
     """Run a batch through every stage of ``spec``; failures become Failure values."""
+    set_run_dir(spec.run_dir)
     stats = []
     perf = time.perf_counter
     dirty = Failure in set(map(type, values))  # any failed item to skip in this batch?

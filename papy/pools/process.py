@@ -23,6 +23,7 @@ import itertools
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -133,6 +134,8 @@ class ProcessPool(Pool):
         self._spec_blobs: dict[str, bytes] = {}
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._manager: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._outbox: queue.SimpleQueue[tuple[_Worker, _Job] | None] = queue.SimpleQueue()
         self.restarts = 0  # workers replaced after a crash or a timeout
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -140,6 +143,10 @@ class ProcessPool(Pool):
     def _start(self) -> None:
         for _ in range(self.workers):
             self._pool.append(self._spawn())
+        self._sender = threading.Thread(
+            target=self._send_loop, name="papy-process-pool-send", daemon=True
+        )
+        self._sender.start()
         self._manager = threading.Thread(target=self._manage, name="papy-process-pool", daemon=True)
         self._manager.start()
         weakref.finalize(self, _kill_all, list(self._pool))
@@ -155,6 +162,7 @@ class ProcessPool(Pool):
         return _Worker(proc, parent)
 
     def _close(self) -> None:
+        self._outbox.put(None)
         self._wake()
         if self._manager is not None and self._manager is not threading.current_thread():
             self._manager.join(timeout=5)
@@ -226,11 +234,14 @@ class ProcessPool(Pool):
                 self._pending.extendleft(reversed(jobs))
             else:
                 self._pending.extend(jobs)
-            sends = self._assign_locked()
-        self._send(sends)
+            self._assign_locked()
 
-    def _assign_locked(self) -> list[tuple[_Worker, _Job]]:
-        sends = []
+    def _assign_locked(self) -> None:
+        """Give pending jobs to the least busy workers; the sender thread ships them.
+
+        Queuing the sends here, under the lock, makes each worker receive its jobs in the
+        order of ``worker.jobs``, which is how results are matched and crashes attributed.
+        """
         while self._pending and not self._closed:
             worker = min(
                 (w for w in self._pool if not w.dead), key=lambda w: len(w.jobs), default=None
@@ -242,8 +253,7 @@ class ProcessPool(Pool):
             if not worker.jobs:
                 self._mark_started(job)
             worker.jobs.append(job)
-            sends.append((worker, job))
-        return sends
+            self._outbox.put((worker, job))
 
     def _mark_started(self, job: _Job) -> None:
         job.started = time.monotonic()
@@ -252,12 +262,25 @@ class ProcessPool(Pool):
             job.deadline = job.started + t * max(1, len(job.task)) + _TIMEOUT_GRACE
             self._wake()  # the manager must wait for this deadline
 
-    def _send(self, sends: list[tuple[_Worker, _Job]]) -> None:
-        for worker, job in sends:
+    def _send_loop(self) -> None:
+        """Ship jobs to workers, in order, so no other thread ever blocks on a full pipe.
+
+        A worker that is busy writing a large result stops reading its pipe; if the manager
+        (which reads results) or the scheduler wrote to it directly, both could wait on each
+        other forever.
+        """
+        while True:
+            entry = self._outbox.get()
+            if entry is None:
+                return
+            worker, job = entry
             task = job.task
             spec_id = task.spec.id
             blob = None if spec_id in worker.specs else self._spec_blobs[spec_id]
-            body = self._encode_items(job)
+            try:
+                body = self._encode_items(job)
+            except Exception as exc:  # pragma: no cover - encode isolates bad items itself
+                body = dumps(job.task.fail_all(exc).values)
             with worker.send_lock:
                 if worker.dead:
                     continue  # the manager re-queues the jobs of dead workers
@@ -348,7 +371,7 @@ class ProcessPool(Pool):
                 job = w.jobs.popleft()
                 if w.jobs:
                     self._mark_started(w.jobs[0])
-                sends = self._assign_locked()
+                self._assign_locked()
             try:
                 result: TaskResult = pickle.loads(body)
             except Exception as exc:
@@ -360,7 +383,6 @@ class ProcessPool(Pool):
                     job.task.last_stage(),
                 )
             result.crashes += job.crashes
-            self._send(sends)
             job.done(result)
 
     def _bury(self, w: _Worker) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import explode, fail_on_7, inc
+
 from faults.crashers import (
     cpu_ms,
     exit_on,
@@ -25,8 +27,6 @@ from faults.crashers import (
     sleep_on,
     unpicklable_result,
 )
-from helpers import explode, fail_on_7, inc
-
 from papy import (
     Failure,
     Pipeline,
