@@ -60,9 +60,7 @@ class Timeline(Observer):
             self.samples = self.samples[::2]
             self.interval *= 2
         self._next = now + self.interval
-        self.samples.append(
-            {"t": round(now, 4), **{n: s.in_flight for n, s in sched.stats.items()}}
-        )
+        self.samples.append({"t": round(now, 4), **sched.in_flight()})
 
     def finished(self, sched: Scheduler, error: BaseException | None) -> None:
         self.tick(sched, force=True)

@@ -83,13 +83,14 @@ class Progress(Observer):
             return table
         now = time.perf_counter()
         load = sched.pool_load()
+        flight = sched.in_flight()
         for name, s in list(sched.stats.items()):
             busy, workers = load.get(s.pool, (0, 1))
             table.add_row(
                 name,
                 s.pool,
                 f"{s.items_in:,}",
-                f"{max(0, s.in_flight):,}",
+                f"{flight.get(name, 0):,}",
                 f"[red]{s.failed:,}[/red]" if s.failed else "0",
                 f"{self._rate(name, s.items_in, now):,.0f}",
                 f"{busy}/{workers}",

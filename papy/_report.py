@@ -29,7 +29,6 @@ class NodeStats:
     wait_input_s: float = 0.0
     wait_room_s: float = 0.0
     wait_pool_s: float = 0.0
-    in_flight: int = 0
 
     def record(self, n_in: int, n_failed: int, busy: float) -> None:
         """Add one finished task's figures."""

@@ -71,8 +71,11 @@ class _StepState:
         self.inbox: deque[tuple[Sequence[Key], list[Any]]] = deque()
         self.ready = 0
         self.outstanding = 0
+        self.in_tasks = 0  # items inside submitted, unfinished tasks
         self.fixed_batch = batch is not None
-        if batch is None and step.timeout is not None:
+        if batch is None and step.head.is_async:
+            batch = step.head.concurrency  # one event loop per task: fill it
+        elif batch is None and step.timeout is not None:
             batch = 1  # a timeout is enforced per task: keep one item per task
         self.batch = batch or 1
         self.item_time: float | None = None
@@ -352,11 +355,33 @@ class Scheduler:
         task = Task(st.step.spec, keys, values, st.step.timeout)
         st.outstanding += 1
         self._pool_out[id(st.pool)] += 1
-        for n in st.step.nodes:
-            self.stats[n.name].in_flight += len(keys)
+        st.in_tasks += len(keys)
         fut = st.pool.submit(task)
         q = self._queue
         fut.add_done_callback(lambda f: q.put((st, keys, f)))
+
+    def in_flight(self) -> dict[str, int]:
+        """Return, per node, the items waiting for it or inside its tasks right now.
+
+        Items inside a task of fused nodes are spread over those nodes by their share of the
+        step's busy time, which is where such items actually spend their time.
+        """
+        out: dict[str, int] = {}
+        for st in self.states:
+            nodes = st.step.nodes
+            if len(nodes) == 1:
+                out[nodes[0].name] = st.ready + st.in_tasks
+                continue
+            busy = [self.stats[n.name].busy_s for n in nodes]
+            total = sum(busy)
+            for i, n in enumerate(nodes):
+                share = busy[i] / total if total > 0 else 1 / len(nodes)
+                out[n.name] = round(st.in_tasks * share) + (st.ready if i == 0 else 0)
+        for st in self.states:  # join and gather tables hold items too
+            held = len(st.join or ()) + len(st.groups or ())
+            if held:
+                out[st.step.head.name] += held
+        return out
 
     def pool_load(self) -> dict[str, tuple[int, int]]:
         """Return, per pool label, (tasks in flight, workers): how busy each pool is."""
@@ -420,16 +445,14 @@ class Scheduler:
         for n, s in zip(step.nodes, result.stats):
             ns = self.stats[n.name]
             ns.record(s.n_in, s.n_failed, s.busy)
-            ns.in_flight -= len(keys)
             busy += s.busy
             if s.n_failed and n.on_error == "raise":
                 raise RunAborted(
                     s.first_failure
                     or next(v for v in values if type(v) is Failure and v.node == n.name)
                 )
+        st.in_tasks -= len(keys)
         if not result.stats:  # the pool failed the task as a whole (timeout, crash)
-            for n in step.nodes:
-                self.stats[n.name].in_flight -= len(keys)
             failed = [v for v in values if type(v) is Failure]
             self.stats[step.head.name].record(len(keys), len(failed), 0.0)
             for n in step.nodes:

@@ -1,0 +1,64 @@
+"""``async def`` nodes run on an event loop with a concurrency limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from papy import Failure, Pipeline, ThreadPool
+
+
+async def fetch(x):
+    await asyncio.sleep(0.05)
+    return x * 2
+
+
+def test_async_node_overlaps_waits_up_to_the_concurrency_limit():
+    pipe = Pipeline("async", pool=ThreadPool(1))
+    pipe.add(fetch, concurrency=50, batch=50)
+    t0 = time.perf_counter()
+    out = list(pipe.map(range(200)))
+    elapsed = time.perf_counter() - t0
+    assert out == [x * 2 for x in range(200)]
+    # 200 sleeps of 50 ms on ONE thread: only concurrency makes this possible.
+    assert elapsed < 200 * 0.05 / 4
+
+
+def test_async_concurrency_limit_is_respected():
+    running = 0
+    peak = 0
+
+    async def track(x):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        return x
+
+    pipe = Pipeline("limit", pool=ThreadPool(1))
+    pipe.add(track, concurrency=5, batch=40)
+    assert list(pipe.map(range(40))) == list(range(40))
+    assert peak == 5
+
+
+def test_async_failures_timeouts_and_retries():
+    attempts: dict[int, int] = {}
+
+    async def flaky(x):
+        attempts[x] = attempts.get(x, 0) + 1
+        if x == 3:
+            await asyncio.sleep(5)
+        if x == 4 and attempts[x] == 1:
+            raise ConnectionError("try again")
+        if x == 5:
+            raise ValueError("five")
+        return x
+
+    pipe = Pipeline("async-faults", pool=ThreadPool(1))
+    pipe.add(flaky, timeout=0.2, retries=1, retry_on=ConnectionError, batch=8)
+    out = list(pipe.map(range(8), errors="yield"))
+    assert [o for o in out if not isinstance(o, Failure)] == [0, 1, 2, 4, 6, 7]
+    assert isinstance(out[3], Failure) and out[3].exc_type == "TimeoutError"
+    assert isinstance(out[5], Failure) and out[5].message == "five"
+    assert attempts[4] == 2

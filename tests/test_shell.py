@@ -1,0 +1,107 @@
+"""External programs as nodes: placeholders, stdin/stdout modes, failures, no shell."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from papy import Failure, Pipeline, ThreadPool
+from papy.shell import ShellError, shell
+
+
+def test_placeholders_fill_single_arguments_and_never_reach_a_shell(tmp_path):
+    canary = tmp_path / "canary"
+    canary.write_text("alive")
+    evil = [
+        f"; rm -rf {canary}",
+        f"$(rm -rf {canary})",
+        f"`rm -rf {canary}`",
+        f"x && rm -rf {canary}",
+        "a b  c",
+        "'quoted' \"double\"",
+        "*",
+    ]
+    pipe = Pipeline("echo", pool=ThreadPool(4))
+    pipe.add(shell(["printf", "%s|", "{item}"]), name="echo")
+    out = list(pipe.map(evil))
+    assert out == [f"{e}|" for e in evil]  # each item arrived as exactly one argument
+    assert canary.read_text() == "alive"
+
+
+def test_path_placeholder_and_mapping_keys(tmp_path):
+    f = tmp_path / "data.txt"
+    f.write_text("one\ntwo\nthree\n")
+    count = shell(["wc", "-l", "{path}"])
+    assert count(f).split()[0] == "3"
+    grep = shell(["grep", "-c", "{word}", "{file}"])
+    assert grep({"word": "t", "file": str(f)}).strip() == "2"
+
+
+def test_stdin_item_and_bytes_output():
+    gz = shell(["gzip", "-c"], stdin="item", stdout="bytes")
+    gunzip = shell(["gzip", "-dc"], stdin="item", stdout="text")
+    pipe = Pipeline("gzip", pool=ThreadPool(2))
+    a = pipe.add(gz, name="compress")
+    pipe.add(gunzip, after=a, name="decompress")
+    texts = [f"line {i}\n" * i for i in range(1, 20)]
+    assert list(pipe.map(texts)) == texts
+
+
+def test_stdout_to_file_in_the_run_directory(tmp_path):
+    pipe = Pipeline("files", pool=ThreadPool(2), workdir=tmp_path / "work")
+    a = pipe.add(shell(["seq", "{item}"], stdout="file"), name="seq")
+    pipe.add(lambda p: Path(p).read_text().split(), after=a, name="read")
+    out = list(pipe.map([3, 5]))
+    assert out == [["1", "2", "3"], ["1", "2", "3", "4", "5"]]
+    assert len(list((tmp_path / "work").iterdir())) == 2  # kept: the pipeline has a workdir
+
+
+def test_run_directory_is_removed_after_the_run_by_default():
+    seen = []
+
+    def remember(path):
+        seen.append(Path(path).parent)
+        return path
+
+    pipe = Pipeline("tmp", pool=ThreadPool(1))
+    a = pipe.add(shell(["echo", "hi"], stdout="file"), name="echo")
+    pipe.add(remember, after=a)
+    list(pipe.map([1]))
+    assert seen and not seen[0].exists()
+
+
+def test_nonzero_exit_is_a_failure_with_code_and_stderr():
+    fail = shell(["sh", "-c", "echo first >&2; echo 'bad thing happened' >&2; exit 3"])
+    pipe = Pipeline("exit", pool=ThreadPool(1))
+    pipe.add(fail, name="sh")
+    (f,) = list(pipe.map([1], errors="yield"))
+    assert isinstance(f, Failure)
+    assert f.exc_type == "papy.shell.ShellError"
+    assert isinstance(f.exception, ShellError) and f.exception.returncode == 3
+    assert "exited with code 3" in f.message and "bad thing happened" in f.message
+
+
+def test_timeout_kills_the_program():
+    slow = shell(["sleep", "10"], timeout=0.2)
+    with pytest.raises(TimeoutError, match="did not finish within 0.2 s"):
+        slow(1)
+
+
+def test_missing_program_and_string_argv_are_clear():
+    with pytest.raises(FileNotFoundError, match="program not found: 'no-such-program-x'"):
+        shell(["no-such-program-x"])(1)
+    with pytest.raises(TypeError, match="argv as a list"):
+        shell("ls -l")  # type: ignore[arg-type]
+
+
+def test_env_and_cwd(tmp_path):
+    show = shell(["sh", "-c", 'echo "$GREETING $(pwd)"'], env={"GREETING": "hello"}, cwd=tmp_path)
+    assert show(None).strip() == f"hello {os.path.realpath(tmp_path)}"
+
+
+def test_shell_node_runs_in_a_process_pool_too(process_pool):
+    pipe = Pipeline("proc-shell", pool=process_pool)
+    pipe.add(shell(["expr", "{item}", "+", "1"]), name="expr")
+    assert [int(x) for x in pipe.map(range(5))] == [1, 2, 3, 4, 5]
