@@ -21,7 +21,7 @@ def test_lines_jsonl_csv_and_files_read_lazily(tmp_path):
         {"name": "ann", "n": "1"},
         {"name": "bob", "n": "2"},
     ]
-    assert list(io.csv_rows(tmp_path / "t.csv", header=False))[0] == ["name", "n"]
+    assert next(io.csv_rows(tmp_path / "t.csv", header=False)) == ["name", "n"]
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt").write_text("")
     assert [p.name for p in io.files(str(tmp_path / "**" / "*.txt"))] == [

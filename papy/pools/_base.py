@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from papy._items import Failure, Key, failure_from_exception
 from papy._task import StepSpec, TaskResult
@@ -62,6 +62,9 @@ class Task:
             for k, v in zip(self.keys, self.values)
         ]
         return TaskResult(values, [])
+
+
+_P = TypeVar("_P", bound="Pool")
 
 
 class Pool(abc.ABC):
@@ -124,7 +127,7 @@ class Pool(abc.ABC):
     @abc.abstractmethod
     def _close(self) -> None: ...
 
-    def __enter__(self) -> Pool:
+    def __enter__(self: _P) -> _P:
         self.start()
         return self
 
