@@ -72,6 +72,8 @@ class Report:
     bottleneck: str | None
     suggestion: str
     timeline: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
+    #: input items a journal showed finished in an earlier run (not run again)
+    skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain data."""
@@ -131,6 +133,7 @@ class Report:
             f"{self.pipeline}: {self.items} items in {self.wall_s:.2f} s "
             f"({self.items / self.wall_s if self.wall_s else 0:,.0f} items/s), "
             f"{self.failed} failed"
+            + (f", {self.skipped} finished earlier (journal)" if self.skipped else "")
         )
         tail = [summary] + ([self.suggestion] if self.suggestion else [])
         return "\n".join([*lines, "", *tail])
@@ -147,6 +150,7 @@ def build_report(
     stats: dict[str, NodeStats],
     workers: dict[str, int],
     timeline: list[dict[str, Any]] | None = None,
+    skipped: int = 0,
 ) -> Report:
     """Freeze the scheduler's counters into a Report and name the bottleneck."""
     nodes: dict[str, NodeReport] = {}
@@ -171,7 +175,9 @@ def build_report(
             utilization=min(1.0, s.busy_s / (wall_s * w)) if wall_s > 0 else 0.0,
         )
     bottleneck, suggestion = _bottleneck(nodes, workers)
-    return Report(pipeline, wall_s, items, failed, nodes, bottleneck, suggestion, timeline or [])
+    return Report(
+        pipeline, wall_s, items, failed, nodes, bottleneck, suggestion, timeline or [], skipped
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -21,6 +21,7 @@ Pools, progress display and journal only observe; none of them reaches into this
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import queue
@@ -37,8 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._errors import ItemFailed, PapyError, PoolError, RunAborted
-from papy._graph import Step, build_steps, topological_order
+from papy._graph import Step, build_steps, scatter_stacks, topological_order
 from papy._items import Failure, Key, child_key, parent_key
+from papy._journal import Journal, JournalSpec
 from papy._observe import Observer, Timeline
 from papy._progress import Progress, progress_wanted
 from papy._report import NodeStats, Report, build_report
@@ -158,6 +160,14 @@ class Scheduler:
         if progress_wanted(progress):
             self.observers.append(Progress())
         self.report_path = report
+        self._journal_path = journal
+        self._key_fn = key
+        self._retry_failed = retry_failed
+        self._force = force
+        self.journal: Journal | None = None
+        self.skipped = 0
+        self._jkey_of: dict[int, str] = {}
+        self._replayed: set[int] = set()
         self.report: Report | None = None
         self._own_pools: list[Pool] = []
         self._queue: queue.SimpleQueue[tuple[_StepState, Sequence[Key], Future[TaskResult]]] = (
@@ -196,6 +206,18 @@ class Scheduler:
             self.run_dir = os.path.join(tempfile.gettempdir(), f"papy-run-{uuid.uuid4().hex[:12]}")
             self._remove_run_dir = True
         self.steps = build_steps(order, pools, keep, self.run_dir)
+        terminals = {n.name: n for n in order if n.is_sink or n is self.output}
+        stacks_out = scatter_stacks(order)
+        if self._journal_path is not None:
+            self.journal = Journal(
+                self._journal_path, pipe, force=self._force, retry_failed=self._retry_failed
+            )
+            for s in self.steps:
+                if s.tail.name in terminals:
+                    s.spec.journal = JournalSpec(self.journal.path, s.tail.name, self._retry_failed)
+            self._journal_terms = {
+                name: not stacks_out[name] and not t.scatter for name, t in terminals.items()
+            }
         for p in {id(p): p for p in pools.values()}.values():
             if p.closed:
                 raise PoolError(f"{p!r} is closed; make a new pool for this run")
@@ -245,9 +267,13 @@ class Scheduler:
     def _teardown(self, error: BaseException | None) -> None:
         for pool in self._own_pools:
             pool.close()
+        if self.journal is not None:
+            self.journal.close()
         if self._remove_run_dir and self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        wall = time.perf_counter() - self._started if self._started else 0.0
+        if not self._started:
+            return  # set-up failed: there is no run to report on
+        wall = time.perf_counter() - self._started
         self.report = build_report(
             self.pipeline.name,
             wall,
@@ -256,6 +282,7 @@ class Scheduler:
             self.stats,
             self._workers,
             timeline=self.timeline.samples if self.timeline else None,
+            skipped=self.skipped,
         )
         self.pipeline.last_report = self.report
         for obs in self.observers:
@@ -324,14 +351,59 @@ class Scheduler:
             if len(chunk) < n:
                 self._exhausted = True
             if chunk:
-                keys = range(self.admitted, self.admitted + len(chunk))
+                keys: Sequence[int] = range(self.admitted, self.admitted + len(chunk))
                 self.admitted += len(chunk)
-                for st in sources:
-                    st.push(keys, chunk)
-                for obs in self.observers:
-                    obs.admitted(keys, chunk)
+                if self.journal is not None:
+                    keys, chunk = self._resume(keys, chunk)
+                if chunk:
+                    for st in sources:
+                        st.push(keys, chunk)
+                    for obs in self.observers:
+                        obs.admitted(keys, chunk)
             if self._exhausted:
                 return
+
+    def _resume(self, keys: Sequence[int], chunk: list[Any]) -> tuple[list[int], list[Any]]:
+        """Skip the items an earlier run finished; replay their outputs; key the others."""
+        assert self.journal is not None
+        if self._key_fn is None:
+            jkeys = [str(p) for p in keys]
+        else:
+            jkeys = [json.dumps(self._key_fn(v), sort_keys=True, default=str) for v in chunk]
+        done = self.journal.finished(jkeys, self._journal_terms)
+        run_keys: list[int] = []
+        run_values: list[Any] = []
+        for p, jk, value in zip(keys, jkeys, chunk):
+            if jk not in done:
+                self._jkey_of[p] = jk
+                run_keys.append(p)
+                run_values.append(value)
+                continue
+            self.skipped += 1
+            out = self.output
+            if out is None:
+                self._retire(1)
+                continue
+            values = self.journal.outputs(out.name, jk)
+            if out.scatter:
+                values = [x for v in values for x in ([v] if type(v) is Failure else v)]
+            if not self.terminals[out.name].top_level:
+                keys_out: list[Key] = [(p, i) for i in range(len(values))]
+            else:
+                keys_out = [p]
+            self._replayed.add(p)
+            self._queue_output(keys_out, values, [p])
+        return run_keys, run_values
+
+    def _jkeys(self, keys: Sequence[Key]) -> list[tuple[str, str]]:
+        out = []
+        jkey_of = self._jkey_of
+        for k in keys:
+            if isinstance(k, int):
+                out.append((jkey_of[k], ""))
+            else:
+                out.append((jkey_of[k[0]], ".".join(str(i) for i in k[1:])))
+        return out
 
     def _dispatch(self) -> None:
         pool_out = self._pool_out
@@ -352,7 +424,8 @@ class Scheduler:
                     self._submit(st, keys, values)
 
     def _submit(self, st: _StepState, keys: Sequence[Key], values: list[Any]) -> None:
-        task = Task(st.step.spec, keys, values, st.step.timeout)
+        jkeys = self._jkeys(keys) if st.step.spec.journal is not None else None
+        task = Task(st.step.spec, keys, values, st.step.timeout, jkeys)
         st.outstanding += 1
         self._pool_out[id(st.pool)] += 1
         st.in_tasks += len(keys)
@@ -578,6 +651,8 @@ class Scheduler:
 
     def _finish_terminal(self, t: _Terminal, p: int) -> None:
         del t.need[p]
+        if self.journal is not None and p in self._jkey_of:
+            self.journal.mark_complete(t.node.name, self._jkey_of[p])
         if t.is_output:
             group = sorted(t.groups.pop(p, []), key=lambda kv: kv[0])
             self._queue_output([k for k, _ in group], [v for _, v in group], [p])
@@ -608,8 +683,17 @@ class Scheduler:
             self._next_out = positions[-1] + 1
 
     def _retire_output(self, positions: Sequence[int]) -> None:
+        if self._replayed:
+            replayed = [p for p in positions if p in self._replayed]
+            if replayed:
+                self._replayed.difference_update(replayed)
+                self._retire(len(replayed))
+                positions = [p for p in positions if p not in replayed]
         if len(self.terminals) == 1:
             self._retire(len(positions))
+            if self._jkey_of:
+                for p in positions:
+                    self._jkey_of.pop(p, None)
         else:
             for p in positions:
                 self._position_done(p)
@@ -617,11 +701,13 @@ class Scheduler:
     def _position_done(self, p: int) -> None:
         if len(self.terminals) == 1:
             self._retire(1)
+            self._jkey_of.pop(p, None)
             return
         c = self._done_count.get(p, 0) + 1
         if c == len(self.terminals):
             del self._done_count[p]
             self._retire(1)
+            self._jkey_of.pop(p, None)
         else:
             self._done_count[p] = c
 

@@ -8,12 +8,14 @@ once per item. This module is imported by worker processes, so it stays small an
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from papy._items import Failure, Key, failure_from_exception
+from papy._journal import JournalSpec, record, recorded
 from papy._rundir import set_current as set_run_dir
 
 
@@ -84,6 +86,7 @@ class StepSpec:
     id: str
     stages: list[Stage]
     run_dir: str | None = None  # where file helpers write (papy.io.run_dir())
+    journal: JournalSpec | None = None  # set on terminal steps of a journaled run
 
 
 @dataclass
@@ -242,8 +245,62 @@ def _map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageSt
                 st.first_failure = f
 
 
-def run_task(spec: StepSpec, keys: Sequence[Key], values: list[Any]) -> TaskResult:
-    """Run a batch through every stage of ``spec``; failures become Failure values."""
+class _Critical:
+    """Mark code that must not be cut short by SIGTERM (a journaled task and its commit).
+
+    A worker's SIGTERM handler checks ``depth``: outside, it exits at once; inside, it sets
+    ``deferred`` and the worker exits as soon as the section ends.
+    """
+
+    depth = 0
+    deferred = False
+
+    def __enter__(self) -> None:
+        type(self).depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        cls = type(self)
+        cls.depth -= 1
+        if cls.depth == 0 and cls.deferred:
+            os._exit(128 + 15)
+
+
+critical = _Critical()
+
+
+def run_task(
+    spec: StepSpec,
+    keys: Sequence[Key],
+    values: list[Any],
+    jkeys: Sequence[tuple[str, str]] | None = None,
+) -> TaskResult:
+    """Run a batch through every stage of ``spec``; failures become Failure values.
+
+    On a journaled terminal step (``spec.journal`` and ``jkeys`` set), items the journal
+    already holds are not run again (their recorded outputs are returned), and the outputs
+    are committed before this returns, without letting SIGTERM cut in between.
+    """
+    if spec.journal is None or not jkeys:
+        return _run(spec, keys, values)
+    with critical:
+        journal = spec.journal
+        done = {} if spec.stages[-1].scatter else recorded(journal, jkeys)
+        if not done:
+            result = _run(spec, keys, values)
+            record(journal, jkeys, result.values)
+            return result
+        todo = [i for i in range(len(keys)) if i not in done]
+        part = _run(spec, [keys[i] for i in todo], [values[i] for i in todo])
+        record(journal, [jkeys[i] for i in todo], part.values)
+        merged: list[Any] = [None] * len(keys)
+        for i, v in done.items():
+            merged[i] = v
+        for i, v in zip(todo, part.values):
+            merged[i] = v
+        return TaskResult(merged, part.stats)
+
+
+def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any]) -> TaskResult:
     set_run_dir(spec.run_dir)
     stats = []
     perf = time.perf_counter

@@ -65,6 +65,16 @@ def test_failed_items_give_nonzero_exit_with_the_count(tmp_path):
     assert "node 'parse' failed on item 1" in r.stderr and "ValueError" in r.stderr
 
 
+def test_journal_option_resumes(tmp_path):
+    journal = tmp_path / "run.db"
+    r = papy("run", CHAIN, "--no-progress", "--journal", str(journal), stdin="1\n2\n3\n")
+    assert r.returncode == 0, r.stderr
+    r = papy("run", CHAIN, "--no-progress", "--journal", str(journal), stdin="1\n2\n3\n4\n")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["square"] for x in r.stdout.splitlines()] == [1, 4, 9, 16]
+    assert "3 finished earlier (journal)" in r.stderr
+
+
 def test_html_report_option(tmp_path):
     report = tmp_path / "run.html"
     r = papy("run", CHAIN, "--no-progress", "--report", str(report), stdin="1\n2\n")

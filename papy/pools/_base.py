@@ -40,6 +40,8 @@ class Task:
     keys: Sequence[Key]
     values: list[Any]
     timeout: float | None = None
+    #: journal keys of the items, on terminal steps of a journaled run
+    jkeys: list[tuple[str, str]] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

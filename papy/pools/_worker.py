@@ -10,6 +10,7 @@ worker dies, or ``ProcessPoolExecutor``, which breaks the whole pool.)
 from __future__ import annotations
 
 import ctypes
+import os
 import pickle
 import signal
 import struct
@@ -18,7 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from papy._items import Failure, failure_from_exception, qualified_type, short_repr
-from papy._task import StepSpec, TaskResult, run_task
+from papy._task import StepSpec, TaskResult, critical, run_task
 
 
 def dumps(obj: Any) -> bytes:
@@ -40,14 +41,24 @@ def unpicklable(value: Any) -> Exception | None:
     return None
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Exit now, unless a journaled task is committing: then right after it (30 s at most)."""
+    if critical.depth:
+        type(critical).deferred = True
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(30)
+        return
+    os._exit(128 + signum)
+
+
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the driver dies, so no worker is orphaned."""
+    """Ask Linux to SIGTERM this worker when the driver dies, so no worker is orphaned."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     except Exception:  # pragma: no cover - best effort; the driver also terminates workers
         pass
 
@@ -105,6 +116,7 @@ def unframe(data: bytes) -> tuple[Any, memoryview]:
 def worker_main(conn: Connection, initializer: Any = None) -> None:
     """Receive tasks, run them, send results back, until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
     if initializer is not None:
         initializer()
@@ -114,7 +126,7 @@ def worker_main(conn: Connection, initializer: Any = None) -> None:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        (job_id, spec_id, spec_blob, keys), body = unframe(data)
+        (job_id, spec_id, spec_blob, keys, jkeys), body = unframe(data)
         if spec_blob is not None:
             specs[spec_id] = pickle.loads(spec_blob)
         spec = specs[spec_id]
@@ -128,7 +140,7 @@ def worker_main(conn: Connection, initializer: Any = None) -> None:
             name = spec.stages[0].name
             result = TaskResult([failure_from_exception(name, k, err) for k in keys], [])
         else:
-            result = run_task(spec, keys, values)
+            result = run_task(spec, keys, values, jkeys)
         payload = _encode_result(result, spec, keys)
         try:
             conn.send_bytes(frame(job_id, payload))

@@ -105,7 +105,8 @@ def _split(job: _Job, parts: list[Task], crashes: int) -> list[_Job]:
 
 
 def _sub_task(task: Task, start: int, stop: int) -> Task:
-    return Task(task.spec, task.keys[start:stop], task.values[start:stop], task.timeout)
+    jkeys = task.jkeys[start:stop] if task.jkeys is not None else None
+    return Task(task.spec, task.keys[start:stop], task.values[start:stop], task.timeout, jkeys)
 
 
 class ProcessPool(Pool):
@@ -285,7 +286,9 @@ class ProcessPool(Pool):
                 if worker.dead:
                     continue  # the manager re-queues the jobs of dead workers
                 try:
-                    worker.conn.send_bytes(frame((job.id, spec_id, blob, _keys(task.keys)), body))
+                    worker.conn.send_bytes(
+                        frame((job.id, spec_id, blob, _keys(task.keys), task.jkeys), body)
+                    )
                     worker.specs.add(spec_id)
                 except (OSError, ValueError):
                     pass  # the worker died; its sentinel fires and the manager re-queues
