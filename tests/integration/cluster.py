@@ -1,0 +1,195 @@
+"""Start a real Dask cluster for tests: a scheduler and workers as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+WORKER = [sys.executable, "-m", "distributed.cli.dask_worker"]
+
+
+@dataclass
+class Cluster:
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: Path | None = None
+
+    def worker_processes(self) -> list[psutil.Process]:
+        """Return the worker processes (the children of the nannies)."""
+        out = []
+        for nanny in self.workers:
+            out.extend(psutil.Process(nanny.pid).children(recursive=True))
+        return out
+
+    def stop(self) -> None:
+        for p in [*self.workers, self.scheduler]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*self.workers, self.scheduler]:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                for child in psutil.Process(p.pid).children(recursive=True):
+                    child.kill()
+                p.kill()
+                p.wait(timeout=5)
+
+
+def _env() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[2]
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+        "DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s",
+        "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s",
+    }
+
+
+def start_scheduler(tmp: Path, host: str = "127.0.0.1", prefix: list[str] | None = None) -> Cluster:
+    """Start ``dask scheduler`` on a random port; return once it accepts connections."""
+    sched_file = tmp / "scheduler.json"
+    log = open(tmp / "scheduler.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            *(prefix or []),
+            *DASK,
+            "--host",
+            host,
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sched_file),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sched_file.exists():
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+                return Cluster(address, proc, logs=tmp)
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"dask scheduler did not start: {(tmp / 'scheduler.log').read_text()}")
+
+
+def start_worker(
+    cluster: Cluster,
+    name: str,
+    *,
+    host: str = "127.0.0.1",
+    resources: str | None = None,
+    prefix: list[str] | None = None,
+) -> None:
+    """Start one ``dask worker`` (one thread) under a nanny; wait until it registered."""
+    assert cluster.logs is not None
+    log = open(cluster.logs / f"{name}.log", "wb")  # noqa: SIM115
+    argv = [
+        *(prefix or []),
+        *WORKER,
+        cluster.address,
+        "--name",
+        name,
+        "--nthreads",
+        "1",
+        "--nworkers",
+        "1",
+        "--host",
+        host,
+        "--no-dashboard",
+        "--memory-limit",
+        "0",
+    ]
+    if resources:
+        argv += ["--resources", resources]
+    cluster.workers.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env()))
+
+
+def wait_for_workers(cluster: Cluster, n: int, timeout: float = 60) -> None:
+    from distributed import Client
+
+    with Client(cluster.address, timeout=30, set_as_default=False) as client:
+        client.wait_for_workers(n, timeout=timeout)
+
+
+def have_netns() -> str | None:
+    """Return None when network namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2's 'ip' command"
+    probe = subprocess.run(["ip", "netns", "add", "papy-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"'ip netns add' failed: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "papy-probe"], capture_output=True)
+    return None
+
+
+class Hosts:
+    """Separate network hosts on this machine: namespaces on one bridge, own addresses.
+
+    ``10.213.0.0/24`` is used only inside namespaces this class creates and deletes.
+    """
+
+    SUBNET = "10.213.0"
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.bridge = "papybr0"
+        self.address = {n: f"{self.SUBNET}.{i + 1}" for i, n in enumerate(names)}
+
+    def _ip(self, *args: str, ns: str | None = None) -> None:
+        argv = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+
+    def up(self) -> None:
+        self.down()
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.SUBNET}.254/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for n in self.names:
+            subprocess.run(["ip", "netns", "add", n], check=True, capture_output=True)
+            self._ip("link", "add", f"v-{n}", "type", "veth", "peer", "name", "eth0", "netns", n)
+            self._ip("link", "set", f"v-{n}", "master", self.bridge)
+            self._ip("link", "set", f"v-{n}", "up")
+            self._ip("addr", "add", f"{self.address[n]}/24", "dev", "eth0", ns=n)
+            self._ip("link", "set", "eth0", "up", ns=n)
+            self._ip("link", "set", "lo", "up", ns=n)
+
+    def prefix(self, name: str) -> list[str]:
+        """Return the argv prefix that runs a command on host ``name``."""
+        return ["ip", "netns", "exec", name]
+
+    def cut(self, name: str) -> None:
+        """Unplug host ``name`` from the network."""
+        self._ip("link", "set", f"v-{name}", "down")
+
+    def down(self) -> None:
+        for n in self.names:
+            pids = subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"v-{n}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
