@@ -19,6 +19,7 @@ import click
 from papy._errors import PapyError
 from papy._items import Failure
 from papy._pipeline import Pipeline
+from papy.pools._base import Pool
 
 _RUN_EXAMPLES = """
 \b
@@ -146,7 +147,7 @@ def run(
 ) -> None:
     """Run the pipeline defined in FILE.py (object NAME, default 'pipeline') over items."""
     pipe = load_pipeline(target)
-    own_pool = None
+    own_pool: Pool | None = None
     if dask_address:
         from papy.pools.dask import DaskPool
 

@@ -237,7 +237,8 @@ class DaskPool(Pool):
             done(
                 task.fail_all(
                     WorkerCrashed(
-                        f"Dask workers died running this item ({exc}); it was tried on several workers"
+                        f"Dask workers died running this item ({exc}); "
+                        "it was tried on several workers"
                     )
                 )
             )
