@@ -70,7 +70,8 @@ class _StepState:
     def __init__(self, step: Step, batch: int | None) -> None:
         self.step = step
         self.pool = step.pool
-        self.inbox: deque[tuple[Sequence[Key], list[Any]]] = deque()
+        self.inbox: deque[tuple[Sequence[Key], list[Any], bool]] = deque()
+        self._offset = 0  # items of inbox[0] already taken
         self.ready = 0
         self.outstanding = 0
         self.in_tasks = 0  # items inside submitted, unfinished tasks
@@ -88,26 +89,43 @@ class _StepState:
         #: gather groups: parent key -> [expected count or -1, received, values by index]
         self.groups: dict[Key, list[Any]] | None = {} if step.head.gather else None
 
-    def push(self, keys: Sequence[Key], values: list[Any]) -> None:
+    def push(self, keys: Sequence[Key], values: list[Any], dirty: bool = True) -> None:
+        """Queue items for this step; ``dirty`` says they may include Failure values."""
         if keys:
-            self.inbox.append((keys, values))
+            self.inbox.append((keys, values, dirty))
             self.ready += len(keys)
 
-    def take(self, n: int) -> tuple[Sequence[Key], list[Any]]:
-        keys, values = self.inbox.popleft()
-        if len(keys) > n:
-            self.inbox.appendleft((keys[n:], values[n:]))
-            keys, values = keys[:n], values[:n]
-        while len(keys) < n and self.inbox:
-            k2, v2 = self.inbox.popleft()
+    def take(self, n: int) -> tuple[Sequence[Key], list[Any], bool]:
+        """Cut the next ``n`` waiting items (fewer if fewer wait) off the inbox.
+
+        The first chunk is consumed from an offset, so cutting a big chunk into batches
+        copies each item once, not once per batch.
+        """
+        inbox = self.inbox
+        keys, values, dirty = inbox[0]
+        start = self._offset
+        avail = len(keys) - start
+        if avail > n:
+            self._offset = start + n
+            self.ready -= n
+            return keys[start : start + n], values[start : start + n], dirty
+        inbox.popleft()
+        self._offset = 0
+        if start:
+            keys, values = keys[start:], values[start:]
+        while len(keys) < n and inbox:
+            k2, v2, d2 = inbox[0]
             want = n - len(keys)
             if len(k2) > want:
-                self.inbox.appendleft((k2[want:], v2[want:]))
+                self._offset = want
                 k2, v2 = k2[:want], v2[:want]
+            else:
+                inbox.popleft()
             keys = _merge_keys(keys, k2)
             values = values + v2
+            dirty = dirty or d2
         self.ready -= len(keys)
-        return keys, values
+        return keys, values, dirty
 
     def learn(self, n: int, busy: float, target: float, cap: int) -> None:
         """Resize the batch so a task takes about ``target`` seconds of work."""
@@ -306,7 +324,7 @@ class Scheduler:
                 self._dispatch()
                 if self._out_queue:
                     _, values, positions = self._out_queue.popleft()
-                    if Failure in set(map(type, values)):
+                    if self.failed and Failure in set(map(type, values)):
                         yield from self._deliver(values)
                     else:
                         yield from values
@@ -357,7 +375,7 @@ class Scheduler:
                     keys, chunk = self._resume(keys, chunk)
                 if chunk:
                     for st in sources:
-                        st.push(keys, chunk)
+                        st.push(keys, chunk, dirty=False)
                     for obs in self.observers:
                         obs.admitted(keys, chunk)
             if self._exhausted:
@@ -385,6 +403,7 @@ class Scheduler:
                 self._retire(1)
                 continue
             values = self.journal.outputs(out.name, jk)
+            self.failed += sum(1 for v in values if type(v) is Failure)
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
             if not self.terminals[out.name].top_level:
@@ -420,12 +439,12 @@ class Scheduler:
                         if not partial or pool_out[pid] >= pool.workers:
                             break
                         n = st.ready
-                    keys, values = st.take(n)
-                    self._submit(st, keys, values)
+                    keys, values, dirty = st.take(n)
+                    self._submit(st, keys, values, dirty)
 
-    def _submit(self, st: _StepState, keys: Sequence[Key], values: list[Any]) -> None:
+    def _submit(self, st: _StepState, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         jkeys = self._jkeys(keys) if st.step.spec.journal is not None else None
-        task = Task(st.step.spec, keys, values, st.step.timeout, jkeys)
+        task = Task(st.step.spec, keys, values, st.step.timeout, jkeys, dirty)
         st.outstanding += 1
         self._pool_out[id(st.pool)] += 1
         st.in_tasks += len(keys)
@@ -541,10 +560,10 @@ class Scheduler:
             self.stats[n.name].items_out += len(keys) if not n.scatter else 0
         self.stats[tail.name].items_out += len(keys)
         for child, slot in step.children:
-            self._route(self._state_of[id(child)], slot, keys, values)
+            self._route(self._state_of[id(child)], slot, keys, values, result.dirty)
         term = self._term_of_step.get(id(step))
         if term is not None:
-            self._arrive(term, keys, values)
+            self._arrive(term, keys, values, result.dirty)
         for obs in self.observers:
             obs.completed(step, keys, values)
 
@@ -588,9 +607,11 @@ class Scheduler:
         del st.groups[key]  # type: ignore[union-attr]
         subs = group[2]
         value = next((v for v in subs if type(v) is Failure), subs)
-        st.push([key], [value])
+        st.push([key], [value], dirty=value is not subs)
 
-    def _route(self, st: _StepState, slot: int, keys: Sequence[Key], values: list[Any]) -> None:
+    def _route(
+        self, st: _StepState, slot: int, keys: Sequence[Key], values: list[Any], dirty: bool
+    ) -> None:
         if st.groups is not None:
             groups = st.groups
             for key, value in zip(keys, values):
@@ -610,6 +631,7 @@ class Scheduler:
             table, missing = st.join, st.join_missing
             out_keys: list[Key] = []
             out_values: list[Any] = []
+            joined_dirty = False
             for key, value in zip(keys, values):
                 slots = table.get(key)
                 if slots is None:
@@ -620,18 +642,18 @@ class Scheduler:
                 if missing[key] == 0:
                     del table[key], missing[key]
                     out_keys.append(key)
-                    out_values.append(
-                        next((v for v in slots if type(v) is Failure), None) or tuple(slots)
-                    )
+                    bad = next((v for v in slots if type(v) is Failure), None)
+                    out_values.append(bad or tuple(slots))
+                    joined_dirty = joined_dirty or bad is not None
             if out_keys:
-                st.push(out_keys, out_values)
+                st.push(out_keys, out_values, joined_dirty)
         else:
-            st.push(keys, values)
+            st.push(keys, values, dirty)
 
     # -- terminals, output order, retirement -----------------------------------------------
 
-    def _arrive(self, t: _Terminal, keys: Sequence[Key], values: list[Any]) -> None:
-        if Failure in set(map(type, values)):
+    def _arrive(self, t: _Terminal, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
+        if dirty and Failure in set(map(type, values)):
             self.failed += sum(1 for v in values if type(v) is Failure)
         if t.top_level:
             if t.is_output:

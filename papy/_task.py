@@ -109,6 +109,13 @@ class TaskResult:
     values: list[Any]
     stats: list[StageStats] = field(default_factory=list)
     crashes: int = 0
+    dirty: bool = True  # may hold Failure values (False lets the driver skip a scan)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Plain tuples pickle several times faster than dataclass instances; a result
+        # crosses a pipe once per task, so this is on the hot path.
+        stats = [(s.n_in, s.n_failed, s.busy, s.first_failure) for s in self.stats]
+        return (_rebuild_result, (self.values, stats, self.crashes, self.dirty))
 
     def extend(self, other: TaskResult) -> None:
         """Append another part of the same task (used when a crashed batch was split)."""
@@ -123,6 +130,13 @@ class TaskResult:
                 if mine.first_failure is None:
                     mine.first_failure = theirs.first_failure
         self.crashes += other.crashes
+        self.dirty = self.dirty or other.dirty
+
+
+def _rebuild_result(
+    values: list[Any], stats: list[tuple[Any, ...]], crashes: int, dirty: bool
+) -> TaskResult:
+    return TaskResult(values, [StageStats(*s) for s in stats], crashes, dirty)
 
 
 def _timeout_error(stage: Stage) -> TimeoutError:
@@ -273,6 +287,7 @@ def run_task(
     keys: Sequence[Key],
     values: list[Any],
     jkeys: Sequence[tuple[str, str]] | None = None,
+    dirty: bool = True,
 ) -> TaskResult:
     """Run a batch through every stage of ``spec``; failures become Failure values.
 
@@ -281,30 +296,32 @@ def run_task(
     are committed before this returns, without letting SIGTERM cut in between.
     """
     if spec.journal is None or not jkeys:
-        return _run(spec, keys, values)
+        return _run(spec, keys, values, dirty)
     with critical:
         journal = spec.journal
         done = {} if spec.stages[-1].scatter else recorded(journal, jkeys)
         if not done:
-            result = _run(spec, keys, values)
+            result = _run(spec, keys, values, dirty)
             record(journal, jkeys, result.values)
             return result
         todo = [i for i in range(len(keys)) if i not in done]
-        part = _run(spec, [keys[i] for i in todo], [values[i] for i in todo])
+        part = _run(spec, [keys[i] for i in todo], [values[i] for i in todo], dirty)
         record(journal, [jkeys[i] for i in todo], part.values)
         merged: list[Any] = [None] * len(keys)
         for i, v in done.items():
             merged[i] = v
         for i, v in zip(todo, part.values):
             merged[i] = v
-        return TaskResult(merged, part.stats)
+        return TaskResult(merged, part.stats, dirty=True)
 
 
-def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any]) -> TaskResult:
+def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any], dirty: bool) -> TaskResult:
     set_run_dir(spec.run_dir)
     stats = []
     perf = time.perf_counter
-    dirty = Failure in set(map(type, values))  # any failed item to skip in this batch?
+    # ``dirty``: the batch may hold Failure values to skip. The driver knows when it does
+    # not (straight from the input, or from a task without failures), which spares a scan.
+    dirty = dirty and Failure in set(map(type, values))
     for stage in spec.stages:
         t0 = perf()
         st = StageStats(n_in=len(values))
@@ -345,4 +362,4 @@ def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any]) -> TaskResult:
         dirty = dirty or st.n_failed > 0
         st.busy = perf() - t0
         stats.append(st)
-    return TaskResult(values, stats)
+    return TaskResult(values, stats, dirty=dirty)

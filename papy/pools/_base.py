@@ -42,6 +42,8 @@ class Task:
     timeout: float | None = None
     #: journal keys of the items, on terminal steps of a journaled run
     jkeys: list[tuple[str, str]] | None = None
+    #: False when the driver knows no value is a Failure (lets the worker skip a scan)
+    dirty: bool = True
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -63,7 +65,7 @@ class Task:
             v if type(v) is Failure else failure_from_exception(name, k, exc, v, attempts)
             for k, v in zip(self.keys, self.values)
         ]
-        return TaskResult(values, [])
+        return TaskResult(values, [], dirty=True)
 
 
 _P = TypeVar("_P", bound="Pool")

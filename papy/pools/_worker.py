@@ -126,7 +126,7 @@ def worker_main(conn: Connection, initializer: Any = None) -> None:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        (job_id, spec_id, spec_blob, keys, jkeys), body = unframe(data)
+        (job_id, spec_id, spec_blob, keys, jkeys, dirty), body = unframe(data)
         if spec_blob is not None:
             specs[spec_id] = pickle.loads(spec_blob)
         spec = specs[spec_id]
@@ -140,7 +140,7 @@ def worker_main(conn: Connection, initializer: Any = None) -> None:
             name = spec.stages[0].name
             result = TaskResult([failure_from_exception(name, k, err) for k in keys], [])
         else:
-            result = run_task(spec, keys, values, jkeys)
+            result = run_task(spec, keys, values, jkeys, dirty)
         payload = _encode_result(result, spec, keys)
         try:
             conn.send_bytes(frame(job_id, payload))

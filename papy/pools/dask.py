@@ -45,13 +45,13 @@ _spec_cache: dict[str, StepSpec] = {}
 
 
 def _run_on_worker(
-    spec_id: str, spec_blob: bytes, keys: Any, values: list[Any], jkeys: Any
+    spec_id: str, spec_blob: bytes, keys: Any, values: list[Any], jkeys: Any, dirty: bool = True
 ) -> TaskResult:
     """Run a task on a Dask worker; the step's functions are unpickled once per worker."""
     spec = _spec_cache.get(spec_id)
     if spec is None:
         spec = _spec_cache[spec_id] = pickle.loads(spec_blob)
-    return run_task(spec, keys, values, jkeys)
+    return run_task(spec, keys, values, jkeys, dirty)
 
 
 class DaskPool(Pool):
@@ -175,6 +175,7 @@ class DaskPool(Pool):
                 task.keys,
                 task.values,
                 task.jkeys,
+                task.dirty,
                 pure=False,
                 resources=self.resources,
             )
@@ -264,5 +265,6 @@ class DaskPool(Pool):
                 task.values[a:b],
                 task.timeout,
                 task.jkeys[a:b] if task.jkeys is not None else None,
+                task.dirty,
             )
             self._send(sub, lambda r, i=i: part_done(i, r))

@@ -28,7 +28,7 @@ class InlinePool(Pool):
         fut: Future[TaskResult] = Future()
         fut.set_running_or_notify_cancel()
         try:
-            fut.set_result(run_task(task.spec, task.keys, task.values, task.jkeys))
+            fut.set_result(run_task(task.spec, task.keys, task.values, task.jkeys, task.dirty))
         except Exception as exc:  # a bug in the engine, not in a node: fail the task
             fut.set_exception(exc)
         return fut

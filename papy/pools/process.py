@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import selectors
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
@@ -106,7 +107,9 @@ def _split(job: _Job, parts: list[Task], crashes: int) -> list[_Job]:
 
 def _sub_task(task: Task, start: int, stop: int) -> Task:
     jkeys = task.jkeys[start:stop] if task.jkeys is not None else None
-    return Task(task.spec, task.keys[start:stop], task.values[start:stop], task.timeout, jkeys)
+    return Task(
+        task.spec, task.keys[start:stop], task.values[start:stop], task.timeout, jkeys, task.dirty
+    )
 
 
 class ProcessPool(Pool):
@@ -135,6 +138,8 @@ class ProcessPool(Pool):
         self._spec_blobs: dict[str, bytes] = {}
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._manager: threading.Thread | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._watched: set[_Worker] = set()
         self._sender: threading.Thread | None = None
         self._outbox: queue.SimpleQueue[tuple[_Worker, _Job] | None] = queue.SimpleQueue()
         self.restarts = 0  # workers replaced after a crash or a timeout
@@ -287,7 +292,9 @@ class ProcessPool(Pool):
                     continue  # the manager re-queues the jobs of dead workers
                 try:
                     worker.conn.send_bytes(
-                        frame((job.id, spec_id, blob, _keys(task.keys), task.jkeys), body)
+                        frame(
+                            (job.id, spec_id, blob, _keys(task.keys), task.jkeys, task.dirty), body
+                        )
                     )
                     worker.specs.add(spec_id)
                 except (OSError, ValueError):
@@ -313,6 +320,7 @@ class ProcessPool(Pool):
                 )
                 values.append(failure_from_exception(name, key, err, value))
         task.values = values
+        task.dirty = True  # the worker must skip the items that could not travel
         return dumps(values)
 
     # -- the manager thread ----------------------------------------------------------------
@@ -324,39 +332,67 @@ class ProcessPool(Pool):
             pass
 
     def _manage(self) -> None:
-        """Receive results, replace dead workers, and enforce deadlines until closed."""
-        while not self._closed:
-            with self._lock:
-                workers = [w for w in self._pool if not w.dead]
-                deadlines = [w.jobs[0].deadline for w in workers if w.jobs and w.jobs[0].deadline]
-            waitables: list[Any] = [self._wake_r]
-            for w in workers:
-                waitables.append(w.conn)
-                waitables.append(w.process.sentinel)
-            timeout = None
-            if deadlines:
-                timeout = max(0.0, min(deadlines) - time.monotonic())  # type: ignore[type-var]
-            try:
-                ready = wait(waitables, timeout)
-            except OSError:
-                ready = []
-            if self._closed:
-                return
-            for obj in ready:
-                if obj is self._wake_r:
-                    try:
-                        while self._wake_r.poll():
-                            self._wake_r.recv_bytes()
-                    except (EOFError, OSError):
-                        return
-            for w in workers:
-                if w.conn in ready:
-                    self._drain(w)
-            for w in workers:
-                if w.process.sentinel in ready or (w.conn in ready and not w.process.is_alive()):
+        """Receive results, replace dead workers, and enforce deadlines until closed.
+
+        One selector lives as long as the pool (registering every pipe on every wake-up
+        would cost more than the wake-up itself on small tasks).
+        """
+        sel = self._selector = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            while not self._closed:
+                with self._lock:
+                    workers = [w for w in self._pool if not w.dead]
+                    deadlines = [
+                        w.jobs[0].deadline for w in workers if w.jobs and w.jobs[0].deadline
+                    ]
+                for w in workers:
+                    if w not in self._watched:
+                        self._watched.add(w)
+                        sel.register(w.conn, selectors.EVENT_READ, (False, w))
+                        sel.register(w.process.sentinel, selectors.EVENT_READ, (True, w))
+                timeout = None
+                if deadlines:
+                    timeout = max(0.0, min(deadlines) - time.monotonic())  # type: ignore[type-var]
+                try:
+                    events = sel.select(timeout)
+                except OSError:
+                    events = []
+                if self._closed:
+                    return
+                dead = []
+                for key, _ in events:
+                    if key.data is None:
+                        try:
+                            while self._wake_r.poll():
+                                self._wake_r.recv_bytes()
+                        except (EOFError, OSError):
+                            return
+                        continue
+                    is_sentinel, w = key.data
+                    if w.dead:
+                        continue
+                    if is_sentinel:
+                        dead.append(w)
+                    else:
+                        self._drain(w)
+                        if not w.process.is_alive():
+                            dead.append(w)
+                for w in dict.fromkeys(dead):
                     self._drain(w)
                     self._bury(w)
-            self._enforce_deadlines()
+                self._enforce_deadlines()
+        finally:
+            sel.close()
+
+    def _unwatch(self, w: _Worker) -> None:
+        if w in self._watched and self._selector is not None:
+            self._watched.discard(w)
+            for obj in (w.conn, w.process.sentinel):
+                try:
+                    self._selector.unregister(obj)
+                except (KeyError, ValueError, OSError):
+                    pass
 
     def _drain(self, w: _Worker) -> None:
         """Read every result the worker has sent."""
@@ -399,6 +435,7 @@ class ProcessPool(Pool):
                 w.dead = True
             lost = list(w.jobs)
             w.jobs.clear()
+            self._unwatch(w)
             self._pool.remove(w)
             if not self._closed:
                 self._pool.append(self._spawn())

@@ -77,7 +77,9 @@ class ThreadPool(Pool):
             if task.timeout is not None:
                 self._watch(running, time.monotonic() + task.timeout * max(1, len(task)))
             try:
-                result: TaskResult | None = run_task(task.spec, task.keys, task.values, task.jkeys)
+                result: TaskResult | None = run_task(
+                    task.spec, task.keys, task.values, task.jkeys, task.dirty
+                )
                 error: BaseException | None = None
             except BaseException as exc:  # keep the thread alive; the task reports it
                 result, error = None, exc
