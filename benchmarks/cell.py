@@ -84,16 +84,19 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def sample(self) -> None:
         me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.sample()
             time.sleep(self.interval)
 
     def __enter__(self) -> Sampler:
@@ -103,6 +106,7 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
 
 
 # -- contestants ------------------------------------------------------------------------------
@@ -450,9 +454,11 @@ def main() -> None:
         gen = CONTESTANTS[args.contestant](args.workload, args.workers)
         run = next(gen)
         for _ in range(args.repeats):
+            sampler.sample()
             t0 = time.perf_counter()
             got = run(args.n)
             times.append(time.perf_counter() - t0)
+            sampler.sample()
             if args.workload in ("W3",) or args.contestant.startswith("pypeln"):
                 ok = ok and (got == want or sorted(got) == sorted(want))
             else:

@@ -22,6 +22,7 @@ change; a sub-item's key adds its scatter indices.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -61,6 +62,8 @@ class JournalSpec:
     path: str
     terminal: str
     retry_failed: bool = False
+    #: the journal held records when the run began: look for items already done
+    resuming: bool = True
 
 
 def fingerprint(pipe: Pipeline) -> str:
@@ -102,6 +105,7 @@ class Journal:
         self._pending_complete: list[tuple[str, str]] = []
         self._last_flush = time.monotonic()
         fresh = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        self.resuming = not fresh
         try:
             self.conn = _connect(self.path)
             if fresh:
@@ -110,6 +114,9 @@ class Journal:
                 self._set_meta(pipe)
             else:
                 self._check(pipe, force)
+                self.resuming = (
+                    self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
+                )
         except sqlite3.DatabaseError as exc:
             raise JournalError(
                 f"{path} is not a papy journal ({exc}); it is corrupt or another kind of "
@@ -155,7 +162,7 @@ class Journal:
         ``terminals`` maps each terminal to whether it is top-level (one output per item).
         The value says whether the item failed somewhere (for ``retry_failed``).
         """
-        if not items:
+        if not items or not self.resuming:
             return {}
         count: dict[str, int] = {}
         failed: dict[str, bool] = {}
@@ -206,6 +213,7 @@ class Journal:
                     self.conn,
                     "INSERT OR REPLACE INTO complete VALUES (?, ?)",
                     self._pending_complete,
+                    self.path,
                 )
                 self._pending_complete = []
             self._last_flush = time.monotonic()
@@ -219,14 +227,40 @@ class Journal:
             pass
 
 
-def _write(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
+def _write(
+    conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]], path: str | None = None
+) -> None:
+    """Write rows in one transaction.
+
+    Writers from several processes take a lock file first: SQLite's own busy handler
+    backs off by sleeping up to 100 ms, which several workers committing at the same
+    time turn into most of the run; ``flock`` wakes the next writer at once.
+    """
+    lock = _lock_file(path) if path else None
+    if lock is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        conn.executemany(sql, rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lock_file(path: str) -> int:
+    fds: dict[tuple[int, str], int] | None = getattr(_local, "locks", None)
+    if fds is None:
+        fds = _local.locks = {}
+    key = (os.getpid(), path)
+    fd = fds.get(key)
+    if fd is None:
+        fd = fds[key] = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    return fd
 
 
 # -- the worker's side ----------------------------------------------------------------------
@@ -281,5 +315,8 @@ def record(spec: JournalSpec, jkeys: Sequence[tuple[str, str]], values: Sequence
         rows.append((spec.terminal, item, sub, int(type(value) is Failure), blob))
     if rows:
         _write(
-            _worker_conn(spec.path), "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?)", rows
+            _worker_conn(spec.path),
+            "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?)",
+            rows,
+            spec.path,
         )

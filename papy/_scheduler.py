@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import operator
 import os
 import queue
 import shutil
@@ -57,11 +58,13 @@ _MAX_BATCH = 8_192
 _TASKS_PER_WORKER = 2
 
 
-def _merge_keys(a: Sequence[Key], b: Sequence[Key]) -> Sequence[Key]:
-    """Concatenate two key sequences, keeping contiguous ranges as ranges (cheap)."""
-    if isinstance(a, range) and isinstance(b, range) and a.stop == b.start:
-        return range(a.start, b.stop)
-    return [*a, *b]
+def _join_keys(parts: list[Sequence[Key]]) -> Sequence[Key]:
+    """Concatenate key sequences, keeping contiguous ranges one range (cheap to ship)."""
+    if all(isinstance(p, range) for p in parts):
+        ranges: list[range] = parts  # type: ignore[assignment]
+        if all(a.stop == b.start for a, b in itertools.pairwise(ranges)):
+            return range(ranges[0].start, ranges[-1].stop)
+    return list(itertools.chain.from_iterable(parts))
 
 
 class _StepState:
@@ -113,19 +116,25 @@ class _StepState:
         self._offset = 0
         if start:
             keys, values = keys[start:], values[start:]
-        while len(keys) < n and inbox:
+        if len(keys) >= n or not inbox:
+            self.ready -= len(keys)
+            return keys, values, dirty
+        # Gather several chunks; join them once at the end (joining as we go is quadratic).
+        key_parts, value_parts, got = [keys], [values], len(keys)
+        while got < n and inbox:
             k2, v2, d2 = inbox[0]
-            want = n - len(keys)
+            want = n - got
             if len(k2) > want:
                 self._offset = want
                 k2, v2 = k2[:want], v2[:want]
             else:
                 inbox.popleft()
-            keys = _merge_keys(keys, k2)
-            values = values + v2
+            key_parts.append(k2)
+            value_parts.append(v2)
+            got += len(k2)
             dirty = dirty or d2
-        self.ready -= len(keys)
-        return keys, values, dirty
+        self.ready -= got
+        return _join_keys(key_parts), list(itertools.chain.from_iterable(value_parts)), dirty
 
     def learn(self, n: int, busy: float, target: float, cap: int) -> None:
         """Resize the batch so a task takes about ``target`` seconds of work."""
@@ -232,7 +241,9 @@ class Scheduler:
             )
             for s in self.steps:
                 if s.tail.name in terminals:
-                    s.spec.journal = JournalSpec(self.journal.path, s.tail.name, self._retry_failed)
+                    s.spec.journal = JournalSpec(
+                        self.journal.path, s.tail.name, self._retry_failed, self.journal.resuming
+                    )
             self._journal_terms = {
                 name: not stacks_out[name] and not t.scatter for name, t in terminals.items()
             }
@@ -389,6 +400,9 @@ class Scheduler:
         else:
             jkeys = [json.dumps(self._key_fn(v), sort_keys=True, default=str) for v in chunk]
         done = self.journal.finished(jkeys, self._journal_terms)
+        if not done:  # nothing to skip: keep the chunk as it is (a range stays a range)
+            self._jkey_of.update(zip(keys, jkeys))
+            return keys, chunk  # type: ignore[return-value]
         run_keys: list[int] = []
         run_values: list[Any] = []
         for p, jk, value in zip(keys, jkeys, chunk):
@@ -691,6 +705,12 @@ class Scheduler:
         if isinstance(positions, range) or len(positions) == 1:
             # A contiguous run (straight from the source) or one position's group.
             pending[positions[0]] = (keys, values, positions)
+        elif positions[-1] - positions[0] == len(positions) - 1 and all(
+            map(operator.lt, positions, itertools.islice(positions, 1, None))
+        ):
+            # Ascending and contiguous (the usual case): file it as one run.
+            run = range(positions[0], positions[-1] + 1)
+            pending[positions[0]] = (keys, values, run)
         else:
             # Keys after a join or a gather come in any order: file each position alone.
             for k, v in zip(keys, values):

@@ -299,7 +299,7 @@ def run_task(
         return _run(spec, keys, values, dirty)
     with critical:
         journal = spec.journal
-        done = {} if spec.stages[-1].scatter else recorded(journal, jkeys)
+        done = {} if spec.stages[-1].scatter or not journal.resuming else recorded(journal, jkeys)
         if not done:
             result = _run(spec, keys, values, dirty)
             record(journal, jkeys, result.values)
