@@ -79,7 +79,7 @@ SUITE: dict[str, dict[str, Any]] = {
     },
     "W6": {
         "n": 1_000,
-        "who": [*PROCESS, "papy_split_pools"],
+        "who": [*PROCESS, "papy_split_pools", "papy_split_files"],
         "limit": "cpu",
         "what": "stage A makes a 1 MiB array, stage B reduces it",
     },

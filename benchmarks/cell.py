@@ -290,6 +290,18 @@ def papy_split_pools(workload: str, workers: int) -> Iterator[Callable[[int], An
         yield lambda n: collect(workload, pipe.map(items(workload, n), progress=False))
 
 
+def papy_split_files(workload: str, workers: int) -> Iterator[Callable[[int], Any]]:
+    """W6 on two process pools, the arrays passed as files (papy.io.dump_item/load_item)."""
+    from papy import Pipeline, ProcessPool
+
+    with ProcessPool(workers) as p1, ProcessPool(workers) as p2:
+        pipe = Pipeline(workload)
+        a = pipe.add(w.w6_a_file, pool=p1)
+        pipe.add(w.w6_b_file, after=a, pool=p2)
+        list(pipe.map(range(workers * 4), progress=False))
+        yield lambda n: collect(workload, pipe.map(items(workload, n), progress=False))
+
+
 # -- threads (W3) --------------------------------------------------------------------------
 
 
@@ -426,6 +438,7 @@ CONTESTANTS = {
         papy,
         papy_journal,
         papy_split_pools,
+        papy_split_files,
         threads_nested,
         mp_threads_nested,
         mpire_threads,

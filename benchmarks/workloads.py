@@ -119,6 +119,18 @@ def w6_fused(x: int) -> float:
     return w6_b(w6_a(x))
 
 
+def w6_a_file(x: int):  # type: ignore[no-untyped-def]
+    from papy.io import dump_item
+
+    return dump_item(w6_a(x))
+
+
+def w6_b_file(path) -> float:  # type: ignore[no-untyped-def]
+    from papy.io import load_item
+
+    return w6_b(load_item(path, mmap=True))
+
+
 # W7: scatter 40 sub-items of ~1 ms, gather per item
 def w7_split(x: int) -> list[int]:
     return [x * 100 + i for i in range(40)]

@@ -74,6 +74,9 @@ class Report:
     timeline: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
     #: input items a journal showed finished in an earlier run (not run again)
     skipped: int = 0
+    #: where the driver's time went (seconds): admit, dispatch, wait, route, deliver (this
+    #: one includes the caller's loop), and the pools' pickling threads (pickle, unpickle)
+    driver: dict[str, float] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain data."""
@@ -136,6 +139,10 @@ class Report:
             + (f", {self.skipped} finished earlier (journal)" if self.skipped else "")
         )
         tail = [summary] + ([self.suggestion] if self.suggestion else [])
+        if self.driver:
+            tail.append(
+                "driver time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.driver.items())
+            )
         return "\n".join([*lines, "", *tail])
 
     def __str__(self) -> str:
@@ -151,6 +158,7 @@ def build_report(
     workers: dict[str, int],
     timeline: list[dict[str, Any]] | None = None,
     skipped: int = 0,
+    driver: dict[str, float] | None = None,
 ) -> Report:
     """Freeze the scheduler's counters into a Report and name the bottleneck."""
     nodes: dict[str, NodeReport] = {}
@@ -176,7 +184,16 @@ def build_report(
         )
     bottleneck, suggestion = _bottleneck(nodes, workers)
     return Report(
-        pipeline, wall_s, items, failed, nodes, bottleneck, suggestion, timeline or [], skipped
+        pipeline,
+        wall_s,
+        items,
+        failed,
+        nodes,
+        bottleneck,
+        suggestion,
+        timeline or [],
+        skipped,
+        driver or {},
     )
 
 

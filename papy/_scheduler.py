@@ -205,6 +205,12 @@ class Scheduler:
         self.failed = 0
         self._exhausted = False
         self.stats: dict[str, NodeStats] = {}  # read by observers, written only here
+        #: where the driver's time went, in seconds: admitting input, dispatching
+        #: batches, waiting for results, routing them, delivering outputs (this includes
+        #: the caller's own loop body, which runs between two yields)
+        self.profile: dict[str, float] = dict.fromkeys(
+            ("admit", "dispatch", "wait", "route", "deliver"), 0.0
+        )
         self._started = 0.0
         self.run_dir: str | None = None
         self._remove_run_dir = False
@@ -312,6 +318,7 @@ class Scheduler:
             self._workers,
             timeline=self.timeline.samples if self.timeline else None,
             skipped=self.skipped,
+            driver=self._driver_profile(),
         )
         self.pipeline.last_report = self.report
         for obs in self.observers:
@@ -330,9 +337,16 @@ class Scheduler:
         restore = _trap_sigterm()
         try:
             self._setup()
+            prof = self.profile
+            perf = time.perf_counter
             while True:
+                t0 = perf()
                 self._admit(it)
+                t1 = perf()
                 self._dispatch()
+                t2 = perf()
+                prof["admit"] += t1 - t0
+                prof["dispatch"] += t2 - t1
                 if self._out_queue:
                     _, values, positions = self._out_queue.popleft()
                     if self.failed and Failure in set(map(type, values)):
@@ -340,6 +354,7 @@ class Scheduler:
                     else:
                         yield from values
                     self._retire_output(positions)
+                    prof["deliver"] += perf() - t2
                     continue
                 if self._exhausted and self.admitted == self.retired:
                     return
@@ -466,6 +481,13 @@ class Scheduler:
         q = self._queue
         fut.add_done_callback(lambda f: q.put((st, keys, f)))
 
+    def _driver_profile(self) -> dict[str, float]:
+        prof = dict(self.profile)
+        for pool in {id(p): p for p in self._pools.values()}.values():
+            for name, seconds in getattr(pool, "codec_seconds", dict)().items():
+                prof[name] = prof.get(name, 0.0) + seconds
+        return prof
+
     def in_flight(self) -> dict[str, int]:
         """Return, per node, the items waiting for it or inside its tasks right now.
 
@@ -512,6 +534,7 @@ class Scheduler:
         except queue.Empty:
             item = None
         waited = time.perf_counter() - t0
+        self.profile["wait"] += waited
         full = self.admitted - self.retired >= self.buffer and not self._exhausted
         for st in self.states:
             if st.ready:
@@ -524,13 +547,17 @@ class Scheduler:
                     self.stats[st.step.head.name].wait_input_s += waited
         if item is None:
             return
-        self._complete(*item)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
+        t1 = time.perf_counter()
+        try:
             self._complete(*item)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                self._complete(*item)
+        finally:
+            self.profile["route"] += time.perf_counter() - t1
 
     # -- completion and routing ------------------------------------------------------------
 

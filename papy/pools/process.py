@@ -143,6 +143,8 @@ class ProcessPool(Pool):
         self._sender: threading.Thread | None = None
         self._outbox: queue.SimpleQueue[tuple[_Worker, _Job] | None] = queue.SimpleQueue()
         self.restarts = 0  # workers replaced after a crash or a timeout
+        self._pickle_s = 0.0
+        self._unpickle_s = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -199,6 +201,10 @@ class ProcessPool(Pool):
             job.done(job.task.fail_all(error))
         self._wake_r.close()
         self._wake_w.close()
+
+    def codec_seconds(self) -> dict[str, float]:
+        """Return seconds this pool's threads spent pickling tasks and unpickling results."""
+        return {"pickle": self._pickle_s, "unpickle": self._unpickle_s}
 
     def pids(self) -> list[int]:
         """Return the process ids of the live workers (for monitoring and tests)."""
@@ -283,6 +289,7 @@ class ProcessPool(Pool):
             task = job.task
             spec_id = task.spec.id
             blob = None if spec_id in worker.specs else self._spec_blobs[spec_id]
+            t0 = time.perf_counter()
             try:
                 body = self._encode_items(job)
             except Exception as exc:  # pragma: no cover - encode isolates bad items itself
@@ -299,6 +306,7 @@ class ProcessPool(Pool):
                     worker.specs.add(spec_id)
                 except (OSError, ValueError):
                     pass  # the worker died; its sentinel fires and the manager re-queues
+            self._pickle_s += time.perf_counter() - t0
 
     def _encode_items(self, job: _Job) -> bytes:
         task = job.task
@@ -411,6 +419,7 @@ class ProcessPool(Pool):
                 if w.jobs:
                     self._mark_started(w.jobs[0])
                 self._assign_locked()
+            t0 = time.perf_counter()
             try:
                 result: TaskResult = pickle.loads(body)
             except Exception as exc:
@@ -422,6 +431,7 @@ class ProcessPool(Pool):
                     job.task.last_stage(),
                 )
             result.crashes += job.crashes
+            self._unpickle_s += time.perf_counter() - t0
             job.done(result)
 
     def _bury(self, w: _Worker) -> None:
