@@ -296,6 +296,13 @@ class Scheduler:
                 self.stats[n.name] = NodeStats(n.name, pool=label)
         self._workers = {n.name: s.pool.workers for s in self.steps for n in s.nodes}
         self._started = time.perf_counter()
+        log.debug(
+            "run of %r started: %d steps on %d pools, buffer %d",
+            pipe.name,
+            len(self.steps),
+            len(self._pools),
+            self.buffer,
+        )
         for obs in self.observers:
             obs.started(self)
 
@@ -321,6 +328,17 @@ class Scheduler:
             driver=self._driver_profile(),
         )
         self.pipeline.last_report = self.report
+        if error is None:
+            log.info(
+                "run of %r finished: %d items, %d failed, %d from the journal, %.2f s",
+                self.pipeline.name,
+                self.admitted,
+                self.failed,
+                self.skipped,
+                wall,
+            )
+        else:
+            log.warning("run of %r stopped: %s", self.pipeline.name, type(error).__name__)
         for obs in self.observers:
             obs.finished(self, error)
         if self.report_path is not None:

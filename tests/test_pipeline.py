@@ -298,3 +298,40 @@ def test_batched_node_gets_lists_and_keeps_identity(pool):
     b = pipe.add(inc, after=a)
     pipe.add(add, after=[a, b])
     assert list(pipe.map(range(30))) == [20 * x + 1 for x in range(30)]
+
+
+class _Big:
+    """Stands for a large intermediate value (reports 1 MiB to sys.getsizeof)."""
+
+    alive = 0
+    peak = 0
+
+    def __init__(self, x):
+        self.x = x
+        _Big.alive += 1
+        _Big.peak = max(_Big.peak, _Big.alive)
+
+    def __del__(self):
+        _Big.alive -= 1
+
+    def __sizeof__(self):
+        return 2**20
+
+
+def test_fused_chain_does_not_hold_a_whole_batch_of_large_intermediates():
+    pipe = Pipeline("slices", pool=InlinePool())
+    a = pipe.add(_Big, batch=400, name="make")
+    pipe.add(lambda big: big.x, after=a, name="reduce")
+    assert list(pipe.map(range(400))) == list(range(400))
+    assert _Big.peak <= 16  # a batch of 400 would have held 400 MiB at once
+
+
+def test_report_says_where_driver_time_goes(process_pool):
+    pipe = Pipeline("profile", pool=process_pool)
+    pipe.add(inc)
+    report = pipe.run(range(5000))
+    assert {"admit", "dispatch", "wait", "route", "deliver", "pickle", "unpickle"} <= set(
+        report.driver
+    )
+    assert all(v >= 0 for v in report.driver.values())
+    assert report.driver["pickle"] > 0 and "driver time:" in report.table()

@@ -21,6 +21,7 @@ Install with ``pip install "papy[dask]"``; the rest of PaPy works without Dask.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 from concurrent.futures import Future
@@ -40,6 +41,8 @@ def _import_distributed() -> Any:
         raise PoolError('DaskPool needs Dask distributed: pip install "papy[dask]"') from None
     return distributed
 
+
+log = logging.getLogger("papy")
 
 _spec_cache: dict[str, StepSpec] = {}
 
@@ -234,6 +237,7 @@ class DaskPool(Pool):
     def _killed(self, task: Task, done: Any, exc: BaseException) -> None:
         """Split a task whose workers kept dying until the guilty item is alone."""
         n = len(task)
+        log.warning("Dask workers died running a task of %d item(s): %s", n, exc)
         if n == 1:
             done(
                 task.fail_all(

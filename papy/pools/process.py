@@ -20,6 +20,7 @@ defined in ``__main__`` work); items and results use pickle, with cloudpickle as
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -43,6 +44,8 @@ from papy._items import Failure, failure_from_exception, qualified_type
 from papy._task import TaskResult
 from papy.pools._base import Pool, Task
 from papy.pools._worker import dumps, frame, qualified_name, unframe, unpicklable, worker_main
+
+log = logging.getLogger("papy")
 
 _PER_WORKER = 2  # tasks a worker holds at once: one running, one queued in its pipe
 _TIMEOUT_GRACE = 0.25  # seconds past a deadline before the worker is killed
@@ -454,6 +457,13 @@ class ProcessPool(Pool):
             w.conn.close()
         except OSError:
             pass
+        if not self._closed:
+            log.warning(
+                "worker %s: %s; replaced (%d task(s) to re-run)",
+                w.process.pid,
+                "was killed for a timeout" if lost and lost[0].timed_out else _describe_exit(code),
+                len(lost),
+            )
         retry: list[_Job] = []
         for i, job in enumerate(lost):
             if i > 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -23,6 +24,8 @@ from typing import Any
 
 from papy._task import TaskResult, run_task
 from papy.pools._base import Pool, Task
+
+log = logging.getLogger("papy")
 
 
 class _Running:
@@ -118,6 +121,10 @@ class ThreadPool(Pool):
                     if running.abandoned:
                         continue  # finished in time
                     running.abandoned = True
+                log.warning(
+                    "a task of %r exceeded its timeout; its thread is abandoned and replaced",
+                    running.task.first_stage(),
+                )
                 if not self._closed:
                     self._spawn()  # before reporting, so the pool is whole when seen
                 task = running.task

@@ -267,7 +267,8 @@ def test_exception_keeps_type_message_and_user_frame_across_processes(process_po
 
 _DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import faulthandler, signal, sys, time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if stuck
     sys.path.insert(0, {tests!r})
     from faults.crashers import cpu_ms
     from papy import Pipeline, ProcessPool
@@ -300,10 +301,18 @@ def test_interrupting_a_driver_leaves_no_worker_behind(tmp_path, sig):
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert len(workers) == 2
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=10)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the driver did not exit after {sig!r}; its threads:\n{err}")
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in err
     deadline = time.monotonic() + 5
@@ -319,3 +328,15 @@ def test_interrupting_a_driver_leaves_no_worker_behind(tmp_path, sig):
         text=True,
     )
     assert ps.stdout.strip() == ""
+
+
+def test_crashes_are_logged_under_the_papy_logger(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="papy"), ProcessPool(2) as pool:
+        pipe = Pipeline("logged", pool=pool)
+        pipe.add(exit_on({2}), name="risky", batch=1)
+        list(pipe.map(range(5), errors="yield"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "papy"]
+    assert any("exited with code 3" in m and "replaced" in m for m in messages)
+    assert any("run of 'logged' finished: 5 items, 1 failed" in m for m in messages)
