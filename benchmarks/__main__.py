@@ -157,17 +157,30 @@ def main() -> None:
         serial_time = None
         for n in sizes:
             n_run = max(1, n // 20) if args.quick else n
-            for who in spec["who"]:
-                m = spec.get("n_for", {}).get(who, n_run)
-                m = min(m, n_run)
-                cell = run_cell(wl, who, m, repeats, workers, env)
-                row: dict[str, Any] = {"contestant": who, "n": m, **cell}
-                if "times" in cell:
-                    med = statistics.median(cell["times"])
+            # Round robin: one timed run of each contestant per round, so a machine that
+            # gets slower or faster during the suite shifts every contestant alike.
+            cells: dict[str, dict[str, Any]] = {}
+            for _ in range(repeats):
+                for who in spec["who"]:
+                    m = min(spec.get("n_for", {}).get(who, n_run), n_run)
+                    cell = run_cell(wl, who, m, 1, workers, env)
+                    acc = cells.setdefault(who, {"n": m, "times": [], "peak_rss": 0, "ok": True})
+                    if "error" in cell:
+                        acc["error"] = cell["error"]
+                        continue
+                    acc["times"] += cell["times"]
+                    acc["peak_rss"] = max(acc["peak_rss"], cell["peak_rss"])
+                    acc["ok"] = acc["ok"] and cell["ok"]
+            for who, acc in cells.items():
+                row: dict[str, Any] = {"contestant": who, **acc}
+                if acc["times"] and "error" not in acc:
+                    med = statistics.median(acc["times"])
                     row["median_s"] = med
-                    row["items_per_s"] = m / med
+                    row["items_per_s"] = acc["n"] / med
                     if who == "serial" and n == sizes[0]:
-                        serial_time = med * (n_run / m)
+                        serial_time = med * (n_run / acc["n"])
+                else:
+                    row.setdefault("error", "no run")
                 rows.append(row)
                 print(_line(wl, row), flush=True)
         for row in rows:

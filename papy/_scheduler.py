@@ -28,6 +28,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -53,9 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("papy")
 
-_DEFAULT_BUFFER = 16_384  # input items in flight when the user sets no buffer
+_DEFAULT_BUFFER = 16_384  # input items in flight when the user sets no buffer...
+_MEMORY_BUDGET = 256 * 2**20  # ...fewer when items are large: about this many bytes
 _MAX_BATCH = 8_192
-_TASKS_PER_WORKER = 2
 
 
 def _join_keys(parts: list[Sequence[Key]]) -> Sequence[Key]:
@@ -183,6 +184,11 @@ class Scheduler:
         self.errors = errors
         self.progress = progress
         self.buffer = buffer or pipeline.buffer or _DEFAULT_BUFFER
+        # With no buffer given, large items shrink it: about _MEMORY_BUDGET bytes of outputs
+        # in flight, measured from the results as they arrive.
+        self._auto_buffer = not (buffer or pipeline.buffer)
+        self._max_buffer = self.buffer
+        self._item_bytes = 0
         self.observers: list[Observer] = [Timeline(), *observers]
         if progress_wanted(progress):
             self.observers.append(Progress())
@@ -405,7 +411,7 @@ class Scheduler:
             room = self.buffer - (self.admitted - self.retired)
             if room <= 0:
                 return
-            want = max(st.batch * st.pool.workers * _TASKS_PER_WORKER - st.ready for st in sources)
+            want = max(st.batch * st.pool.workers * st.pool.prefetch - st.ready for st in sources)
             if want <= 0:
                 return
             n = min(room, max(want, 1))
@@ -479,7 +485,7 @@ class Scheduler:
                     continue
                 pool = st.pool
                 pid = id(pool)
-                limit = pool.workers * _TASKS_PER_WORKER
+                limit = pool.workers * pool.prefetch
                 while st.ready and pool_out[pid] < limit:
                     n = st.batch
                     if st.ready < n:
@@ -609,6 +615,9 @@ class Scheduler:
             for n in step.nodes:
                 if n.on_error == "raise" and failed:
                     raise RunAborted(failed[0])
+        if self._auto_buffer and values:
+            per_item = result.nbytes // len(values) if result.nbytes else sys.getsizeof(values[0])
+            self._fit_buffer(per_item)
         target = getattr(st.pool, "target_task_s", 0.02)
         cap = max(1, min(_MAX_BATCH, self.buffer // max(1, 2 * st.pool.workers)))
         st.learn(len(keys), busy, target, cap)
@@ -625,6 +634,17 @@ class Scheduler:
             self._arrive(term, keys, values, result.dirty)
         for obs in self.observers:
             obs.completed(step, keys, values)
+
+    def _fit_buffer(self, per_item: int) -> None:
+        """Shrink the automatic buffer when outputs are large (bytes per item)."""
+        if per_item <= self._item_bytes:
+            return
+        self._item_bytes = per_item
+        floor = max(4, 2 * sum(p.workers for p in self._pools.values()))
+        fitted = max(floor, _MEMORY_BUDGET // max(1, per_item))
+        if fitted < self.buffer:
+            log.debug("buffer lowered to %d items (%d bytes per item)", fitted, per_item)
+            self.buffer = min(self._max_buffer, fitted)
 
     def _expand(
         self, name: str, keys: Sequence[Key], values: list[Any]

@@ -111,6 +111,7 @@ class TaskResult:
     stats: list[StageStats] = field(default_factory=list)
     crashes: int = 0
     dirty: bool = True  # may hold Failure values (False lets the driver skip a scan)
+    nbytes: int = 0  # size of the result as it crossed a process boundary (0: did not)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Plain tuples pickle several times faster than dataclass instances; a result

@@ -80,6 +80,8 @@ class Pool(abc.ABC):
     fuses: bool = True
     #: A short, human name for reports and drawings (``processx4``).
     kind: str = "pool"
+    #: Tasks per worker the scheduler keeps in flight (one running, the rest queued).
+    prefetch: int = 2
 
     def __init__(self) -> None:
         self._closed = False

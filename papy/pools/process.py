@@ -434,6 +434,7 @@ class ProcessPool(Pool):
                     job.task.last_stage(),
                 )
             result.crashes += job.crashes
+            result.nbytes = len(body)
             self._unpickle_s += time.perf_counter() - t0
             job.done(result)
 
