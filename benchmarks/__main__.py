@@ -233,15 +233,18 @@ def to_markdown(results: dict[str, Any]) -> str:
     for wl, data in results["workloads"].items():
         out.append(f"**{wl}**: {data['what']}")
         out.append("")
-        out.append("| contestant | items | median s | items/s | efficiency | peak RSS MiB | ok |")
-        out.append("|---|---:|---:|---:|---:|---:|---|")
+        out.append(
+            "| contestant | items | median s | runs (s) | items/s | efficiency | peak RSS MiB | ok |"
+        )
+        out.append("|---|---:|---:|---|---:|---:|---:|---|")
         for r in data["rows"]:
             if "error" in r:
-                out.append(f"| {r['contestant']} | {r['n']:,} | - | - | - | - | {r['error']} |")
+                out.append(f"| {r['contestant']} | {r['n']:,} | - | - | - | - | - | {r['error']} |")
                 continue
             eff = f"{r['efficiency']:.2f}" if r.get("efficiency") is not None else "-"
+            runs = " ".join(f"{t:.3f}" for t in r["times"])
             out.append(
-                f"| {r['contestant']} | {r['n']:,} | {r['median_s']:.3f} | "
+                f"| {r['contestant']} | {r['n']:,} | {r['median_s']:.3f} | {runs} | "
                 f"{r['items_per_s']:,.0f} | {eff} | {r['peak_rss'] / 2**20:.0f} | "
                 f"{'yes' if r['ok'] else 'NO'} |"
             )

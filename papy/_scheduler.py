@@ -56,6 +56,7 @@ log = logging.getLogger("papy")
 
 _DEFAULT_BUFFER = 16_384  # input items in flight when the user sets no buffer...
 _MEMORY_BUDGET = 256 * 2**20  # ...fewer when items are large: about this many bytes
+_TASK_BYTES = 8 * 2**20  # and batches of large items stay about this size
 _MAX_BATCH = 8_192
 
 
@@ -189,6 +190,7 @@ class Scheduler:
         self._auto_buffer = not (buffer or pipeline.buffer)
         self._max_buffer = self.buffer
         self._item_bytes = 0
+        self._sized = False  # the automatic buffer starts small until sizes are known
         self.observers: list[Observer] = [Timeline(), *observers]
         if progress_wanted(progress):
             self.observers.append(Progress())
@@ -301,6 +303,8 @@ class Scheduler:
             for n in s.nodes:
                 self.stats[n.name] = NodeStats(n.name, pool=label)
         self._workers = {n.name: s.pool.workers for s in self.steps for n in s.nodes}
+        if self._auto_buffer:
+            self.buffer = min(self._max_buffer, self._buffer_floor())
         self._started = time.perf_counter()
         log.debug(
             "run of %r started: %d steps on %d pools, buffer %d",
@@ -615,11 +619,13 @@ class Scheduler:
             for n in step.nodes:
                 if n.on_error == "raise" and failed:
                     raise RunAborted(failed[0])
-        if self._auto_buffer and values:
+        if values:
             per_item = result.nbytes // len(values) if result.nbytes else sys.getsizeof(values[0])
             self._fit_buffer(per_item)
         target = getattr(st.pool, "target_task_s", 0.02)
         cap = max(1, min(_MAX_BATCH, self.buffer // max(1, 2 * st.pool.workers)))
+        if self._item_bytes:  # large items: keep each task's message a few megabytes
+            cap = max(1, min(cap, _TASK_BYTES // self._item_bytes))
         st.learn(len(keys), busy, target, cap)
         tail = step.tail
         if tail.scatter:
@@ -635,16 +641,25 @@ class Scheduler:
         for obs in self.observers:
             obs.completed(step, keys, values)
 
+    def _buffer_floor(self) -> int:
+        return max(4, sum(p.workers * p.prefetch for p in self._pools.values()))
+
     def _fit_buffer(self, per_item: int) -> None:
-        """Shrink the automatic buffer when outputs are large (bytes per item)."""
-        if per_item <= self._item_bytes:
+        """Size the automatic buffer from the outputs' measured bytes per item.
+
+        It starts at a few items per worker (nothing is known yet, and an input of large
+        items must not be admitted in bulk before the first result shows their size), then
+        opens up to about _MEMORY_BUDGET bytes in flight, at most the default item count.
+        """
+        if self._sized and per_item <= self._item_bytes:
             return
-        self._item_bytes = per_item
-        floor = max(4, 2 * sum(p.workers for p in self._pools.values()))
-        fitted = max(floor, _MEMORY_BUDGET // max(1, per_item))
-        if fitted < self.buffer:
-            log.debug("buffer lowered to %d items (%d bytes per item)", fitted, per_item)
-            self.buffer = min(self._max_buffer, fitted)
+        self._sized = True
+        self._item_bytes = max(self._item_bytes, per_item)
+        if not self._auto_buffer:
+            return
+        fitted = max(self._buffer_floor(), _MEMORY_BUDGET // max(1, self._item_bytes))
+        self.buffer = min(self._max_buffer, fitted)
+        log.debug("buffer set to %d items (%d bytes per item)", self.buffer, self._item_bytes)
 
     def _expand(
         self, name: str, keys: Sequence[Key], values: list[Any]
