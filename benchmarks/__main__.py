@@ -234,7 +234,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         out.append(f"**{wl}**: {data['what']}")
         out.append("")
         out.append(
-            "| contestant | items | median s | runs (s) | items/s | efficiency | peak RSS MiB | ok |"
+            "| contestant | items | median s | runs (s) | items/s | efficiency "
+            "| peak RSS MiB | ok |"
         )
         out.append("|---|---:|---:|---|---:|---:|---:|---|")
         for r in data["rows"]:

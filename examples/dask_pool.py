@@ -8,8 +8,7 @@ scheduler's address instead: ``DaskPool("tcp://scheduler:8786")``.
 
 from distributed import LocalCluster
 
-from papy import Pipeline, ThreadPool
-from papy.pools.dask import DaskPool
+from papy import DaskPool, Pipeline, ThreadPool
 
 
 def score(n: int) -> int:

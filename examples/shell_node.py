@@ -5,8 +5,7 @@ Counts the words of some texts with ``wc`` and compresses them with ``gzip``.
     python examples/shell_node.py
 """
 
-from papy import Pipeline, ThreadPool
-from papy.shell import shell
+from papy import Pipeline, ThreadPool, shell
 
 io = ThreadPool(4)
 pipeline = Pipeline("shell", pool=io)

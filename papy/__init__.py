@@ -19,18 +19,21 @@ from papy._errors import (
     PapyError,
     PoolError,
     RunAborted,
+    ShellError,
     WorkerCrashed,
 )
 from papy._imap import imap
 from papy._items import Failure
 from papy._pipeline import Node, Pipeline
 from papy._report import NodeReport, Report
-from papy.pools import InlinePool, Pool, ProcessPool, ThreadPool
+from papy._shell import shell
+from papy.pools import DaskPool, InlinePool, Pool, ProcessPool, ThreadPool
 
 __version__ = "2.0.0a1"
 
 __all__ = [
     "CycleError",
+    "DaskPool",
     "Failure",
     "GraphError",
     "InlinePool",
@@ -45,8 +48,10 @@ __all__ = [
     "ProcessPool",
     "Report",
     "RunAborted",
+    "ShellError",
     "ThreadPool",
     "WorkerCrashed",
     "__version__",
     "imap",
+    "shell",
 ]

@@ -10,6 +10,7 @@ can catch them all at once::
      ├── RunAborted            a node with ``on_error="raise"`` failed; the run was stopped
      ├── WorkerCrashed         a worker process died while running an item (exit code/signal)
      ├── PoolError             a pool is closed, broken or cannot be reached
+     ├── ShellError            an external program (papy.shell) exited with an error
      └── JournalError          a journal file is corrupt, foreign, or belongs to another graph
 
 ``WorkerCrashed`` and ``TimeoutError`` (the builtin) are mostly seen as the ``exception`` of a
@@ -18,7 +19,8 @@ can catch them all at once::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from papy._items import Failure
@@ -72,6 +74,20 @@ class PoolError(PapyError):
     """Report a pool that is closed, broken, or cannot be reached."""
 
 
+class ShellError(PapyError):
+    """Report an external program that exited with a non-zero code."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr_tail: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        tail = f"; stderr ends with:\n{stderr_tail}" if stderr_tail else " (no stderr)"
+        super().__init__(f"{argv[0]} exited with code {returncode}{tail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ShellError, (self.argv, self.returncode, self.stderr_tail))
+
+
 class JournalError(PapyError):
     """Report a journal that is corrupt, foreign, or recorded for a different pipeline."""
 
@@ -86,6 +102,7 @@ for _cls in (
     RunAborted,
     WorkerCrashed,
     PoolError,
+    ShellError,
     JournalError,
 ):
     _cls.__module__ = "papy"

@@ -315,6 +315,7 @@ class Pipeline:
         key: Callable[[Any], Any] | None = None,
         retry_failed: bool = False,
         force: bool = False,
+        profile: bool = False,
     ) -> Iterator[Any]:
         """Yield the outputs of the sink (or of ``output``) lazily, in input order.
 
@@ -322,7 +323,9 @@ class Pipeline:
         comes, ``"yield"`` yields the :class:`papy.Failure`, ``"skip"`` drops it.
         ``progress``: live display (default: on when stderr is a terminal). ``report``: write
         the HTML run report there. ``journal``: a SQLite file that makes the run resumable
-        (see :meth:`run`).
+        (see :meth:`run`). ``profile``: log where the driver's time went (admitting,
+        dispatching, waiting, routing, delivering, pickling) and show it in the report's
+        table; the numbers are always in ``Report.driver``.
         """
         if errors not in ("raise", "yield", "skip"):
             raise ValueError(f"errors must be 'raise', 'yield' or 'skip', got {errors!r}")
@@ -339,6 +342,7 @@ class Pipeline:
             key=key,
             retry_failed=retry_failed,
             force=force,
+            profile=profile,
         )
         return sched.iterate(items)
 
@@ -352,6 +356,7 @@ class Pipeline:
         key: Callable[[Any], Any] | None = None,
         retry_failed: bool = False,
         force: bool = False,
+        profile: bool = False,
     ) -> Report:
         """Run every item through the graph, drain all sinks, and return the Report.
 
@@ -373,6 +378,7 @@ class Pipeline:
             key=key,
             retry_failed=retry_failed,
             force=force,
+            profile=profile,
         )
         for _ in sched.iterate(items):
             pass

@@ -77,6 +77,8 @@ class Report:
     #: where the driver's time went (seconds): admit, dispatch, wait, route, deliver (this
     #: one includes the caller's loop), and the pools' pickling threads (pickle, unpickle)
     driver: dict[str, float] = field(default_factory=dict, compare=False)
+    #: whether table() shows the driver's time (``profile=True``)
+    show_driver: bool = field(default=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain data."""
@@ -139,7 +141,7 @@ class Report:
             + (f", {self.skipped} finished earlier (journal)" if self.skipped else "")
         )
         tail = [summary] + ([self.suggestion] if self.suggestion else [])
-        if self.driver:
+        if self.driver and self.show_driver:
             tail.append(
                 "driver time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.driver.items())
             )
@@ -159,6 +161,7 @@ def build_report(
     timeline: list[dict[str, Any]] | None = None,
     skipped: int = 0,
     driver: dict[str, float] | None = None,
+    show_driver: bool = False,
 ) -> Report:
     """Freeze the scheduler's counters into a Report and name the bottleneck."""
     nodes: dict[str, NodeReport] = {}
@@ -194,6 +197,7 @@ def build_report(
         timeline or [],
         skipped,
         driver or {},
+        show_driver,
     )
 
 

@@ -178,6 +178,7 @@ class Scheduler:
         key: Callable[[Any], Any] | None = None,
         retry_failed: bool = False,
         force: bool = False,
+        profile: bool = False,
         observers: Sequence[Observer] = (),
     ) -> None:
         self.pipeline = pipeline
@@ -195,6 +196,7 @@ class Scheduler:
         if progress_wanted(progress):
             self.observers.append(Progress())
         self.report_path = report
+        self._show_profile = profile
         self._journal_path = journal
         self._key_fn = key
         self._retry_failed = retry_failed
@@ -336,7 +338,14 @@ class Scheduler:
             timeline=self.timeline.samples if self.timeline else None,
             skipped=self.skipped,
             driver=self._driver_profile(),
+            show_driver=self._show_profile,
         )
+        if self._show_profile:
+            log.info(
+                "driver time of %r: %s",
+                self.pipeline.name,
+                ", ".join(f"{k} {v:.3f} s" for k, v in self.report.driver.items()),
+            )
         self.pipeline.last_report = self.report
         if error is None:
             log.info(

@@ -338,15 +338,9 @@ def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any], dirty: bool) ->
     step = max(1, min(len(values), _SLICE_BYTES // max(1, size)))
     result = first
     for start in range(8, len(values), step):
-        part = _run_slice(stages, keys[start : start + step], values[start : start + step], dirty)
-        result.values.extend(part.values)
-        for mine, theirs in zip(result.stats, part.stats):
-            mine.n_in += theirs.n_in
-            mine.n_failed += theirs.n_failed
-            mine.busy += theirs.busy
-            if mine.first_failure is None:
-                mine.first_failure = theirs.first_failure
-        result.dirty = result.dirty or part.dirty
+        result.extend(
+            _run_slice(stages, keys[start : start + step], values[start : start + step], dirty)
+        )
     return result
 
 

@@ -21,9 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from papy import Pipeline, ProcessPool, ThreadPool
+from papy import Pipeline, ProcessPool, ThreadPool, shell
 from papy.io import files
-from papy.shell import shell
 
 _BRANCHES = (
     ast.If,

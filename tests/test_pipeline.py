@@ -329,7 +329,7 @@ def test_fused_chain_does_not_hold_a_whole_batch_of_large_intermediates():
 def test_report_says_where_driver_time_goes(process_pool):
     pipe = Pipeline("profile", pool=process_pool)
     pipe.add(inc)
-    report = pipe.run(range(5000))
+    report = pipe.run(range(5000), profile=True)
     assert {"admit", "dispatch", "wait", "route", "deliver", "pickle", "unpickle"} <= set(
         report.driver
     )

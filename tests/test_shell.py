@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from papy import Failure, Pipeline, ThreadPool
-from papy.shell import ShellError, shell
+from papy import Failure, Pipeline, ShellError, ThreadPool, shell
 
 
 def test_placeholders_fill_single_arguments_and_never_reach_a_shell(tmp_path):
@@ -78,7 +77,7 @@ def test_nonzero_exit_is_a_failure_with_code_and_stderr():
     pipe.add(fail, name="sh")
     (f,) = list(pipe.map([1], errors="yield"))
     assert isinstance(f, Failure)
-    assert f.exc_type == "papy.shell.ShellError"
+    assert f.exc_type == "papy.ShellError"
     assert isinstance(f.exception, ShellError) and f.exception.returncode == 3
     assert "exited with code 3" in f.message and "bad thing happened" in f.message
 

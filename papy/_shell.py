@@ -19,27 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from papy._errors import PapyError
+from papy._errors import ShellError
 from papy._rundir import run_dir
 
 StdoutMode = Literal["text", "bytes", "file"]
-
-
-class ShellError(PapyError):
-    """Report an external program that exited with a non-zero code."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stderr_tail: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr_tail = stderr_tail
-        tail = f"; stderr ends with:\n{stderr_tail}" if stderr_tail else " (no stderr)"
-        super().__init__(f"{argv[0]} exited with code {returncode}{tail}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (ShellError, (self.argv, self.returncode, self.stderr_tail))
-
-
-ShellError.__module__ = "papy.shell"
 
 
 class Shell:
