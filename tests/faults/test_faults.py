@@ -269,6 +269,9 @@ _DRIVER = textwrap.dedent(
     """
     import faulthandler, signal, sys, time
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if stuck
+    # As in a terminal: a test runner started in the background (``cmd &``) passes SIGINT
+    # down as ignored, and Python then leaves Ctrl-C ignored too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from faults.crashers import cpu_ms
     from papy import Pipeline, ProcessPool
