@@ -217,7 +217,14 @@ def _bottleneck(nodes: dict[str, NodeReport], workers: dict[str, int]) -> tuple[
     if best is None or load <= 0:
         return None, ""
     n = nodes[best]
+    pool_busy = sum(m.utilization for m in nodes.values() if m.pool == n.pool)
+    if pool_busy < 0.5:
+        return best, (
+            f"node {best!r} is the busiest ({n.mean_item_s * 1e3:.2f} ms per item), but its "
+            f"pool is only {pool_busy:.0%} busy: the run waits on its input or on per-item "
+            "overhead; try larger batches, fewer and larger items, or a faster source"
+        )
     return best, (
         f"node {best!r} limits throughput ({n.mean_item_s * 1e3:.2f} ms per item, "
-        f"{n.utilization:.0%} of its pool busy): give it more workers or a larger batch"
+        f"{pool_busy:.0%} of its pool busy): give it more workers or a larger batch"
     )

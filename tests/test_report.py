@@ -108,3 +108,17 @@ def test_html_report_renders_the_timeline_in_headless_chromium(tmp_path):
     assert count_color(img, (0x1F, 0x77, 0xB4)) > 100
     assert count_color(img, (0xD6, 0x27, 0x28)) > 100
     assert count_color(img, (0xFF, 0xE9, 0xE9), tolerance=6) > 200  # bottleneck row
+
+
+def test_an_idle_pipeline_is_not_blamed_on_a_node():
+    pipe = Pipeline("idle", pool=ThreadPool(4))
+    pipe.add(inc)
+
+    def slow_source():
+        for i in range(20):
+            time.sleep(0.01)
+            yield i
+
+    report = pipe.run(slow_source(), progress=False)
+    assert report.bottleneck == "inc"
+    assert "only" in report.suggestion and "waits on its input" in report.suggestion
