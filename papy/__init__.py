@@ -11,6 +11,8 @@ lazy, parallel, nested maps on threads, processes or a Dask cluster::
     print(list(pipe.map(range(5))))   # ['0', '2', '4', '6', '8']
 """
 
+import logging
+
 from papy._errors import (
     CycleError,
     GraphError,
@@ -30,6 +32,10 @@ from papy._shell import shell
 from papy.pools import DaskPool, InlinePool, Pool, ProcessPool, ThreadPool
 
 __version__ = "2.0.0a1"
+
+# A library logs, the application decides what is shown: without this, Python's
+# last-resort handler would print PaPy's warnings to stderr.
+logging.getLogger("papy").addHandler(logging.NullHandler())
 
 __all__ = [
     "CycleError",

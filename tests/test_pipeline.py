@@ -335,3 +335,57 @@ def test_report_says_where_driver_time_goes(process_pool):
     )
     assert all(v >= 0 for v in report.driver.values())
     assert report.driver["pickle"] > 0 and "driver time:" in report.table()
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_process_pool_start_methods(method):
+    k = 3
+    with ProcessPool(2, start_method=method) as pool:
+        pipe = Pipeline("methods", pool=pool)
+        a = pipe.add(lambda x: x + k, name="add")
+        pipe.add(str, after=a)
+        assert list(pipe.map(range(5))) == ["3", "4", "5", "6", "7"]
+
+
+def test_join_of_sub_items_inside_a_scatter(pool):
+    pipe = Pipeline("subjoin", pool=pool)
+    s = pipe.add(explode, scatter=True, name="s")
+    a = pipe.add(double, after=s, name="a")
+    b = pipe.add(inc, after=s, name="b")
+    j = pipe.add(add, after=[a, b], name="j")
+    pipe.add(list, after=j, gather=True, name="g")
+    assert list(pipe.map([3, 0, 2])) == [[1, 4, 7], [], [1, 4]]
+    assert list(pipe.map([2, 3], output="s")) == [0, 1, 0, 1, 2]
+
+
+def test_empty_input_and_none_items(pool):
+    pipe = Pipeline("edge", pool=pool)
+    pipe.add(lambda x: x, name="same")
+    assert list(pipe.map([])) == []
+    assert pipe.run([]).items == 0
+    assert list(pipe.map([None, 0, None])) == [None, 0, None]
+
+
+def test_an_input_iterator_that_raises_propagates_after_cleanup():
+    def broken():
+        yield 1
+        yield 2
+        raise RuntimeError("input broke")
+
+    pipe = Pipeline("broken-input")  # its own process pool, closed on the error
+    pipe.add(inc)
+    with pytest.raises(RuntimeError, match="input broke"):
+        list(pipe.map(broken()))
+
+
+def test_library_prints_nothing_without_logging_configured(capfd):
+    pipe = Pipeline("quiet", pool=ThreadPool(1))
+    pipe.add(inc)
+    with pytest.raises(RuntimeError):
+        list(pipe.map(_raise_after(2)))
+    assert capfd.readouterr().err == ""
+
+
+def _raise_after(n):
+    yield from range(n)
+    raise RuntimeError("stop")
