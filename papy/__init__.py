@@ -29,6 +29,7 @@ from papy._items import Failure
 from papy._pipeline import Node, Pipeline
 from papy._report import NodeReport, Report
 from papy._shell import shell
+from papy.io import dump_item, load_item
 from papy.pools import DaskPool, InlinePool, Pool, ProcessPool, ThreadPool
 
 __version__ = "2.0.0a1"
@@ -58,6 +59,8 @@ __all__ = [
     "ThreadPool",
     "WorkerCrashed",
     "__version__",
+    "dump_item",
     "imap",
+    "load_item",
     "shell",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +19,7 @@ from papy._task import Call
 
 if TYPE_CHECKING:
     from papy._report import Report
+    from papy._scheduler import RunIterator
     from papy.pools._base import Pool
 
 ErrorMode = Literal["raise", "yield", "skip"]
@@ -316,7 +317,7 @@ class Pipeline:
         retry_failed: bool = False,
         force: bool = False,
         profile: bool = False,
-    ) -> Iterator[Any]:
+    ) -> RunIterator:
         """Yield the outputs of the sink (or of ``output``) lazily, in input order.
 
         ``errors``: ``"raise"`` raises :class:`papy.ItemFailed` when a failed item's turn
@@ -330,7 +331,7 @@ class Pipeline:
         if errors not in ("raise", "yield", "skip"):
             raise ValueError(f"errors must be 'raise', 'yield' or 'skip', got {errors!r}")
         out = self.validate(output, need_single=True)
-        from papy._scheduler import Scheduler
+        from papy._scheduler import RunIterator, Scheduler
 
         sched = Scheduler(
             self,
@@ -344,7 +345,7 @@ class Pipeline:
             force=force,
             profile=profile,
         )
-        return sched.iterate(items)
+        return RunIterator(sched, items)
 
     def run(
         self,

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -367,7 +367,7 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def iterate(self, items: Iterable[Any]) -> Iterator[Any]:
+    def iterate(self, items: Iterable[Any]) -> Generator[Any, None, None]:
         """Run the pipeline over ``items``; yield the output node's results."""
         it = iter(items)
         error: BaseException | None = None
@@ -844,6 +844,40 @@ class Scheduler:
 
     def _retire(self, n: int) -> None:
         self.retired += n
+
+
+class RunIterator(Iterator[Any]):
+    """The lazy outputs of a run, as returned by ``Pipeline.map``.
+
+    Iterate it like any iterator. ``report`` holds the run's :class:`~papy.Report` once the
+    run ended (exhausted, failed, or closed); ``close()`` stops the run early and frees the
+    pools the pipeline made (also done when the iterator is garbage-collected).
+    """
+
+    def __init__(self, sched: Scheduler, items: Iterable[Any]) -> None:
+        self._sched = sched
+        self._gen = sched.iterate(items)
+
+    def __iter__(self) -> RunIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the run now; idempotent."""
+        self._gen.close()
+
+    @property
+    def report(self) -> Report | None:
+        """Return the run's Report, or None while it is still running."""
+        return self._sched.report
+
+    def __enter__(self) -> RunIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _trap_sigterm() -> Callable[[], None]:

@@ -58,13 +58,18 @@ class Shell:
         self.__name__ = Path(self.argv[0]).name
         self.__qualname__ = f"shell:{self.__name__}"
 
-    def fill(self, item: Any) -> list[str]:
-        """Return argv with the placeholders filled for ``item`` (one argument each)."""
+    @staticmethod
+    def _fields(item: Any) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         if isinstance(item, Mapping):
             fields.update(item)
         fields.setdefault("item", item)
         fields.setdefault("path", os.fspath(item) if isinstance(item, (str, os.PathLike)) else item)
+        return fields
+
+    def fill(self, item: Any) -> list[str]:
+        """Return argv with the placeholders filled for ``item`` (one argument each)."""
+        fields = self._fields(item)
         try:
             return [a.format(**fields) if "{" in a else a for a in self.argv]
         except (KeyError, IndexError) as exc:
@@ -77,7 +82,14 @@ class Shell:
         src = self.stdin
         if src is None:
             return None
-        data = item if src == "item" else src(item) if callable(src) else src
+        if src == "item":
+            data = item
+        elif callable(src):
+            data = src(item)
+        elif isinstance(src, str) and "{" in src:
+            data = src.format(**self._fields(item))  # a template, like argv's
+        else:
+            data = src
         if isinstance(data, os.PathLike):
             data = Path(data).read_bytes()
         return data.encode() if isinstance(data, str) else bytes(data)

@@ -389,3 +389,20 @@ def test_library_prints_nothing_without_logging_configured(capfd):
 def _raise_after(n):
     yield from range(n)
     raise RuntimeError("stop")
+
+
+def test_map_returns_an_iterator_with_the_report_and_close():
+    pipe = Pipeline("iter", pool=ThreadPool(2))
+    pipe.add(inc)
+    it = pipe.map(range(10))
+    assert it.report is None
+    assert next(it) == 1
+    assert list(it) == list(range(2, 11))
+    assert it.report is not None and it.report.items == 10
+    stopped = pipe.map(itertools.count())
+    assert next(stopped) == 1
+    stopped.close()
+    stopped.close()  # idempotent
+    assert stopped.report is not None
+    with pipe.map(range(3)) as ctx:
+        assert list(ctx) == [1, 2, 3]

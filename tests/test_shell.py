@@ -104,3 +104,10 @@ def test_shell_node_runs_in_a_process_pool_too(process_pool):
     pipe = Pipeline("proc-shell", pool=process_pool)
     pipe.add(shell(["expr", "{item}", "+", "1"]), name="expr")
     assert [int(x) for x in pipe.map(range(5))] == [1, 2, 3, 4, 5]
+
+
+def test_stdin_template_and_function():
+    upper = shell(["tr", "a-z", "A-Z"], stdin="{item}!\n")
+    assert upper("hey") == "HEY!\n"
+    count = shell(["wc", "-c"], stdin=lambda item: b"x" * item)
+    assert count(5).strip() == "5"
