@@ -631,7 +631,9 @@ class Scheduler:
         if values:
             per_item = result.nbytes // len(values) if result.nbytes else sys.getsizeof(values[0])
             self._fit_buffer(per_item)
-        target = getattr(st.pool, "target_task_s", 0.02)
+        target = st.pool.target_task_s
+        if self._exhausted:
+            target /= 4  # the input is all in: smaller last tasks even out the workers' ends
         cap = max(1, min(_MAX_BATCH, self.buffer // max(1, 2 * st.pool.workers)))
         if self._item_bytes:  # large items: keep each task's message a few megabytes
             cap = max(1, min(cap, _TASK_BYTES // self._item_bytes))

@@ -82,6 +82,10 @@ class Pool(abc.ABC):
     kind: str = "pool"
     #: Tasks per worker the scheduler keeps in flight (one running, the rest queued).
     prefetch: int = 2
+    #: Seconds of work per task that automatic batch sizes aim at: long enough that the
+    #: cost of a task (messages, wake-ups of the driver's threads, which take CPU from the
+    #: workers) is a few percent, short enough to keep workers evenly loaded.
+    target_task_s: float = 0.02
 
     def __init__(self) -> None:
         self._closed = False

@@ -119,6 +119,7 @@ class ProcessPool(Pool):
     """Run tasks in ``workers`` processes (default: one per core)."""
 
     kind = "process"
+    target_task_s = 0.05
 
     def __init__(
         self,
