@@ -306,7 +306,9 @@ class Scheduler:
                 self.stats[n.name] = NodeStats(n.name, pool=label)
         self._workers = {n.name: s.pool.workers for s in self.steps for n in s.nodes}
         if self._auto_buffer:
-            self.buffer = min(self._max_buffer, self._buffer_floor())
+            # Small until the first results show how large items are: 16 tasks' worth per
+            # worker slot is enough to start every worker without admitting in bulk.
+            self.buffer = min(self._max_buffer, 16 * self._buffer_floor())
         self._started = time.perf_counter()
         log.debug(
             "run of %r started: %d steps on %d pools, buffer %d",
@@ -658,7 +660,7 @@ class Scheduler:
     def _fit_buffer(self, per_item: int) -> None:
         """Size the automatic buffer from the outputs' measured bytes per item.
 
-        It starts at a few items per worker (nothing is known yet, and an input of large
+        It starts at a few dozen items per worker (nothing is known yet, and an input of large
         items must not be admitted in bulk before the first result shows their size), then
         opens up to about _MEMORY_BUDGET bytes in flight, at most the default item count.
         """
