@@ -106,9 +106,9 @@ class Failure:
         )
 
 
-def qualified_type(exc: BaseException) -> str:
-    """Return the exception's type name, module-qualified unless it is a builtin."""
-    cls = type(exc)
+def qualified_type(obj: object) -> str:
+    """Return the type name of ``obj`` (an exception or any value), module-qualified."""
+    cls = type(obj)
     if cls.__module__ == "builtins":
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"

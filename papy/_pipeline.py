@@ -331,12 +331,10 @@ class Pipeline:
         if errors not in ("raise", "yield", "skip"):
             raise ValueError(f"errors must be 'raise', 'yield' or 'skip', got {errors!r}")
         out = self.validate(output, need_single=True)
-        from papy._scheduler import RunIterator, Scheduler
-
-        sched = Scheduler(
-            self,
-            output=out,
-            errors=errors,
+        return self._start(
+            items,
+            out,
+            errors,
             progress=progress,
             report=report,
             journal=journal,
@@ -345,7 +343,6 @@ class Pipeline:
             force=force,
             profile=profile,
         )
-        return RunIterator(sched, items)
 
     def run(
         self,
@@ -367,12 +364,10 @@ class Pipeline:
         that failed last time; ``force=True`` accepts a journal written by a different graph.
         """
         self.validate()
-        from papy._scheduler import Scheduler
-
-        sched = Scheduler(
-            self,
-            output=None,
-            errors="skip",
+        outputs = self._start(
+            items,
+            None,
+            "skip",
             progress=progress,
             report=report,
             journal=journal,
@@ -381,10 +376,18 @@ class Pipeline:
             force=force,
             profile=profile,
         )
-        for _ in sched.iterate(items):
+        for _ in outputs:
             pass
-        assert sched.report is not None
-        return sched.report
+        assert outputs.report is not None
+        return outputs.report
+
+    def _start(
+        self, items: Iterable[Any], output: Node | None, errors: str, **options: Any
+    ) -> RunIterator:
+        """Make the scheduler of one run; ``map`` iterates it, ``run`` drains it."""
+        from papy._scheduler import RunIterator, Scheduler
+
+        return RunIterator(Scheduler(self, output=output, errors=errors, **options), items)
 
     def to_mermaid(self) -> str:
         """Return a Mermaid flowchart of the graph (nodes show pool, batch, scatter/gather)."""

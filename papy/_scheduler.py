@@ -172,7 +172,6 @@ class Scheduler:
         output: Node | None,
         errors: str,
         progress: bool | None = False,
-        buffer: int | None = None,
         report: str | Path | None = None,
         journal: str | Path | None = None,
         key: Callable[[Any], Any] | None = None,
@@ -185,10 +184,10 @@ class Scheduler:
         self.output = output
         self.errors = errors
         self.progress = progress
-        self.buffer = buffer or pipeline.buffer or _DEFAULT_BUFFER
+        self.buffer = pipeline.buffer or _DEFAULT_BUFFER
         # With no buffer given, large items shrink it: about _MEMORY_BUDGET bytes of outputs
         # in flight, measured from the results as they arrive.
-        self._auto_buffer = not (buffer or pipeline.buffer)
+        self._auto_buffer = pipeline.buffer is None
         self._max_buffer = self.buffer
         self._item_bytes = 0
         self._sized = False  # the automatic buffer starts small until sizes are known
@@ -204,7 +203,6 @@ class Scheduler:
         self.journal: Journal | None = None
         self.skipped = 0
         self._jkey_of: dict[int, str] = {}
-        self._replayed: set[int] = set()
         self.report: Report | None = None
         self._own_pools: list[Pool] = []
         self._queue: queue.SimpleQueue[tuple[_StepState, Sequence[Key], Future[TaskResult]]] = (
@@ -478,7 +476,11 @@ class Scheduler:
                 keys_out: list[Key] = [(p, i) for i in range(len(values))]
             else:
                 keys_out = [p]
-            self._replayed.add(p)
+            # The other terminals finished this item in the earlier run: count them done,
+            # so the output's delivery retires it through the usual path.
+            for t in self.terminals.values():
+                if not t.is_output:
+                    self._position_done(p)
             self._queue_output(keys_out, values, [p])
         return run_keys, run_values
 
@@ -641,10 +643,11 @@ class Scheduler:
             cap = max(1, min(cap, _TASK_BYTES // self._item_bytes))
         st.learn(len(keys), busy, target, cap)
         tail = step.tail
+        n_in = len(keys)
         if tail.scatter:
             keys, values = self._expand(tail.name, keys, values)
-        for n in step.nodes[:-1]:
-            self.stats[n.name].items_out += len(keys) if not n.scatter else 0
+        for n in step.nodes[:-1]:  # 1:1 nodes: a scatter always ends its step
+            self.stats[n.name].items_out += n_in
         self.stats[tail.name].items_out += len(keys)
         for child, slot in step.children:
             self._route(self._state_of[id(child)], slot, keys, values, result.dirty)
@@ -818,12 +821,6 @@ class Scheduler:
             self._next_out = positions[-1] + 1
 
     def _retire_output(self, positions: Sequence[int]) -> None:
-        if self._replayed:
-            replayed = [p for p in positions if p in self._replayed]
-            if replayed:
-                self._replayed.difference_update(replayed)
-                self._retire(len(replayed))
-                positions = [p for p in positions if p not in replayed]
         if len(self.terminals) == 1:
             self._retire(len(positions))
             if self._jkey_of:

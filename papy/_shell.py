@@ -26,7 +26,15 @@ StdoutMode = Literal["text", "bytes", "file"]
 
 
 class Shell:
-    """A picklable node function that runs one program per item (made by :func:`shell`)."""
+    """Make a node function that runs the program ``argv`` for each item (``papy.shell``).
+
+    ``stdin``: ``None`` (no input), ``"item"`` (send the item: text, bytes or a path's
+    contents), constant bytes/text, a template like argv's, or a function of the item.
+    ``stdout``: return it as ``"text"``, ``"bytes"``, or ``"file"`` (a path in the run
+    directory). A non-zero exit raises :class:`ShellError` with the exit code and the end
+    of stderr, so the item becomes a Failure that says why; ``timeout`` kills the program
+    and fails the item. Instances pickle, so shell nodes run in any pool.
+    """
 
     def __init__(
         self,
@@ -140,21 +148,5 @@ class Shell:
         return f"shell({self.argv!r}, stdout={self.stdout!r})"
 
 
-def shell(
-    argv: Sequence[str],
-    *,
-    stdin: Literal["item"] | bytes | str | Callable[[Any], bytes | str] | None = None,
-    stdout: StdoutMode = "text",
-    timeout: float | None = None,
-    env: Mapping[str, str] | None = None,
-    cwd: str | Path | None = None,
-) -> Shell:
-    """Make a node function that runs the program ``argv`` for each item.
-
-    ``stdin``: ``None`` (no input), ``"item"`` (send the item: text, bytes or a path's
-    contents), constant bytes/text, or a function of the item. ``stdout``: return it as
-    ``"text"``, ``"bytes"``, or ``"file"`` (a path in the run directory). A non-zero exit
-    raises :class:`ShellError` with the exit code and the end of stderr, so the item becomes
-    a Failure that says why; ``timeout`` kills the program and fails the item.
-    """
-    return Shell(argv, stdin=stdin, stdout=stdout, timeout=timeout, env=env, cwd=cwd)
+#: ``papy.shell(argv, ...)``: the constructor is the function users call.
+shell = Shell

@@ -141,6 +141,11 @@ def _rebuild_result(
     return TaskResult(values, [StageStats(*s) for s in stats], crashes, dirty)
 
 
+def _retry(stage: Stage, exc: Exception, attempts: int) -> bool:
+    """Tell whether a failed attempt may be tried again (``retries``, ``retry_on``)."""
+    return attempts <= stage.retries and (stage.retry_on is None or isinstance(exc, stage.retry_on))
+
+
 def _timeout_error(stage: Stage) -> TimeoutError:
     return TimeoutError(f"item exceeded the node's timeout of {stage.timeout:g} s")
 
@@ -154,9 +159,7 @@ def _apply_one(stage: Stage, key: Key, value: Any) -> Any:
             out = stage.call(*value) if stage.join else stage.call(value)
             return list(out) if stage.scatter else out
         except Exception as exc:
-            if attempts <= stage.retries and (
-                stage.retry_on is None or isinstance(exc, stage.retry_on)
-            ):
+            if _retry(stage, exc, attempts):
                 continue
             return failure_from_exception(stage.name, key, exc, value, attempts)
 
@@ -182,9 +185,7 @@ def _run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> li
                 except Exception as exc:
                     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
                         exc = _timeout_error(stage)
-                    if attempts <= stage.retries and (
-                        stage.retry_on is None or isinstance(exc, stage.retry_on)
-                    ):
+                    if _retry(stage, exc, attempts):
                         continue
                     return failure_from_exception(stage.name, key, exc, value, attempts)
 

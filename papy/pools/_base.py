@@ -17,8 +17,9 @@ Contract for implementers:
 from __future__ import annotations
 
 import abc
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,6 +49,18 @@ class Task:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def slice(self, start: int, stop: int) -> Task:
+        """Return the task for items ``start:stop`` (to split a batch that crashed)."""
+        jkeys = self.jkeys[start:stop] if self.jkeys is not None else None
+        return Task(
+            self.spec,
+            self.keys[start:stop],
+            self.values[start:stop],
+            self.timeout,
+            jkeys,
+            self.dirty,
+        )
+
     def first_stage(self) -> str:
         """Return the name of the node an item enters this task at."""
         return self.spec.stages[0].name
@@ -66,6 +79,30 @@ class Task:
             for k, v in zip(self.keys, self.values)
         ]
         return TaskResult(values, [], dirty=True)
+
+
+def merge_parts(n: int, done: Callable[[TaskResult], None]) -> list[Callable[[TaskResult], None]]:
+    """Return one callback per part of a split task; ``done`` gets the parts joined in order.
+
+    Pools split a batch whose worker died to find the item at fault; the scheduler still
+    sees one task and one result.
+    """
+    results: list[TaskResult | None] = [None] * n
+    remaining = [n]
+    lock = threading.Lock()
+
+    def part_done(i: int, result: TaskResult) -> None:
+        with lock:
+            results[i] = result
+            remaining[0] -= 1
+            finished = remaining[0] == 0
+        if finished:
+            merged = TaskResult([], [])
+            for r in results:
+                merged.extend(r)  # type: ignore[arg-type]
+            done(merged)
+
+    return [functools.partial(part_done, i) for i in range(n)]
 
 
 _P = TypeVar("_P", bound="Pool")

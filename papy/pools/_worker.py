@@ -15,10 +15,11 @@ import pickle
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from papy._items import Failure, failure_from_exception, qualified_type, short_repr
+from papy._items import Failure, failure_from_exception, qualified_type
 from papy._task import StepSpec, TaskResult, critical, run_task
 
 
@@ -63,37 +64,42 @@ def _die_with_parent() -> None:
         pass
 
 
+def fail_unpicklable(
+    node: str, keys: Any, values: list[Any], why: Callable[[Any, Exception], str]
+) -> list[Any]:
+    """Return ``values`` with the ones that cannot be pickled replaced by Failures.
+
+    Used on both sides of a process boundary (items going out, results coming back), so
+    only the offending items fail and the message names their type.
+    """
+    out = []
+    for key, value in zip(keys, values):
+        exc = None if type(value) is Failure else unpicklable(value)
+        if exc is None:
+            out.append(value)
+        else:
+            out.append(failure_from_exception(node, key, TypeError(why(value, exc)), value))
+    return out
+
+
 def _encode_result(result: TaskResult, spec: StepSpec, keys: Any) -> bytes:
     try:
         return dumps(result)
     except Exception:
         pass
-    # Some output cannot travel back: fail those items only, naming the node and type.
-    node = spec.stages[-1].name
-    values = []
-    for key, value in zip(keys, result.values):
-        exc = None if type(value) is Failure else unpicklable(value)
-        if exc is None:
-            values.append(value)
-            continue
-        err = TypeError(
-            f"the result of type {qualified_name(value)} cannot be sent back from the worker "
+    result.values = fail_unpicklable(
+        spec.stages[-1].name,
+        keys,
+        result.values,
+        lambda value, exc: (
+            f"the result of type {qualified_type(value)} cannot be sent back from the worker "
             f"process ({qualified_type(exc)}: {exc}); return plain data, or use a ThreadPool"
-        )
-        values.append(Failure(node, key, "TypeError", str(err), "", short_repr(value), err))
-    result.values = values
+        ),
+    )
     for st in result.stats:
         if st.first_failure is not None and unpicklable(st.first_failure) is not None:
             st.first_failure = None
     return dumps(result)
-
-
-def qualified_name(value: Any) -> str:
-    """Return the qualified type name of ``value`` for messages."""
-    cls = type(value)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
 
 
 def frame(header: Any, body: bytes) -> bytes:

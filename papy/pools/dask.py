@@ -31,7 +31,7 @@ import cloudpickle
 
 from papy._errors import PoolError, WorkerCrashed
 from papy._task import StepSpec, TaskResult, run_task
-from papy.pools._base import Pool, Task
+from papy.pools._base import Pool, Task, merge_parts
 
 
 def _import_distributed() -> Any:
@@ -250,26 +250,5 @@ class DaskPool(Pool):
             )
             return
         half = n // 2
-        parts: list[TaskResult | None] = [None, None]
-        lock = threading.Lock()
-
-        def part_done(i: int, result: TaskResult) -> None:
-            with lock:
-                parts[i] = result
-                ready = all(p is not None for p in parts)
-            if ready:
-                merged = TaskResult([], [])
-                for p in parts:
-                    merged.extend(p)  # type: ignore[arg-type]
-                done(merged)
-
-        for i, (a, b) in enumerate(((0, half), (half, n))):
-            sub = Task(
-                task.spec,
-                task.keys[a:b],
-                task.values[a:b],
-                task.timeout,
-                task.jkeys[a:b] if task.jkeys is not None else None,
-                task.dirty,
-            )
-            self._send(sub, lambda r, i=i: part_done(i, r))
+        for part, on_done in zip((task.slice(0, half), task.slice(half, n)), merge_parts(2, done)):
+            self._send(part, on_done)

@@ -40,10 +40,10 @@ from typing import Any
 import cloudpickle
 
 from papy._errors import PoolError, WorkerCrashed
-from papy._items import Failure, failure_from_exception, qualified_type
+from papy._items import qualified_type
 from papy._task import TaskResult
-from papy.pools._base import Pool, Task
-from papy.pools._worker import dumps, frame, qualified_name, unframe, unpicklable, worker_main
+from papy.pools._base import Pool, Task, merge_parts
+from papy.pools._worker import dumps, fail_unpicklable, frame, unframe, worker_main
 
 log = logging.getLogger("papy")
 
@@ -87,32 +87,10 @@ class _Worker:
 
 def _split(job: _Job, parts: list[Task], crashes: int) -> list[_Job]:
     """Replace a job by jobs for ``parts``; the original completes when all parts do."""
-    results: list[TaskResult | None] = [None] * len(parts)
-    remaining = [len(parts)]
-    lock = threading.Lock()
-
-    def part_done(i: int, result: TaskResult) -> None:
-        with lock:
-            results[i] = result
-            remaining[0] -= 1
-            finished = remaining[0] == 0
-        if finished:
-            merged = TaskResult([], [])
-            for r in results:
-                merged.extend(r)  # type: ignore[arg-type]
-            job.done(merged)
-
-    def on_part(i: int) -> Callable[[TaskResult], None]:
-        return lambda r: part_done(i, r)
-
-    return [_Job(part, on_part(i), crashes) for i, part in enumerate(parts)]
-
-
-def _sub_task(task: Task, start: int, stop: int) -> Task:
-    jkeys = task.jkeys[start:stop] if task.jkeys is not None else None
-    return Task(
-        task.spec, task.keys[start:stop], task.values[start:stop], task.timeout, jkeys, task.dirty
-    )
+    return [
+        _Job(part, on_done, crashes)
+        for part, on_done in zip(parts, merge_parts(len(parts), job.done))
+    ]
 
 
 class ProcessPool(Pool):
@@ -318,19 +296,15 @@ class ProcessPool(Pool):
             return dumps(task.values)
         except Exception:
             pass
-        # Fail only the items that cannot travel, naming their type.
-        values = []
-        name = task.first_stage()
-        for key, value in zip(task.keys, task.values):
-            exc = None if type(value) is Failure else unpicklable(value)
-            if exc is None:
-                values.append(value)
-            else:
-                err = TypeError(
-                    f"the item of type {qualified_name(value)} cannot be sent to a worker "
-                    f"process ({qualified_type(exc)}: {exc}); use a ThreadPool for this node"
-                )
-                values.append(failure_from_exception(name, key, err, value))
+        values = fail_unpicklable(
+            task.first_stage(),
+            task.keys,
+            task.values,
+            lambda value, exc: (
+                f"the item of type {qualified_type(value)} cannot be sent to a worker "
+                f"process ({qualified_type(exc)}: {exc}); use a ThreadPool for this node"
+            ),
+        )
         task.values = values
         task.dirty = True  # the worker must skip the items that could not travel
         return dumps(values)
@@ -489,11 +463,11 @@ class ProcessPool(Pool):
                     )
                 )
                 return []
-            return _split(job, [_sub_task(task, i, i + 1) for i in range(n)], 0)
+            return _split(job, [task.slice(i, i + 1) for i in range(n)], 0)
         crashes = job.crashes + 1
         if n > 1:
             half = n // 2
-            return _split(job, [_sub_task(task, 0, half), _sub_task(task, half, n)], 0)
+            return _split(job, [task.slice(0, half), task.slice(half, n)], 0)
         if crashes < 2:
             job.crashes = crashes
             return [job]
