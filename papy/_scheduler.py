@@ -27,10 +27,8 @@ import operator
 import os
 import queue
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import deque
@@ -41,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from papy._errors import ItemFailed, PapyError, PoolError, RunAborted
 from papy._graph import Step, build_steps, scatter_stacks, topological_order
+from papy._interrupt import trap_signals
 from papy._items import Failure, Key, child_key, parent_key
 from papy._journal import Journal, JournalSpec
 from papy._observe import Observer, Timeline
@@ -371,7 +370,7 @@ class Scheduler:
         """Run the pipeline over ``items``; yield the output node's results."""
         it = iter(items)
         error: BaseException | None = None
-        restore = _trap_sigterm()
+        restore = trap_signals()
         try:
             self._setup()
             prof = self.profile
@@ -879,28 +878,3 @@ class RunIterator(Iterator[Any]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _trap_sigterm() -> Callable[[], None]:
-    """Turn SIGTERM into KeyboardInterrupt during a run, so it shuts down cleanly."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous not in (signal.SIG_DFL, None):
-            return lambda: None  # the application handles SIGTERM itself
-
-        def handler(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt("SIGTERM")
-
-        signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):
-        return lambda: None
-
-    def restore() -> None:
-        try:
-            signal.signal(signal.SIGTERM, previous)
-        except (ValueError, OSError):
-            pass
-
-    return restore
