@@ -121,6 +121,11 @@ class _StepState:
             self.inbox.append((keys, values, dirty))
             self.ready += len(keys)
 
+    def oldest(self) -> int:
+        """Return the input position of the first waiting item (the inbox must not be empty)."""
+        key = self.inbox[0][0][self._offset]
+        return key if isinstance(key, int) else key[0]
+
     def take(self, n: int) -> tuple[Sequence[Key], list[Any], bool]:
         """Cut the next ``n`` waiting items (fewer if fewer wait) off the inbox.
 
@@ -295,6 +300,7 @@ class Scheduler:
         self._pool_out: dict[int, int] = {id(p): 0 for p in pools.values()}
         self._pools = {id(p): p for p in pools.values()}
         self._sources = [st for st in self.states if not st.step.head.parents]
+        self._dispatch_order = list(reversed(self.states))  # ties: downstream first
         stacks = {}
         for s in self.steps:
             for i, n in enumerate(s.nodes):
@@ -576,22 +582,36 @@ class Scheduler:
         return out
 
     def _dispatch(self) -> None:
+        """Submit batches while pools have room, oldest items first across all steps.
+
+        A pool shared by several steps serves the step whose oldest waiting item was
+        admitted first (ties go downstream, which drains the pipeline and keeps memory
+        low), so sibling branches advance together and a join or a sink sees a steady
+        stream from the start. Full batches go first; a partial batch only to a pool with
+        an idle worker.
+        """
         pool_out = self._pool_out
+        states = self._dispatch_order
         for partial in (False, True):
-            for st in reversed(self.states):
-                if not st.ready:
-                    continue
-                pool = st.pool
-                pid = id(pool)
-                limit = pool.workers * pool.prefetch
-                while st.ready and pool_out[pid] < limit:
-                    n = st.batch
-                    if st.ready < n:
-                        if not partial or pool_out[pid] >= pool.workers:
-                            break
-                        n = st.ready
-                    keys, values, dirty = st.take(n)
-                    self._submit(st, keys, values, dirty)
+            while True:
+                best: _StepState | None = None
+                best_age = 0
+                for st in states:
+                    if not st.ready:
+                        continue
+                    pool = st.pool
+                    out = pool_out[id(pool)]
+                    if out >= pool.workers * pool.prefetch:
+                        continue
+                    if st.ready < st.batch and (not partial or out >= pool.workers):
+                        continue
+                    age = st.oldest()
+                    if best is None or age < best_age:
+                        best, best_age = st, age
+                if best is None:
+                    break
+                keys, values, dirty = best.take(min(best.batch, best.ready))
+                self._submit(best, keys, values, dirty)
 
     def _submit(self, st: _StepState, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         jkeys = self._jkeys(keys) if st.step.spec.journal is not None else None
