@@ -388,7 +388,7 @@ class Scheduler:
             self.admitted,
             self.failed,
             self.stats,
-            self._workers,
+            {n.name: s.pool.workers for s in self.steps for n in s.nodes},  # as they ended
             timeline=self.timeline.samples if self.timeline else None,
             skipped=self.skipped,
             driver=self._driver_profile(),

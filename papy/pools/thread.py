@@ -15,6 +15,14 @@ stopped.
 
 The pool's threads hold no reference to the :class:`ThreadPool` object itself, so a pool
 that is never closed is closed when it is garbage-collected, and at interpreter exit.
+
+``ThreadPool()`` with no worker count sizes itself: it starts with ``min(32, cores + 4)``
+threads and adds one whenever a task waits for a thread while the pool's threads together
+use less than half a core (they wait on I/O, sleeps, external programs: measured as their
+CPU time over wall time), up to ``MAX_AUTO_WORKERS``; threads idle for ``IDLE_S`` seconds
+leave again.
+So an I/O node keeps a CPU node fed without a hand-tuned count, and CPU-bound Python code
+(which holds the GIL) does not get threads that could only wait for it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,13 @@ log = logging.getLogger("papy")
 #: Seconds between two checks of the watchdog: a late item is found within its node's
 #: timeout plus this.
 _TICK_S = 0.05
+#: Most threads a self-sizing ``ThreadPool()`` grows to.
+MAX_AUTO_WORKERS = 128
+#: Seconds a thread of a self-sizing pool stays idle before it leaves.
+IDLE_S = 10.0
+#: CPU the pool's threads use together (in cores) below which more threads help: above
+#: it they compete for the GIL, and another thread would only wait for it.
+_CPU_BOUND = 0.5
 
 
 class _ItemClock(Tracker):
@@ -71,8 +86,14 @@ class _Running:
 class _State:
     """Everything the pool's threads share; the threads never see the ThreadPool itself."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, floor: int | None = None) -> None:
         self.name = name
+        #: self-sizing pools: fewest threads kept (None: a fixed-size pool)
+        self.floor = floor
+        self.size = 0  # threads that take tasks (abandoned ones excluded)
+        self.idle = 0  # threads waiting for a task
+        self.cpu_s = 0.0  # CPU seconds used by finished tasks, all threads together
+        self.tasks_done = 0
         self.queue: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.timed: set[_Running] = set()  # running tasks that have a timed stage
@@ -82,6 +103,7 @@ class _State:
         self.watchdog: threading.Thread | None = None
 
     def spawn(self) -> None:
+        self.size += 1
         t = threading.Thread(
             target=_work, args=(self,), name=f"{self.name}-{next(self.counter)}", daemon=True
         )
@@ -111,7 +133,20 @@ class _State:
 
 def _work(state: _State) -> None:
     while True:
-        running = state.queue.get()
+        with state.cond:
+            state.idle += 1
+        try:
+            running = state.queue.get(timeout=IDLE_S) if state.floor else state.queue.get()
+        except queue.Empty:
+            with state.cond:
+                if state.size > state.floor:  # type: ignore[operator]
+                    state.idle -= 1
+                    state.size -= 1
+                    return  # a self-sizing pool gives back a thread it no longer needs
+                state.idle -= 1
+            continue
+        with state.cond:
+            state.idle -= 1
         if running is None:
             return
         if not _run_one(state, running):
@@ -129,6 +164,7 @@ def _run_one(state: _State, running: _Running) -> bool:
     timed = any(s.timeout is not None for s in task.spec.stages)
     if timed:
         _watch(state, running)
+    cpu = time.thread_time()
     try:
         result: TaskResult | None = run_task(
             task.spec,
@@ -141,6 +177,11 @@ def _run_one(state: _State, running: _Running) -> bool:
         error: BaseException | None = None
     except BaseException as exc:  # keep the thread alive; the task reports it
         result, error = None, exc
+    if state.floor:
+        cpu = time.thread_time() - cpu
+        with state.cond:
+            state.cpu_s += cpu
+            state.tasks_done += 1
     with running.lock:
         if running.finished:
             return False  # abandoned: a replacement thread already took its place
@@ -206,6 +247,8 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
         limit,
     )
     if not state.closed:
+        with state.cond:
+            state.size -= 1  # the abandoned thread no longer takes tasks
         state.spawn()  # before re-running, so the pool is whole when seen
     values = list(task.values)
     late = range(index, min(len(values), index + max(1, count)))
@@ -226,7 +269,12 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
 
 
 class ThreadPool(Pool):
-    """Run tasks on ``workers`` threads (default: ``min(32, cores + 4)``)."""
+    """Run tasks on ``workers`` threads; with no count, size the pool from its load.
+
+    ``workers=None`` starts ``min(32, cores + 4)`` threads and grows up to
+    ``MAX_AUTO_WORKERS`` while tasks wait for a thread and mostly wait on I/O themselves
+    (see the module docstring); ``workers`` then reads the current size.
+    """
 
     kind = "thread"
     item_timeouts = True
@@ -235,8 +283,13 @@ class ThreadPool(Pool):
         super().__init__()
         if workers is not None and workers < 1:
             raise ValueError(f"ThreadPool needs at least one worker, got {workers}")
-        self.workers = workers or min(32, (os.cpu_count() or 1) + 4)
-        self._state = _State(name)
+        floor = min(32, (os.cpu_count() or 1) + 4)
+        self.workers = workers or floor
+        self.autoscale = workers is None
+        self._state = _State(name, floor if self.autoscale else None)
+        self._sampled = time.perf_counter()
+        self._cpu_seen = 0.0
+        self._cpu_rate = 0.0
 
     def _start(self) -> None:
         for _ in range(self.workers):
@@ -245,7 +298,24 @@ class ThreadPool(Pool):
 
     def _submit(self, task: Task) -> Future[TaskResult]:
         fut: Future[TaskResult] = Future()
-        self._state.queue.put(_Running(task, fut))
+        state = self._state
+        state.queue.put(_Running(task, fut))
+        if self.autoscale:
+            now = time.perf_counter()
+            with state.cond:
+                if now - self._sampled >= 0.05:  # the threads' CPU use, in cores
+                    self._cpu_rate = (state.cpu_s - self._cpu_seen) / (now - self._sampled)
+                    self._sampled, self._cpu_seen = now, state.cpu_s
+                grow = (
+                    state.idle == 0
+                    and state.tasks_done > 0
+                    and self._cpu_rate < _CPU_BOUND
+                    and state.size < MAX_AUTO_WORKERS
+                    and not state.closed
+                )
+                if grow:
+                    state.spawn()
+                self.workers = state.size
         return fut
 
     def _close(self) -> None:
