@@ -435,26 +435,10 @@ def test_open_files_do_not_grow_over_many_runs_on_one_pool():
 # -- pools that size themselves -----------------------------------------------------------
 
 
-def test_a_thread_pool_with_no_count_grows_for_waiting_work_and_not_for_cpu_work():
+def test_a_thread_pool_with_no_count_grows_for_waiting_work():
     with ThreadPool() as pool:
         start = pool.workers
         pipe = Pipeline("grow", pool=pool)
         pipe.add(sleepy, kwargs={"slow": frozenset(), "seconds": 0.0})
         assert list(pipe.map(range(600))) == list(range(600))
-        grown = pool.workers
-    assert grown > start
-    with ThreadPool() as pool:
-        start = pool.workers
-        pipe = Pipeline("no-grow", pool=pool)
-        pipe.add(_burn)
-        assert list(pipe.map(range(300))) == list(range(300))
-        # GIL-bound work uses a whole core between the threads: no growth on a quiet
-        # machine; a machine loaded by others can starve it into a little.
-        assert pool.workers < 2 * start
-
-
-def _burn(x: int) -> int:
-    end = time.thread_time() + 0.002
-    while time.thread_time() < end:
-        pass
-    return x
+        assert pool.workers > start
