@@ -49,7 +49,9 @@ RAISES: dict[str, type[BaseException]] = {
 
 def type_name(cls: type) -> str:
     """Return the name a Failure must give for an exception class (module-qualified)."""
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 def exc_type_of(fault: str) -> str:
