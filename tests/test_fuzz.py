@@ -449,6 +449,13 @@ REGRESSIONS: list[dict[str, Any]] = [
         "nodes": [{}, {"after": [0], "fault": ["crash", 2, 0]}],
         "inputs": [1, 2, 3],
     },
+    # A crash in the first node of a fused chain: the node after it did not count the item
+    # (report "in" 2 for 3), though the Failure passed through it.
+    {
+        "pools": [["process", 1]],
+        "nodes": [{"fault": ["crash", 2, 1]}, {"after": [0]}],
+        "inputs": [1, 2, 3],
+    },
     # timeout= on an InlinePool node ran (and read the input) instead of a GraphError.
     {"pools": [["inline", 1]], "nodes": [{"timeout": True}], "inputs": [1]},
     {
