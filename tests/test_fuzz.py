@@ -237,6 +237,35 @@ def faults_used(graph: dict[str, Any]) -> set[str]:
     return used
 
 
+def graph_features(graph: dict[str, Any]) -> list[str]:
+    """Name the shapes a description has, for Hypothesis' statistics (coverage at a glance)."""
+    nodes = graph["nodes"]
+    depth = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        d = depth[n["after"][0]] if n["after"] else 0
+        d -= 1 if n["gather"] else 0
+        d += 1 if n["scatter"] is not None else 0
+        depth[i] = d
+    found = {
+        "several sources": sum(not n["after"] for n in nodes) > 1,
+        "join": any(len(n["after"]) > 1 for n in nodes),
+        "gather": any(n["gather"] for n in nodes),
+        "empty scatter": any(n["scatter"] and 0 in n["scatter"] for n in nodes),
+        "large scatter": any(n["scatter"] and max(n["scatter"]) >= 40 for n in nodes),
+        "scatter nested 3 deep": max(depth, default=0) >= 3,
+        "batched": any(n["batched"] for n in nodes),
+        "unordered output": not nodes[graph["output"]]["ordered"],
+        "pool shared by nodes": len({pool_kind_index(n) for n in nodes}) < len(nodes),
+        "several pools": len({pool_kind_index(n) for n in nodes}) > 1,
+    }
+    return [name for name, present in found.items() if present]
+
+
+def pool_kind_index(node: dict[str, Any]) -> int:
+    """Return the index of the pool a node runs on (the pipeline's, pool 0, by default)."""
+    return int(node["pool"]) if node["pool"] is not None else 0
+
+
 def pool_kind(graph: dict[str, Any], node: dict[str, Any]) -> str:
     """Return the kind of pool a node of a description runs on."""
     return str(graph["pools"][node["pool"] if node["pool"] is not None else 0][0])
@@ -357,6 +386,8 @@ def check(graph: dict[str, Any]) -> None:
             event(f"fault {kind}")
         for kind in sorted({k for k, _ in graph["pools"]}):
             event(f"pool {kind}")
+        for feature in graph_features(graph):
+            event(feature)
     nodes = graph["nodes"]
     out_node = nodes[graph["output"]]
     out_name = f"n{graph['output']}"
