@@ -85,7 +85,7 @@ MAX_FAN = 60  # at most this many sub-items per input item below nested scatters
 
 settings.register_profile(
     "papy-ci",
-    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "200")),
     deadline=None,
     derandomize=True,  # the same examples on every run: CI is reproducible
     database=None,
@@ -140,12 +140,12 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
                 after += draw(st.lists(st.sampled_from(mates), min_size=1, max_size=2, unique=True))
         stack = stacks[after[0]] if after else ()
         fan = fans[after[0]] if after else 1
-        gather = len(after) == 1 and bool(stack) and draw(st.booleans())
+        gather = len(after) == 1 and bool(stack) and draw(st.integers(0, 2)) == 0
         if gather:
             stack = stack[:-1]
             fan = 1 if not stack else fan  # an upper bound is enough
         scatter = None
-        if len(stack) < 3 and draw(st.integers(0, 2)) == 0:
+        if len(stack) < 3 and draw(st.booleans()):
             sizes = [s for s in (0, 1, 2, 3, 5, 40) if fan * s <= MAX_FAN]
             scatter = draw(st.lists(st.sampled_from(sizes), min_size=1, max_size=3))
             stack = (*stack, i)
@@ -188,7 +188,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
         )
         stacks.append(stack)
         fans.append(fan)
-    inputs = draw(st.lists(values, max_size=8))
+    inputs = draw(st.lists(values, min_size=1, max_size=8))
     input_error_at = None
     if "input_error" in ENABLED_FAULTS:
         input_error_at = draw(st.none() | st.integers(0, len(inputs)))
