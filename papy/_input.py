@@ -108,8 +108,8 @@ class ThreadedInput:
                 self._outstanding += n
                 self._cond.notify()
             self._woken = False
-            chunk = list(self._buf)
-            self._buf.clear()
+            buf = self._buf
+            chunk = [buf.popleft() for _ in range(len(buf))]
             self._outstanding -= len(chunk)
             if self.done:
                 self._outstanding = 0
@@ -140,13 +140,14 @@ class ThreadedInput:
                 except BaseException as exc:  # the input's own error, raised after the rest
                     self._finish(exc)
                     return
-                with self._cond:
-                    if self._closed:
-                        return
-                    self._buf.append(item)
-                    notify = not self._woken
+                if self._closed:
+                    return
+                # deque.append and the flag are atomic: the scheduler clears the flag
+                # before it drains the deque, so an item appended after a drain always
+                # finds the flag clear and wakes it.
+                self._buf.append(item)
+                if not self._woken:
                     self._woken = True
-                if notify:
                     self._wake()
 
     def _finish(self, error: BaseException | None) -> None:
