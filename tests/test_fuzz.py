@@ -29,6 +29,9 @@ The contract checked, for every graph, pool and setting:
 - When the input iterator raises part-way, every output of the items read before the
   error is delivered (to ``map()``'s caller and to ``run()``'s sinks), then the input's
   own exception is raised.
+- A node with ``on_error="raise"`` that fails on an item stops the run with ``RunAborted``
+  carrying a Failure of such a node (crashes and timeouts included), from ``map()`` and
+  ``run()`` alike.
 - A node with ``timeout=`` on an ``InlinePool`` (the caller's thread cannot be
   interrupted) is refused with ``GraphError`` naming the node, before any input is read.
 - When the pools are closed, no child process is left.
@@ -57,7 +60,16 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from reference import TIMEOUT_S, Fail, FuzzInputError
 
-from papy import Failure, GraphError, InlinePool, Pipeline, Pool, ProcessPool, ThreadPool
+from papy import (
+    Failure,
+    GraphError,
+    InlinePool,
+    Pipeline,
+    Pool,
+    ProcessPool,
+    RunAborted,
+    ThreadPool,
+)
 
 #: every fault kind the fuzzer knows: raised by a node, acted by a node, or by the input
 ALL_FAULTS = frozenset(
@@ -68,6 +80,7 @@ ALL_FAULTS = frozenset(
         "short",  # a batched=True node returns fewer results than items
         "input_error",  # the input iterator raises part-way
         "inline_timeout",  # timeout= on an InlinePool node must be a GraphError
+        "on_error",  # a node with on_error="raise" fails: the run stops with RunAborted
     }
 )
 #: fault kinds the engine is expected to handle today; the others are not generated (and
@@ -185,6 +198,11 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
                 "ordered": draw(st.booleans()),
                 "timeout": timeout,
                 "fault": fault,
+                "on_error": (
+                    fault is not None
+                    and "on_error" in ENABLED_FAULTS
+                    and draw(st.integers(0, 5)) == 0
+                ),
             }
         )
         stacks.append(stack)
@@ -213,6 +231,7 @@ NODE_DEFAULTS: dict[str, Any] = {
     "ordered": True,
     "timeout": False,
     "fault": None,
+    "on_error": False,
 }
 GRAPH_DEFAULTS: dict[str, Any] = {"buffer": None, "output": -1, "input_error_at": None}
 
@@ -235,6 +254,8 @@ def faults_used(graph: dict[str, Any]) -> set[str]:
             used.add("inline_timeout")
     if graph["input_error_at"] is not None:
         used.add("input_error")
+    if any(n["on_error"] for n in graph["nodes"]):
+        used.add("on_error")
     return used
 
 
@@ -300,6 +321,7 @@ def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
             gather=node["gather"],
             batched=node["batched"],
             timeout=TIMEOUT_S if node["timeout"] else None,
+            on_error="raise" if node["on_error"] else "continue",
         )
     return pipe
 
@@ -394,7 +416,6 @@ def check(graph: dict[str, Any]) -> None:
         for feature in graph_features(graph):
             event(feature)
     nodes = graph["nodes"]
-    out_node = nodes[graph["output"]]
     out_name = f"n{graph['output']}"
     error_at = graph["input_error_at"]
     inputs = graph["inputs"]
@@ -404,6 +425,8 @@ def check(graph: dict[str, Any]) -> None:
     refused = [
         f"n{i}" for i, n in enumerate(nodes) if n["timeout"] and pool_kind(graph, n) == "inline"
     ]
+    # on_error="raise" nodes that fail on some item: the run must stop with RunAborted
+    aborting = {f"n{i}" for i, n in enumerate(nodes) if n["on_error"] and want.failed[f"n{i}"]}
     if in_test:
         for i, n in enumerate(nodes):
             if want.failed[f"n{i}"]:
@@ -427,30 +450,22 @@ def check(graph: dict[str, Any]) -> None:
                     run(src)
                 assert src.read == 0, "input was read before the graph was refused"
                 assert any(name in str(info.value) for name in refused), info.value
-            return
-
-        # map(): every output and Failure, then the input's own error if it has one.
-        src = Source(inputs, error_at)
-        outputs = pipe.map(src, output=out_name, errors="yield")
-        got: list[Any] = []
-        with contextlib.ExitStack() as guard:
+        elif aborting:
+            # Which failure stops the run first depends on timing; that one does, and the
+            # run stops (an input error may come first when the input raises too).
+            expected: tuple[type[BaseException], ...] = (RunAborted,)
             if error_at is not None:
-                guard.enter_context(pytest.raises(FuzzInputError))
-            for v in outputs:
-                got.append(v)
-        assert src.read == read
-        compare_outputs(got, want_outputs, out_node["ordered"])
-        compare_report(outputs.report, want, read, "map()")
-
-        # run(): every item reaches every node it should, with the same failures.
-        src = Source(inputs, error_at)
-        if error_at is None:
-            report = pipe.run(src)
+                expected = (RunAborted, FuzzInputError)
+            for run in (
+                lambda src: list(pipe.map(src, output=out_name, errors="yield")),
+                lambda src: pipe.run(src),
+            ):
+                with pytest.raises(expected) as stopped:
+                    run(Source(inputs, error_at))
+                if isinstance(stopped.value, RunAborted):
+                    assert stopped.value.failure.node in aborting, stopped.value
         else:
-            with pytest.raises(FuzzInputError):
-                pipe.run(src)
-            report = pipe.last_report
-        compare_report(report, want, read, "run()")
+            exercise(pipe, graph, want)
 
     deadline = time.monotonic() + 10
     while True:
@@ -459,6 +474,38 @@ def check(graph: dict[str, Any]) -> None:
             break
         time.sleep(0.05)
     assert not left, f"child processes left after the pools closed: {left}"
+
+
+def exercise(pipe: Pipeline, graph: dict[str, Any], want: reference.Expected) -> None:
+    """Run ``pipe`` with map() and run() and compare both with the reference's ``want``."""
+    out_node = graph["nodes"][graph["output"]]
+    out_name = f"n{graph['output']}"
+    error_at = graph["input_error_at"]
+    inputs = graph["inputs"]
+    read = len(inputs) if error_at is None else error_at
+    want_outputs = [v for per_position in want.outputs for v in per_position]
+    # map(): every output and Failure, then the input's own error if it has one.
+    src = Source(inputs, error_at)
+    outputs = pipe.map(src, output=out_name, errors="yield")
+    got: list[Any] = []
+    with contextlib.ExitStack() as guard:
+        if error_at is not None:
+            guard.enter_context(pytest.raises(FuzzInputError))
+        for v in outputs:
+            got.append(v)
+    assert src.read == read
+    compare_outputs(got, want_outputs, out_node["ordered"])
+    compare_report(outputs.report, want, read, "map()")
+
+    # run(): every item reaches every node it should, with the same failures.
+    src = Source(inputs, error_at)
+    if error_at is None:
+        report = pipe.run(src)
+    else:
+        with pytest.raises(FuzzInputError):
+            pipe.run(src)
+        report = pipe.last_report
+    compare_report(report, want, read, "run()")
 
 
 # Counterexamples the fuzzer found, kept as regressions (see each comment for what was wrong).
