@@ -19,14 +19,14 @@ from __future__ import annotations
 import abc
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
 from papy._items import Failure, Key, failure_from_exception
-from papy._task import StepSpec, TaskResult
+from papy._task import StageStats, StepSpec, TaskResult
 
 
 @dataclass
@@ -72,13 +72,26 @@ class Task:
     def fail_all(
         self, exc: BaseException, node: str | None = None, attempts: int = 1
     ) -> TaskResult:
-        """Return a result in which every still-good item failed with ``exc``."""
+        """Return a result in which every still-good item failed with ``exc`` in ``node``.
+
+        ``node`` (default: the step's first node) is where the items failed; the result
+        carries the statistics of every stage of the step, so the failures count in the
+        report and ``on_error="raise"`` sees them, as for a failure raised by a function.
+        """
         name = node or self.first_stage()
         values = [
             v if type(v) is Failure else failure_from_exception(name, k, exc, v, attempts)
             for k, v in zip(self.keys, self.values)
         ]
-        return TaskResult(values, [], dirty=True)
+        n = len(values)
+        stats = [StageStats(n_in=n) for _ in self.spec.stages]
+        for st, stage in zip(stats, self.spec.stages):
+            if stage.name == name:
+                failed = [f for f, v in zip(values, self.values) if f is not v]
+                st.n_failed = len(failed)
+                st.first_failure = failed[0] if failed else None
+                break
+        return TaskResult(values, stats, dirty=True)
 
 
 def merge_parts(n: int, done: Callable[[TaskResult], None]) -> list[Callable[[TaskResult], None]]:
@@ -160,6 +173,15 @@ class Pool(abc.ABC):
             started = self._started
         if started:
             self._close()
+
+    def release(self, spec_ids: Iterable[str]) -> None:
+        """Forget the functions of the steps ``spec_ids``, whose run ended.
+
+        A long-lived pool serves many runs; the scheduler calls this at the end of each run
+        so a pool that caches functions (in itself or in its workers) does not keep every
+        run's functions forever. The default does nothing.
+        """
+        return None
 
     def describe(self) -> str:
         """Return the label used in reports and drawings, such as ``processx2``."""
