@@ -398,11 +398,32 @@ def _task_failure(spec: StepSpec, keys: Any, values: Any, exc: BaseException) ->
     return TaskResult(out, stats, dirty=True)
 
 
+def _redirect_output(outputs: tuple[Connection, Connection] | None) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to the driver.
+
+    The driver prints what arrives line by line, above its live display, so output of
+    node functions (and of anything they start) reaches the terminal whole.
+    """
+    if outputs is None:
+        return
+    for fd, conn, stream in ((1, outputs[0], sys.stdout), (2, outputs[1], sys.stderr)):
+        try:
+            if stream is not None:
+                stream.flush()
+            os.dup2(conn.fileno(), fd)
+            conn.close()
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(line_buffering=True)
+        except (OSError, ValueError):  # pragma: no cover - keep the inherited streams
+            pass
+
+
 def worker_main(
     conn: Connection,
     initializer: bytes | None = None,
     slot: Any = None,
     driver_pid: int | None = None,
+    outputs: tuple[Connection, Connection] | None = None,
 ) -> None:
     """Receive tasks, run them, send results back, until the pipe closes.
 
@@ -416,6 +437,7 @@ def worker_main(
         os.setpgid(0, 0)
     except OSError:  # pragma: no cover - already a group leader
         pass
+    _redirect_output(outputs)
     _allow_children()
     if driver_pid is not None:
         threading.Thread(
@@ -445,7 +467,9 @@ def worker_main(
             for spec_id in header[1]:
                 specs.pop(spec_id, None)
             continue
-        job_id, spec_id, spec_blob, keys, jkeys, dirty, every_item = header
+        job_id, spec_id, spec_blob, keys, jkeys, dirty, every_item, drop = header
+        for old in drop:  # the driver's cache of this worker's functions is full
+            specs.pop(old, None)
         if spec_blob is not None:
             try:
                 specs[spec_id] = pickle.loads(spec_blob)

@@ -72,6 +72,9 @@ TIMEOUT_GRACE = 0.15
 _TICK = 0.05  # seconds between deadline checks while a timed node runs
 _START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
 _PRELOAD = ["papy.pools._worker", "cloudpickle"]
+#: node functions a worker (and the driver, pickled) keeps at most; older ones are dropped
+#: and sent again if still needed, so a long-lived pool serving many runs stays small
+_SPEC_CACHE = 32
 
 
 def _default_start_method() -> str:
@@ -108,18 +111,83 @@ class _Job:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "jobs", "specs", "send_lock", "dead", "outbox", "slot", "did")
+    __slots__ = (
+        "process",
+        "conn",
+        "jobs",
+        "specs",
+        "send_lock",
+        "dead",
+        "outbox",
+        "slot",
+        "did",
+        "outputs",
+    )
 
-    def __init__(self, process: Any, conn: Connection, slot: Any) -> None:
+    def __init__(self, process: Any, conn: Connection, slot: Any, outputs: list[_Output]) -> None:
         self.process = process
         self.conn = conn
         self.slot = slot
+        self.outputs = outputs
         self.jobs: deque[_Job] = deque()
-        self.specs: set[str] = set()
+        self.specs: dict[str, None] = {}  # spec ids the worker holds, oldest first
         self.send_lock = threading.Lock()
         self.dead = False
         self.did = 0  # tasks completed
         self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+
+class _Output:
+    """One of a worker's output streams, copied line by line to the driver's own stream.
+
+    Complete lines only are written, each in one call, so output of workers never
+    interleaves mid-line and a live display (which redirects the driver's ``sys.stdout``)
+    prints them above itself.
+    """
+
+    __slots__ = ("conn", "name", "partial")
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name  # "stdout" or "stderr"
+        self.partial = b""
+
+    def read(self) -> bool:
+        """Copy what is available; return False at end of file."""
+        try:
+            data = os.read(self.conn.fileno(), 1 << 16)
+        except (OSError, ValueError):
+            data = b""
+        if not data:
+            self.flush()
+            return False
+        data = self.partial + data
+        end = data.rfind(b"\n") + 1
+        self.partial = data[end:]
+        if end:
+            self.write(data[:end])
+        return True
+
+    def flush(self) -> None:
+        if self.partial:
+            self.write(self.partial + b"\n")
+            self.partial = b""
+
+    def write(self, data: bytes) -> None:
+        stream = getattr(sys, self.name)
+        if stream is None:
+            return
+        try:
+            stream.write(data.decode("utf-8", errors="replace"))
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
 
 
 def _parts(job: _Job, parts: list[tuple[Task, int, bool] | TaskResult]) -> list[_Job]:
@@ -196,17 +264,20 @@ class _State:
 
     def spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe(duplex=True)
+        out_r, out_w = self.ctx.Pipe(duplex=False)
+        err_r, err_w = self.ctx.Pipe(duplex=False)
         slot = self.ctx.RawArray("d", _worker.SLOT_SIZE)
         slot[_worker.INDEX] = _worker.UNBORN
         proc = self.ctx.Process(
             target=_worker.worker_main,
-            args=(child, self.initializer, slot, os.getpid()),
+            args=(child, self.initializer, slot, os.getpid(), (out_w, err_w)),
             name="papy-worker",
             daemon=True,  # multiprocessing's exit handler must never wait for a worker
         )
         proc.start()
-        child.close()
-        w = _Worker(proc, parent, slot)
+        for end in (child, out_w, err_w):
+            end.close()
+        w = _Worker(proc, parent, slot, [_Output(out_r, "stdout"), _Output(err_r, "stderr")])
         threading.Thread(
             target=self.send_loop, args=(w,), name="papy-process-pool-send", daemon=True
         ).start()
@@ -241,6 +312,7 @@ class _State:
             _signal_group(w.process.pid, signal.SIGKILL)
             if w.process.is_alive():
                 w.process.join(timeout=1.0)
+            _finish_outputs(w)
         error = PoolError("the pool was closed before the task finished")
         for job in jobs:
             job.done(job.task.fail_all(error))
@@ -271,6 +343,8 @@ class _State:
         if spec.id not in self.spec_blobs:
             try:
                 self.spec_blobs[spec.id] = dumps_code(spec)
+                while len(self.spec_blobs) > _SPEC_CACHE:
+                    del self.spec_blobs[next(iter(self.spec_blobs))]
             except Exception as exc:
                 fut.set_result(
                     task.fail_all(
@@ -321,7 +395,8 @@ class _State:
             for w in self.pool:
                 with w.send_lock:
                     held = [i for i in ids if i in w.specs]
-                    w.specs.difference_update(held)
+                    for i in held:
+                        del w.specs[i]
                 if held:
                     w.outbox.put(("release", held))
 
@@ -352,18 +427,29 @@ class _State:
             with w.send_lock:
                 if w.dead:
                     return  # the manager re-queues the jobs of dead workers
-                blob = None if spec_id in w.specs else self.spec_blobs.get(spec_id)
-                if blob is None and spec_id not in w.specs:
-                    blob = dumps_code(task.spec)  # released while this job waited
-                    self.spec_blobs[spec_id] = blob
+                drop = []
+                if spec_id in w.specs:
+                    blob = None
+                    del w.specs[spec_id]  # most recently used goes last
+                else:
+                    blob = self.spec_blobs.get(spec_id)
+                    if blob is None:  # dropped from the driver's cache meanwhile
+                        blob = dumps_code(task.spec)
+                    while len(w.specs) >= _SPEC_CACHE:
+                        oldest = next(iter(w.specs))
+                        del w.specs[oldest]
+                        drop.append(oldest)
+                w.specs[spec_id] = None
                 keys = _keys(task.keys)
-                header = (job.id, spec_id, blob, keys, task.jkeys, task.dirty, job.track)
-                w.specs.add(spec_id)
+                header = (job.id, spec_id, blob, keys, task.jkeys, task.dirty, job.track, drop)
             try:
                 w.conn.send_bytes(frame(header, body))
             except (OSError, ValueError):
                 return  # the worker died; its sentinel fires and the manager re-queues
             self.pickle_s += time.perf_counter() - t0
+            # Hold nothing while waiting: a task's callbacks reach the scheduler's run and
+            # its pool, which must be free to be collected once the run is over.
+            entry = job = task = header = body = None  # type: ignore[assignment]
 
     def encode_items(self, job: _Job) -> bytes:
         task = job.task
@@ -406,6 +492,8 @@ class _State:
                         self.watched.add(w)
                         sel.register(w.conn, selectors.EVENT_READ, (False, w))
                         sel.register(w.process.sentinel, selectors.EVENT_READ, (True, w))
+                        for out in w.outputs:
+                            sel.register(out.conn, selectors.EVENT_READ, out)
                 try:
                     events = sel.select(_TICK if timed else None)
                 except OSError:
@@ -420,6 +508,10 @@ class _State:
                                 self.wake_r.recv_bytes()
                         except (EOFError, OSError):
                             return
+                        continue
+                    if isinstance(key.data, _Output):
+                        if not key.data.read():
+                            sel.unregister(key.fileobj)
                         continue
                     is_sentinel, w = key.data
                     if w.dead:
@@ -441,7 +533,7 @@ class _State:
     def unwatch(self, w: _Worker) -> None:
         if w in self.watched and self.selector is not None:
             self.watched.discard(w)
-            for obj in (w.conn, w.process.sentinel):
+            for obj in (w.conn, w.process.sentinel, *(out.conn for out in w.outputs)):
                 try:
                     self.selector.unregister(obj)
                 except (KeyError, ValueError, OSError):
@@ -536,6 +628,7 @@ class _State:
             if replace:
                 self.pool.append(self.spawn())
                 self.restarts += 1
+        _finish_outputs(w)
         try:
             w.conn.close()
         except OSError:
@@ -659,6 +752,18 @@ class _State:
                     victims.append(w)
         for w in victims:
             _signal_group(w.process.pid, signal.SIGKILL)
+
+
+def _finish_outputs(w: _Worker) -> None:
+    """Copy what a dead worker still had in its output pipes, then close them."""
+    for out in w.outputs:
+        try:
+            while out.conn.poll(0) and out.read():
+                pass
+        except (OSError, ValueError):
+            pass
+        out.flush()
+        out.close()
 
 
 def _has_timeout(task: Task) -> bool:
