@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import psutil
@@ -372,7 +373,7 @@ _EXIT_MODES = ["return", "raise", "gc", "break", "imap"]
 def test_programs_that_stop_after_one_result_exit_promptly(tmp_path):
     script = tmp_path / "early.py"
     script.write_text(_EARLY_EXIT)
-    n = int(os.environ.get("PAPY_EXIT_PROGRAMS", "20"))
+    n = int(os.environ.get("PAPY_EXIT_PROGRAMS", "10"))
     slow = []
     procs = []
     for i in range(n):
@@ -405,8 +406,38 @@ def test_an_unclosed_pool_is_closed_when_garbage_collected():
     pipe.add(inc)
     assert list(pipe.map(range(10))) == list(range(1, 11))
     pids = pool.pids()
+    collected = weakref.ref(pool)
     del pipe, pool
-    gc.collect()
+    deadline = time.monotonic() + 10
+    while collected() is not None and time.monotonic() < deadline:
+        gc.collect()  # the run's own threads may still be finishing (loaded machine)
+        time.sleep(0.05)
+    assert collected() is None, "the pool is still referenced after its run ended"
+    assert _gone(pids, within=5) == []
+
+
+_UNCLOSED_AT_EXIT = """
+from papy import Pipeline, ProcessPool
+from helpers import inc
+
+if __name__ == "__main__":
+    pool = ProcessPool(2)  # never entered with `with`, never closed: kept alive to the end
+    pipe = Pipeline("open", pool=pool)
+    pipe.add(inc)
+    assert list(pipe.map(range(10))) == list(range(1, 11))
+    print(" ".join(map(str, pool.pids())), flush=True)
+"""
+
+
+def test_an_unclosed_pool_is_closed_at_interpreter_exit(tmp_path):
+    script = tmp_path / "unclosed.py"
+    script.write_text(_UNCLOSED_AT_EXIT)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
     assert _gone(pids, within=5) == []
 
 
