@@ -145,8 +145,7 @@ def _fusable(n: Node, c: Node, pools: dict[str, Pool], keep: set[str]) -> bool:
         and len(c.parents) == 1
         and not n.scatter
         and not c.gather
-        and n.timeout is None
-        and c.timeout is None
+        and (pool.item_timeouts or (n.timeout is None and c.timeout is None))
         and c.batch in (None, n.batch)
         and n.name not in keep
     )

@@ -283,6 +283,14 @@ class Pipeline:
             raise GraphError(f"pipeline {self.name!r} has no nodes; add some with add()")
         order = topological_order(self.nodes)
         scatter_stacks(order)
+        for n in order:
+            pool = n.pool or self.pool
+            if n.timeout is not None and pool is not None and not pool.enforces_timeout:
+                raise GraphError(
+                    f"node {n.name!r} has timeout={n.timeout:g} but runs on {pool!r}, which "
+                    "runs it in the caller's own thread where nothing can interrupt it; give "
+                    "the node a ThreadPool or a ProcessPool"
+                )
         if output is not None:
             try:
                 return self._resolve(output)

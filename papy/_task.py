@@ -355,7 +355,6 @@ def _map_tracked(
             continue
         begin(s, offset + i)
         out.append(_apply_one(stage, k, v))
-    begin(s, -1, 0)
     return out
 
 
@@ -523,6 +522,8 @@ def _run_slice(
                     if st.first_failure is None:
                         st.first_failure = f
             values = out
+        if tracked:
+            tracker.begin(s, -1, 0)  # type: ignore[union-attr]  # the stage's items are done
         if len(values) != n:  # every path above keeps one value per item; never trust it
             raise AssertionError(f"stage {stage.name!r} produced {len(values)} values for {n}")
         dirty = dirty or st.n_failed > 0

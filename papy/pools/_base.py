@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import functools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,8 +33,10 @@ from papy._task import StageStats, StepSpec, TaskResult
 class Task:
     """A batch of items to run through one step.
 
-    ``timeout`` is the per-item limit of the step (seconds) when a node set one; pools that
-    can enforce it do so for the whole task as ``timeout * len(keys)``.
+    ``timeout`` is the per-item limit (seconds) of the step's first node, when it set one;
+    each stage's own limit is in ``spec.stages[i].timeout``. Pools with
+    ``item_timeouts`` time every item from its own start (see :class:`papy._task.Tracker`);
+    the scheduler gives other pools one item per task of a timed node.
     """
 
     spec: StepSpec
@@ -72,25 +74,28 @@ class Task:
     def fail_all(
         self, exc: BaseException, node: str | None = None, attempts: int = 1
     ) -> TaskResult:
-        """Return a result in which every still-good item failed with ``exc`` in ``node``.
+        """Return a result in which every still-good item failed with ``exc``.
 
-        ``node`` (default: the step's first node) is where the items failed; the result
-        carries the statistics of every stage of the step, so the failures count in the
-        report and ``on_error="raise"`` sees them, as for a failure raised by a function.
+        The failures are counted in the statistics of node ``node`` (default: the step's
+        first), so a crash or a timeout shows in the report and stops a run whose node has
+        ``on_error="raise"``, like any other failure.
         """
         name = node or self.first_stage()
-        values = [
-            v if type(v) is Failure else failure_from_exception(name, k, exc, v, attempts)
-            for k, v in zip(self.keys, self.values)
+        values = []
+        first: Failure | None = None
+        fresh = 0
+        for k, v in zip(self.keys, self.values):
+            if type(v) is not Failure:
+                v = failure_from_exception(name, k, exc, v, attempts)
+                fresh += 1
+                first = first or v
+            values.append(v)
+        stats = [
+            StageStats(n_in=fresh, n_failed=fresh, first_failure=first)
+            if s.name == name
+            else StageStats()
+            for s in self.spec.stages
         ]
-        n = len(values)
-        stats = [StageStats(n_in=n) for _ in self.spec.stages]
-        for st, stage in zip(stats, self.spec.stages):
-            if stage.name == name:
-                failed = [f for f, v in zip(values, self.values) if f is not v]
-                st.n_failed = len(failed)
-                st.first_failure = failed[0] if failed else None
-                break
         return TaskResult(values, stats, dirty=True)
 
 
@@ -136,6 +141,12 @@ class Pool(abc.ABC):
     #: cost of a task (messages, wake-ups of the driver's threads, which take CPU from the
     #: workers) is a few percent, short enough to keep workers evenly loaded.
     target_task_s: float = 0.02
+    #: Whether a node's ``timeout`` can be enforced at all (the caller's own thread cannot
+    #: be interrupted, so an InlinePool refuses timed nodes before any work).
+    enforces_timeout: bool = True
+    #: Whether the pool times each item of a task from its own start (through a
+    #: :class:`papy._task.Tracker`); if not, a timed node gets one item per task.
+    item_timeouts: bool = False
 
     def __init__(self) -> None:
         self._closed = False
@@ -174,12 +185,11 @@ class Pool(abc.ABC):
         if started:
             self._close()
 
-    def release(self, spec_ids: Iterable[str]) -> None:
-        """Forget the functions of the steps ``spec_ids``, whose run ended.
+    def release(self, spec_ids: Sequence[str]) -> None:
+        """Forget the steps of a run that ended (their functions and cached state).
 
-        A long-lived pool serves many runs; the scheduler calls this at the end of each run
-        so a pool that caches functions (in itself or in its workers) does not keep every
-        run's functions forever. The default does nothing.
+        Called by the scheduler at the end of every run, so a long-lived pool does not
+        keep every function it ever ran. The default keeps nothing, so does nothing.
         """
         return None
 

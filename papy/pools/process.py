@@ -796,6 +796,7 @@ class ProcessPool(Pool):
 
     kind = "process"
     target_task_s = 0.05
+    item_timeouts = True  # the worker's slot times every item from its own start
 
     def __init__(
         self,
