@@ -685,7 +685,7 @@ class _State:
                 f"item exceeded the node's timeout of {limit:g} s; "
                 "its worker was killed and replaced"
             )
-            failed = task.slice(i, i + c).fail_all(error, stages[s].name)
+            failed = _fail_in(task.slice(i, i + c), error, s)
             parts: list[tuple[Task, int, bool] | TaskResult] = []
             if i > 0:
                 parts.append((task.slice(0, i), 0, False))
@@ -699,11 +699,7 @@ class _State:
             c = min(c, n - i)
             if c >= n:
                 if crashes >= 2:
-                    job.done(
-                        task.fail_all(
-                            WorkerCrashed(_describe_exit(code), code), stages[s].name, crashes
-                        )
-                    )
+                    job.done(_fail_in(task, WorkerCrashed(_describe_exit(code), code), s, crashes))
                     return []
                 job.crashes, job.track = crashes, True
                 return [job]
@@ -716,7 +712,7 @@ class _State:
             return _parts(job, parts)
         if n == 1:
             if crashes >= 2:
-                job.done(task.fail_all(WorkerCrashed(_describe_exit(code), code), None, crashes))
+                job.done(_fail_in(task, WorkerCrashed(_describe_exit(code), code), 0, crashes))
                 return []
             job.crashes, job.track = crashes, True
             return [job]
@@ -764,6 +760,19 @@ def _finish_outputs(w: _Worker) -> None:
             pass
         out.flush()
         out.close()
+
+
+def _fail_in(task: Task, exc: BaseException, stage: int, attempts: int = 1) -> TaskResult:
+    """Return ``task`` failed with ``exc`` in stage ``stage``, counted as a run counts it.
+
+    Every stage of the step counts the items in (a Failure passes through the stages
+    after the one it failed in, as it would in the worker), and stage ``stage`` counts
+    them failed, so the report and ``on_error="raise"`` see the crash or the timeout.
+    """
+    result = task.fail_all(exc, task.spec.stages[stage].name, attempts)
+    for st in result.stats:
+        st.n_in = len(task)
+    return result
 
 
 def _has_timeout(task: Task) -> bool:
