@@ -67,8 +67,10 @@ from papy.pools._worker import dumps, dumps_code, fail_unpicklable, frame, read_
 log = logging.getLogger("papy")
 
 _PER_WORKER = 2  # tasks a worker holds at once: one running, one queued in its pipe
-#: seconds past an item's limit within which the pool notices it and kills the worker
-TIMEOUT_GRACE = 0.15
+#: seconds past an item's limit within which the pool notices it and kills the worker: the
+#: slots are read every ``_TICK`` and a limit is passed by a ``_TICK`` of slack (an item is
+#: never cut short before its limit); the rest is margin for a loaded machine
+TIMEOUT_GRACE = 0.25
 _TICK = 0.05  # seconds between deadline checks while a timed node runs
 _START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
 _PRELOAD = ["papy.pools._worker", "cloudpickle"]
