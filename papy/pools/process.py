@@ -344,9 +344,7 @@ class _State:
         spec = task.spec
         if spec.id not in self.spec_blobs:
             try:
-                self.spec_blobs[spec.id] = dumps_code(spec)
-                while len(self.spec_blobs) > _SPEC_CACHE:
-                    del self.spec_blobs[next(iter(self.spec_blobs))]
+                blob = dumps_code(spec)
             except Exception as exc:
                 fut.set_result(
                     task.fail_all(
@@ -357,6 +355,10 @@ class _State:
                     )
                 )
                 return fut
+            with self.lock:
+                self.spec_blobs[spec.id] = blob
+                while len(self.spec_blobs) > _SPEC_CACHE:
+                    self.spec_blobs.pop(next(iter(self.spec_blobs)), None)
         self.enqueue([_Job(task, done, fut)])
         return fut
 
@@ -390,7 +392,7 @@ class _State:
             self.wake()  # the manager must start watching deadlines
 
     def release(self, spec_ids: Iterable[str]) -> None:
-        ids = [i for i in spec_ids if i in self.spec_blobs]
+        ids = list(spec_ids)
         with self.lock:
             for spec_id in ids:
                 self.spec_blobs.pop(spec_id, None)
@@ -635,7 +637,7 @@ class _State:
             w.conn.close()
         except OSError:
             pass
-        if self.closed:
+        if self.closed or (self.broken is not None and not lost):
             return
         if not replace and self.broken is None:
             self.break_pool(
