@@ -177,6 +177,10 @@ class _Output:
 
     def write(self, data: bytes) -> None:
         stream = getattr(sys, self.name)
+        if self.name == "stderr" and type(sys.stdout).__name__ == "FileProxy":
+            # A live display (rich) is drawn on the terminal and proxies stdout only:
+            # route error lines through it too, so they print above the display.
+            stream = sys.stdout
         if stream is None:
             return
         try:
