@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench system clean
+.PHONY: demo test lint typecheck pytest bench soak system clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# The long versions of the process-pool resource tests: 200 programs that stop after one
+# result must all exit promptly; 1,000 runs on one pool must leave no trace.
+soak: $(STAMP)
+	PAPY_EXIT_PROGRAMS=200 PAPY_POOL_RUNS=1000 $(BIN)/python -m pytest -q \
+	  tests/test_process_pool.py -k "exit_promptly or leave_no_trace"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -85,12 +85,9 @@ class Failure:
     def __reduce__(self) -> tuple[Any, ...]:
         # The exception may not pickle (custom __init__, unpicklable attributes): keep the
         # text either way so the Failure itself always crosses process boundaries.
-        exc = self.exception
+        exc: Any = self.exception
         if exc is not None:
-            try:
-                pickle.loads(pickle.dumps(exc))
-            except Exception:
-                exc = None
+            exc = _travelling(exc)
         return (
             Failure,
             (
@@ -104,6 +101,46 @@ class Failure:
                 self.attempts,
             ),
         )
+
+
+class _ExceptionState:
+    """Carry an exception whose class cannot be rebuilt by calling it with ``args``.
+
+    Pickle rebuilds an exception as ``cls(*exc.args)``, which fails for a class whose
+    ``__init__`` takes other arguments than its message. This rebuilds it the way an
+    instance is restored: without calling ``__init__``, then setting its ``args`` and
+    attributes, so ``except MyError`` and ``err.field`` work on the driver's side.
+    """
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return (_rebuild_exception, (type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
+
+
+def _rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    if state:
+        exc.__dict__.update(state)
+    return exc
+
+
+def _travelling(exc: BaseException) -> Any:
+    """Return what to pickle for ``exc``: itself, its state, or None if neither travels."""
+    for candidate in (exc, _ExceptionState(exc)):
+        try:
+            pickle.loads(pickle.dumps(candidate))
+        except Exception:
+            continue
+        return candidate
+    return None
 
 
 def qualified_type(obj: object) -> str:
