@@ -63,6 +63,8 @@ class FailureLog:
         self.first: list[Failure] = []
         self.counts: dict[str, dict[str, int]] = {}
         self._seen: set[tuple[str, Key]] = set()
+        #: the first failure of each (node, exception type), kept even past ``limit``
+        self.group_first: dict[tuple[str, str], Failure] = {}
         self._fns = list(fns)
         self._resolver: FrameResolver | None = None
 
@@ -85,6 +87,7 @@ class FailureLog:
             self._seen.add(ident)
             per_node = self.counts.setdefault(v.node, {})
             per_node[v.exc_type] = per_node.get(v.exc_type, 0) + 1
+            self.group_first.setdefault((v.node, v.exc_type), v)
             if len(self.first) < self.limit:
                 self.first.append(v)
 
@@ -134,14 +137,13 @@ class Report:
     failure_counts: dict[str, dict[str, int]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    #: the first failure of each (node, exception type) group, in the order they failed
+    group_failures: list[Failure] = field(default_factory=list, compare=False, repr=False)
 
     def failure_groups(self) -> list[tuple[str, str, int, Failure | None]]:
-        """Return ``(node, exc_type, count, first failure kept)`` per group, largest first.
-
-        The first failure is None when none of the kept :attr:`failures` is of that group.
-        """
+        """Return ``(node, exc_type, count, first failure)`` per group, largest first."""
         first: dict[tuple[str, str], Failure] = {}
-        for f in self.failures:
+        for f in [*self.group_failures, *self.failures]:
             first.setdefault((f.node, f.exc_type), f)
         groups = [
             (node, exc, count, first.get((node, exc)))
@@ -156,11 +158,20 @@ class Report:
         d = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("nodes", "failures")
+            if f.name not in ("nodes", "failures", "group_failures")
         }
         d = json.loads(json.dumps(d, default=str))  # a deep, plain copy
         d["nodes"] = {k: asdict(v) for k, v in self.nodes.items()}
         d["failures"] = [f.to_dict() for f in self.failures]
+        d["failure_groups"] = [
+            {
+                "node": node,
+                "exc_type": exc,
+                "count": count,
+                "first": first.to_dict() if first is not None else None,
+            }
+            for node, exc, count, first in self.failure_groups()
+        ]
         return d
 
     def to_json(self, **kwargs: Any) -> str:
@@ -313,6 +324,7 @@ def build_report(
         show_driver,
         list(log.first),
         {node: dict(per) for node, per in log.counts.items()},
+        list(log.group_first.values()),
     )
 
 
