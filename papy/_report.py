@@ -131,7 +131,7 @@ class Report:
     driver: dict[str, float] = field(default_factory=dict, compare=False)
     #: whether table() shows the driver's time (``profile=True``)
     show_driver: bool = field(default=False, compare=False, repr=False)
-    #: the first 100 failed items of the run, in the order they failed
+    #: the first 100 items to fail in the run (by time), ordered by item key
     failures: list[Failure] = field(default_factory=list, compare=False, repr=False)
     #: how many items failed, per node and exception type: ``{node: {exc_type: count}}``
     failure_counts: dict[str, dict[str, int]] = field(
@@ -322,10 +322,14 @@ def build_report(
         skipped,
         driver or {},
         show_driver,
-        list(log.first),
+        sorted(log.first, key=_by_item),
         {node: dict(per) for node, per in log.counts.items()},
         list(log.group_first.values()),
     )
+
+
+def _by_item(f: Failure) -> tuple[int, ...]:
+    return f.item if isinstance(f.item, tuple) else (f.item,)
 
 
 def _percentile(values: list[float], q: float) -> float:
