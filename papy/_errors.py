@@ -75,17 +75,22 @@ class ItemFailed(PapyError):
         self.failure = failure
         where = _last_frame(failure.traceback)
         super().__init__(failure.describe() + (f" (at {where})" if where else ""))
-        remote = RemoteTraceback(failure.traceback) if failure.traceback else None
-        exc = failure.exception
-        if exc is not None and exc is not self:
-            if exc.__traceback__ is None and remote is not None and exc.__cause__ is None:
-                exc.__cause__ = remote  # frames lost in transit: show the worker's text
-            self.__cause__ = exc
-        elif remote is not None:
-            self.__cause__ = remote
+        _chain_worker_traceback(self, failure)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.failure,))
+
+
+def _chain_worker_traceback(error: BaseException, failure: Failure) -> None:
+    """Make the failure's exception (and the worker's traceback text) the cause of ``error``."""
+    remote = RemoteTraceback(failure.traceback) if failure.traceback else None
+    exc = failure.exception
+    if exc is not None and exc is not error:
+        if exc.__traceback__ is None and remote is not None and exc.__cause__ is None:
+            exc.__cause__ = remote  # frames lost in transit: show the worker's text
+        error.__cause__ = exc
+    elif remote is not None:
+        error.__cause__ = remote
 
 
 def _last_frame(tb: str) -> str:
@@ -111,6 +116,10 @@ class RunAborted(PapyError):
     def __init__(self, failure: Failure) -> None:
         self.failure = failure
         super().__init__(f"run stopped (on_error='raise'): {failure.describe()}")
+        _chain_worker_traceback(self, failure)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.failure,))
 
 
 class WorkerCrashed(PapyError):

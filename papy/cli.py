@@ -26,6 +26,7 @@ import click
 from papy._errors import GraphError, JournalError, PapyError, _last_frame
 from papy._items import Failure
 from papy._pipeline import Pipeline
+from papy._progress import progress_wanted
 from papy.pools._base import Pool
 
 #: exit codes (the shell conventions): 128 + signal number after a signal
@@ -207,24 +208,33 @@ def _check_writable(path_text: str, option: str) -> None:
 class _FailurePrinter:
     """Print the first failures one per line, then only count them per (node, exception)."""
 
-    def __init__(self, echo: Callable[[str], None], shown: int = SHOWN_FAILURES) -> None:
+    def __init__(
+        self, echo: Callable[[str], None], shown: int = SHOWN_FAILURES, defer: bool = False
+    ) -> None:
         self.echo = echo
         self.shown = shown
         self.count = 0
         self.rest: dict[tuple[str, str], int] = {}
+        #: with the live display on, lines wait for the end (they would tear the display)
+        self.defer = defer
+        self.waiting: list[str] = []
 
     def add(self, f: Failure) -> None:
         self.count += 1
         if self.count <= self.shown:
             where = _last_frame(f.traceback)
-            self.echo(f"failed: {f.describe()}" + (f" (at {where})" if where else ""))
+            line = f"failed: {f.describe()}" + (f" (at {where})" if where else "")
+            if self.defer:
+                self.waiting.append(line)
+            else:
+                self.echo(line)
             return
         key = (f.node, f.exc_type)
         self.rest[key] = self.rest.get(key, 0) + 1
 
     def summary(self) -> list[str]:
-        """Return one line per (node, exception type) of the failures not printed."""
-        return [
+        """Return the deferred lines, then one per (node, exception type) not printed."""
+        return self.waiting + [
             f"... and {n:,} more: node {node!r} {exc}"
             for (node, exc), n in sorted(self.rest.items(), key=lambda kv: -kv[1])
         ]
@@ -349,12 +359,15 @@ def _run(
         own_pool = pipe.pool = ProcessPool(workers)
     src = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")  # noqa: SIM115
     reader = _InputReader(src, input_format)
-    failures = _FailurePrinter(lambda line: click.echo(line, err=True))
+    progress = False if no_progress else None
+    failures = _FailurePrinter(
+        lambda line: click.echo(line, err=True), defer=progress_wanted(progress)
+    )
     try:
         for value in pipe.map(
             reader,
             errors="yield",
-            progress=False if no_progress else None,
+            progress=progress,
             report=report_path,
             journal=journal_path,
         ):

@@ -170,7 +170,8 @@ def test_report_keeps_the_first_100_failures_and_counts_them_all(tmp_path, kind)
 
 
 def test_html_failures_section_is_grouped_and_visible_in_chromium(tmp_path):
-    _failing_run(tmp_path, ThreadPool(2))
+    with ThreadPool(2) as pool:
+        _failing_run(tmp_path, pool)
     page = tmp_path / "run.html"
     html = page.read_text()
     assert "<h2>Failures</h2>" in html
