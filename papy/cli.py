@@ -124,14 +124,18 @@ class _InputReader:
     finish and be written; ``papy run`` then exits 2 naming the line.
     """
 
-    def __init__(self, stream: IO[str], fmt: str) -> None:
+    def __init__(self, stream: IO[bytes], fmt: str) -> None:
         self.stream = stream
         self.fmt = fmt
         self.error: str | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        for number, line in enumerate(self.stream, 1):
-            line = line.rstrip("\n")
+        for number, raw in enumerate(self.stream, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError as exc:
+                self.error = f"input line {number} is not UTF-8 text: {exc.reason}"
+                return
             if self.fmt == "lines":
                 yield line
             elif line.strip():
@@ -357,7 +361,8 @@ def _run(
         from papy.pools.process import ProcessPool
 
         own_pool = pipe.pool = ProcessPool(workers)
-    src = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")  # noqa: SIM115
+    # Bytes, decoded line by line, so that a bad line is named by its number.
+    src = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     reader = _InputReader(src, input_format)
     progress = False if no_progress else None
     failures = _FailurePrinter(
@@ -380,7 +385,7 @@ def _run(
     except PapyError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
-        if src is not sys.stdin:
+        if src is not sys.stdin.buffer:
             src.close()
         if out is not sys.stdout:
             out.close()
@@ -438,9 +443,14 @@ def graph(target: str, fmt: str, output_path: str | None) -> None:
             pipe.draw(output_path, fmt)
     except PapyError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"cannot write -o {output_path}: {exc.strerror or exc}") from None
     if text is not None:
         if output_path:
-            Path(output_path).write_text(text)
+            try:
+                Path(output_path).write_text(text)
+            except OSError as exc:
+                raise InputError(f"cannot write -o {output_path}: {exc.strerror or exc}") from None
         else:
             click.echo(text, nl=False)
     if output_path:

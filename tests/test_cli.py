@@ -310,3 +310,15 @@ def test_a_second_signal_during_shutdown_prints_no_second_traceback(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_input_that_is_not_utf8_and_unwritable_graph_output_are_usage_errors(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_bytes(b"1\n2\n\xff\xfe\n4\n")
+    out = tmp_path / "out.jsonl"
+    r = papy("run", CHAIN, "--no-progress", "--input", str(inp), "--output", str(out))
+    assert r.returncode == 2 and "is not UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert [json.loads(x)["square"] for x in out.read_text().splitlines()] == [1, 4]
+    target = tmp_path / "missing-dir" / "g.png"
+    r = papy("graph", CHAIN, "--format", "png", "-o", str(target))
+    assert r.returncode == 2 and "cannot write -o" in r.stderr and "Traceback" not in r.stderr
