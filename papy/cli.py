@@ -183,8 +183,15 @@ class _Signals:
 
     def __exit__(self, *exc: object) -> None:
         # Keep the handlers until the process exits: a late signal must not print a
-        # traceback from the interpreter's own shutdown either.
-        pass
+        # traceback from the interpreter's own shutdown either. After a signal, ignore
+        # further ones: Python puts back the default handlers (which would kill the
+        # process and lose the exit code) while it shuts down, but leaves ignored ones.
+        if self.received is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    signal.signal(sig, signal.SIG_IGN)
+                except (ValueError, OSError):
+                    pass
 
 
 def _stderr_width() -> int:
