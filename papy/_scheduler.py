@@ -329,6 +329,8 @@ class Scheduler:
         if not self._started:
             return  # set-up failed: there is no run to report on
         wall = time.perf_counter() - self._started
+        if isinstance(error, RunAborted):  # the failure that stopped the run is one of them
+            self.failure_log.add([error.failure])
         self.report = build_report(
             self.pipeline.name,
             wall,

@@ -283,3 +283,18 @@ def test_live_table_in_a_real_run_shows_a_nonzero_rate_for_a_slow_node():
             row = [str(c) for c in progress._render().columns[5].cells]
             rates.append(float(row[0].replace(",", "")))
     assert rates and all(r > 0 for r in rates)
+
+
+def test_the_failure_that_aborted_a_run_is_in_its_report():
+    from papy import RunAborted
+
+    pipe = Pipeline("abort", pool=ThreadPool(2))
+    pipe.add(knn, on_error="raise")
+    with pytest.raises(RunAborted) as info:
+        pipe.run([1, 2, 3, 4])
+    assert isinstance(info.value.__cause__, ValueError)
+    report = pipe.last_report
+    assert report is not None
+    assert [(f.node, f.item, f.exc_type) for f in report.failures] == [("knn", 2, "ValueError")]
+    assert report.failure_counts == {"knn": {"ValueError": 1}}
+    pipe.pool.close()
