@@ -13,8 +13,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from papy._errors import GraphError
-from papy._graph import scatter_stacks, topological_order
+from papy._errors import CycleError, GraphError
+from papy._graph import (
+    check_join_arity,
+    cycle_in_flow_order,
+    path_between,
+    scatter_stacks,
+    topological_order,
+)
 from papy._task import Call
 
 if TYPE_CHECKING:
@@ -224,8 +230,15 @@ class Pipeline:
         return node
 
     def connect(self, parent: Node | str, child: Node | str) -> None:
-        """Add an edge after both nodes exist (``child`` gets one more input, last)."""
+        """Add an edge after both nodes exist (``child`` gets one more input, last).
+
+        Raise :class:`papy.CycleError` at once, and change nothing, if the edge would close
+        a cycle.
+        """
         p, c = self._resolve(parent), self._resolve(child)
+        loop = path_between(c, p)
+        if loop is not None:  # the new edge p -> c would close loop c -> ... -> p -> c
+            raise CycleError(cycle_in_flow_order(loop, self.nodes))
         c.parents.append(p)
         p.children.append(c)
         c.call = Call(c.call.fns, c.call.args, c.call.kwargs)
@@ -291,6 +304,7 @@ class Pipeline:
                     "runs it in the caller's own thread where nothing can interrupt it; give "
                     "the node a ThreadPool or a ProcessPool"
                 )
+            check_join_arity(n)
         if output is not None:
             try:
                 return self._resolve(output)

@@ -47,7 +47,7 @@ from papy._items import Failure, Key, child_key, parent_key
 from papy._journal import Journal, JournalSpec
 from papy._observe import Observer, Timeline
 from papy._progress import Progress, progress_wanted
-from papy._report import NodeStats, Report, build_report
+from papy._report import FailureLog, NodeStats, Report, build_report
 from papy._task import TaskResult
 from papy.pools._base import Pool, Task
 
@@ -241,6 +241,7 @@ class Scheduler:
         self.admitted = 0
         self.retired = 0
         self.failed = 0
+        self.failure_log = FailureLog([n.call for n in pipeline.nodes])  # for the report
         self._exhausted = False
         self.stats: dict[str, NodeStats] = {}  # read by observers, written only here
         #: where the driver's time went, in seconds: admitting input, dispatching
@@ -382,6 +383,8 @@ class Scheduler:
         if not self._started:
             return  # set-up failed: there is no run to report on
         wall = time.perf_counter() - self._started
+        if isinstance(error, RunAborted):  # the failure that stopped the run is one of them
+            self.failure_log.add([error.failure])
         self.report = build_report(
             self.pipeline.name,
             wall,
@@ -393,6 +396,7 @@ class Scheduler:
             skipped=self.skipped,
             driver=self._driver_profile(),
             show_driver=self._show_profile,
+            failures=self.failure_log,
         )
         if self._show_profile:
             log.info(
@@ -557,6 +561,7 @@ class Scheduler:
                 continue
             values = self.journal.outputs(out.name, jk)
             self.failed += sum(1 for v in values if type(v) is Failure)
+            self.failure_log.add(values)
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
             if not self.terminals[out.name].top_level:
@@ -892,6 +897,7 @@ class Scheduler:
     def _arrive(self, t: _Terminal, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         if dirty and Failure in set(map(type, values)):
             self.failed += sum(1 for v in values if type(v) is Failure)
+            self.failure_log.add(values)
         if t.top_level:
             if t.is_output:
                 self._queue_output(keys, values, keys)  # type: ignore[arg-type]
