@@ -57,6 +57,7 @@ class Node:
         timeout: float | None,
         on_error: OnError,
         concurrency: int,
+        cache: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.fns = fns
@@ -74,6 +75,8 @@ class Node:
         self.timeout = timeout
         self.on_error = on_error
         self.concurrency = concurrency
+        #: record this node's outputs in the journal and reuse them (``add(cache=True)``)
+        self.cache = cache
         self.is_async = inspect.iscoroutinefunction(fns[0])
         per_args, per_kwargs = _split_arguments(fns, args, kwargs)
         self.call = Call(fns, per_args, per_kwargs)
@@ -171,6 +174,7 @@ class Pipeline:
         timeout: float | None = None,
         on_error: OnError = "continue",
         concurrency: int = 64,
+        cache: bool = False,
     ) -> Node:
         """Add a node that applies ``fn_or_list`` to the outputs of ``after``; return it.
 
@@ -179,7 +183,9 @@ class Pipeline:
         ``scatter=True``: the function returns an iterable, each element becomes a sub-item.
         ``gather=True``: the function receives the list of sub-results of the nearest
         scatter upstream, in scatter order. ``batched=True``: the function receives a list
-        of items (a batch) and returns a list of the same length.
+        of items (a batch) and returns a list of the same length. ``cache=True``: in a run
+        with a journal, store this node's outputs there, keyed by the node's fingerprint and
+        the input item's identity, and reuse them in later runs while neither changed.
         """
         fns: list[Callable[..., Any]] = (
             list(fn_or_list) if isinstance(fn_or_list, (list, tuple)) else [fn_or_list]  # type: ignore[list-item]
@@ -216,6 +222,7 @@ class Pipeline:
             timeout=timeout,
             on_error=on_error,
             concurrency=concurrency,
+            cache=cache,
         )
         for p in parents:
             p.children.append(node)

@@ -79,6 +79,8 @@ class Report:
     driver: dict[str, float] = field(default_factory=dict, compare=False)
     #: whether table() shows the driver's time (``profile=True``)
     show_driver: bool = field(default=False, compare=False, repr=False)
+    #: nodes whose journal records no longer held (their code or inputs changed), and why
+    changed: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain data."""
@@ -141,6 +143,7 @@ class Report:
             + (f", {self.skipped} finished earlier (journal)" if self.skipped else "")
         )
         tail = [summary] + ([self.suggestion] if self.suggestion else [])
+        tail += [f"journal: node {k!r}: {v}; recomputed" for k, v in self.changed.items()]
         if self.driver and self.show_driver:
             tail.append(
                 "driver time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.driver.items())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from papy._items import Failure, Key, failure_from_exception
-from papy._journal import JournalSpec, record, recorded
+from papy._journal import JournalSpec, lookup, record, task_guard
 from papy._rundir import set_current as set_run_dir
 
 
@@ -87,7 +87,8 @@ class StepSpec:
     id: str
     stages: list[Stage]
     run_dir: str | None = None  # where file helpers write (papy.io.run_dir())
-    journal: JournalSpec | None = None  # set on terminal steps of a journaled run
+    journal: JournalSpec | None = None  # set on recording steps of a journaled run
+    private: bool = True  # files written in run_dir are mode 0600 (False: a user's workdir)
 
 
 @dataclass
@@ -294,28 +295,77 @@ def run_task(
 ) -> TaskResult:
     """Run a batch through every stage of ``spec``; failures become Failure values.
 
-    On a journaled terminal step (``spec.journal`` and ``jkeys`` set), items the journal
-    already holds are not run again (their recorded outputs are returned), and the outputs
-    are committed before this returns, without letting SIGTERM cut in between.
+    On a journaled step (``spec.journal`` and ``jkeys`` set), a stage the journal holds an
+    item's output for is not run for that item (nor the stages before it): the recorded
+    output is used. The outputs of the step's recorded stages (terminals, ``cache=True``
+    nodes) are committed before this returns, without letting SIGTERM cut in between; a
+    sink's are committed item by item, so a crash re-runs at most the item it hit.
     """
     if spec.journal is None or not jkeys:
         return _run(spec, keys, values, dirty)
-    with critical:
-        journal = spec.journal
-        done = {} if spec.stages[-1].scatter or not journal.resuming else recorded(journal, jkeys)
-        if not done:
-            result = _run(spec, keys, values, dirty)
-            record(journal, jkeys, result.values)
-            return result
-        todo = [i for i in range(len(keys)) if i not in done]
-        part = _run(spec, [keys[i] for i in todo], [values[i] for i in todo], dirty)
-        record(journal, [jkeys[i] for i in todo], part.values)
-        merged: list[Any] = [None] * len(keys)
-        for i, v in done.items():
-            merged[i] = v
-        for i, v in zip(todo, part.values):
-            merged[i] = v
-        return TaskResult(merged, part.stats, dirty=True)
+    with critical, task_guard(spec.journal.path):
+        return _run_journaled(spec, keys, values, jkeys, dirty)
+
+
+def _run_journaled(
+    spec: StepSpec,
+    keys: Sequence[Key],
+    values: list[Any],
+    jkeys: Sequence[tuple[str, str]],
+    dirty: bool,
+) -> TaskResult:
+    journal = spec.journal
+    assert journal is not None
+    stages = spec.stages
+    last = len(stages) - 1
+    recorded_at = {idx: (name, fp) for idx, name, fp in journal.nodes}
+    hits = lookup(journal, jkeys)
+    # Each item starts after the last stage that has its output recorded.
+    start = [0] * len(keys)
+    current = list(values)
+    for idx in sorted(hits):
+        for i, v in hits[idx].items():
+            start[i] = idx + 1
+            current[i] = v
+    if hits:
+        dirty = True
+    per_item_sink = journal.sink and last in recorded_at
+    if not hits and not per_item_sink and set(recorded_at) <= {last}:
+        result = _run(spec, keys, values, dirty)  # the common case: record the tail only
+        if recorded_at:
+            name, fp = recorded_at[last]
+            record(journal, jkeys, result.values, name, fp)
+        return result
+    set_run_dir(spec.run_dir, spec.private)
+    stats: list[StageStats] = []
+    for j, stage in enumerate(stages):
+        todo = [i for i in range(len(keys)) if start[i] <= j]
+        st = StageStats()
+        if j == last and per_item_sink:
+            name, fp = recorded_at[j]
+            for i in todo:  # one commit per item: a sink's side effect is recorded at once
+                part = _run_slice([stage], [keys[i]], [current[i]], dirty)
+                current[i] = part.values[0]
+                record(journal, [jkeys[i]], part.values, name, fp)
+                _add_stats(st, part.stats[0])
+        elif todo:
+            part = _run_slice([stage], [keys[i] for i in todo], [current[i] for i in todo], dirty)
+            for i, v in zip(todo, part.values):
+                current[i] = v
+            if j in recorded_at:
+                name, fp = recorded_at[j]
+                record(journal, [jkeys[i] for i in todo], part.values, name, fp)
+            _add_stats(st, part.stats[0])
+        stats.append(st)
+    return TaskResult(current, stats, dirty=True)
+
+
+def _add_stats(mine: StageStats, theirs: StageStats) -> None:
+    mine.n_in += theirs.n_in
+    mine.n_failed += theirs.n_failed
+    mine.busy += theirs.busy
+    if mine.first_failure is None:
+        mine.first_failure = theirs.first_failure
 
 
 _SLICE_BYTES = 8 * 2**20  # intermediate values a fused task may hold at once
@@ -329,7 +379,7 @@ def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any], dirty: bool) ->
     makes a 1 MB array each would otherwise hold 600 MB). The slice size follows the size
     of the first intermediate value. Batched and async stages need the whole batch.
     """
-    set_run_dir(spec.run_dir)
+    set_run_dir(spec.run_dir, spec.private)
     stages = spec.stages
     if len(stages) == 1 or any(s.batched or s.is_async for s in stages) or len(values) <= 8:
         return _run_slice(stages, keys, values, dirty)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from papy import Failure, JournalError, Pipeline, ProcessPool, ThreadPool
+from papy._journal import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,10 +76,11 @@ def test_key_function_survives_reordered_input(tmp_path):
 
 def test_retry_failed_reruns_only_failures(tmp_path):
     journal = tmp_path / "run.db"
-    broken = {3, 7}
+    broken = tmp_path / "broken"  # outside the function: its code and closure stay the same
+    broken.write_text("3 7")
 
     def flaky(x):
-        if x in broken:
+        if str(x) in broken.read_text().split():
             raise ValueError(f"bad {x}")
         return x
 
@@ -88,7 +90,7 @@ def test_retry_failed_reruns_only_failures(tmp_path):
     assert [o.item for o in out if isinstance(o, Failure)] == [3, 7]
     again = list(pipe.map(range(10), journal=journal, errors="yield"))
     assert [o.item for o in again if isinstance(o, Failure)] == [3, 7]  # replayed as failures
-    broken.clear()
+    broken.write_text("")
     fixed = list(pipe.map(range(10), journal=journal, retry_failed=True))
     assert fixed == list(range(10))
     assert pipe.last_report is not None and pipe.last_report.skipped == 8
@@ -108,19 +110,6 @@ def test_corrupt_or_foreign_journal_is_refused_clearly(tmp_path):
     con.close()
     with pytest.raises(JournalError, match="not a papy journal"):
         list(pipe.map([1], journal=foreign))
-
-
-def test_resuming_after_a_graph_change_is_refused_unless_forced(tmp_path):
-    journal = tmp_path / "run.db"
-    pipe = Pipeline("v1", pool=ThreadPool(1))
-    pipe.add(abs)
-    list(pipe.map([1, -2], journal=journal))
-    changed = Pipeline("v2", pool=ThreadPool(1))
-    a = changed.add(abs)
-    changed.add(str, after=a)
-    with pytest.raises(JournalError, match="different pipeline.*force=True"):
-        list(changed.map([1, -2], journal=journal))
-    assert list(changed.map([1, -2, 3], journal=journal, force=True))[2] == "3"
 
 
 _DRIVER = textwrap.dedent(
@@ -171,7 +160,9 @@ def test_sigkilled_driver_resumes_with_every_item_delivered_exactly_once(tmp_pat
     first = Counter(delivered.read_text().split())
     assert 3000 <= len(first) < 10_000, "the kill did not land mid-run"
     con = sqlite3.connect(journal)
-    finished = {row[0] for row in con.execute("SELECT item FROM outputs WHERE terminal='sink'")}
+    ident = {f"c:{content_digest(i)}:0": str(i) for i in range(10_000)}
+    rows = con.execute("SELECT item FROM outputs WHERE node='sink'")
+    finished = {ident[row[0]] for row in rows}
     con.close()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
