@@ -317,11 +317,12 @@ def user_secret() -> bytes:
 
     Raises JournalError when the file belongs to someone else or others can read it.
     """
-    path = config_dir() / "secret"
-    key = str(path)
-    found = _secrets.get(key)
+    env = os.environ
+    found = _secrets.get(f"{env.get('XDG_CONFIG_HOME')}\0{env.get('HOME')}")
     if found is not None:
         return found
+    path = config_dir() / "secret"
+    key = f"{env.get('XDG_CONFIG_HOME')}\0{env.get('HOME')}"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -604,6 +605,10 @@ class Journal:
             _check_owner(path, st)
             if not os.access(os.path.dirname(path), os.W_OK):
                 raise _place_error(path, PermissionError(errno.EACCES, "Permission denied"))
+        if not os.path.exists(path):
+            for stale in (path + "-wal", path + "-shm"):  # of a journal deleted earlier
+                if os.path.lexists(stale):
+                    os.unlink(stale)
         _create_file(path)
         _private(path)
         fresh = os.path.getsize(path) == 0
@@ -619,6 +624,7 @@ class Journal:
             else:
                 self._check_format()
                 self.conn.execute("PRAGMA journal_mode = WAL")
+            fold_pending(path, everything=True)  # sink batches of a run that died
             self._reconcile(pipe)
             self.resuming = (
                 self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
@@ -690,6 +696,11 @@ class Journal:
                 for name in gone:
                     self.conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
             self.conn.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if not self.force:  # records of another version of a node (folded in, say)
+                self.conn.execute(
+                    "DELETE FROM outputs WHERE fp != "
+                    "(SELECT fingerprint FROM nodes WHERE nodes.name = outputs.node)"
+                )
             self.conn.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
@@ -799,11 +810,12 @@ class Journal:
             chunk = items[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for terminal, top in terminals.items():
+                fp = self.prints[terminal].fingerprint
                 if top:
                     rows = self.conn.execute(
                         f"SELECT item, failed FROM outputs WHERE node = ? AND sub = '' "
-                        f"AND item IN ({marks})",
-                        (terminal, *chunk),
+                        f"AND fp = ? AND item IN ({marks})",
+                        (terminal, fp, *chunk),
                     ).fetchall()
                 else:
                     rows = self.conn.execute(
@@ -870,10 +882,11 @@ class Journal:
                 self.conn.execute("PRAGMA journal_mode = DELETE")
             except sqlite3.OperationalError:
                 pass  # another connection still has it open: the checkpoint is what matters
-            self.conn.close()
         except sqlite3.Error as exc:
             raise _sqlite_error(self.path, exc) from None
         finally:
+            _close_thread_conns(self.path)
+            self.conn.close()
             self._release()
 
     def _release(self) -> None:
@@ -1030,6 +1043,8 @@ def lookup(spec: JournalSpec, jkeys: Sequence[tuple[str, str]]) -> dict[int, dic
     Every record is authenticated before it is unpickled. Failed records are left out
     with ``retry_failed``.
     """
+    if spec.sink:
+        fold_pending(spec.path)  # a sink batch cut short by a crash: its done items count
     conn = _worker_conn(spec.path)
     secret = user_secret()
     by_name = {name: (idx, fp) for idx, name, fp in spec.nodes}
@@ -1095,6 +1110,177 @@ def record(
             rows,
             spec.path,
         )
+
+
+# -- a sink batch in progress ----------------------------------------------------------------
+
+_PENDING = ".pending-"
+
+
+class SinkLog:
+    """The records of a sink batch in progress, one per item, as soon as the item is done.
+
+    Each record goes to a private append-only file next to the journal with one
+    ``write`` (a process that dies keeps what it wrote; the kernel has it), and the batch
+    is committed to SQLite in one transaction at the end, after which the file is removed.
+    If the process dies mid-batch, whoever runs the batch's items next (the pool's
+    re-run, or the next run) first folds the file into the journal, so the items the
+    sink already did are not done again. The format is plain length-prefixed fields,
+    never a pickle, so reading a file is safe before its records are authenticated.
+    """
+
+    def __init__(self, spec: JournalSpec, node: str, fp: str) -> None:
+        self.spec = spec
+        self.node = node
+        self.fp = fp
+        self.secret = user_secret()
+        self.rows: list[tuple[Any, ...]] = []
+        self.fd: int | None = None
+        self.file = (
+            f"{spec.path}{_PENDING}{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+        )
+
+    def add(self, jkey: tuple[str, str], value: Any) -> None:
+        """Write one item's record to the file at once."""
+        item, sub = jkey
+        blob = _blob(value)
+        bad = int(type(value) is Failure)
+        message = f"{value.exc_type}: {value.message}" if bad else None
+        mac = _mac(self.secret, self.node, item, sub, self.fp, bad, blob)
+        row = (self.node, item, sub, self.fp, bad, message, blob, mac)
+        self.rows.append(row)
+        if self.fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
+            self.fd = os.open(self.file, flags | os.O_CLOEXEC, _FILE_MODE)
+        os.write(self.fd, _encode_row(row))
+
+    def commit(self) -> None:
+        """Commit the batch's records in one transaction; remove the file."""
+        if self.rows:
+            _write(
+                _worker_conn(self.spec.path),
+                "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self.rows,
+                self.spec.path,
+            )
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            os.unlink(self.file)
+
+
+def _encode_row(row: tuple[Any, ...]) -> bytes:
+    node, item, sub, fp, bad, message, blob, mac = row
+    fields = [
+        node.encode(),
+        item.encode(),
+        sub.encode(),
+        fp.encode(),
+        b"1" if bad else b"0",
+        b"\xff" if message is None else message.encode("utf-8", "replace"),
+        blob,
+        mac,
+    ]
+    body = b"".join(struct.pack("!I", len(f)) + f for f in fields)
+    return struct.pack("!I", len(body)) + body
+
+
+def _decode_rows(data: bytes) -> list[tuple[Any, ...]]:
+    """Parse a pending file; a record cut short by a crash (the last) is dropped."""
+    rows = []
+    pos = 0
+    while pos + 4 <= len(data):
+        (n,) = struct.unpack_from("!I", data, pos)
+        body = data[pos + 4 : pos + 4 + n]
+        if len(body) < n:
+            break
+        pos += 4 + n
+        fields = []
+        at = 0
+        while at < len(body):
+            (k,) = struct.unpack_from("!I", body, at)
+            fields.append(body[at + 4 : at + 4 + k])
+            at += 4 + k
+        if len(fields) != 8:
+            break
+        node, item, sub, fp, bad, message, blob, mac = fields
+        rows.append(
+            (
+                node.decode(),
+                item.decode(),
+                sub.decode(),
+                fp.decode(),
+                int(bad == b"1"),
+                None if message == b"\xff" else message.decode(),
+                blob,
+                mac,
+            )
+        )
+    return rows
+
+
+def _alive(host: str, pid: int) -> bool:
+    if host != socket.gethostname():
+        return True  # cannot tell: leave it to a run that owns the journal
+    if pid == os.getpid():
+        return True  # another thread of this process, busy with its own batch
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fold_pending(path: str, everything: bool = False) -> int:
+    """Commit the records of sink batches whose process died; return how many.
+
+    ``everything``: also those of live-looking processes (only the run's owner, at start,
+    when no other run can be writing). Files of other users are ignored.
+    """
+    folder, base = os.path.split(path)
+    prefix = base + _PENDING
+    try:
+        names = [n for n in os.listdir(folder or ".") if n.startswith(prefix)]
+    except OSError:
+        return 0
+    total = 0
+    for name in names:
+        parts = name[len(prefix) :].rsplit("-", 2)
+        host, pid = parts[0], parts[1] if len(parts) == 3 else "0"
+        if not everything and (not pid.isdigit() or _alive(host, int(pid))):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # someone else folded it meanwhile
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(fd)
+        rows = _decode_rows(b"".join(chunks))
+        if rows:
+            _write(
+                _worker_conn(path),
+                "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+                path,
+            )
+            total += len(rows)
+        try:
+            os.unlink(full)
+        except FileNotFoundError:
+            pass
+    return total
 
 
 # -- reading a journal without running it (papy journal ...) -------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from papy._items import Failure, Key, failure_from_exception
-from papy._journal import JournalSpec, lookup, record, task_guard
+from papy._journal import JournalSpec, SinkLog, lookup, record, task_guard
 from papy._rundir import set_current as set_run_dir
 
 
@@ -327,8 +327,6 @@ def _run_journaled(
         for i, v in hits[idx].items():
             start[i] = idx + 1
             current[i] = v
-    if hits:
-        dirty = True
     per_item_sink = journal.sink and last in recorded_at
     if not hits and not per_item_sink and set(recorded_at) <= {last}:
         result = _run(spec, keys, values, dirty)  # the common case: record the tail only
@@ -343,13 +341,30 @@ def _run_journaled(
         st = StageStats()
         if j == last and per_item_sink:
             name, fp = recorded_at[j]
-            for i in todo:  # one commit per item: a sink's side effect is recorded at once
-                part = _run_slice([stage], [keys[i]], [current[i]], dirty)
-                current[i] = part.values[0]
-                record(journal, [jkeys[i]], part.values, name, fp)
-                _add_stats(st, part.stats[0])
+            log = SinkLog(journal, name, fp)
+            plain = not (stage.batched or stage.is_async)
+            t0 = time.perf_counter()
+            for i in todo:  # each item's record is written as soon as its side effect is done
+                v = current[i]
+                if plain:
+                    if type(v) is not Failure:
+                        v = _apply_one(stage, keys[i], v)
+                        if type(v) is Failure:
+                            st.n_failed += 1
+                            if st.first_failure is None:
+                                st.first_failure = v
+                else:
+                    part = _run_slice([stage], [keys[i]], [v], True)
+                    v = part.values[0]
+                    _add_stats(st, part.stats[0])
+                current[i] = v
+                log.add(jkeys[i], v)
+            if plain:
+                st.n_in += len(todo)
+                st.busy += time.perf_counter() - t0
+            log.commit()
         elif todo:
-            part = _run_slice([stage], [keys[i] for i in todo], [current[i] for i in todo], dirty)
+            part = _run_slice([stage], [keys[i] for i in todo], [current[i] for i in todo], True)
             for i, v in zip(todo, part.values):
                 current[i] = v
             if j in recorded_at:

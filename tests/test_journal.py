@@ -577,3 +577,63 @@ def test_thread_and_inline_sinks_repeat_at_most_the_item_cut_by_a_kill(tmp_path,
     # a batch is 50 items: before, all of them came again; now at most the one item whose
     # side effect was done when the kill landed before its commit (README, Resuming)
     assert len(twice) <= 2 if pool == "ThreadPool" else len(twice) <= 1, twice
+
+
+# -- papy journal ----------------------------------------------------------------------------
+
+
+def test_papy_journal_show_failures_and_forget(tmp_path):
+    from click.testing import CliRunner
+
+    from papy.cli import main
+
+    log = tmp_path / "calls.txt"
+    journal = tmp_path / "run.db"
+    note = _logger(log, "score")
+
+    def score(x):
+        note(x)
+        if x == 4:
+            raise ValueError("four is not allowed")
+        return x * 2
+
+    def build():
+        pipe = Pipeline("cli", pool=ThreadPool(2))
+        a = pipe.add(lambda x: x + 1, name="clean", cache=True)
+        b = pipe.add(score, after=a, name="score", cache=True)
+        pipe.add(str, after=b, name="summary")
+        return pipe
+
+    list(build().map(range(10), journal=journal, errors="skip"))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["journal", "show", str(journal)])
+    assert shown.exit_code == 0, shown.output
+    lines = {line.split()[0]: line.split() for line in shown.output.splitlines() if line}
+    assert "pipeline" in lines and lines["pipeline"][1] == "cli"
+    assert lines["clean"][2:5] == ["cached", "10", "0"]
+    assert lines["score"][2:5] == ["cached", "9", "1"]
+    assert lines["summary"][2:5] == ["terminal", "9", "1"]
+    as_json = runner.invoke(main, ["journal", "show", "--json", str(journal)])
+    import json
+
+    info = json.loads(as_json.output)
+    assert info["size"] == journal.stat().st_size
+    assert all(len(n["fingerprint"]) == 40 and n["bytes"] > 0 for n in info["nodes"])
+
+    failed = runner.invoke(main, ["journal", "failures", str(journal)])
+    assert failed.exit_code == 0
+    assert "score" in failed.output and "ValueError: four is not allowed" in failed.output
+
+    forgot = runner.invoke(main, ["journal", "forget", str(journal), "--node", "score"])
+    assert forgot.exit_code == 0, forgot.output
+    assert "'score', 'summary'" in forgot.output
+    log.unlink()
+    assert list(build().map(range(10), journal=journal, errors="skip")) == [
+        str((x + 1) * 2) for x in range(10) if x != 3
+    ]
+    assert Counter(log.read_text().split()[1::2]) == Counter(str(x + 1) for x in range(10))
+
+    bad = runner.invoke(main, ["journal", "forget", str(journal), "--node", "nope"])
+    assert bad.exit_code == 1 and "no node 'nope'" in bad.output
+    missing = runner.invoke(main, ["journal", "show", str(tmp_path / "none.db")])
+    assert missing.exit_code == 1 and "no journal at" in missing.output
