@@ -295,6 +295,9 @@ _RUNNER = textwrap.dedent(
 
     def pause(x):
         if x == 0:
+            deadline = time.monotonic() + 60
+            while not list(run_dir().glob("*.out")) and time.monotonic() < deadline:
+                time.sleep(0.02)  # the shell node runs on the other worker
             (shared / "rundir.txt").write_text(str(run_dir()))
             (shared / "paused").touch()
             while not (shared / "go").exists():
