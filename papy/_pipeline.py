@@ -365,10 +365,13 @@ class Pipeline:
     ) -> Report:
         """Run every item through the graph, drain all sinks, and return the Report.
 
-        With ``journal="run.db"`` the run records each finished input item (keyed by its
-        position, or by ``key(item)``); running again with the same journal skips them, so
-        an interrupted run resumes where it stopped. ``retry_failed=True`` re-runs the items
-        that failed last time; ``force=True`` accepts a journal written by a different graph.
+        With ``journal="run.db"`` the run records each finished input item (known by a digest
+        of its value, or by ``key(item)``, which must then be unique); running again with the
+        same journal skips them, so an interrupted run resumes where it stopped. Nodes whose
+        code, defaults, closure values, ``args``, ``kwargs`` or upstream changed are
+        recomputed, with their descendants. ``retry_failed=True`` re-runs the items that
+        failed last time; ``force=True`` keeps the records of changed nodes. Raises
+        JournalError for a journal in use by another run, of another user, or tampered with.
         """
         self.validate()
         outputs = self._start(
