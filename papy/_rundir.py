@@ -72,8 +72,9 @@ def check_workdir(path: str | Path) -> tuple[str, bool]:
 def ensure_private_dir(path: str | Path, private: bool = True) -> Path:
     """Create ``path`` (mode 0700 when private) or check the existing one; return it.
 
-    Raises PapyError when ``path`` is a symbolic link, not a directory, or a directory
-    of another user, rather than write through it.
+    Raises PapyError when ``path`` is a symbolic link or not a directory, or when a
+    directory with a name PaPy chooses (``papy-run-*``, ``papy-files``) belongs to another
+    user, rather than write through it. A user's own ``workdir`` keeps its mode.
     """
     p = str(path)
     if p in _checked:
@@ -93,14 +94,16 @@ def ensure_private_dir(path: str | Path, private: bool = True) -> Path:
         )
     if not stat.S_ISDIR(st.st_mode):
         raise PapyError(f"{p} exists and is not a directory; remove it or give another workdir")
-    if st.st_uid != os.getuid() and private:
+    ours = os.path.basename(p).startswith("papy-run-") or os.path.basename(p) == "papy-files"
+    if ours and st.st_uid != os.getuid():  # a name PaPy chose, taken by someone else
         raise PapyError(
             f"{p} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): refused; "
             "remove it or give another workdir"
         )
-    if private and st.st_mode & 0o077:
+    if ours and st.st_mode & 0o077:
         os.chmod(p, DIR_MODE)
-    _checked.add(p)
+    if p == _current:
+        _checked.add(p)
     return Path(p)
 
 
