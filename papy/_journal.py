@@ -403,6 +403,12 @@ def _load(
     return pickle.loads(blob)
 
 
+def _failure_text(f: Failure) -> str:
+    """Return what ``papy journal failures`` shows of a Failure: origin node, tab, cause."""
+    what = f" (input {f.input_repr})" if f.input_repr else ""
+    return f"{f.node}\t{f.exc_type}: {f.message}{what}"
+
+
 def _blob(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -1100,7 +1106,7 @@ def record(
     for (item, sub), value in zip(jkeys, values):
         blob = _blob(value)
         bad = int(type(value) is Failure)
-        message = f"{value.exc_type}: {value.message}" if bad else None
+        message = _failure_text(value) if bad else None
         mac = _mac(secret, node, item, sub, fp, bad, blob)
         rows.append((node, item, sub, fp, bad, message, blob, mac))
     if rows:
@@ -1145,7 +1151,7 @@ class SinkLog:
         item, sub = jkey
         blob = _blob(value)
         bad = int(type(value) is Failure)
-        message = f"{value.exc_type}: {value.message}" if bad else None
+        message = _failure_text(value) if bad else None
         mac = _mac(self.secret, self.node, item, sub, self.fp, bad, blob)
         row = (self.node, item, sub, self.fp, bad, message, blob, mac)
         self.rows.append(row)
@@ -1349,15 +1355,31 @@ def describe(path: str) -> dict[str, Any]:
 
 
 def failures(path: str) -> list[dict[str, str]]:
-    """Return the failed records (node, item identity, sub-item, message); no unpickling."""
+    """Return the failed items: the node where each failed, its identity, the message.
+
+    An item that failed upstream of several recorded nodes is listed once, at the node
+    where it failed. Reads metadata only; nothing is unpickled.
+    """
     conn = _open_readonly(path)
     try:
         rows = conn.execute(
-            "SELECT node, item, sub, message FROM outputs WHERE failed = 1 ORDER BY node, item"
+            "SELECT o.node, o.item, o.sub, o.message FROM outputs o LEFT JOIN nodes n "
+            "ON n.name = o.node WHERE o.failed = 1 ORDER BY o.item, o.sub, n.rowid"
         ).fetchall()
     finally:
         conn.close()
-    return [{"node": n, "item": i, "sub": s, "message": m or ""} for n, i, s, m in rows]
+    out: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for node, item, sub, message in rows:
+        origin, _, text = (message or "").partition("\t")
+        if not text:
+            origin, text = node, message or ""
+        if (item, sub) in seen:
+            continue
+        seen.add((item, sub))
+        out.append({"node": origin, "item": item, "sub": sub, "message": text})
+    out.sort(key=lambda r: (r["node"], r["item"], r["sub"]))
+    return out
 
 
 def forget(path: str, node: str) -> list[str]:
