@@ -422,3 +422,35 @@ def test_another_user_cannot_read_anything_a_run_creates(tmp_path, two_users, sh
         assert "JournalError" in out and f"belongs to user {bob.pw_name!r}" in out, out + err
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@needs_root
+def test_a_journal_in_a_directory_one_cannot_write_names_the_cause(two_users, shared_python):
+    alice, _ = two_users
+    shared = Path(tempfile.mkdtemp(prefix="papy-ro-"))
+    try:
+        shared.chmod(0o755)  # root's: alice can read, not write
+        cfg = Path(tempfile.mkdtemp(prefix="papy-cfg-"))
+        os.chown(cfg, alice.pw_uid, alice.pw_gid)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(cfg),
+            "XDG_CONFIG_HOME": str(cfg),
+        }
+        code = textwrap.dedent(
+            f"""
+            from papy import Pipeline, ThreadPool
+            pipe = Pipeline("ro", pool=ThreadPool(1))
+            pipe.add(abs)
+            try:
+                pipe.run([1, -2], journal={str(shared / "run.db")!r})
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+            """
+        )
+        r = _as(alice, [shared_python, "-c", code], env)
+        out, err = r.communicate(timeout=60)
+        assert "JournalError" in out and f"directory {shared} is not writable" in out, out + err
+        shutil.rmtree(cfg, ignore_errors=True)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
