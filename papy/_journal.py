@@ -87,6 +87,7 @@ _FILE_MODE = 0o600
 _OWNER_BYTE = 0
 _TASK_BYTE = 2
 _CHECK_EVERY_S = 0.25
+_PRELOAD_ROWS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -377,9 +378,18 @@ def _create_secret(path: Path) -> None:
         ) from None
 
 
+_hmacs: dict[bytes, Any] = {}
+
+
 def _mac(secret: bytes, node: str, item: str, sub: str, fp: str, failed: int, blob: bytes) -> bytes:
-    head = f"{node}\0{item}\0{sub}\0{fp}\0{failed}\0".encode()
-    return hmac.new(secret, head + blob, hashlib.sha256).digest()
+    """Return the record's HMAC-SHA256 (keyed state computed once per key, then copied)."""
+    base = _hmacs.get(secret)
+    if base is None:
+        base = _hmacs[secret] = hmac.new(secret, digestmod=hashlib.sha256)
+    h = base.copy()
+    h.update(f"{node}\0{item}\0{sub}\0{fp}\0{failed}\0".encode())
+    h.update(blob)
+    return bytes(h.digest())
 
 
 def _load(
@@ -582,6 +592,10 @@ class Journal:
         self._last_check = time.monotonic()
         self._seen: dict[str, int] = {}
         self._keys_seen: set[str] = set()
+        #: values read along with completion, for the node whose outputs are replayed
+        self._replayed: set[str] = set()
+        self._done: dict[str, bool] | None = None
+        self._prefetched: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
         self._closed = False
         #: node name -> why its records were dropped ("function body changed", ...)
         self.changes: dict[str, str] = {}
@@ -810,6 +824,13 @@ class Journal:
         self.check()
         if not items or not self.resuming:
             return {}
+        if self._done is None:
+            self._done = self._load_done(terminals)
+        if self._done:
+            hit = {k: self._done[k] for k in items if k in self._done}
+            if self.retry_failed:
+                hit = {k: v for k, v in hit.items() if not v}
+            return hit
         count: dict[str, int] = {}
         failed: dict[str, bool] = {}
         for start in range(0, len(items), 500):
@@ -817,7 +838,17 @@ class Journal:
             marks = ",".join("?" * len(chunk))
             for terminal, top in terminals.items():
                 fp = self.prints[terminal].fingerprint
-                if top:
+                if top and terminal in self._replayed:
+                    # the output node: fetch the values too, for outputs() (one query)
+                    got = self.conn.execute(
+                        f"SELECT item, failed, value, mac FROM outputs WHERE node = ? AND "
+                        f"sub = '' AND fp = ? AND item IN ({marks})",
+                        (terminal, fp, *chunk),
+                    ).fetchall()
+                    for item, bad, blob, mac in got:
+                        self._prefetched[(terminal, item)] = [("", fp, bad, blob, mac)]
+                    rows = [(item, bad) for item, bad, _, _ in got]
+                elif top:
                     rows = self.conn.execute(
                         f"SELECT item, failed FROM outputs WHERE node = ? AND sub = '' "
                         f"AND fp = ? AND item IN ({marks})",
@@ -838,12 +869,46 @@ class Journal:
             done = {k: v for k, v in done.items() if not v}
         return done
 
+    def _load_done(self, terminals: dict[str, bool]) -> dict[str, bool]:
+        """Read which items are finished at every terminal, once, if that is small enough.
+
+        Resuming asks item by item; one query per item would cost more than the rest of
+        the driver's work. Only for top-level terminals and up to _PRELOAD_ROWS records
+        (about 100 bytes of memory each); otherwise an empty dict (ask SQLite each time).
+        """
+        if not all(terminals.values()):
+            return {}
+        names = list(terminals)
+        marks = ",".join("?" * len(names))
+        (n,) = self.conn.execute(
+            f"SELECT COUNT(*) FROM outputs WHERE sub = '' AND node IN ({marks})", names
+        ).fetchone()
+        if n > _PRELOAD_ROWS:
+            return {}
+        count: dict[str, int] = {}
+        failed: dict[str, bool] = {}
+        for terminal in names:
+            for item, bad in self.conn.execute(
+                "SELECT item, failed FROM outputs WHERE node = ? AND sub = '' AND fp = ?",
+                (terminal, self.prints[terminal].fingerprint),
+            ):
+                count[item] = count.get(item, 0) + 1
+                if bad:
+                    failed[item] = True
+        done = {k: failed.get(k, False) for k, c in count.items() if c == len(names)}
+        return done or {"": False}  # non-empty: "loaded", even when nothing is finished
+
     def outputs(self, terminal: str, item: str) -> list[Any]:
         """Return what ``terminal`` produced for an input item, in sub-item order."""
-        rows = self.conn.execute(
-            "SELECT sub, fp, failed, value, mac FROM outputs WHERE node = ? AND item = ?",
-            (terminal, item),
-        ).fetchall()
+        self._replayed.add(terminal)
+        rows = self._prefetched.pop((terminal, item), None)
+        if self._prefetched and len(self._prefetched) > 4096:
+            self._prefetched.clear()  # items finished at the output but not everywhere
+        if rows is None:
+            rows = self.conn.execute(
+                "SELECT sub, fp, failed, value, mac FROM outputs WHERE node = ? AND item = ?",
+                (terminal, item),
+            ).fetchall()
         rows.sort(key=lambda r: tuple(int(x) for x in r[0].split(".")) if r[0] else ())
         return [
             _load(self.path, self.secret, terminal, item, sub, fp, bad, blob, mac)
