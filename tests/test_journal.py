@@ -427,6 +427,27 @@ def test_a_second_run_on_a_journal_in_use_is_refused_at_once_naming_the_first(tm
     assert list(pipe.map([1, 2, 3], journal=journal)) == [1, 2, 3]
 
 
+def test_two_runs_started_at_once_on_a_new_journal_never_both_run(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW)
+    delivered, journal = tmp_path / "delivered", tmp_path / "run.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), str(delivered), str(journal), "300"]
+    procs = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    ok = [r for r in results if r[0] == 0]
+    refused = [r for r in results if r[0] != 0]
+    assert ok, results
+    for _, _, err in refused:
+        assert "in use by another run (pid" in err, err  # never a false "different pipeline"
+    counts = Counter(delivered.read_text().split())
+    assert set(counts) == {str(i) for i in range(300)}
+    assert set(counts.values()) == {1}
+
+
 def test_a_finished_journal_is_one_self_contained_file(tmp_path):
     journal = tmp_path / "run.db"
     pipe = Pipeline("one", pool=ThreadPool(2))
