@@ -1240,9 +1240,12 @@ class SinkLog:
             os.unlink(self.file)
 
 
+_ROW_HEAD = struct.Struct("!9I")  # total length, then the lengths of the 8 fields
+
+
 def _encode_row(row: tuple[Any, ...]) -> bytes:
     node, item, sub, fp, bad, message, blob, mac = row
-    fields = [
+    fields = (
         node.encode(),
         item.encode(),
         sub.encode(),
@@ -1251,29 +1254,26 @@ def _encode_row(row: tuple[Any, ...]) -> bytes:
         b"\xff" if message is None else message.encode("utf-8", "replace"),
         blob,
         mac,
-    ]
-    body = b"".join(struct.pack("!I", len(f)) + f for f in fields)
-    return struct.pack("!I", len(body)) + body
+    )
+    sizes = [len(f) for f in fields]
+    return _ROW_HEAD.pack(sum(sizes) + 32, *sizes) + b"".join(fields)
 
 
 def _decode_rows(data: bytes) -> list[tuple[Any, ...]]:
     """Parse a pending file; a record cut short by a crash (the last) is dropped."""
     rows = []
     pos = 0
-    while pos + 4 <= len(data):
-        (n,) = struct.unpack_from("!I", data, pos)
-        body = data[pos + 4 : pos + 4 + n]
-        if len(body) < n:
+    head = _ROW_HEAD.size
+    while pos + head <= len(data):
+        total, *sizes = _ROW_HEAD.unpack_from(data, pos)
+        if pos + 4 + total > len(data) or sum(sizes) + 32 != total:
             break
-        pos += 4 + n
+        at = pos + head
         fields = []
-        at = 0
-        while at < len(body):
-            (k,) = struct.unpack_from("!I", body, at)
-            fields.append(body[at + 4 : at + 4 + k])
-            at += 4 + k
-        if len(fields) != 8:
-            break
+        for k in sizes:
+            fields.append(data[at : at + k])
+            at += k
+        pos = at
         node, item, sub, fp, bad, message, blob, mac = fields
         rows.append(
             (
