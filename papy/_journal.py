@@ -105,6 +105,8 @@ class JournalSpec:
     resuming: bool = True
     nodes: tuple[tuple[int, str, str], ...] = ()
     sink: bool = False
+    #: (device, inode) of the run's journal file: a worker refuses to write to another
+    ident: tuple[int, int] = (0, 0)
 
 
 # -- identity of items ------------------------------------------------------------------------
@@ -766,6 +768,7 @@ class Journal:
                     self.resuming,
                     rec,
                     sink=s.tail.is_sink,
+                    ident=self._ident,
                 )
 
     def identify(self, values: Sequence[Any], key: Callable[[Any], Any] | None) -> list[str]:
@@ -1079,15 +1082,31 @@ _held: dict[str, int] = {}
 # -- the worker's side ----------------------------------------------------------------------
 
 
-def _worker_conn(path: str) -> sqlite3.Connection:
+def _worker_conn(path: str, expect: tuple[int, int] | None = None) -> sqlite3.Connection:
+    """Return this thread's connection to the journal at ``path``.
+
+    ``expect``: the (device, inode) of the run's journal file; JournalError if the file
+    was removed or replaced since the run began, so nothing is written to the wrong file.
+    """
     conns: dict[tuple[int, str], tuple[sqlite3.Connection, tuple[int, int]]] | None = getattr(
         _local, "conns", None
     )
     if conns is None:
         conns = _local.conns = {}
     key = (os.getpid(), path)  # a forked worker must not reuse its parent's connection
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise JournalError(
+            f"the journal {path} was removed during the run: stopped, since what the run "
+            "computes could no longer be recorded"
+        ) from None
     ident = (st.st_dev, st.st_ino)
+    if expect is not None and expect != (0, 0) and ident != expect:
+        raise JournalError(
+            f"the journal {path} was replaced by another file during the run: stopped, "
+            "since records would go to the old file"
+        )
     got = conns.get(key)
     if got is not None and got[1] == ident:
         return got[0]
@@ -1115,8 +1134,9 @@ def lookup(spec: JournalSpec, jkeys: Sequence[tuple[str, str]]) -> dict[int, dic
     with ``retry_failed``.
     """
     if spec.sink:
-        fold_pending(spec.path)  # a sink batch cut short by a crash: its done items count
-    conn = _worker_conn(spec.path)
+        # a sink batch cut short by a crash: the items it did count as done
+        fold_pending(spec.path, expect=spec.ident)
+    conn = _worker_conn(spec.path, spec.ident)
     secret = user_secret()
     by_name = {name: (idx, fp) for idx, name, fp in spec.nodes}
     names = list(by_name)
@@ -1176,7 +1196,7 @@ def record(
         rows.append((node, item, sub, fp, bad, message, blob, mac))
     if rows:
         _write(
-            _worker_conn(spec.path),
+            _worker_conn(spec.path, spec.ident),
             "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
             spec.path,
@@ -1229,7 +1249,7 @@ class SinkLog:
         """Commit the batch's records in one transaction; remove the file."""
         if self.rows:
             _write(
-                _worker_conn(self.spec.path),
+                _worker_conn(self.spec.path, self.spec.ident),
                 "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 self.rows,
                 self.spec.path,
@@ -1304,7 +1324,7 @@ def _alive(host: str, pid: int) -> bool:
     return True
 
 
-def fold_pending(path: str, everything: bool = False) -> int:
+def fold_pending(path: str, everything: bool = False, expect: tuple[int, int] | None = None) -> int:
     """Commit the records of sink batches whose process died; return how many.
 
     ``everything``: also those of live-looking processes (only the run's owner, at start,
@@ -1341,7 +1361,7 @@ def fold_pending(path: str, everything: bool = False) -> int:
         rows = _decode_rows(b"".join(chunks))
         if rows:
             _write(
-                _worker_conn(path),
+                _worker_conn(path, expect),
                 "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
                 path,
