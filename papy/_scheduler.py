@@ -318,7 +318,11 @@ class Scheduler:
         for pool in self._own_pools:
             pool.close()
         if self.journal is not None:
-            self.journal.close()
+            try:
+                self.journal.close()  # JournalError if the file was removed or replaced
+            finally:
+                if self._remove_run_dir and self.run_dir:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
         if self._remove_run_dir and self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         if not self._started:
