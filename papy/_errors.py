@@ -11,7 +11,7 @@ can catch them all at once::
      ├── WorkerCrashed         a worker process died while running an item (exit code/signal)
      ├── PoolError             a pool is closed, broken or cannot be reached
      ├── ShellError            an external program (papy.shell) exited with an error
-     └── JournalError          a journal is corrupt, another user's, tampered with, in use, or unwritable
+     └── JournalError          a journal is corrupt, foreign, tampered with, busy or unwritable
 
 ``WorkerCrashed`` and ``TimeoutError`` (the builtin) are mostly seen as the ``exception`` of a
 :class:`papy.Failure`, not raised at the caller.
