@@ -556,3 +556,40 @@ def test_papy_journal_show_failures_and_forget(tmp_path):
     assert bad.exit_code == 1 and "no node 'nope'" in bad.output
     missing = runner.invoke(main, ["journal", "show", str(tmp_path / "none.db")])
     assert missing.exit_code == 1 and "no journal at" in missing.output
+
+
+def test_cached_nodes_below_a_scatter_are_reused_when_the_gather_changes(tmp_path):
+    log = tmp_path / "calls.txt"
+    journal = tmp_path / "run.db"
+    note_split, note_work = _logger(log, "split"), _logger(log, "work")
+
+    def split(x):
+        note_split(x)
+        return range(x % 5 + 1)
+
+    def work(s):
+        note_work(s)
+        return s * 10
+
+    def total_v1(xs):
+        return sum(xs)
+
+    def total_v2(xs):
+        return sum(xs) + 1
+
+    def build(total, pool):
+        pipe = Pipeline("sg", pool=pool)
+        a = pipe.add(split, scatter=True, cache=True)
+        b = pipe.add(work, after=a, cache=True)
+        pipe.add(total, after=b, gather=True, name="total")
+        return pipe
+
+    expected = [sum(s * 10 for s in range(x % 5 + 1)) for x in range(20)]
+    with ProcessPool(2) as pool:
+        assert list(build(total_v1, pool).map(range(20), journal=journal)) == expected
+        assert _calls(log) == {"split": 20, "work": sum(x % 5 + 1 for x in range(20))}
+        log.unlink()
+        assert list(build(total_v2, pool).map(range(20), journal=journal)) == [
+            e + 1 for e in expected
+        ]
+    assert _calls(log) == {}
