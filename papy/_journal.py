@@ -509,7 +509,10 @@ def _open_lock(path: str) -> int:
 
 
 def _take_ownership(path: str, fd: int) -> None:
-    """Hold the run's lock or fail at once naming the run that holds it."""
+    """Hold the run's lock or fail at once naming the run that holds it.
+
+    The caller closes ``fd`` when this raises (JournalError).
+    """
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _OWNER_BYTE)
     except OSError:
@@ -522,7 +525,6 @@ def _take_ownership(path: str, fd: int) -> None:
             if owner:
                 break
             time.sleep(0.05)
-        os.close(fd)
         raise JournalError(
             f"{path} is in use by another run (pid {owner.get('pid', '?')} on host "
             f"{owner.get('host', '?')}, started {owner.get('started', '?')}); wait for it to "
@@ -537,7 +539,6 @@ def _take_ownership(path: str, fd: int) -> None:
             break
         except OSError:
             if time.monotonic() > deadline:
-                os.close(fd)
                 raise JournalError(
                     f"{path}: workers of an earlier run are still writing to it; try again"
                 ) from None
@@ -966,12 +967,12 @@ class Journal:
     def _release(self) -> None:
         fd, self._lock_fd = self._lock_fd, -1
         if fd >= 0:
-            if _held.get(self.path) == os.getpid():
+            if _held.get(self.path) == os.getpid():  # ours: clear the owner's name
                 del _held[self.path]
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
+                try:
+                    os.ftruncate(fd, 0)
+                except OSError:
+                    pass
             os.close(fd)  # drops the POSIX lock
 
     def annotate(self, report: Report) -> Report:
@@ -1503,7 +1504,7 @@ def forget(path: str, node: str) -> list[str]:
         finally:
             conn.close()
     finally:
-        _held.pop(p, None)
-        os.ftruncate(fd, 0)
+        if _held.pop(p, None) is not None:
+            os.ftruncate(fd, 0)
         os.close(fd)
     return drop
