@@ -618,6 +618,10 @@ class Journal:
             _take_ownership(self.path, self._lock_fd)
             self._open(pipe)
         except BaseException:
+            conn = getattr(self, "conn", None)
+            if conn is not None:
+                conn.close()
+            _close_thread_conns(self.path)
             self._release()
             raise
 
