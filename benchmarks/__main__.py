@@ -89,6 +89,19 @@ SUITE: dict[str, dict[str, Any]] = {
         "limit": "cpu",
         "what": "50 items x 40 sub-items of 1 ms, gathered per item",
     },
+    "J1": {
+        "n": 50_000,
+        "who": [
+            "serial",
+            "papy",
+            "papy_journal",
+            "papy_journal_resume",
+            "papy_journal_cache",
+        ],
+        "limit": "serial",
+        "what": "the journal's cost: W1's 3 trivial stages over 50,000 ints without a "
+        "journal, with one (first run), resumed with every item done, and with cache=True",
+    },
     "W8": {
         "n": 2_000,
         "who": ["serial", "dask_futures", "dask_bag_distributed", "papy_dask"],
@@ -250,7 +263,28 @@ def to_markdown(results: dict[str, Any]) -> str:
                 f"{'yes' if r['ok'] else 'NO'} |"
             )
         out.append("")
+        if wl == "J1":
+            out += [_journal_cost(data["rows"]), ""]
     return "\n".join(out)
+
+
+def _journal_cost(rows: list[dict[str, Any]]) -> str:
+    """Say what the journal adds per item, from the J1 medians (microseconds)."""
+    med = {r["contestant"]: r["median_s"] / r["n"] for r in rows if "median_s" in r}
+    base = med.get("papy")
+    if base is None:
+        return ""
+    parts = [
+        f"{label} {(med[who] - base) * 1e6:+.1f} us/item"
+        for who, label in (
+            ("papy_journal", "journal, first run:"),
+            ("papy_journal_cache", "cache=True on 3 nodes, first run:"),
+        )
+        if who in med
+    ]
+    if "papy_journal_resume" in med:
+        parts.append(f"resuming a finished item: {med['papy_journal_resume'] * 1e6:.1f} us/item")
+    return "Journal cost per item (against papy without one): " + "; ".join(parts) + "."
 
 
 if __name__ == "__main__":

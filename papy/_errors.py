@@ -11,7 +11,7 @@ can catch them all at once::
      ├── WorkerCrashed         a worker process died while running an item (exit code/signal)
      ├── PoolError             a pool is closed, broken or cannot be reached
      ├── ShellError            an external program (papy.shell) exited with an error
-     └── JournalError          a journal file is corrupt, foreign, or belongs to another graph
+     └── JournalError          a journal is corrupt, foreign, tampered with, busy or unwritable
 
 ``WorkerCrashed`` and ``TimeoutError`` (the builtin) are mostly seen as the ``exception`` of a
 :class:`papy.Failure`, not raised at the caller.
@@ -161,7 +161,9 @@ class ShellError(PapyError):
 
 
 class JournalError(PapyError):
-    """Report a journal that is corrupt, foreign, or recorded for a different pipeline."""
+    """Report a journal that cannot be used: corrupt, not a journal, owned by another user,
+    failing authentication, in use by another run, removed or replaced during the run, in
+    a place that cannot be written; or a ``key=`` that gives two input items one key."""
 
 
 # Show (and pickle) these under their public name, ``papy.WorkerCrashed``, not the module

@@ -8,11 +8,13 @@ polylines do not justify a plotting dependency.
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._draw import render_dot, to_dot, to_mermaid
 from papy._report import UTIL_MEANING
+from papy._rundir import open_private
 
 if TYPE_CHECKING:
     from papy._pipeline import Pipeline
@@ -209,7 +211,14 @@ tr.bottleneck td {{ background: #ffe9e9; font-weight: bold; }}
 
 
 def write_html(pipe: Pipeline, report: Report, path: str | Path) -> Path:
-    """Write the HTML report to ``path``."""
+    """Write the HTML report to ``path``, readable by its owner only (mode 0600).
+
+    An existing file is replaced (never written through if it is a symbolic link).
+    """
     path = Path(path)
-    path.write_text(render_html(pipe, report), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    with open_private(tmp, "w", private=True) as fh:
+        fh.write(render_html(pipe, report))
+    os.replace(tmp, path)
     return path

@@ -63,6 +63,7 @@ class Node:
         timeout: float | None,
         on_error: OnError,
         concurrency: int,
+        cache: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.fns = fns
@@ -80,6 +81,8 @@ class Node:
         self.timeout = timeout
         self.on_error = on_error
         self.concurrency = concurrency
+        #: record this node's outputs in the journal and reuse them (``add(cache=True)``)
+        self.cache = cache
         self.is_async = inspect.iscoroutinefunction(fns[0])
         per_args, per_kwargs = _split_arguments(fns, args, kwargs)
         self.call = Call(fns, per_args, per_kwargs)
@@ -177,6 +180,7 @@ class Pipeline:
         timeout: float | None = None,
         on_error: OnError = "continue",
         concurrency: int = 64,
+        cache: bool = False,
     ) -> Node:
         """Add a node that applies ``fn_or_list`` to the outputs of ``after``; return it.
 
@@ -185,7 +189,9 @@ class Pipeline:
         ``scatter=True``: the function returns an iterable, each element becomes a sub-item.
         ``gather=True``: the function receives the list of sub-results of the nearest
         scatter upstream, in scatter order. ``batched=True``: the function receives a list
-        of items (a batch) and returns a list of the same length.
+        of items (a batch) and returns a list of the same length. ``cache=True``: in a run
+        with a journal, store this node's outputs there, keyed by the node's fingerprint and
+        the input item's identity, and reuse them in later runs while neither changed.
         """
         fns: list[Callable[..., Any]] = (
             list(fn_or_list) if isinstance(fn_or_list, (list, tuple)) else [fn_or_list]  # type: ignore[list-item]
@@ -222,6 +228,7 @@ class Pipeline:
             timeout=timeout,
             on_error=on_error,
             concurrency=concurrency,
+            cache=cache,
         )
         for p in parents:
             p.children.append(node)
@@ -380,10 +387,13 @@ class Pipeline:
     ) -> Report:
         """Run every item through the graph, drain all sinks, and return the Report.
 
-        With ``journal="run.db"`` the run records each finished input item (keyed by its
-        position, or by ``key(item)``); running again with the same journal skips them, so
-        an interrupted run resumes where it stopped. ``retry_failed=True`` re-runs the items
-        that failed last time; ``force=True`` accepts a journal written by a different graph.
+        With ``journal="run.db"`` the run records each finished input item (known by a digest
+        of its value, or by ``key(item)``, which must then be unique); running again with the
+        same journal skips them, so an interrupted run resumes where it stopped. Nodes whose
+        code, defaults, closure values, ``args``, ``kwargs`` or upstream changed are
+        recomputed, with their descendants. ``retry_failed=True`` re-runs the items that
+        failed last time; ``force=True`` keeps the records of changed nodes. Raises
+        JournalError for a journal in use by another run, of another user, or tampered with.
         """
         self.validate()
         outputs = self._start(

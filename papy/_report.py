@@ -153,6 +153,9 @@ class Report:
         groups.sort(key=lambda g: -g[2])
         return groups
 
+    #: nodes whose journal records no longer held (their code or inputs changed), and why
+    changed: dict[str, str] = field(default_factory=dict, compare=False)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain data (failures as dicts, see ``Failure.to_dict``)."""
         d = {
@@ -256,6 +259,7 @@ class Report:
         if dropped:
             notes.append(f"not shown for width: {', '.join(dropped)} (see Report.to_dict())")
         tail = [summary] + ([self.suggestion] if self.suggestion else [])
+        tail += [f"journal: node {k!r}: {v}; recomputed" for k, v in self.changed.items()]
         if self.driver and self.show_driver:
             tail.append(
                 "driver time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.driver.items())

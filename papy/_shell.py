@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from papy._errors import ShellError
-from papy._rundir import run_dir
+from papy._rundir import open_private, run_dir
 
 StdoutMode = Literal["text", "bytes", "file"]
 
@@ -117,7 +117,7 @@ class Shell:
         try:
             if self.stdout == "file":
                 out_path = run_dir() / f"{self.__name__}-{uuid.uuid4().hex}.out"
-                with open(out_path, "wb") as sink:
+                with open_private(out_path, "wb") as sink:
                     proc = subprocess.run(
                         argv,
                         input=data,
