@@ -34,8 +34,10 @@ pytest: $(STAMP) system
 
 test: lint typecheck pytest
 
+# Every workload (W1-W10) on every contestant, with the limit row: about 15 minutes on a
+# quiet 2-core machine. Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--quick --only W9".
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -206,6 +206,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(SUITE)}")
     peers = {p.strip() for p in args.peers.split(",") if p.strip()}
+    known = {c for spec in SUITE.values() for c in spec["who"]}
+    if peers - known:
+        ap.error(
+            f"unknown contestant(s) {', '.join(sorted(peers - known))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
     repeats = 1 if args.quick else args.repeats
     machine: dict[str, Any] = {
         "python": platform.python_version(),
