@@ -247,10 +247,13 @@ def main() -> None:
                         continue
                     reps = repeats if who in ONE_CELL else 1
                     m = min(spec.get("n_for", {}).get(who, n_run), n_run)
+                    t_cell = time.perf_counter()
                     cell = run_cell(wl, who, m, reps, workers, env)
                     acc = cells.setdefault(
-                        who, {"n": m, "times": [], "peak_rss": 0, "ok": True, "load": []}
+                        who,
+                        {"n": m, "times": [], "peak_rss": 0, "ok": True, "load": [], "cell_s": 0.0},
                     )
+                    acc["cell_s"] += time.perf_counter() - t_cell  # wall time, start-up included
                     if "error" in cell:
                         acc["error"] = cell["error"]
                         continue
