@@ -128,8 +128,9 @@ SUITE: dict[str, dict[str, Any]] = {
         "base": "serial_cpu",
         "what": "stage A sleeps 10 ms on a thread pool, stage B 2 ms CPU on a process pool, "
         "no worker counts given; limit = the CPU stage alone",
-        # One thread per core (multiprocessing, joblib) sleeps 10 ms per item: 10 s for 2,000.
-        "n_for": {"mp_pools": 500, "joblib": 500},
+        # One thread per core (multiprocessing, joblib) sleeps 10 ms per item: 10 s for 2,000;
+        # Ray's I/O stage has one actor per CPU, and 2 CPUs for both stages.
+        "n_for": {"mp_pools": 500, "joblib": 500, RAY: 500},
     },
     "W10": {
         "n": 2_000,
