@@ -378,6 +378,47 @@ def _line(wl: str, row: dict[str, Any]) -> str:
     )
 
 
+BASES = ("limit", "serial", "serial_cpu")
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """One line per workload: what the machine gave (the limit against the ideal), PaPy and
+    the best peer against the limit (against the ideal where there is no limit row)."""
+    out = [
+        "| workload | limit vs ideal | PaPy | vs limit | vs ideal | best peer | vs limit "
+        "| vs ideal | load average |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|",
+    ]
+    for wl, data in results["workloads"].items():
+        rows = [r for r in data["rows"] if r.get("size", 0) == data["rows"][0].get("size", 0)]
+        timed = [r for r in rows if "median_s" in r]
+        lim = next((r for r in timed if r["contestant"] == "limit"), None)
+        papy = next((r for r in timed if r["contestant"].startswith("papy")), None)
+        key = "vs_limit" if lim else "vs_ideal"
+        peers = [
+            r
+            for r in timed
+            if r["contestant"] not in BASES
+            and not r["contestant"].startswith("papy")
+            and r.get(key) is not None
+        ]
+        best = max(peers, key=lambda r: r[key], default=None)
+
+        def cells(r: dict[str, Any] | None) -> str:
+            if r is None:
+                return "- | - | -"
+            extra = f" (first 10%: {r['first_10pct_frac']:.2f})" if "first_10pct_frac" in r else ""
+            return f"{r['contestant']}{extra} | {_fmt(r['vs_limit'])} | {_fmt(r['vs_ideal'])}"
+
+        lw = data.get("load", [0, 0])
+        out.append(
+            f"| {wl} | {_fmt(lim['vs_ideal']) if lim else '-'} | {cells(papy)} | {cells(best)} "
+            f"| {lw[0]:.2f} -> {lw[-1]:.2f} |"
+        )
+    out.append("")
+    return out
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     load = f"load average {m['load_start']:.2f} at the start, {m.get('load_end', 0):.2f} at the end"
@@ -394,6 +435,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             "these figures do not measure the contestants.**",
             "",
         ]
+    out += summary(results)
     for wl, data in results["workloads"].items():
         lw = data.get("load", [0, 0])
         out.append(f"**{wl}**: {data['what']} (load average {lw[0]:.2f} -> {lw[-1]:.2f})")
