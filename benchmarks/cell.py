@@ -464,8 +464,11 @@ def ray_data(workload: str, workers: int) -> Iterator[Callable[[int], Any]]:
     actor pool (``ActorPoolStrategy(min_size=1, max_size=workers)``), a local Ray instance
     of ``workers`` CPUs started before the clock. Ray Data does not keep the input order,
     so the outputs are sorted (W7: regrouped) outside the clock's meaning of work."""
-    import ray
-    import ray.data
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:  # no wheel for this Python or platform
+        raise SystemExit(f"Ray Data is not installed ({exc}): pip install 'ray[data]'") from exc
 
     # The raylet must register within a fixed 30 s, which a loaded 2-core machine can miss:
     # try three times, then say why.
