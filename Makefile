@@ -36,8 +36,11 @@ pytest: $(STAMP) system
 
 test: lint typecheck pytest
 
+# Every workload (W1-W10) on every contestant, with the limit row: about 15 minutes on a
+# quiet 2-core machine. Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--quick --only W9".
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/pip install --quiet -e ".[bench-ray]" || echo "Ray Data could not be installed: its cells will say so"
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # The long versions of the process-pool resource tests: 200 programs that stop after one
 # result must all exit promptly; 1,000 runs on one pool must leave no trace.
