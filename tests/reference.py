@@ -61,6 +61,7 @@ def exc_type_of(fault: str) -> str:
     return {
         "timeout": "TimeoutError",
         "crash": "papy.WorkerCrashed",
+        "crash_batched": "papy.WorkerCrashed",
         "short": "ValueError",  # a batched node returned fewer results than items
     }[fault]
 
@@ -116,7 +117,7 @@ def _act(p: Params, fault: str) -> None:
     """Carry out a fault in the worker: raise, hang past the timeout, or kill the process."""
     if fault in RAISES:
         raise RAISES[fault](f"fault injected in {p.name}")
-    if fault == "crash":
+    if fault in ("crash", "crash_batched"):
         os._exit(13)
     if fault == "timeout":
         time.sleep(SLOW_S)
