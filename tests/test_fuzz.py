@@ -99,7 +99,7 @@ MAX_FAN = 60  # at most this many sub-items per input item below nested scatters
 
 settings.register_profile(
     "papy-ci",
-    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "200")),
+    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "250")),
     deadline=None,
     derandomize=True,  # the same examples on every run: CI is reproducible
     database=None,
