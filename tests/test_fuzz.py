@@ -15,7 +15,8 @@ The contract checked, for every graph, pool and setting:
   ``GeneratorExit`` and ``KeyboardInterrupt`` included, makes that item a ``Failure``
   whose ``exc_type`` is the real class name (``'StopIteration'``, ``'SystemExit'``, a
   user class as ``'module.Name'``); an item that kills its worker process every time is a
-  ``'papy.WorkerCrashed'`` Failure; an item that runs past its node's ``timeout=`` is a
+  ``'papy.WorkerCrashed'`` Failure and its batch-mates complete (in a ``batched=True``
+  call too); an item that runs past its node's ``timeout=`` is a
   ``'TimeoutError'`` Failure, and no item within the limit fails. A ``batched=True`` node
   that returns fewer results than items fails the items it left out (``'ValueError'``),
   not the others.
@@ -34,10 +35,12 @@ The contract checked, for every graph, pool and setting:
   ``run()`` alike.
 - A node with ``timeout=`` on an ``InlinePool`` (the caller's thread cannot be
   interrupted) is refused with ``GraphError`` naming the node, before any input is read.
-- When the pools are closed, no child process is left.
+- When the pools are closed, no child process is left (multiprocessing's own forkserver
+  and resource tracker, one of each per interpreter, are not a pool's).
 
-Fault kinds the engine does not handle yet are listed outside ``ENABLED_FAULTS``; set
-``PAPY_FUZZ_FAULTS=all`` to fuzz them anyway. ``PAPY_FUZZ_PROFILE=fuzz`` selects the long,
+Fault kinds the engine does not handle yet are left out of ``ENABLED_FAULTS``; set
+``PAPY_FUZZ_FAULTS=all`` (or a comma-separated list) to fuzz them anyway.
+``PAPY_FUZZ_EXAMPLES`` sets the number of examples. ``PAPY_FUZZ_PROFILE=fuzz`` selects the long,
 randomized profile that ``make fuzz`` runs.
 """
 
