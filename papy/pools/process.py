@@ -728,6 +728,19 @@ class _State:
         if where is not None and where[1] < n:
             s, i, c = where
             c = min(c, n - i)
+            if c > 1:
+                # A batched call of c items died: one of them is the culprit, but which is
+                # unknown. Halve the call (its batch-mates outside it re-run as they are)
+                # until the call holds one item, which is then confirmed as usual.
+                half = c // 2
+                parts = []
+                if i > 0:
+                    parts.append((task.slice(0, i), 0, False))
+                parts.append((task.slice(i, i + half), 0, True))
+                parts.append((task.slice(i + half, i + c), 0, True))
+                if i + c < n:
+                    parts.append((task.slice(i + c, n), 0, False))
+                return _parts(job, parts)
             if c >= n:
                 if crashes >= 2:
                     job.done(_fail_in(task, WorkerCrashed(_describe_exit(code), code), s, crashes))
