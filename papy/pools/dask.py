@@ -15,21 +15,38 @@ hosts: Dask schedules the tasks, moves the data, and re-runs a task whose worker
   item that kills them is found and reported as a :class:`~papy.WorkerCrashed` failure.
 - ``timeout`` on a node is enforced from the driver: the task's items fail with
   ``TimeoutError`` and the Dask task is cancelled.
+- The user's own modules (files next to the script, a package that is not installed, a test
+  module) are shipped to the workers by value with cloudpickle, so workers need only PaPy
+  and the third-party libraries installed; what was shipped is logged and listed in
+  :attr:`DaskPool.shipped`. A compiled extension cannot be shipped: the run stops with a
+  :class:`~papy.PoolError` naming it.
+- ``security=`` takes Dask's ``distributed.Security`` (TLS certificates), as
+  ``distributed.Client`` does.
 
 Install with ``pip install "papy[dask]"``; the rest of PaPy works without Dask.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.machinery
+import importlib.metadata
+import io
 import logging
+import os
 import pickle
+import site
+import sys
+import sysconfig
 import threading
+import types
 from concurrent.futures import Future
 from typing import Any
 
 import cloudpickle
 
 from papy._errors import PoolError, WorkerCrashed
+from papy._pickling import CodePickler, registered_by_value
 from papy._task import StepSpec, TaskResult, run_task
 from papy.pools._base import Pool, Task, merge_parts
 
@@ -48,17 +65,131 @@ _spec_cache: dict[str, StepSpec] = {}
 
 
 def _run_on_worker(
-    spec_id: str, spec_blob: bytes, keys: Any, values: list[Any], jkeys: Any, dirty: bool = True
+    spec_id: str,
+    spec_blob: bytes,
+    keys: Any,
+    values: Any,
+    jkeys: Any,
+    dirty: bool = True,
+    packed: bool = False,
 ) -> TaskResult:
-    """Run a task on a Dask worker; the step's functions are unpickled once per worker."""
+    """Run a task on a Dask worker; the step's functions are unpickled once per worker.
+
+    ``packed`` values are one pickle made by the driver (when user modules were shipped by
+    value, items may be instances of their classes, which the worker cannot import).
+    """
     spec = _spec_cache.get(spec_id)
     if spec is None:
         spec = _spec_cache[spec_id] = pickle.loads(spec_blob)
+    if packed:
+        values = pickle.loads(values)
     return run_task(spec, keys, values, jkeys, dirty)
 
 
+# -- shipping the user's own modules -------------------------------------------------------
+
+_ship_lock = threading.Lock()
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """Return the directories of the standard library and of installed packages."""
+    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs.update(site.getsitepackages())
+    dirs.add(site.getusersitepackages())
+    return tuple(sorted(os.path.realpath(d) for d in dirs if d))
+
+
+@functools.cache
+def _installed_top_levels() -> frozenset[str]:
+    """Return the top-level import names provided by installed distributions."""
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+def _user_module(name: str) -> types.ModuleType | None:
+    """Return the module ``name`` when it is the user's own code, else None.
+
+    The user's own code is a module loaded from a file outside the standard library and
+    site-packages, and not part of an installed distribution (an editable install counts
+    as installed): the workers of a cluster cannot be expected to import it.
+    """
+    module = sys.modules.get(name)
+    if module is None or name == "__main__":
+        return None  # cloudpickle already sends these by value
+    top = name.partition(".")[0]
+    if top == "papy" or top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return None
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    if top in _installed_top_levels():
+        return None
+    real = os.path.realpath(path)
+    if any(real.startswith(d + os.sep) for d in _library_dirs()):
+        return None
+    return module
+
+
+def _is_extension(module: types.ModuleType) -> bool:
+    path = getattr(module, "__file__", "") or ""
+    return path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def _dumps(obj: Any, shipped: set[str]) -> bytes:
+    """Pickle ``obj`` so that a worker needs none of the user's own modules.
+
+    Modules found on the way are added to ``shipped`` and stay by value for this pool.
+    Raises PoolError for a user module that cannot travel by value (a compiled extension).
+    """
+    with _ship_lock:
+        registered: list[str] = []
+        try:
+            for name in sorted(shipped):
+                module = sys.modules.get(name)
+                if module is not None and not registered_by_value(module):
+                    cloudpickle.register_pickle_by_value(module)
+                    registered.append(name)
+            while True:
+                buf = io.BytesIO()
+                pickler = CodePickler(buf)
+                pickler.dump(obj)
+                new = []
+                for name in sorted(pickler.referenced - shipped):
+                    module = _user_module(name)
+                    if module is None or registered_by_value(module):
+                        continue
+                    if _is_extension(module):
+                        raise PoolError(
+                            f"module {name!r} ({module.__file__}) is a compiled extension that "
+                            "is not installed on the Dask workers, and DaskPool can only ship "
+                            "Python source; install it in the workers' environment (pip "
+                            "install it there, or add it to their image or conda environment)"
+                        )
+                    cloudpickle.register_pickle_by_value(module)
+                    registered.append(name)
+                    new.append(name)
+                if not new:
+                    return buf.getvalue()
+                shipped.update(new)
+                log.info(
+                    "DaskPool ships the module(s) %s to the workers by value (they are not "
+                    "installed there)",
+                    ", ".join(new),
+                )
+        finally:
+            for name in registered:
+                module = sys.modules.get(name)
+                if module is not None:
+                    cloudpickle.unregister_pickle_by_value(module)
+
+
 class DaskPool(Pool):
-    """Run tasks on a Dask cluster given by its address (``tcp://host:port``) or a Client."""
+    """Run tasks on a Dask cluster given by its address (``tcp://host:port``) or a Client.
+
+    ``security`` is a ``distributed.Security`` (TLS certificates) used to connect to a
+    ``tls://`` address; a Dask scheduler runs any code a client sends, so a cluster that
+    others can reach must require certificates. ``connect_timeout`` is in seconds.
+    """
 
     kind = "dask"
     target_task_s = 0.05  # Dask costs a few milliseconds per task: ship bigger batches
@@ -71,9 +202,13 @@ class DaskPool(Pool):
         resources: dict[str, float] | None = None,
         workers: int | None = None,
         connect_timeout: float = 5.0,
+        security: Any = None,
     ) -> None:
         super().__init__()
         self._target = address_or_client
+        self.security = security
+        #: names of the user's modules this pool sent to the workers by value
+        self.shipped: set[str] = set()
         self.resources = dict(resources) if resources else None
         self._workers_hint = workers
         self.workers = workers or 1
@@ -92,8 +227,10 @@ class DaskPool(Pool):
             resources=resources,
             workers=self._workers_hint,
             connect_timeout=self.connect_timeout,
+            security=self.security,
         )
         child._parent = self
+        child.shipped = self.shipped
         return child
 
     def describe(self) -> str:
@@ -113,15 +250,31 @@ class DaskPool(Pool):
             self.client = self._target
         else:
             address = str(self._target)
+            if address.startswith("tls://") and self.security is None:
+                sec = distributed.Security()  # from the Dask configuration, if it has TLS
+                if sec.tls_client_cert is None and sec.tls_ca_file is None:
+                    raise PoolError(
+                        f"the Dask scheduler at {address} uses TLS and no certificates were "
+                        "given: pass security=distributed.Security(tls_ca_file=..., "
+                        "tls_client_cert=..., tls_client_key=...) (papy run: --tls-ca-file, "
+                        "--tls-cert, --tls-key), or set them in the Dask configuration"
+                    )
             try:
                 self.client = distributed.Client(
-                    address, timeout=self.connect_timeout, set_as_default=False
+                    address,
+                    timeout=self.connect_timeout,
+                    set_as_default=False,
+                    security=self.security,
                 )
             except (OSError, TimeoutError) as exc:
+                hint = (
+                    "are the TLS certificates the cluster's?"
+                    if address.startswith("tls://")
+                    else "is it running, and is the address right?"
+                )
                 raise PoolError(
                     f"cannot reach the Dask scheduler at {address} within "
-                    f"{self.connect_timeout:g} s ({type(exc).__name__}: {exc}); is it running, "
-                    "and is the address right?"
+                    f"{self.connect_timeout:g} s ({type(exc).__name__}: {exc}); {hint}"
                 ) from None
             self._own_client = True
         if self._workers_hint is None:
@@ -160,26 +313,35 @@ class DaskPool(Pool):
         # run on any worker, including one that joined after a crash.
         blob = self._specs.get(spec.id)
         if blob is None:
-            blob = self._specs[spec.id] = cloudpickle.dumps(spec)
+            blob = self._specs[spec.id] = _dumps(spec, self.shipped)
         return blob
 
     def _submit(self, task: Task) -> Future[TaskResult]:
         out: Future[TaskResult] = Future()
         out.set_running_or_notify_cancel()
+        try:
+            self._spec_blob(task.spec)
+        except PoolError as exc:
+            out.set_exception(exc)  # the run cannot work on this cluster: stop it, once
+            return out
         self._send(task, out.set_result)
         return out
 
     def _send(self, task: Task, done: Any) -> None:
         distributed = _import_distributed()
         try:
+            spec_blob = self._spec_blob(task.spec)
+            packed = bool(self.shipped)
+            values: Any = _dumps(task.values, self.shipped) if packed else task.values
             dfut = self.client.submit(
                 _run_on_worker,
                 task.spec.id,
-                self._spec_blob(task.spec),
+                spec_blob,
                 task.keys,
-                task.values,
+                values,
                 task.jkeys,
                 task.dirty,
+                packed,
                 pure=False,
                 resources=self.resources,
             )

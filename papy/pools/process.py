@@ -41,6 +41,7 @@ import cloudpickle
 
 from papy._errors import PoolError, WorkerCrashed
 from papy._items import qualified_type
+from papy._pickling import dumps as dumps_code
 from papy._task import TaskResult
 from papy.pools._base import Pool, Task, merge_parts
 from papy.pools._worker import dumps, fail_unpicklable, frame, unframe, worker_main
@@ -206,9 +207,7 @@ class ProcessPool(Pool):
         spec = task.spec
         if spec.id not in self._spec_blobs:
             try:
-                self._spec_blobs[spec.id] = cloudpickle.dumps(
-                    spec, protocol=pickle.HIGHEST_PROTOCOL
-                )
+                self._spec_blobs[spec.id] = dumps_code(spec, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 fut.set_result(
                     task.fail_all(

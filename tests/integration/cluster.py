@@ -46,18 +46,37 @@ class Cluster:
                 p.wait(timeout=5)
 
 
-def _env() -> dict[str, str]:
+def _env(foreign: bool = False) -> dict[str, str]:
+    """Return the environment of cluster processes.
+
+    ``foreign`` processes see only the installed packages (PaPy, Dask): no PYTHONPATH, so
+    they can import nothing of the tests, like workers on another machine.
+    """
     root = Path(__file__).resolve().parents[2]
-    return {
+    env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
         "DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s",
         "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s",
     }
+    if foreign:
+        del env["PYTHONPATH"]
+    return env
 
 
-def start_scheduler(tmp: Path, host: str = "127.0.0.1", prefix: list[str] | None = None) -> Cluster:
-    """Start ``dask scheduler`` on a random port; return once it accepts connections."""
+def start_scheduler(
+    tmp: Path,
+    host: str = "127.0.0.1",
+    prefix: list[str] | None = None,
+    *,
+    foreign: bool = False,
+    extra: list[str] | None = None,
+) -> Cluster:
+    """Start ``dask scheduler`` on a random port; return once it accepts connections.
+
+    ``foreign`` runs it in ``tmp`` without the tests on its path; ``extra`` are more
+    options (TLS, ``--protocol``).
+    """
     sched_file = tmp / "scheduler.json"
     log = open(tmp / "scheduler.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -71,10 +90,12 @@ def start_scheduler(tmp: Path, host: str = "127.0.0.1", prefix: list[str] | None
             "--no-dashboard",
             "--scheduler-file",
             str(sched_file),
+            *(extra or []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=_env(),
+        env=_env(foreign),
+        cwd=tmp if foreign else None,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -98,8 +119,13 @@ def start_worker(
     host: str = "127.0.0.1",
     resources: str | None = None,
     prefix: list[str] | None = None,
+    foreign: bool = False,
+    extra: list[str] | None = None,
 ) -> None:
-    """Start one ``dask worker`` (one thread) under a nanny; wait until it registered."""
+    """Start one ``dask worker`` (one thread) under a nanny.
+
+    ``foreign`` workers run in a directory of their own without the tests on their path.
+    """
     assert cluster.logs is not None
     log = open(cluster.logs / f"{name}.log", "wb")  # noqa: SIM115
     argv = [
@@ -120,13 +146,22 @@ def start_worker(
     ]
     if resources:
         argv += ["--resources", resources]
-    cluster.workers.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env()))
+    argv += extra or []
+    cwd = None
+    if foreign:
+        cwd = cluster.logs / f"{name}-cwd"
+        cwd.mkdir(exist_ok=True)
+    cluster.workers.append(
+        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env(foreign), cwd=cwd)
+    )
 
 
-def wait_for_workers(cluster: Cluster, n: int, timeout: float = 60) -> None:
+def wait_for_workers(
+    cluster: Cluster, n: int, timeout: float = 60, security: object = None
+) -> None:
     from distributed import Client
 
-    with Client(cluster.address, timeout=30, set_as_default=False) as client:
+    with Client(cluster.address, timeout=30, set_as_default=False, security=security) as client:
         client.wait_for_workers(n, timeout=timeout)
 
 
