@@ -81,6 +81,74 @@ def _read_items(stream: IO[str], fmt: str) -> Iterator[Any]:
                 raise click.ClickException(f"input line {number} is not JSON: {exc}") from None
 
 
+def _cluster_options(func: Any) -> Any:
+    """Add the options that connect ``papy run`` to a secured Dask cluster."""
+    options = [
+        click.option(
+            "--tls-ca-file",
+            default=None,
+            metavar="PATH",
+            help="CA certificate that signed the cluster's certificates (TLS).",
+        ),
+        click.option(
+            "--tls-cert",
+            default=None,
+            metavar="PATH",
+            help="This client's certificate (PEM) for a tls:// scheduler.",
+        ),
+        click.option(
+            "--tls-key",
+            default=None,
+            metavar="PATH",
+            help="The private key of --tls-cert (if not in the same file).",
+        ),
+        click.option(
+            "--dask-config",
+            default=None,
+            metavar="PATH",
+            help="A Dask YAML configuration file (e.g. distributed.comm.tls settings).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _dask_pool(address: str, remote: dict[str, Any]) -> Pool:
+    """Return the DaskPool of ``papy run --dask ADDRESS`` with its TLS/config options."""
+    from papy.pools.dask import DaskPool
+
+    if remote.get("dask_config"):
+        import dask.config
+        import yaml
+
+        path = Path(remote["dask_config"])
+        if not path.is_file():
+            raise click.UsageError(f"Dask configuration file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise click.UsageError(f"{path} is not valid YAML: {exc}") from None
+        dask.config.update(dask.config.config, data, priority="new")
+    security = None
+    tls = [remote.get("tls_ca_file"), remote.get("tls_cert"), remote.get("tls_key")]
+    if any(tls):
+        from distributed import Security
+
+        for option, value in zip(("--tls-ca-file", "--tls-cert", "--tls-key"), tls):
+            if value and not Path(value).is_file():
+                raise click.UsageError(f"{option}: file not found: {value}")
+        if not (tls[0] and tls[1]):
+            raise click.UsageError("TLS needs both --tls-ca-file and --tls-cert")
+        security = Security(
+            tls_ca_file=tls[0],
+            tls_client_cert=tls[1],
+            tls_client_key=tls[2],
+            require_encryption=True,
+        )
+    return DaskPool(address, security=security)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="papy", prog_name="papy")
 def main() -> None:
@@ -134,6 +202,7 @@ def main() -> None:
     help="SQLite journal: resume an interrupted run, skipping finished items.",
 )
 @click.option("--no-progress", is_flag=True, help="Do not show live progress.")
+@_cluster_options
 def run(
     target: str,
     input_path: str,
@@ -144,14 +213,13 @@ def run(
     report_path: str | None,
     journal_path: str | None,
     no_progress: bool,
+    **remote: Any,
 ) -> None:
     """Run the pipeline defined in FILE.py (object NAME, default 'pipeline') over items."""
     pipe = load_pipeline(target)
     own_pool: Pool | None = None
     if dask_address:
-        from papy.pools.dask import DaskPool
-
-        own_pool = pipe.pool = DaskPool(dask_address)
+        own_pool = pipe.pool = _dask_pool(dask_address, remote)
     elif workers is not None and pipe.pool is None:
         from papy.pools.process import ProcessPool
 
