@@ -108,10 +108,107 @@ def _cluster_options(func: Any) -> Any:
             metavar="PATH",
             help="A Dask YAML configuration file (e.g. distributed.comm.tls settings).",
         ),
+        click.option(
+            "--slurm",
+            "queue_kind",
+            flag_value="slurm",
+            default=None,
+            help="Start Dask workers as SLURM jobs (dask-jobqueue) for the remote nodes.",
+        ),
+        click.option(
+            "--pbs", "queue_kind", flag_value="pbs", help="Same as --slurm, on PBS/Torque."
+        ),
+        click.option(
+            "--jobs",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Batch jobs to submit (--slurm/--pbs).",
+        ),
+        click.option(
+            "--cores",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Cores per job: one single-threaded Dask worker each.",
+        ),
+        click.option("--memory", default="2GB", show_default=True, help="Memory per job."),
+        click.option(
+            "--walltime", default="01:00:00", show_default=True, help="Time limit per job."
+        ),
+        click.option("--partition", default=None, help="SLURM partition / PBS queue."),
+        click.option("--account", default=None, help="Account (project) to charge the jobs to."),
+        click.option(
+            "--all-remote",
+            is_flag=True,
+            help="Run process nodes (and nodes without a pool) on the batch jobs too, not "
+            "only the nodes whose pool is a DaskPool.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _queue_pool(pipe: Pipeline, remote: dict[str, Any]) -> Pool:
+    """Start a SLURM/PBS cluster for ``papy run --slurm/--pbs``; move remote nodes onto it.
+
+    The nodes whose pool is a DaskPool go to the batch jobs (with their ``resources``,
+    which every job then provides), and with ``--all-remote`` the process nodes and the
+    nodes without a pool too. The returned pool owns the cluster: closing it cancels every
+    job it submitted.
+    """
+    from papy.pools.dask import DaskPool, jobqueue_cluster
+    from papy.pools.process import ProcessPool
+
+    kind = remote["queue_kind"]
+    all_remote = remote.get("all_remote", False)
+
+    def moves(pool: Pool | None) -> bool:
+        if isinstance(pool, DaskPool):
+            return True
+        return all_remote and (pool is None or isinstance(pool, ProcessPool))
+
+    default_moves = moves(pipe.pool)
+    nodes = [n for n in pipe.nodes if (moves(n.pool) if n.pool is not None else default_moves)]
+    if not nodes:
+        raise click.UsageError(
+            f"no node of the pipeline runs on a DaskPool; add --all-remote to run its "
+            f"process nodes on {kind.upper()} jobs"
+        )
+    resources: dict[str, float] = {}
+    for n in nodes:
+        for k, v in (getattr(n.pool, "resources", None) or {}).items():
+            resources[k] = max(resources.get(k, 0), v)
+    try:
+        cluster = jobqueue_cluster(
+            kind,
+            cores=remote["cores"],
+            memory=remote["memory"],
+            walltime=remote["walltime"],
+            partition=remote.get("partition"),
+            account=remote.get("account"),
+            resources=resources or None,
+        )
+    except PapyError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        raise click.UsageError(f"--{kind}: {exc}") from None
+    pool = DaskPool(cluster)
+    pool.own_cluster = True
+    cluster.scale(jobs=remote["jobs"])
+    for n in nodes:
+        own = getattr(n.pool, "resources", None)
+        if n.pool is not None:
+            n.pool = pool.with_resources(own) if own else pool
+    if default_moves:
+        pipe.pool = pool
+    click.echo(
+        f"{kind.upper()}: {remote['jobs']} job(s) of {remote['cores']} core(s), "
+        f"{remote['memory']}, {remote['walltime']}; worker logs in papy-job-logs/",
+        err=True,
+    )
+    return pool
 
 
 def _dask_pool(address: str, remote: dict[str, Any]) -> Pool:
@@ -218,8 +315,12 @@ def run(
     """Run the pipeline defined in FILE.py (object NAME, default 'pipeline') over items."""
     pipe = load_pipeline(target)
     own_pool: Pool | None = None
+    if dask_address and remote.get("queue_kind"):
+        raise click.UsageError("--dask and --slurm/--pbs exclude each other")
     if dask_address:
         own_pool = pipe.pool = _dask_pool(dask_address, remote)
+    elif remote.get("queue_kind"):
+        own_pool = _queue_pool(pipe, remote)
     elif workers is not None and pipe.pool is None:
         from papy.pools.process import ProcessPool
 

@@ -22,6 +22,12 @@ hosts: Dask schedules the tasks, moves the data, and re-runs a task whose worker
   :class:`~papy.PoolError` naming it.
 - ``security=`` takes Dask's ``distributed.Security`` (TLS certificates), as
   ``distributed.Client`` does.
+- A Dask cluster object works too, including a dask-jobqueue ``SLURMCluster`` or
+  ``PBSCluster``: the pool checks that the queue accepts its job (SLURM: ``sbatch
+  --test-only``), and stops the run with a :class:`~papy.PoolError` when work waits and no
+  worker has joined for ``start_timeout`` seconds (a job pending for ever, a partition that
+  is down). ``adapt=(lo, hi)`` sizes the number of jobs from the work waiting for this pool
+  and gives the jobs back after ``idle_timeout`` seconds without work.
 
 Install with ``pip install "papy[dask]"``; the rest of PaPy works without Dask.
 """
@@ -35,12 +41,16 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import site
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
+import time
 import types
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import cloudpickle
@@ -183,6 +193,122 @@ def _dumps(obj: Any, shipped: set[str]) -> bytes:
                     cloudpickle.unregister_pickle_by_value(module)
 
 
+def _threads_per_job(cluster: Any) -> int:
+    """Return the worker threads one job of a dask-jobqueue cluster brings (1 otherwise)."""
+    try:
+        job = cluster._dummy_job
+        return max(1, int(job.worker_processes) * int(job.worker_process_threads))
+    except Exception:
+        return 1
+
+
+def _job_ids(cluster: Any) -> list[str]:
+    ids = []
+    for w in list(getattr(cluster, "workers", {}).values()):
+        jid = getattr(w, "job_id", None)
+        if jid:
+            ids.append(str(jid))
+    return ids
+
+
+def _queue_state(cluster: Any) -> str:
+    """Return ``" (job 12 PENDING: Resources)"`` for the jobs of a SLURM cluster, or ''."""
+    ids = _job_ids(cluster)
+    if not ids or shutil.which("squeue") is None:
+        return ""
+    r = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    states = "; ".join(
+        "job {} {}: {}".format(*[*line.split(None, 2), "", ""][:3])
+        for line in r.stdout.splitlines()
+        if line.strip()
+    )
+    return f" ({states})" if states else ""
+
+
+def _check_queue(cluster: Any) -> None:
+    """Ask SLURM whether it would run the cluster's job script at all (``--test-only``).
+
+    A partition or account that does not exist is then an error before any work, instead
+    of jobs that never start.
+    """
+    script = getattr(cluster, "job_script", None)
+    submit = getattr(getattr(cluster, "job_cls", None), "submit_command", None)
+    if script is None or submit != "sbatch" or shutil.which("sbatch") is None:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+        f.write(script())
+    try:
+        r = subprocess.run(
+            ["sbatch", "--test-only", f.name], capture_output=True, text=True, check=False
+        )
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        why = " ".join((r.stderr or r.stdout).split())
+        raise PoolError(
+            f"SLURM refuses the job script of {type(cluster).__name__}: {why}; check the "
+            "partition (queue=), account, memory, cores and walltime"
+        )
+
+
+def jobqueue_cluster(
+    kind: str,
+    *,
+    cores: int = 1,
+    memory: str = "2GB",
+    walltime: str = "01:00:00",
+    partition: str | None = None,
+    account: str | None = None,
+    resources: dict[str, float] | None = None,
+    log_directory: str = "papy-job-logs",
+    **extra: Any,
+) -> Any:
+    """Return a dask-jobqueue ``SLURMCluster`` (``kind="slurm"``) or ``PBSCluster`` (``"pbs"``).
+
+    Each job runs ``cores`` single-threaded Dask workers (processes: Python code does not
+    share a GIL) with ``memory`` in all, for at most ``walltime`` (``HH:MM:SS``); worker
+    logs go to ``log_directory``. ``resources`` (Dask worker resources such as
+    ``{"GPU": 1}``) are declared by every worker and asked of the queue: SLURM
+    ``--gres=gpu:1`` per job, PBS ``-l ngpus=1`` for ``GPU``. No job starts until the
+    cluster is scaled (:class:`DaskPool` with ``adapt=``, or ``cluster.scale(jobs=N)``).
+    """
+    try:
+        import dask_jobqueue
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise PoolError(f'--{kind} needs dask-jobqueue: pip install "papy[jobqueue]"') from None
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+    kw: dict[str, Any] = {
+        "cores": cores,
+        "processes": cores,
+        "memory": memory,
+        "walltime": walltime,
+        "log_directory": log_directory,
+        "python": sys.executable,
+        **extra,
+    }
+    if partition:
+        kw["queue"] = partition
+    if account:
+        kw["account"] = account
+    if resources:
+        spec = ",".join(f"{k}={v:g}" for k, v in resources.items())
+        kw["worker_extra_args"] = [*kw.get("worker_extra_args", []), "--resources", spec]
+        if kind == "slurm":
+            gres = ",".join(f"{k.lower()}:{v:g}" for k, v in resources.items())
+            kw["job_extra_directives"] = [*kw.get("job_extra_directives", []), f"--gres={gres}"]
+        elif "GPU" in resources:
+            kw["job_extra_directives"] = [
+                *kw.get("job_extra_directives", []),
+                f"-l ngpus={resources['GPU']:g}",
+            ]
+    return cls(**kw)
+
+
 class DaskPool(Pool):
     """Run tasks on a Dask cluster given by its address (``tcp://host:port``) or a Client.
 
@@ -203,10 +329,27 @@ class DaskPool(Pool):
         workers: int | None = None,
         connect_timeout: float = 5.0,
         security: Any = None,
+        adapt: tuple[int, int] | None = None,
+        idle_timeout: float = 60.0,
+        start_timeout: float = 300.0,
     ) -> None:
         super().__init__()
         self._target = address_or_client
         self.security = security
+        if adapt is not None and not (0 <= adapt[0] <= adapt[1] and adapt[1] >= 1):
+            raise ValueError(f"adapt=(lo, hi) needs 0 <= lo <= hi and hi >= 1, not {adapt!r}")
+        self.adapt = adapt
+        self.idle_timeout = idle_timeout
+        self.start_timeout = start_timeout
+        self._cluster: Any = None
+        #: close the cluster (and cancel its jobs) with the pool
+        self.own_cluster = False
+        self._outs: set[Future[TaskResult]] = set()
+        self._broken: PoolError | None = None
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+        #: the number of jobs (or workers) asked of the cluster by ``adapt``, over time
+        self.scaled: list[int] = []
         #: names of the user's modules this pool sent to the workers by value
         self.shipped: set[str] = set()
         self.resources = dict(resources) if resources else None
@@ -248,6 +391,35 @@ class DaskPool(Pool):
             self.client = self._parent.client
         elif isinstance(self._target, distributed.Client):
             self.client = self._target
+        elif hasattr(self._target, "scheduler_address"):  # a Cluster: local, SLURM, PBS...
+            self._cluster = self._target
+            _check_queue(self._cluster)
+            try:
+                self.client = distributed.Client(
+                    self._cluster, timeout=self.connect_timeout, set_as_default=False
+                )
+            except (OSError, TimeoutError) as exc:
+                raise PoolError(f"cannot connect to {self._cluster!r}: {exc}") from None
+            self._own_client = True
+            if self.adapt is not None:
+                self.workers = self.adapt[1] * _threads_per_job(self._cluster)
+                self._scale(self.adapt[0])
+            self._watch = threading.Thread(
+                target=self._watch_cluster, name="papy-dask-watch", daemon=True
+            )
+            self._watch.start()
+            if self.adapt is not None:
+                return
+            try:
+                if getattr(self._cluster, "worker_spec", None) == {}:
+                    raise PoolError(
+                        f"{type(self._cluster).__name__} has no jobs or workers: call "
+                        "cluster.scale(jobs=N) before starting the pool, or pass adapt=(lo, hi)"
+                    )
+                self._wait_first_worker()
+            except BaseException:
+                self._close()  # the pool never started: release the client (and jobs) now
+                raise
         else:
             address = str(self._target)
             if address.startswith("tls://") and self.security is None:
@@ -291,7 +463,86 @@ class DaskPool(Pool):
                 }
             self.workers = max(1, sum(nthreads.values()))
 
+    def _scale(self, n: int) -> None:
+        """Ask the cluster for ``n`` jobs (dask-jobqueue) or ``n`` workers (others)."""
+        try:
+            self._cluster.scale(jobs=n)
+        except TypeError:
+            self._cluster.scale(n)
+        self.scaled.append(n)
+        log.info("DaskPool asks %r for %d job(s)", self._cluster, n)
+
+    def _wait_first_worker(self) -> None:
+        """Wait up to ``start_timeout`` s for a worker of a cluster that starts jobs."""
+        try:
+            self.client.wait_for_workers(1, timeout=self.start_timeout)
+        except TimeoutError:
+            raise PoolError(self._no_worker_message()) from None
+
+    def _no_worker_message(self) -> str:
+        return (
+            f"no worker of {type(self._cluster).__name__} joined within "
+            f"{self.start_timeout:g} s (DaskPool start_timeout){_queue_state(self._cluster)}; "
+            "the queue cannot start the job: check the partition/queue, account, walltime "
+            "and resources asked, or raise start_timeout if the queue is just busy"
+        )
+
+    def _watch_cluster(self) -> None:
+        """Size the jobs from waiting work (``adapt``) and fail the run if none can start."""
+        lo, hi = self.adapt or (0, 0)
+        per_job = _threads_per_job(self._cluster)
+        target = lo
+        idle_since = time.monotonic()
+        starving_since: float | None = None
+        while not self._stop.wait(1.0):
+            with self._lock:
+                waiting = len(self._live)
+            try:
+                nworkers = len(self.client.nthreads())
+            except Exception:
+                continue
+            now = time.monotonic()
+            if waiting and not nworkers:
+                starving_since = starving_since or now
+                if now - starving_since > self.start_timeout:
+                    self._fail_waiting(PoolError(self._no_worker_message()))
+                    starving_since = None
+            else:
+                starving_since = None
+            if self.adapt is None:
+                continue
+            if waiting:
+                idle_since = now
+                want = min(hi, max(lo, -(-waiting // (self.prefetch * per_job))))
+                if want > target:
+                    target = want
+                    self._scale(target)
+            elif target > lo and now - idle_since > self.idle_timeout:
+                target = lo
+                self._scale(target)
+
+    def _fail_waiting(self, exc: PoolError) -> None:
+        """Stop the run: every task still waiting for this pool fails with ``exc``."""
+        self._broken = exc
+        with self._lock:
+            outs = list(self._outs)
+            live = list(self._live.values())
+        if live:
+            try:
+                self.client.cancel(live)
+            except Exception:
+                pass
+        for out in outs:
+            if not out.done():
+                try:
+                    out.set_exception(exc)
+                except InvalidStateError:
+                    pass
+
     def _close(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join(timeout=5)
         with self._lock:
             live = list(self._live.values())
             self._live.clear()
@@ -303,6 +554,16 @@ class DaskPool(Pool):
         if self._own_client and self.client is not None:
             try:
                 self.client.close(timeout=5)
+            except Exception:
+                pass
+        if self._cluster is not None and self.own_cluster:
+            try:
+                self._cluster.close()  # cancels every job it submitted
+            except Exception:
+                log.warning("could not close %r", self._cluster, exc_info=True)
+        elif self._cluster is not None and self.adapt is not None:
+            try:
+                self._scale(self.adapt[0])  # give the jobs back now
             except Exception:
                 pass
 
@@ -319,12 +580,27 @@ class DaskPool(Pool):
     def _submit(self, task: Task) -> Future[TaskResult]:
         out: Future[TaskResult] = Future()
         out.set_running_or_notify_cancel()
+        if self._broken is not None:
+            out.set_exception(self._broken)
+            return out
         try:
             self._spec_blob(task.spec)
         except PoolError as exc:
             out.set_exception(exc)  # the run cannot work on this cluster: stop it, once
             return out
-        self._send(task, out.set_result)
+        with self._lock:
+            self._outs.add(out)
+
+        def done(result: TaskResult) -> None:
+            with self._lock:
+                self._outs.discard(out)
+            if not out.done():
+                try:
+                    out.set_result(result)
+                except InvalidStateError:
+                    pass  # failed by _fail_waiting meanwhile
+
+        self._send(task, done)
         return out
 
     def _send(self, task: Task, done: Any) -> None:
