@@ -42,6 +42,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -277,10 +278,16 @@ def jobqueue_cluster(
     ``--gres=gpu:1`` per job, PBS ``-l ngpus=1`` for ``GPU``. No job starts until the
     cluster is scaled (:class:`DaskPool` with ``adapt=``, or ``cluster.scale(jobs=N)``).
     """
+    previous = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
     except ImportError:  # pragma: no cover - depends on the environment
         raise PoolError(f'--{kind} needs dask-jobqueue: pip install "papy[jobqueue]"') from None
+    finally:
+        # dask_jobqueue.runner replaces the SIGINT handler on import with one that exits
+        # with status 0: Ctrl-C would end the run as a success, skipping clean-up.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
     kw: dict[str, Any] = {
         "cores": cores,

@@ -268,5 +268,6 @@ def test_cli_slurm_interrupted_cancels_its_jobs(slurm, tmp_path):
     assert slurm.jobs()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    assert proc.returncode == 130
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 130, err
     assert slurm.settle() == []
