@@ -194,6 +194,11 @@ def _dumps(obj: Any, shipped: set[str]) -> bytes:
                     cloudpickle.unregister_pickle_by_value(module)
 
 
+#: Seconds with fewer workers than jobs asked (and work waiting) before the jobs are asked
+#: for again: a little more than Dask's default lost-worker-timeout (15 s).
+_REPLACE_AFTER_S = 20.0
+
+
 def _threads_per_job(cluster: Any) -> int:
     """Return the worker threads one job of a dask-jobqueue cluster brings (1 otherwise)."""
     try:
@@ -470,13 +475,14 @@ class DaskPool(Pool):
                 }
             self.workers = max(1, sum(nthreads.values()))
 
-    def _scale(self, n: int) -> None:
+    def _scale(self, n: int, record: bool = True) -> None:
         """Ask the cluster for ``n`` jobs (dask-jobqueue) or ``n`` workers (others)."""
         try:
             self._cluster.scale(jobs=n)
         except TypeError:
             self._cluster.scale(n)
-        self.scaled.append(n)
+        if record:
+            self.scaled.append(n)
         log.info("DaskPool asks %r for %d job(s)", self._cluster, n)
 
     def _wait_first_worker(self) -> None:
@@ -498,9 +504,10 @@ class DaskPool(Pool):
         """Size the jobs from waiting work (``adapt``) and fail the run if none can start."""
         lo, hi = self.adapt or (0, 0)
         per_job = _threads_per_job(self._cluster)
-        target = lo
+        target = lo if self.adapt else len(getattr(self._cluster, "worker_spec", {}) or {})
         idle_since = time.monotonic()
         starving_since: float | None = None
+        short_since: float | None = None
         while not self._stop.wait(1.0):
             with self._lock:
                 waiting = len(self._live)
@@ -516,6 +523,22 @@ class DaskPool(Pool):
                     starving_since = None
             else:
                 starving_since = None
+            if waiting and target and nworkers < target * per_job:
+                # A job ended (walltime, preemption, scancel): once Dask has given up on
+                # its workers (distributed.deploy.lost-worker-timeout), ask for the jobs
+                # again, so the cluster submits replacements.
+                short_since = short_since or now
+                if now - short_since > _REPLACE_AFTER_S:
+                    log.info(
+                        "DaskPool: %d of %d workers; asking again for %d job(s)",
+                        nworkers,
+                        target * per_job,
+                        target,
+                    )
+                    self._scale(target, record=False)
+                    short_since = now
+            else:
+                short_since = None
             if self.adapt is None:
                 continue
             if waiting:

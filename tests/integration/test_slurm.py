@@ -271,3 +271,61 @@ def test_cli_slurm_interrupted_cancels_its_jobs(slurm, tmp_path):
     err = proc.stderr.read() if proc.stderr else ""
     assert proc.returncode == 130, err
     assert slurm.settle() == []
+
+
+def slow_item(x: int) -> int:
+    time.sleep(1.0)
+    return x
+
+
+@pytest.mark.timeout(300)  # SLURM's shortest walltime is a minute, checked every 30 s
+def test_jobs_killed_by_walltime_lose_and_duplicate_nothing(slurm, tmp_path):
+    cluster = _cluster(tmp_path, walltime="00:01:00")  # SLURM's shortest time limit
+    cluster.scale(jobs=2)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            seen.update(jid for jid, _ in slurm.jobs())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with DaskPool(cluster, start_timeout=120) as remote:
+            remote.own_cluster = True
+            pipe = Pipeline("walltime", pool=remote)
+            pipe.add(slow_item, batch=1)
+            out = list(pipe.map(range(200), errors="yield"))
+    finally:
+        stop.set()
+        sampler.join()
+    assert not [o for o in out if isinstance(o, Failure)]
+    assert out == list(range(200))
+    log = (slurm.where / "slurmctld.log").read_text()
+    assert "Time limit exhausted" in log  # SLURM ended jobs at their walltime...
+    assert len(seen) >= 3  # ...and the pool asked for replacements
+    assert slurm.settle() == []
+
+
+def test_node_resources_become_job_resources(slurm, tmp_path):
+    cluster = _cluster(tmp_path, resources={"GPU": 1})
+    script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "--resources GPU=1" in script
+    cluster.scale(jobs=1)
+    with DaskPool(cluster) as remote:
+        remote.own_cluster = True
+        with remote.with_resources({"GPU": 1}) as gpu:
+            pipe = Pipeline("gpu")
+            first = pipe.add(abs, pool=ThreadPool(2), name="local")
+            pipe.add(lambda x: x * 10, after=first, pool=gpu, name="on_gpu")
+            assert list(pipe.map(range(-20, 0))) == [x * 10 for x in range(20, 0, -1)]
+            assert gpu.workers == 1
+        job_ids = set(remote.client.run(os.getenv, "SLURM_JOB_ID").values())
+    assert len(job_ids) == 1
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job_ids.pop()], capture_output=True, text=True, env=slurm.env
+    ).stdout
+    assert "gres:gpu:1" in shown or "gres/gpu=1" in shown, shown
+    assert slurm.settle() == []
