@@ -317,6 +317,10 @@ def run(
     own_pool: Pool | None = None
     if dask_address and remote.get("queue_kind"):
         raise click.UsageError("--dask and --slurm/--pbs exclude each other")
+    if not dask_address and any(remote.get(k) for k in ("tls_ca_file", "tls_cert", "tls_key")):
+        raise click.UsageError(
+            "--tls-ca-file/--tls-cert/--tls-key connect to a scheduler given with --dask"
+        )
     if dask_address:
         own_pool = pipe.pool = _dask_pool(dask_address, remote)
     elif remote.get("queue_kind"):
