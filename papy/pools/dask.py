@@ -474,6 +474,11 @@ class DaskPool(Pool):
                     )
                 }
             self.workers = max(1, sum(nthreads.values()))
+            cluster = self._cluster or (self._parent._cluster if self._parent else None)
+            if cluster is not None and hasattr(cluster, "job_script"):
+                # Jobs start one by one: plan for all the jobs asked, not the first one.
+                asked = len(getattr(cluster, "worker_spec", {}) or {})
+                self.workers = max(self.workers, asked * _threads_per_job(cluster))
 
     def _scale(self, n: int, record: bool = True) -> None:
         """Ask the cluster for ``n`` jobs (dask-jobqueue) or ``n`` workers (others)."""
@@ -512,7 +517,7 @@ class DaskPool(Pool):
             with self._lock:
                 waiting = len(self._live)
             try:
-                nworkers = len(self.client.nthreads())
+                nworkers = sum(self.client.nthreads().values())
             except Exception:
                 continue
             now = time.monotonic()
@@ -530,7 +535,7 @@ class DaskPool(Pool):
                 short_since = short_since or now
                 if now - short_since > _REPLACE_AFTER_S:
                     log.info(
-                        "DaskPool: %d of %d workers; asking again for %d job(s)",
+                        "DaskPool: %d of %d worker threads; asking again for %d job(s)",
                         nworkers,
                         target * per_job,
                         target,

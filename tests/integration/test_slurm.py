@@ -226,6 +226,7 @@ def test_cli_slurm_runs_and_leaves_no_job(slurm, tmp_path):
     assert [json.loads(x)["square"] for x in r.stdout.splitlines()] == [i * i for i in range(1, 31)]
     assert slurm.settle() == []
     assert (tmp_path / "papy-job-logs").is_dir()
+    assert "daskx2" in r.stderr  # planned for both jobs, not only the first to start
 
 
 def test_cli_slurm_interrupted_cancels_its_jobs(slurm, tmp_path):
