@@ -205,7 +205,8 @@ def _queue_pool(pipe: Pipeline, remote: dict[str, Any]) -> Pool:
         pipe.pool = pool
     click.echo(
         f"{kind.upper()}: {remote['jobs']} job(s) of {remote['cores']} core(s), "
-        f"{remote['memory']}, {remote['walltime']}; worker logs in papy-job-logs/",
+        f"{remote['memory']}, {remote['walltime']}; TLS with certificates of this run only; "
+        "worker logs in papy-job-logs/",
         err=True,
     )
     return pool

@@ -272,6 +272,7 @@ def jobqueue_cluster(
     account: str | None = None,
     resources: dict[str, float] | None = None,
     log_directory: str = "papy-job-logs",
+    tls: bool = True,
     **extra: Any,
 ) -> Any:
     """Return a dask-jobqueue ``SLURMCluster`` (``kind="slurm"``) or ``PBSCluster`` (``"pbs"``).
@@ -282,6 +283,12 @@ def jobqueue_cluster(
     ``{"GPU": 1}``) are declared by every worker and asked of the queue: SLURM
     ``--gres=gpu:1`` per job, PBS ``-l ngpus=1`` for ``GPU``. No job starts until the
     cluster is scaled (:class:`DaskPool` with ``adapt=``, or ``cluster.scale(jobs=N)``).
+
+    With ``tls`` (the default) the cluster's scheduler, which listens on the cluster's
+    network, requires TLS with certificates made for this cluster alone
+    (``Security.temporary()``): the workers' copies are written, mode 0600, to
+    ``log_directory`` (which the compute nodes must share, as they write their logs
+    there) and deleted when the cluster object goes; nobody else can send it code.
     """
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -303,6 +310,10 @@ def jobqueue_cluster(
         "python": sys.executable,
         **extra,
     }
+    if tls and "security" not in kw:
+        os.makedirs(log_directory, mode=0o700, exist_ok=True)
+        kw["security"] = True
+        kw.setdefault("shared_temp_directory", os.path.abspath(log_directory))
     if partition:
         kw["queue"] = partition
     if account:

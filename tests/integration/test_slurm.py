@@ -93,6 +93,12 @@ def test_mixed_pipeline_on_slurm_equals_all_local(slurm, tmp_path):
             got = list(_build(local, remote).map(items))
             job_ids = remote.client.run(os.getenv, "SLURM_JOB_ID")
             cwds = remote.client.run(os.getcwd)
+        address = cluster.scheduler_address
+        refused = Pipeline("stranger", pool=DaskPool(address, connect_timeout=3))
+        refused.add(abs)
+        with pytest.raises(PoolError, match="uses TLS and no certificates were given"):
+            list(refused.map([1]))
+    assert address.startswith("tls://")  # the scheduler takes code only from this run
     assert got == expected == [i * i + 1 for i in range(150)]
     assert job_ids and all(job_ids.values())  # the workers ran inside SLURM jobs
     assert set(cwds.values()) == {str(tmp_path / "jobs")}
