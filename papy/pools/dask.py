@@ -333,11 +333,23 @@ def jobqueue_cluster(
 
 
 class DaskPool(Pool):
-    """Run tasks on a Dask cluster given by its address (``tcp://host:port``) or a Client.
+    """Run tasks on a Dask cluster: an address (``tcp://host:port``), a Client or a Cluster.
 
-    ``security`` is a ``distributed.Security`` (TLS certificates) used to connect to a
-    ``tls://`` address; a Dask scheduler runs any code a client sends, so a cluster that
-    others can reach must require certificates. ``connect_timeout`` is in seconds.
+    - ``resources``: Dask worker resources every task of this pool needs (``{"GPU": 1}``).
+    - ``workers``: how many tasks to plan for at once (default: the cluster's threads).
+    - ``connect_timeout``: seconds to reach the scheduler before a :class:`~papy.PoolError`.
+    - ``security``: a ``distributed.Security`` (TLS certificates) for a ``tls://`` address;
+      a Dask scheduler runs any code a client sends, so a cluster that others can reach
+      must require certificates.
+    - ``adapt=(lo, hi)`` (a Cluster object only): PaPy asks for between ``lo`` and ``hi``
+      jobs (dask-jobqueue) or workers, as many as the tasks waiting for this pool need
+      (three per worker thread), and goes back to ``lo`` after ``idle_timeout`` seconds
+      without waiting work.
+    - ``start_timeout``: seconds that work may wait with no worker at all (jobs pending in
+      the queue) before the run stops with a :class:`~papy.PoolError`.
+
+    ``own_cluster = True`` makes :meth:`close` close the Cluster too (cancelling its jobs).
+    :attr:`shipped` names the user's modules sent to the workers by value.
     """
 
     kind = "dask"
