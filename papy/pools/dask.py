@@ -51,6 +51,7 @@ import tempfile
 import threading
 import time
 import types
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -146,7 +147,17 @@ def _is_extension(module: types.ModuleType) -> bool:
     return path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
-def _dumps(obj: Any, shipped: set[str]) -> bytes:
+def _can_import(name: str) -> bool:
+    """Tell whether module ``name`` can be imported here (run on the workers)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dumps(obj: Any, shipped: set[str], importable: Callable[[str], bool] | None = None) -> bytes:
     """Pickle ``obj`` so that a worker needs none of the user's own modules.
 
     Modules found on the way are added to ``shipped`` and stay by value for this pool.
@@ -170,6 +181,8 @@ def _dumps(obj: Any, shipped: set[str]) -> bytes:
                     if module is None or registered_by_value(module):
                         continue
                     if _is_extension(module):
+                        if importable is not None and importable(name):
+                            continue  # the workers have it (a shared filesystem, say)
                         raise PoolError(
                             f"module {name!r} ({module.__file__}) is a compiled extension that "
                             "is not installed on the Dask workers, and DaskPool can only ship "
@@ -387,6 +400,7 @@ class DaskPool(Pool):
         self.scaled: list[int] = []
         #: names of the user's modules this pool sent to the workers by value
         self.shipped: set[str] = set()
+        self._importable: dict[str, bool] = {}
         self.resources = dict(resources) if resources else None
         self._workers_hint = workers
         self.workers = workers or 1
@@ -632,8 +646,19 @@ class DaskPool(Pool):
         # run on any worker, including one that joined after a crash.
         blob = self._specs.get(spec.id)
         if blob is None:
-            blob = self._specs[spec.id] = _dumps(spec, self.shipped)
+            blob = self._specs[spec.id] = _dumps(spec, self.shipped, self._workers_can_import)
         return blob
+
+    def _workers_can_import(self, name: str) -> bool:
+        """Tell whether every worker connected now can import module ``name`` (cached)."""
+        known = self._importable.get(name)
+        if known is None:
+            try:
+                found = self.client.run(_can_import, name)
+            except Exception:
+                found = {}
+            known = self._importable[name] = bool(found) and all(found.values())
+        return known
 
     def _submit(self, task: Task) -> Future[TaskResult]:
         out: Future[TaskResult] = Future()
@@ -666,7 +691,11 @@ class DaskPool(Pool):
         try:
             spec_blob = self._spec_blob(task.spec)
             packed = bool(self.shipped)
-            values: Any = _dumps(task.values, self.shipped) if packed else task.values
+            values: Any = (
+                _dumps(task.values, self.shipped, self._workers_can_import)
+                if packed
+                else task.values
+            )
             dfut = self.client.submit(
                 _run_on_worker,
                 task.spec.id,

@@ -121,6 +121,7 @@ def start_worker(
     prefix: list[str] | None = None,
     foreign: bool = False,
     extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
     """Start one ``dask worker`` (one thread) under a nanny.
 
@@ -152,7 +153,13 @@ def start_worker(
         cwd = cluster.logs / f"{name}-cwd"
         cwd.mkdir(exist_ok=True)
     cluster.workers.append(
-        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env(foreign), cwd=cwd)
+        subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**_env(foreign), **(env or {})},
+            cwd=cwd,
+        )
     )
 
 

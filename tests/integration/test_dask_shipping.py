@@ -248,3 +248,24 @@ def test_a_compiled_extension_that_workers_lack_is_one_clear_error(foreign, tmp_
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("papyfastext", None)
+
+
+def test_an_extension_the_workers_can_import_is_used_by_name(tmp_path):
+    """Workers that share the extension (same path, a shared filesystem) just import it."""
+    _build_extension(tmp_path)
+    cluster = start_scheduler(tmp_path, foreign=True)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        start_worker(cluster, "sharing", foreign=True, env={"PYTHONPATH": str(tmp_path)})
+        wait_for_workers(cluster, 1)
+        import papyfastext  # type: ignore[import-not-found]
+
+        with DaskPool(cluster.address) as remote:
+            pipe = Pipeline("ext-shared", pool=remote)
+            pipe.add(papyfastext.twice)
+            assert list(pipe.map(range(10))) == [2 * x for x in range(10)]
+            assert remote.shipped == set()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("papyfastext", None)
+        cluster.stop()
