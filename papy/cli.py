@@ -142,7 +142,8 @@ def _cluster_options(func: Any) -> Any:
             "--all-remote",
             is_flag=True,
             help="Run process nodes (and nodes without a pool) on the batch jobs too, not "
-            "only the nodes whose pool is a DaskPool.",
+            "only the nodes whose pool is a DaskPool (a pipeline without any DaskPool "
+            "sends its nodes without a pool of their own anyway).",
         ),
     ]
     for option in reversed(options):
@@ -155,8 +156,9 @@ def _queue_pool(pipe: Pipeline, remote: dict[str, Any]) -> Pool:
 
     The nodes whose pool is a DaskPool go to the batch jobs (with their ``resources``,
     which every job then provides), and with ``--all-remote`` the process nodes and the
-    nodes without a pool too. The returned pool owns the cluster: closing it cancels every
-    job it submitted.
+    nodes without a pool too. A pipeline without any DaskPool sends the nodes without a
+    pool of their own, as ``--dask`` does. The returned pool owns the cluster: closing it
+    cancels every job it submitted.
     """
     from papy.pools.dask import DaskPool, jobqueue_cluster
     from papy.pools.process import ProcessPool
@@ -171,10 +173,14 @@ def _queue_pool(pipe: Pipeline, remote: dict[str, Any]) -> Pool:
 
     default_moves = moves(pipe.pool)
     nodes = [n for n in pipe.nodes if (moves(n.pool) if n.pool is not None else default_moves)]
+    if not nodes and pipe.pool is None:
+        # No DaskPool anywhere: like --dask, the nodes without a pool of their own go.
+        default_moves = True
+        nodes = [n for n in pipe.nodes if n.pool is None]
     if not nodes:
         raise click.UsageError(
-            f"no node of the pipeline runs on a DaskPool; add --all-remote to run its "
-            f"process nodes on {kind.upper()} jobs"
+            f"no node of the pipeline runs on a DaskPool or the default pool; add "
+            f"--all-remote to run its process nodes on {kind.upper()} jobs"
         )
     resources: dict[str, float] = {}
     for n in nodes:

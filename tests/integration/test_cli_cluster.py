@@ -26,10 +26,22 @@ def test_tls_options_need_dask():
     assert "Traceback" not in r.stderr
 
 
-def test_slurm_without_remote_nodes_needs_all_remote():
-    r = _run("--slurm", "--jobs", "2")
+def test_slurm_with_only_thread_nodes_needs_all_remote(tmp_path):
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "from papy import Pipeline, ThreadPool\n"
+        "pipeline = Pipeline('threads', pool=ThreadPool(2))\n"
+        "pipeline.add(abs)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "papy", "run", str(script), "--slurm", "--jobs", "2"],
+        input="1\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
-    assert "no node of the pipeline runs on a DaskPool; add --all-remote" in r.stderr
+    assert "no node of the pipeline runs on a DaskPool or the default pool" in r.stderr
 
 
 def test_dask_and_slurm_exclude_each_other():

@@ -206,7 +206,6 @@ def test_cli_slurm_runs_and_leaves_no_job(slurm, tmp_path):
         "run",
         str(ROOT / "examples" / "chain.py"),
         "--slurm",
-        "--all-remote",
         "--jobs",
         "2",
         "--cores",
