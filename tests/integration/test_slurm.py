@@ -35,6 +35,10 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
     s = Slurm(tmp_path_factory.mktemp("slurm"))
     old = os.environ.get("SLURM_CONF")
     try:
+        slurm_mod.install()
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"SLURM: apt-get could not install slurm-wlm and munge: {exc.stderr!r}")
+    try:
         s.start()
         os.environ["SLURM_CONF"] = str(s.conf)
         yield s
