@@ -82,7 +82,7 @@ def _read_items(stream: IO[str], fmt: str) -> Iterator[Any]:
 
 
 def _cluster_options(func: Any) -> Any:
-    """Add the options that connect ``papy run`` to a secured Dask cluster."""
+    """Add the options of ``papy run`` for a TLS Dask cluster and for SLURM/PBS jobs."""
     options = [
         click.option(
             "--tls-ca-file",
