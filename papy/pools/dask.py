@@ -442,33 +442,13 @@ class DaskPool(Pool):
             self.client = self._target
         elif hasattr(self._target, "scheduler_address"):  # a Cluster: local, SLURM, PBS...
             self._cluster = self._target
-            _check_queue(self._cluster)
             try:
-                self.client = distributed.Client(
-                    self._cluster, timeout=self.connect_timeout, set_as_default=False
-                )
-            except (OSError, TimeoutError) as exc:
-                raise PoolError(f"cannot connect to {self._cluster!r}: {exc}") from None
-            self._own_client = True
-            if self.adapt is not None:
-                self.workers = self.adapt[1] * _threads_per_job(self._cluster)
-                self._scale(self.adapt[0])
-            self._watch = threading.Thread(
-                target=self._watch_cluster, name="papy-dask-watch", daemon=True
-            )
-            self._watch.start()
-            if self.adapt is not None:
-                return
-            try:
-                if getattr(self._cluster, "worker_spec", None) == {}:
-                    raise PoolError(
-                        f"{type(self._cluster).__name__} has no jobs or workers: call "
-                        "cluster.scale(jobs=N) before starting the pool, or pass adapt=(lo, hi)"
-                    )
-                self._wait_first_worker()
+                self._start_on_cluster(distributed)
             except BaseException:
                 self._close()  # the pool never started: release the client (and jobs) now
                 raise
+            if self.adapt is not None:
+                return
         else:
             address = str(self._target)
             if address.startswith("tls://") and self.security is None:
@@ -516,6 +496,32 @@ class DaskPool(Pool):
                 # Jobs start one by one: plan for all the jobs asked, not the first one.
                 asked = len(getattr(cluster, "worker_spec", {}) or {})
                 self.workers = max(self.workers, asked * _threads_per_job(cluster))
+
+    def _start_on_cluster(self, distributed: Any) -> None:
+        """Connect to a Cluster object, check its queue, start watching it."""
+        _check_queue(self._cluster)
+        try:
+            self.client = distributed.Client(
+                self._cluster, timeout=self.connect_timeout, set_as_default=False
+            )
+        except (OSError, TimeoutError) as exc:
+            raise PoolError(f"cannot connect to {self._cluster!r}: {exc}") from None
+        self._own_client = True
+        if self.adapt is not None:
+            self.workers = self.adapt[1] * _threads_per_job(self._cluster)
+            self._scale(self.adapt[0])
+        self._watch = threading.Thread(
+            target=self._watch_cluster, name="papy-dask-watch", daemon=True
+        )
+        self._watch.start()
+        if self.adapt is not None:
+            return
+        if getattr(self._cluster, "worker_spec", None) == {}:
+            raise PoolError(
+                f"{type(self._cluster).__name__} has no jobs or workers: call "
+                "cluster.scale(jobs=N) before starting the pool, or pass adapt=(lo, hi)"
+            )
+        self._wait_first_worker()
 
     def _scale(self, n: int, record: bool = True) -> None:
         """Ask the cluster for ``n`` jobs (dask-jobqueue) or ``n`` workers (others)."""
