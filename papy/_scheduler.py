@@ -20,19 +20,15 @@ Pools, progress display and journal only observe; none of them reaches into this
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import logging
 import operator
-import os
+import pickle
 import queue
 import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -41,11 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from papy._errors import ItemFailed, PapyError, PoolError, RunAborted
 from papy._graph import Step, build_steps, scatter_stacks, topological_order
+from papy._input import DirectInput, ThreadedInput, reader_for
+from papy._interrupt import trap_signals
 from papy._items import Failure, Key, child_key, parent_key
-from papy._journal import Journal, JournalSpec
+from papy._journal import Journal
 from papy._observe import Observer, Timeline
 from papy._progress import Progress, progress_wanted
-from papy._report import NodeStats, Report, build_report
+from papy._report import FailureLog, NodeStats, Report, build_report
+from papy._rundir import check_workdir, make_run_dir
 from papy._task import TaskResult
 from papy.pools._base import Pool, Task
 
@@ -58,6 +57,23 @@ _DEFAULT_BUFFER = 16_384  # input items in flight when the user sets no buffer..
 _MEMORY_BUDGET = 256 * 2**20  # ...fewer when items are large: about this many bytes
 _TASK_BYTES = 8 * 2**20  # and batches of large items stay about this size
 _MAX_BATCH = 8_192
+
+
+def _size_of(value: Any) -> int:
+    """Return about how many bytes ``value`` holds: its pickle's length, or its shallow size.
+
+    Pickling measures nested data (a list of arrays) that ``sys.getsizeof`` does not; it is
+    done for one item per chunk, so its cost is a small share of the run.
+    """
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    try:
+        return len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return sys.getsizeof(value)
 
 
 def _join_keys(parts: list[Sequence[Key]]) -> Sequence[Key]:
@@ -83,8 +99,10 @@ class _StepState:
         self.fixed_batch = batch is not None
         if batch is None and step.head.is_async:
             batch = step.head.concurrency  # one event loop per task: fill it
-        elif batch is None and step.timeout is not None:
-            batch = 1  # a timeout is enforced per task: keep one item per task
+        timed = any(n.timeout is not None and not n.is_async for n in step.nodes)
+        if timed and not step.pool.item_timeouts:
+            batch = 1  # the pool times tasks, not items: one item per task keeps it per item
+            self.fixed_batch = True
         self.batch = batch or 1
         self.item_time: float | None = None
         n_parents = len(step.head.parents)
@@ -99,6 +117,11 @@ class _StepState:
         if keys:
             self.inbox.append((keys, values, dirty))
             self.ready += len(keys)
+
+    def oldest(self) -> int:
+        """Return the input position of the first waiting item (the inbox must not be empty)."""
+        key = self.inbox[0][0][self._offset]
+        return key if isinstance(key, int) else key[0]
 
     def take(self, n: int) -> tuple[Sequence[Key], list[Any], bool]:
         """Cut the next ``n`` waiting items (fewer if fewer wait) off the inbox.
@@ -189,8 +212,12 @@ class Scheduler:
         # in flight, measured from the results as they arrive.
         self._auto_buffer = pipeline.buffer is None
         self._max_buffer = self.buffer
-        self._item_bytes = 0
+        self._item_bytes = 0  # the larger of input and output bytes per item
+        self._in_bytes = 0  # largest input item seen (bytes, as pickled)
+        self._out_bytes = 0  # largest output per item seen (bytes)
         self._sized = False  # the automatic buffer starts small until sizes are known
+        self._input: DirectInput | ThreadedInput = DirectInput(())
+        self._input_error: BaseException | None = None
         self.observers: list[Observer] = [Timeline(), *observers]
         if progress_wanted(progress):
             self.observers.append(Progress())
@@ -211,6 +238,7 @@ class Scheduler:
         self.admitted = 0
         self.retired = 0
         self.failed = 0
+        self.failure_log = FailureLog([n.call for n in pipeline.nodes])  # for the report
         self._exhausted = False
         self.stats: dict[str, NodeStats] = {}  # read by observers, written only here
         #: where the driver's time went, in seconds: admitting input, dispatching
@@ -241,23 +269,22 @@ class Scheduler:
                 self._own_pools.append(pool)
             pools[n.name] = pool
         keep = {self.output.name} if self.output is not None else set()
+        private = True
         if pipe.workdir is not None:
-            self.run_dir = str(Path(pipe.workdir).resolve())
+            self.run_dir, private = check_workdir(pipe.workdir)
         else:
-            self.run_dir = os.path.join(tempfile.gettempdir(), f"papy-run-{uuid.uuid4().hex[:12]}")
+            self.run_dir = make_run_dir()  # mode 0700, not redirectable by a planted link
             self._remove_run_dir = True
         self.steps = build_steps(order, pools, keep, self.run_dir)
+        for s in self.steps:
+            s.spec.private = private
         terminals = {n.name: n for n in order if n.is_sink or n is self.output}
         stacks_out = scatter_stacks(order)
         if self._journal_path is not None:
             self.journal = Journal(
                 self._journal_path, pipe, force=self._force, retry_failed=self._retry_failed
             )
-            for s in self.steps:
-                if s.tail.name in terminals:
-                    s.spec.journal = JournalSpec(
-                        self.journal.path, s.tail.name, self._retry_failed, self.journal.resuming
-                    )
+            self.journal.specs(self.steps, terminals)
             self._journal_terms = {
                 name: not stacks_out[name] and not t.scatter for name, t in terminals.items()
             }
@@ -270,6 +297,7 @@ class Scheduler:
         self._pool_out: dict[int, int] = {id(p): 0 for p in pools.values()}
         self._pools = {id(p): p for p in pools.values()}
         self._sources = [st for st in self.states if not st.step.head.parents]
+        self._dispatch_order = list(reversed(self.states))  # ties: downstream first
         stacks = {}
         for s in self.steps:
             for i, n in enumerate(s.nodes):
@@ -319,27 +347,55 @@ class Scheduler:
             obs.started(self)
 
     def _teardown(self, error: BaseException | None) -> None:
-        for pool in self._own_pools:
-            pool.close()
-        if self.journal is not None:
-            self.journal.close()
-        if self._remove_run_dir and self.run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        """Release everything the run holds; each step runs whatever the others do.
+
+        One failing step (a pool that cannot be closed, a journal on a vanished disk) is
+        logged and does not keep the others from running; the first such error is raised
+        at the end when the run itself did not fail.
+        """
+        try:
+            self._release(error)
+        except Exception as exc:
+            if error is None:
+                raise
+            log.error("cleaning up after the run of %r failed: %r", self.pipeline.name, exc)
+
+    def _release(self, error: BaseException | None) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._report_run, error)
+            if self._remove_run_dir and self.run_dir:
+                stack.callback(shutil.rmtree, self.run_dir, ignore_errors=True)
+            if self.journal is not None:
+                stack.callback(self.journal.close)
+            for pool in self._own_pools:
+                stack.callback(pool.close)
+            spec_ids = [s.spec.id for s in getattr(self, "steps", ())]
+            for pool in {id(p): p for p in getattr(self, "_pools", {}).values()}.values():
+                if pool not in self._own_pools:
+                    stack.callback(pool.release, spec_ids)
+            stack.callback(self._input.close)
+
+    def _report_run(self, error: BaseException | None) -> None:
         if not self._started:
             return  # set-up failed: there is no run to report on
         wall = time.perf_counter() - self._started
+        if isinstance(error, RunAborted):  # the failure that stopped the run is one of them
+            self.failure_log.add([error.failure])
         self.report = build_report(
             self.pipeline.name,
             wall,
             self.admitted,
             self.failed,
             self.stats,
-            self._workers,
+            {n.name: s.pool.workers for s in self.steps for n in s.nodes},  # as they ended
             timeline=self.timeline.samples if self.timeline else None,
             skipped=self.skipped,
             driver=self._driver_profile(),
             show_driver=self._show_profile,
+            failures=self.failure_log,
         )
+        if self.journal is not None:
+            self.report = self.journal.annotate(self.report)
         if self._show_profile:
             log.info(
                 "driver time of %r: %s",
@@ -368,17 +424,22 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------
 
     def iterate(self, items: Iterable[Any]) -> Generator[Any, None, None]:
-        """Run the pipeline over ``items``; yield the output node's results."""
-        it = iter(items)
+        """Run the pipeline over ``items``; yield the output node's results.
+
+        An exception raised by ``items`` itself is raised here after the outputs of every
+        item read before it were delivered (to sinks, the journal and the caller).
+        """
         error: BaseException | None = None
-        restore = _trap_sigterm()
+        restore = trap_signals()
         try:
             self._setup()
+            q = self._queue
+            self._input = reader_for(items, lambda: q.put((None, (), None)))  # type: ignore[arg-type]
             prof = self.profile
             perf = time.perf_counter
             while True:
                 t0 = perf()
-                self._admit(it)
+                self._admit()
                 t1 = perf()
                 self._dispatch()
                 t2 = perf()
@@ -394,6 +455,8 @@ class Scheduler:
                     prof["deliver"] += perf() - t2
                     continue
                 if self._exhausted and self.admitted == self.retired:
+                    if self._input_error is not None:
+                        raise self._input_error
                     return
                 self._wait()
         except BaseException as exc:
@@ -416,22 +479,28 @@ class Scheduler:
             else:
                 yield v
 
-    def _admit(self, it: Iterator[Any]) -> None:
+    def _admit(self) -> None:
+        """Take input while the buffer has room and the sources want more.
+
+        Room counts the items granted to a background reader too, so the buffer bounds
+        what was read, not only what was admitted.
+        """
         if self._exhausted:
             return
         sources = self._sources
+        reader = self._input
         while True:
-            room = self.buffer - (self.admitted - self.retired)
-            if room <= 0:
-                return
-            want = max(st.batch * st.pool.workers * st.pool.prefetch - st.ready for st in sources)
-            if want <= 0:
-                return
-            n = min(room, max(want, 1))
-            chunk = list(itertools.islice(it, n))
-            if len(chunk) < n:
-                self._exhausted = True
+            granted = reader.granted
+            room = self.buffer - (self.admitted - self.retired) - granted
+            want = (
+                max(st.batch * st.pool.workers * st.pool.prefetch - st.ready for st in sources)
+                - granted
+            )
+            n = min(room, max(want, 1)) if room > 0 and want > 0 else 0
+            chunk = reader.read(n)
+            got = len(chunk)
             if chunk:
+                self._sample_input(chunk[0])
                 keys: Sequence[int] = range(self.admitted, self.admitted + len(chunk))
                 self.admitted += len(chunk)
                 if self.journal is not None:
@@ -441,16 +510,33 @@ class Scheduler:
                         st.push(keys, chunk, dirty=False)
                     for obs in self.observers:
                         obs.admitted(keys, chunk)
-            if self._exhausted:
+            if reader.ended:
+                self._exhausted = True
+                self._input_error = reader.error
+                if reader.error is not None:
+                    log.warning(
+                        "input of %r raised %s after %d items; finishing those first",
+                        self.pipeline.name,
+                        type(reader.error).__name__,
+                        self.admitted,
+                    )
                 return
+            if not got or n == 0:
+                return
+
+    def _sample_input(self, item: Any) -> None:
+        """Measure the bytes of one input item of each chunk, for the automatic buffer."""
+        if not self._auto_buffer:
+            return
+        size = _size_of(item)
+        if size > self._in_bytes:
+            self._in_bytes = size
+            self._fit_buffer(self._out_bytes)
 
     def _resume(self, keys: Sequence[int], chunk: list[Any]) -> tuple[list[int], list[Any]]:
         """Skip the items an earlier run finished; replay their outputs; key the others."""
         assert self.journal is not None
-        if self._key_fn is None:
-            jkeys = [str(p) for p in keys]
-        else:
-            jkeys = [json.dumps(self._key_fn(v), sort_keys=True, default=str) for v in chunk]
+        jkeys = self.journal.identify(chunk, self._key_fn)  # by content, or by key=
         done = self.journal.finished(jkeys, self._journal_terms)
         if not done:  # nothing to skip: keep the chunk as it is (a range stays a range)
             self._jkey_of.update(zip(keys, jkeys))
@@ -470,6 +556,7 @@ class Scheduler:
                 continue
             values = self.journal.outputs(out.name, jk)
             self.failed += sum(1 for v in values if type(v) is Failure)
+            self.failure_log.add(values)
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
             if not self.terminals[out.name].top_level:
@@ -485,6 +572,8 @@ class Scheduler:
         return run_keys, run_values
 
     def _jkeys(self, keys: Sequence[Key]) -> list[tuple[str, str]]:
+        assert self.journal is not None
+        self.journal.check()  # stops the run if the journal was removed or replaced
         out = []
         jkey_of = self._jkey_of
         for k in keys:
@@ -495,22 +584,36 @@ class Scheduler:
         return out
 
     def _dispatch(self) -> None:
+        """Submit batches while pools have room, oldest items first across all steps.
+
+        A pool shared by several steps serves the step whose oldest waiting item was
+        admitted first (ties go downstream, which drains the pipeline and keeps memory
+        low), so sibling branches advance together and a join or a sink sees a steady
+        stream from the start. Full batches go first; a partial batch only to a pool with
+        an idle worker.
+        """
         pool_out = self._pool_out
+        states = self._dispatch_order
         for partial in (False, True):
-            for st in reversed(self.states):
-                if not st.ready:
-                    continue
-                pool = st.pool
-                pid = id(pool)
-                limit = pool.workers * pool.prefetch
-                while st.ready and pool_out[pid] < limit:
-                    n = st.batch
-                    if st.ready < n:
-                        if not partial or pool_out[pid] >= pool.workers:
-                            break
-                        n = st.ready
-                    keys, values, dirty = st.take(n)
-                    self._submit(st, keys, values, dirty)
+            while True:
+                best: _StepState | None = None
+                best_age = 0
+                for st in states:
+                    if not st.ready:
+                        continue
+                    pool = st.pool
+                    out = pool_out[id(pool)]
+                    if out >= pool.workers * pool.prefetch:
+                        continue
+                    if st.ready < st.batch and (not partial or out >= pool.workers):
+                        continue
+                    age = st.oldest()
+                    if best is None or age < best_age:
+                        best, best_age = st, age
+                if best is None:
+                    break
+                keys, values, dirty = best.take(min(best.batch, best.ready))
+                self._submit(best, keys, values, dirty)
 
     def _submit(self, st: _StepState, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         jkeys = self._jkeys(keys) if st.step.spec.journal is not None else None
@@ -565,10 +668,14 @@ class Scheduler:
         if not any(self._pool_out.values()):
             if any(st.ready for st in self.states):
                 return  # dispatch will take them
-            raise RuntimeError(
-                "papy scheduler stalled with items in flight and no work queued; this is a "
-                f"bug, please report it (admitted={self.admitted}, retired={self.retired})"
-            )
+            if not self._exhausted and self._input.granted:
+                pass  # the input is being read: wait for it
+            else:
+                raise RuntimeError(
+                    "papy scheduler stalled with items in flight and no work queued; this is "
+                    f"a bug, please report it (admitted={self.admitted}, "
+                    f"retired={self.retired})"
+                )
         t0 = time.perf_counter()
         try:
             item = self._queue.get(timeout=self._tick_s)
@@ -590,13 +697,15 @@ class Scheduler:
             return
         t1 = time.perf_counter()
         try:
-            self._complete(*item)
+            if item[0] is not None:  # (None, ...) is the input reader's wake-up
+                self._complete(*item)
             while True:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     return
-                self._complete(*item)
+                if item[0] is not None:
+                    self._complete(*item)
         finally:
             self.profile["route"] += time.perf_counter() - t1
 
@@ -615,6 +724,9 @@ class Scheduler:
                 f"pool {st.pool!r} failed running node {step.head.name!r}: {exc}"
             ) from exc
         values = result.values
+        if len(values) != len(keys):
+            result = self._miscounted(st, keys, values)
+            values = result.values
         busy = 0.0
         for n, s in zip(step.nodes, result.stats):
             ns = self.stats[n.name]
@@ -632,9 +744,11 @@ class Scheduler:
             for n in step.nodes:
                 if n.on_error == "raise" and failed:
                     raise RunAborted(failed[0])
-        if values:
-            per_item = result.nbytes // len(values) if result.nbytes else sys.getsizeof(values[0])
-            self._fit_buffer(per_item)
+        if values and self._auto_buffer:
+            per_item = result.nbytes // len(values) if result.nbytes else _size_of(values[0])
+            if per_item > self._out_bytes or not self._sized:
+                self._out_bytes = max(self._out_bytes, per_item)
+                self._fit_buffer(self._out_bytes)
         target = st.pool.target_task_s
         if self._exhausted:
             target /= 4  # the input is all in: smaller last tasks even out the workers' ends
@@ -657,25 +771,40 @@ class Scheduler:
         for obs in self.observers:
             obs.completed(step, keys, values)
 
+    def _miscounted(self, st: _StepState, keys: Sequence[Key], values: list[Any]) -> TaskResult:
+        """Fail every item of a task whose pool did not return one value per item.
+
+        Which output belongs to which item cannot be known then, so none is trusted.
+        """
+        node = st.step.head.name
+        error = PoolError(
+            f"pool {st.pool.describe()} returned {len(values)} results for {len(keys)} items "
+            f"of node {node!r}; none of them can be trusted"
+        )
+        log.error("%s", error)
+        task = Task(st.step.spec, keys, [None] * len(keys))
+        return task.fail_all(error, node)
+
     def _buffer_floor(self) -> int:
         return max(4, sum(p.workers * p.prefetch for p in self._pools.values()))
 
-    def _fit_buffer(self, per_item: int) -> None:
-        """Size the automatic buffer from the outputs' measured bytes per item.
+    def _fit_buffer(self, out_bytes: int) -> None:
+        """Size the automatic buffer from the measured bytes of inputs and outputs.
 
-        It starts at a few dozen items per worker (nothing is known yet, and an input of large
-        items must not be admitted in bulk before the first result shows their size), then
-        opens up to about _MEMORY_BUDGET bytes in flight, at most the default item count.
+        The budget (``_MEMORY_BUDGET``, 256 MiB) covers both: an item in flight holds its
+        input and its outputs, so the buffer is the budget over their sum. It starts at a
+        few dozen items per worker (nothing is known yet), then follows the largest sizes
+        seen, at most the default item count. A buffer given by the user stays an item
+        count.
         """
-        if self._sized and per_item <= self._item_bytes:
-            return
         self._sized = True
-        self._item_bytes = max(self._item_bytes, per_item)
+        self._item_bytes = max(self._in_bytes, out_bytes)
         if not self._auto_buffer:
             return
-        fitted = max(self._buffer_floor(), _MEMORY_BUDGET // max(1, self._item_bytes))
+        per_item = max(1, self._in_bytes + out_bytes)
+        fitted = max(self._buffer_floor(), _MEMORY_BUDGET // per_item)
         self.buffer = min(self._max_buffer, fitted)
-        log.debug("buffer set to %d items (%d bytes per item)", self.buffer, self._item_bytes)
+        log.debug("buffer set to %d items (%d bytes per item)", self.buffer, per_item)
 
     def _expand(
         self, name: str, keys: Sequence[Key], values: list[Any]
@@ -765,6 +894,7 @@ class Scheduler:
     def _arrive(self, t: _Terminal, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         if dirty and Failure in set(map(type, values)):
             self.failed += sum(1 for v in values if type(v) is Failure)
+            self.failure_log.add(values)
         if t.top_level:
             if t.is_output:
                 self._queue_output(keys, values, keys)  # type: ignore[arg-type]
@@ -879,28 +1009,3 @@ class RunIterator(Iterator[Any]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _trap_sigterm() -> Callable[[], None]:
-    """Turn SIGTERM into KeyboardInterrupt during a run, so it shuts down cleanly."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous not in (signal.SIG_DFL, None):
-            return lambda: None  # the application handles SIGTERM itself
-
-        def handler(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt("SIGTERM")
-
-        signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):
-        return lambda: None
-
-    def restore() -> None:
-        try:
-            signal.signal(signal.SIGTERM, previous)
-        except (ValueError, OSError):
-            pass
-
-    return restore

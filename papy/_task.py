@@ -15,9 +15,49 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from papy._interrupt import real_interrupt
 from papy._items import Failure, Key, failure_from_exception
-from papy._journal import JournalSpec, record, recorded
+from papy._journal import JournalSpec, SinkLog, lookup, record, task_guard
 from papy._rundir import set_current as set_run_dir
+
+
+class Tracker:
+    """Tell a pool which item of which stage a task is running, and since when.
+
+    A pool that enforces per-item timeouts or wants to name the item that killed its worker
+    passes one to :func:`run_task`. ``begin(stage, index, count)`` is called when item
+    ``index`` (its position in the task) enters stage ``stage`` (its position in the step),
+    before the node's function is called on it; ``count`` items share that call (more than
+    one for a ``batched=True`` node, whose function takes the batch at once). ``index`` is
+    -1 while a stage runs in bulk with no single item to blame (a stage with no timeout, when
+    :attr:`every_item` is False). The default does nothing, at no cost.
+
+    ``abandoned`` is set by the pool when it gave up on the task (a thread past its
+    deadline): the task then neither commits to the journal nor reports.
+    """
+
+    every_item = False
+    abandoned = False
+
+    def begin(self, stage: int, index: int, count: int = 1) -> None:
+        """Record that item ``index`` entered stage ``stage`` (see the class docstring)."""
+
+
+class Abandoned(BaseException):
+    """Raised inside a task its pool gave up on, to unwind it without committing anything."""
+
+
+def _reraise(exc: BaseException) -> bool:
+    """Tell whether an exception from a node's function must stop the run, not one item.
+
+    A user's function may raise anything, ``SystemExit``, ``GeneratorExit``,
+    ``StopIteration`` and ``KeyboardInterrupt`` included: each becomes a Failure of its
+    item. Only a real interrupt of the driver (Ctrl-C or SIGTERM, seen by the handler the
+    scheduler installs) and the pool's own :class:`Abandoned` unwind the task.
+    """
+    if isinstance(exc, Abandoned):
+        return True
+    return isinstance(exc, KeyboardInterrupt) and real_interrupt()
 
 
 class Call:
@@ -87,7 +127,8 @@ class StepSpec:
     id: str
     stages: list[Stage]
     run_dir: str | None = None  # where file helpers write (papy.io.run_dir())
-    journal: JournalSpec | None = None  # set on terminal steps of a journaled run
+    journal: JournalSpec | None = None  # set on recording steps of a journaled run
+    private: bool = True  # files written in run_dir are mode 0600 (False: a user's workdir)
 
 
 @dataclass
@@ -141,7 +182,7 @@ def _rebuild_result(
     return TaskResult(values, [StageStats(*s) for s in stats], crashes, dirty)
 
 
-def _retry(stage: Stage, exc: Exception, attempts: int) -> bool:
+def _retry(stage: Stage, exc: BaseException, attempts: int) -> bool:
     """Tell whether a failed attempt may be tried again (``retries``, ``retry_on``)."""
     return attempts <= stage.retries and (stage.retry_on is None or isinstance(exc, stage.retry_on))
 
@@ -158,14 +199,19 @@ def _apply_one(stage: Stage, key: Key, value: Any) -> Any:
         try:
             out = stage.call(*value) if stage.join else stage.call(value)
             return list(out) if stage.scatter else out
-        except Exception as exc:
-            if _retry(stage, exc, attempts):
+        except BaseException as exc:
+            if _reraise(exc):
+                raise
+            if isinstance(exc, Exception) and _retry(stage, exc, attempts):
                 continue
             return failure_from_exception(stage.name, key, exc, value, attempts)
 
 
 def _run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list[Any]:
-    """Run an ``async def`` stage over a batch with at most ``concurrency`` items at once."""
+    """Run an ``async def`` stage over a batch with at most ``concurrency`` items at once.
+
+    ``timeout`` is enforced per item with ``asyncio.wait_for``, from the item's own start.
+    """
     import asyncio
 
     async def one(sem: asyncio.Semaphore, key: Key, value: Any) -> Any:
@@ -182,10 +228,12 @@ def _run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> li
                     else:
                         out = await coro
                     return list(out) if stage.scatter else out
-                except Exception as exc:
+                except BaseException as exc:
+                    if _reraise(exc):
+                        raise
                     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
                         exc = _timeout_error(stage)
-                    if _retry(stage, exc, attempts):
+                    if isinstance(exc, Exception) and _retry(stage, exc, attempts):
                         continue
                     return failure_from_exception(stage.name, key, exc, value, attempts)
 
@@ -196,8 +244,20 @@ def _run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> li
     return asyncio.run(main())
 
 
+def _count_error(stage: Stage, got: int, want: int) -> ValueError:
+    return ValueError(
+        f"node {stage.name!r} returned {got} results for {want} items; a batched node must "
+        "return exactly one output per input, in order"
+    )
+
+
 def _apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list[Any]:
-    """Call a ``batched=True`` stage once on the batch's good items; map results back."""
+    """Call a ``batched=True`` stage once on the batch's good items; map results back.
+
+    The function must return exactly one output per input: fewer or more is an error of
+    every item of the call (it cannot be known which output belongs to which input), found
+    by re-running the items one by one, so one bad item does not fail the others.
+    """
     good = [i for i, v in enumerate(values) if type(v) is not Failure]
     if not good:
         return values
@@ -205,11 +265,10 @@ def _apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list
     try:
         outs = list(stage.call(inputs))
         if len(outs) != len(inputs):
-            raise ValueError(
-                f"a batched node must return one output per input: got {len(outs)} "
-                f"outputs for {len(inputs)} inputs"
-            )
-    except Exception as exc:
+            raise _count_error(stage, len(outs), len(inputs))
+    except BaseException as exc:
+        if _reraise(exc):
+            raise
         if len(good) == 1:
             i = good[0]
             result = list(values)
@@ -219,7 +278,7 @@ def _apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list
         # the whole batch.
         single = Stage(
             name=stage.name,
-            call=lambda x: _single_batched(stage.call, x),
+            call=lambda x: _single_batched(stage, x),
             join=False,
             scatter=stage.scatter,
             retries=stage.retries,
@@ -232,11 +291,17 @@ def _apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list
     return result
 
 
-def _single_batched(call: Callable[..., Any], value: Any) -> Any:
-    outs = list(call([value]))
+def _single_batched(stage: Stage, value: Any) -> Any:
+    outs = list(stage.call([value]))
     if len(outs) != 1:
-        raise ValueError(f"a batched node must return one output per input: got {len(outs)}")
+        raise _count_error(stage, len(outs), 1)
     return outs[0]
+
+
+def _stop_iteration(stage: Stage) -> StopIteration:
+    return StopIteration(
+        f"node {stage.name!r} raised StopIteration (a next() on an exhausted iterator?)"
+    )
 
 
 def _map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageStats) -> list[Any]:
@@ -245,21 +310,54 @@ def _map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageSt
     ``list.extend(map(...))`` keeps what it appended when the function raises, and the
     shared iterator has moved past the bad item, so a failure costs one ``except`` and the
     loop resumes: no item runs twice and the good path has no per-item bookkeeping.
+
+    ``map`` takes a ``StopIteration`` raised by the function for its own end, so a short
+    ``out`` after a normal return means the item at ``len(out)`` raised it: that item fails
+    with ``StopIteration`` (its traceback is lost inside ``map``) and the loop goes on.
     """
     call = getattr(stage.call, "fast", stage.call)
     out: list[Any] = []
+    n = len(values)
     it = iter(values)
     while True:
         try:
             out.extend(map(call, it))
+            if len(out) == n:
+                return out
+            exc: BaseException = _stop_iteration(stage)
+        except BaseException as raised:
+            if _reraise(raised):
+                raise
+            exc = raised
+        i = len(out)
+        f = failure_from_exception(stage.name, keys[i], exc, values[i])
+        out.append(f)
+        st.n_failed += 1
+        if st.first_failure is None:
+            st.first_failure = f
+        if len(out) == n:
             return out
-        except Exception as exc:
-            i = len(out)
-            f = failure_from_exception(stage.name, keys[i], exc, values[i])
-            out.append(f)
-            st.n_failed += 1
-            if st.first_failure is None:
-                st.first_failure = f
+
+
+def _map_tracked(
+    stage: Stage,
+    s: int,
+    keys: Sequence[Key],
+    values: list[Any],
+    tracker: Tracker,
+    offset: int,
+    indices: Sequence[int] | None = None,
+) -> list[Any]:
+    """Apply a 1:1 stage item by item, telling ``tracker`` when each item starts."""
+    begin = tracker.begin
+    out: list[Any] = []
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if type(v) is Failure:
+            out.append(v)
+            continue
+        begin(s, indices[i] if indices else offset + i)
+        out.append(_apply_one(stage, k, v))
+    return out
 
 
 class _Critical:
@@ -291,37 +389,136 @@ def run_task(
     values: list[Any],
     jkeys: Sequence[tuple[str, str]] | None = None,
     dirty: bool = True,
+    tracker: Tracker | None = None,
 ) -> TaskResult:
     """Run a batch through every stage of ``spec``; failures become Failure values.
 
-    On a journaled terminal step (``spec.journal`` and ``jkeys`` set), items the journal
-    already holds are not run again (their recorded outputs are returned), and the outputs
-    are committed before this returns, without letting SIGTERM cut in between.
+    On a journaled step (``spec.journal`` and ``jkeys`` set), a stage the journal holds an
+    item's output for is not run for that item (nor the stages before it): the recorded
+    output is used. The outputs of the step's recorded stages (terminals, ``cache=True``
+    nodes) are committed before this returns, without letting SIGTERM cut in between; a
+    sink's are committed item by item, so a crash re-runs at most the item it hit.
+
+    The result holds exactly one value or Failure per key, in the order of ``keys``.
+    ``tracker`` (see :class:`Tracker`) hears when each timed item starts; a task whose
+    tracker was abandoned raises :class:`Abandoned` instead of committing anything more.
     """
     if spec.journal is None or not jkeys:
-        return _run(spec, keys, values, dirty)
-    with critical:
-        journal = spec.journal
-        done = {} if spec.stages[-1].scatter or not journal.resuming else recorded(journal, jkeys)
-        if not done:
-            result = _run(spec, keys, values, dirty)
-            record(journal, jkeys, result.values)
-            return result
-        todo = [i for i in range(len(keys)) if i not in done]
-        part = _run(spec, [keys[i] for i in todo], [values[i] for i in todo], dirty)
-        record(journal, [jkeys[i] for i in todo], part.values)
-        merged: list[Any] = [None] * len(keys)
-        for i, v in done.items():
-            merged[i] = v
-        for i, v in zip(todo, part.values):
-            merged[i] = v
-        return TaskResult(merged, part.stats, dirty=True)
+        return _run(spec, keys, values, dirty, tracker)
+    with critical, task_guard(spec.journal.path):
+        return _run_journaled(spec, keys, values, jkeys, dirty, tracker)
+
+
+def _check_abandoned(tracker: Tracker | None) -> None:
+    if tracker is not None and tracker.abandoned:
+        raise Abandoned()
+
+
+def _run_journaled(
+    spec: StepSpec,
+    keys: Sequence[Key],
+    values: list[Any],
+    jkeys: Sequence[tuple[str, str]],
+    dirty: bool,
+    tracker: Tracker | None = None,
+) -> TaskResult:
+    journal = spec.journal
+    assert journal is not None
+    stages = spec.stages
+    last = len(stages) - 1
+    recorded_at = {idx: (name, fp) for idx, name, fp in journal.nodes}
+    hits = lookup(journal, jkeys)
+    # Each item starts after the last stage that has its output recorded.
+    start = [0] * len(keys)
+    current = list(values)
+    for idx in sorted(hits):
+        for i, v in hits[idx].items():
+            start[i] = idx + 1
+            current[i] = v
+    per_item_sink = journal.sink and last in recorded_at
+    if not hits and not per_item_sink and set(recorded_at) <= {last}:
+        result = _run(spec, keys, values, dirty, tracker)  # the common case: record the tail
+        _check_abandoned(tracker)
+        if recorded_at:
+            name, fp = recorded_at[last]
+            record(journal, jkeys, result.values, name, fp)
+        return result
+    set_run_dir(spec.run_dir, spec.private)
+    stats: list[StageStats] = []
+    for j, stage in enumerate(stages):
+        todo = [i for i in range(len(keys)) if start[i] <= j]
+        st = StageStats()
+        if j == last and per_item_sink:
+            name, fp = recorded_at[j]
+            log = SinkLog(journal, name, fp)
+            plain = not (stage.batched or stage.is_async)
+            t0 = time.perf_counter()
+            timed = tracker is not None and (tracker.every_item or stage.timeout is not None)
+            for i in todo:  # each item's record is written as soon as its side effect is done
+                v = current[i]
+                if plain:
+                    if type(v) is not Failure:
+                        if timed:
+                            tracker.begin(j, i)  # type: ignore[union-attr]
+                        v = _apply_one(stage, keys[i], v)
+                        if type(v) is Failure:
+                            st.n_failed += 1
+                            if st.first_failure is None:
+                                st.first_failure = v
+                else:
+                    part = _run_slice(
+                        [stage], [keys[i]], [v], True, tracker=tracker, offset=i, first=j
+                    )
+                    v = part.values[0]
+                    _add_stats(st, part.stats[0])
+                current[i] = v
+                _check_abandoned(tracker)
+                log.add(jkeys[i], v)
+            if timed:
+                tracker.begin(j, -1, 0)  # type: ignore[union-attr]
+            if plain:
+                st.n_in += len(todo)
+                st.busy += time.perf_counter() - t0
+            log.commit()
+        elif todo:
+            part = _run_slice(
+                [stage],
+                [keys[i] for i in todo],
+                [current[i] for i in todo],
+                True,
+                tracker=tracker,
+                first=j,
+                indices=todo,
+            )
+            for i, v in zip(todo, part.values):
+                current[i] = v
+            _check_abandoned(tracker)
+            if j in recorded_at:
+                name, fp = recorded_at[j]
+                record(journal, [jkeys[i] for i in todo], part.values, name, fp)
+            _add_stats(st, part.stats[0])
+        stats.append(st)
+    return TaskResult(current, stats, dirty=True)
+
+
+def _add_stats(mine: StageStats, theirs: StageStats) -> None:
+    mine.n_in += theirs.n_in
+    mine.n_failed += theirs.n_failed
+    mine.busy += theirs.busy
+    if mine.first_failure is None:
+        mine.first_failure = theirs.first_failure
 
 
 _SLICE_BYTES = 8 * 2**20  # intermediate values a fused task may hold at once
 
 
-def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any], dirty: bool) -> TaskResult:
+def _run(
+    spec: StepSpec,
+    keys: Sequence[Key],
+    values: list[Any],
+    dirty: bool,
+    tracker: Tracker | None = None,
+) -> TaskResult:
     """Run a batch through the stages, in slices when several stages are fused.
 
     Stage after stage over a slice keeps per-node timing cheap; slicing keeps the
@@ -329,18 +526,25 @@ def _run(spec: StepSpec, keys: Sequence[Key], values: list[Any], dirty: bool) ->
     makes a 1 MB array each would otherwise hold 600 MB). The slice size follows the size
     of the first intermediate value. Batched and async stages need the whole batch.
     """
-    set_run_dir(spec.run_dir)
+    set_run_dir(spec.run_dir, spec.private)
     stages = spec.stages
     if len(stages) == 1 or any(s.batched or s.is_async for s in stages) or len(values) <= 8:
-        return _run_slice(stages, keys, values, dirty)
+        return _run_slice(stages, keys, values, dirty, tracker=tracker)
     sizes: list[int] = []
-    first = _run_slice(stages, keys[:8], values[:8], dirty, sizes)
+    first = _run_slice(stages, keys[:8], values[:8], dirty, sizes, tracker)
     size = max(sizes, default=0)
     step = max(1, min(len(values), _SLICE_BYTES // max(1, size)))
     result = first
     for start in range(8, len(values), step):
         result.extend(
-            _run_slice(stages, keys[start : start + step], values[start : start + step], dirty)
+            _run_slice(
+                stages,
+                keys[start : start + step],
+                values[start : start + step],
+                dirty,
+                tracker=tracker,
+                offset=start,
+            )
         )
     return result
 
@@ -351,30 +555,47 @@ def _run_slice(
     values: list[Any],
     dirty: bool,
     sizes: list[int] | None = None,
+    tracker: Tracker | None = None,
+    offset: int = 0,
+    first: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> TaskResult:
+    """Run a slice of a task through ``stages``, stage after stage.
+
+    For the tracker, item ``i`` of the slice is item ``indices[i]`` (default ``offset + i``)
+    of the task, and ``stages[k]`` is stage ``first + k`` of the step.
+    """
     stats = []
     perf = time.perf_counter
+    n = len(values)
     # ``dirty``: the batch may hold Failure values to skip. The driver knows when it does
     # not (straight from the input, or from a task without failures), which spares a scan.
     dirty = dirty and Failure in set(map(type, values))
-    for stage in stages:
+    for s, stage in enumerate(stages, first):
         t0 = perf()
-        st = StageStats(n_in=len(values))
-        if stage.batched or stage.is_async or stage.retries or stage.join or stage.scatter:
-            if stage.batched:
-                values = _apply_batched(stage, keys, values)
-            elif stage.is_async:
-                values = _run_async_stage(stage, keys, values)
-            else:
-                values = [
-                    v if type(v) is Failure else _apply_one(stage, k, v)
-                    for k, v in zip(keys, values)
-                ]
-            for v in values:
-                if type(v) is Failure and v.node == stage.name:
-                    st.n_failed += 1
-                    if st.first_failure is None:
-                        st.first_failure = v
+        st = StageStats(n_in=n)
+        tracked = tracker is not None and (tracker.every_item or stage.timeout is not None)
+        if tracker is not None and not tracked:
+            tracker.begin(s, -1, n)
+        if stage.batched or stage.is_async:
+            if tracker is not None and stage.batched:
+                start = (indices[0] if indices else offset) if tracked else -1
+                tracker.begin(s, start, n)
+            values = (
+                _apply_batched(stage, keys, values)
+                if stage.batched
+                else _run_async_stage(stage, keys, values)
+            )
+            _count_failures(stage, values, st)
+        elif tracked:
+            assert tracker is not None
+            values = _map_tracked(stage, s, keys, values, tracker, offset, indices)
+            _count_failures(stage, values, st)
+        elif stage.retries or stage.join or stage.scatter:
+            values = [
+                v if type(v) is Failure else _apply_one(stage, k, v) for k, v in zip(keys, values)
+            ]
+            _count_failures(stage, values, st)
         elif not dirty:
             values = _map_plain(stage, keys, values, st)
         else:
@@ -387,16 +608,30 @@ def _run_slice(
                     continue
                 try:
                     append(call(v))
-                except Exception as exc:
+                except BaseException as exc:
+                    if _reraise(exc):
+                        raise
                     f = failure_from_exception(stage.name, keys[i], exc, v)
                     append(f)
                     st.n_failed += 1
                     if st.first_failure is None:
                         st.first_failure = f
             values = out
+        if tracked:
+            tracker.begin(s, -1, 0)  # type: ignore[union-attr]  # the stage's items are done
+        if len(values) != n:  # every path above keeps one value per item; never trust it
+            raise AssertionError(f"stage {stage.name!r} produced {len(values)} values for {n}")
         dirty = dirty or st.n_failed > 0
         st.busy = perf() - t0
         if sizes is not None and values:
             sizes.append(sys.getsizeof(values[0]) * len(values))
         stats.append(st)
     return TaskResult(values, stats, dirty=dirty)
+
+
+def _count_failures(stage: Stage, values: list[Any], st: StageStats) -> None:
+    for v in values:
+        if type(v) is Failure and v.node == stage.name:
+            st.n_failed += 1
+            if st.first_failure is None:
+                st.first_failure = v

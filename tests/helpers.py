@@ -38,3 +38,31 @@ def fail_on_7(x: int) -> int:
 def slow_identity(x: int, seconds: float = 0.01) -> int:
     time.sleep(seconds)
     return x
+
+
+def live_descendants(pid: int | None = None) -> list:
+    """Return the live processes under ``pid`` (default: this one), multiprocessing's own
+    helpers excepted.
+
+    A ``forkserver`` pool starts two long-lived helpers once per driver (the fork server
+    and the resource tracker); they exit with the driver and are not workers.
+    """
+    import os
+
+    import psutil
+
+    root = pid or os.getpid()
+    out = []
+    for c in psutil.Process(root).children(recursive=True):
+        try:
+            if c.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(c.cmdline())
+            ppid = c.ppid()
+        except psutil.NoSuchProcess:
+            continue
+        helper = "multiprocessing.forkserver" in cmd or "multiprocessing.resource_tracker" in cmd
+        if helper and ppid == root:  # workers forked by the server share its command line
+            continue
+        out.append(c)
+    return out

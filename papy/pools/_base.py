@@ -26,15 +26,17 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from papy._items import Failure, Key, failure_from_exception
-from papy._task import StepSpec, TaskResult
+from papy._task import StageStats, StepSpec, TaskResult
 
 
 @dataclass
 class Task:
     """A batch of items to run through one step.
 
-    ``timeout`` is the per-item limit of the step (seconds) when a node set one; pools that
-    can enforce it do so for the whole task as ``timeout * len(keys)``.
+    ``timeout`` is the per-item limit (seconds) of the step's first node, when it set one;
+    each stage's own limit is in ``spec.stages[i].timeout``. Pools with
+    ``item_timeouts`` time every item from its own start (see :class:`papy._task.Tracker`);
+    the scheduler gives other pools one item per task of a timed node.
     """
 
     spec: StepSpec
@@ -72,13 +74,29 @@ class Task:
     def fail_all(
         self, exc: BaseException, node: str | None = None, attempts: int = 1
     ) -> TaskResult:
-        """Return a result in which every still-good item failed with ``exc``."""
+        """Return a result in which every still-good item failed with ``exc``.
+
+        The failures are counted in the statistics of node ``node`` (default: the step's
+        first), so a crash or a timeout shows in the report and stops a run whose node has
+        ``on_error="raise"``, like any other failure.
+        """
         name = node or self.first_stage()
-        values = [
-            v if type(v) is Failure else failure_from_exception(name, k, exc, v, attempts)
-            for k, v in zip(self.keys, self.values)
+        values = []
+        first: Failure | None = None
+        fresh = 0
+        for k, v in zip(self.keys, self.values):
+            if type(v) is not Failure:
+                v = failure_from_exception(name, k, exc, v, attempts)
+                fresh += 1
+                first = first or v
+            values.append(v)
+        stats = [
+            StageStats(n_in=fresh, n_failed=fresh, first_failure=first)
+            if s.name == name
+            else StageStats()
+            for s in self.spec.stages
         ]
-        return TaskResult(values, [], dirty=True)
+        return TaskResult(values, stats, dirty=True)
 
 
 def merge_parts(n: int, done: Callable[[TaskResult], None]) -> list[Callable[[TaskResult], None]]:
@@ -123,6 +141,12 @@ class Pool(abc.ABC):
     #: cost of a task (messages, wake-ups of the driver's threads, which take CPU from the
     #: workers) is a few percent, short enough to keep workers evenly loaded.
     target_task_s: float = 0.02
+    #: Whether a node's ``timeout`` can be enforced at all (the caller's own thread cannot
+    #: be interrupted, so an InlinePool refuses timed nodes before any work).
+    enforces_timeout: bool = True
+    #: Whether the pool times each item of a task from its own start (through a
+    #: :class:`papy._task.Tracker`); if not, a timed node gets one item per task.
+    item_timeouts: bool = False
 
     def __init__(self) -> None:
         self._closed = False
@@ -160,6 +184,14 @@ class Pool(abc.ABC):
             started = self._started
         if started:
             self._close()
+
+    def release(self, spec_ids: Sequence[str]) -> None:
+        """Forget the steps of a run that ended (their functions and cached state).
+
+        Called by the scheduler at the end of every run, so a long-lived pool does not
+        keep every function it ever ran. The default keeps nothing, so does nothing.
+        """
+        return None
 
     def describe(self) -> str:
         """Return the label used in reports and drawings, such as ``processx2``."""

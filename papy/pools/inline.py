@@ -1,7 +1,8 @@
 """InlinePool: run each task right away in the calling thread.
 
 For debugging (a breakpoint in a node just works) and for functions so cheap that shipping
-them anywhere costs more than running them. Timeouts cannot be enforced here.
+them anywhere costs more than running them. A node with ``timeout=`` is refused here
+(``GraphError`` before any work): nothing can interrupt the caller's own thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ class InlinePool(Pool):
     """Run tasks synchronously in the scheduler's own thread."""
 
     kind = "inline"
+    enforces_timeout = False  # the caller's thread cannot be interrupted
 
     def __init__(self) -> None:
         super().__init__()

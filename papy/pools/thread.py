@@ -3,169 +3,328 @@
 Right for I/O-bound nodes (network, disk, external programs) and for code that releases the
 GIL (numpy, compression). Items are not pickled.
 
-Timeouts: a thread cannot be stopped from outside, so a task that overruns its deadline is
-*abandoned*: its items are reported as ``TimeoutError`` failures right away, a new thread
-takes the abandoned one's place so the pool keeps its size, and whatever the abandoned
-thread returns later is discarded. The abandoned call still runs to its end in the
-background; use a ProcessPool when a stuck call must really be stopped.
+Timeouts are per item: each task reports, through a :class:`~papy._task.Tracker`, which
+item of which node it is running and since when, and a watchdog thread checks every
+``_TICK_S`` seconds. A thread cannot be stopped from outside, so when an item overruns its
+node's ``timeout`` the thread is *abandoned*: that item becomes a ``TimeoutError`` failure,
+a new thread takes the abandoned one's place so the pool keeps its size, and the task's
+other items are run again on the pool (they are not blamed). Whatever the abandoned thread
+returns later is discarded, and it never commits to a journal. The abandoned call still
+runs to its end in the background; use a ProcessPool when a stuck call must really be
+stopped.
+
+The pool's threads hold no reference to the :class:`ThreadPool` object itself, so a pool
+that is never closed is closed when it is garbage-collected, and at interpreter exit.
+
+``ThreadPool()`` with no worker count sizes itself: it starts with ``min(32, cores + 4)``
+threads and adds one whenever a task waits for a thread while the pool's threads together
+use less than half a core (they wait on I/O, sleeps, external programs: measured as their
+CPU time over wall time), up to ``MAX_AUTO_WORKERS``; threads idle for ``IDLE_S`` seconds
+leave again.
+So an I/O node keeps a CPU node fed without a hand-tuned count, and CPU-bound Python code
+(which holds the GIL) does not get threads that could only wait for it.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
-from papy._task import TaskResult, run_task
+from papy._errors import PoolError
+from papy._items import Failure, failure_from_exception
+from papy._task import TaskResult, Tracker, run_task
 from papy.pools._base import Pool, Task
 
 log = logging.getLogger("papy")
 
+#: Seconds between two checks of the watchdog: a late item is found within its node's
+#: timeout plus this.
+_TICK_S = 0.05
+#: Most threads a self-sizing ``ThreadPool()`` grows to.
+MAX_AUTO_WORKERS = 128
+#: Seconds a thread of a self-sizing pool stays idle before it leaves.
+IDLE_S = 10.0
+#: CPU the pool's threads use together (in cores) below which more threads help: above
+#: it they compete for the GIL, and another thread would only wait for it.
+_CPU_BOUND = 0.5
+
+
+class _ItemClock(Tracker):
+    """Where a thread's task is: ``(stage, index, count, since)``, read by the watchdog."""
+
+    __slots__ = ("now", "abandoned")
+
+    def __init__(self) -> None:
+        self.now: tuple[int, int, int, float] = (0, -1, 0, 0.0)
+        self.abandoned = False
+
+    def begin(self, stage: int, index: int, count: int = 1) -> None:
+        self.now = (stage, index, count, time.monotonic())
+
 
 class _Running:
-    """A task a thread is running, and whether the watchdog gave up on it."""
+    """A task on its way through the pool, and whether the watchdog gave up on it."""
 
-    __slots__ = ("task", "future", "abandoned", "lock")
+    __slots__ = ("task", "future", "rerun", "clock", "lock", "finished")
 
-    def __init__(self, task: Task, future: Future[TaskResult]) -> None:
+    def __init__(self, task: Task, future: Future[TaskResult], rerun: bool = False) -> None:
         self.task = task
         self.future = future
-        self.abandoned = False
+        self.rerun = rerun  # the future is already running: a late item's batch-mates
+        self.clock = _ItemClock()
         self.lock = threading.Lock()
+        self.finished = False  # the result was reported, or the task was abandoned
+
+
+class _State:
+    """Everything the pool's threads share; the threads never see the ThreadPool itself."""
+
+    def __init__(self, name: str, floor: int | None = None) -> None:
+        self.name = name
+        #: self-sizing pools: fewest threads kept (None: a fixed-size pool)
+        self.floor = floor
+        self.size = 0  # threads that take tasks (abandoned ones excluded)
+        self.idle = 0  # threads waiting for a task
+        self.cpu_s = 0.0  # CPU seconds used by finished tasks, all threads together
+        self.tasks_done = 0
+        self.queue: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        self.timed: set[_Running] = set()  # running tasks that have a timed stage
+        self.cond = threading.Condition()
+        self.closed = False
+        self.counter = itertools.count()
+        self.watchdog: threading.Thread | None = None
+
+    def spawn(self) -> None:
+        self.size += 1
+        t = threading.Thread(
+            target=_work, args=(self,), name=f"{self.name}-{next(self.counter)}", daemon=True
+        )
+        self.threads.append(t)
+        t.start()
+
+    def close(self) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.cond.notify_all()
+        while True:  # fail what never started
+            try:
+                running = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if running is not None and running.future.set_running_or_notify_cancel():
+                running.future.set_exception(PoolError("pool closed before the task ran"))
+        for _ in self.threads:
+            self.queue.put(None)
+        me = threading.current_thread()
+        for t in self.threads:
+            if t is not me:
+                t.join(timeout=0.05)
+
+
+def _work(state: _State) -> None:
+    while True:
+        with state.cond:
+            state.idle += 1
+        try:
+            running = state.queue.get(timeout=IDLE_S) if state.floor else state.queue.get()
+        except queue.Empty:
+            with state.cond:
+                if state.size > state.floor:  # type: ignore[operator]
+                    state.idle -= 1
+                    state.size -= 1
+                    return  # a self-sizing pool gives back a thread it no longer needs
+                state.idle -= 1
+            continue
+        with state.cond:
+            state.idle -= 1
+        if running is None:
+            return
+        if not _run_one(state, running):
+            return
+        # Hold nothing of a finished task while idle: its future's callbacks reach the
+        # run (and the pool), which must stay collectable.
+        del running
+
+
+def _run_one(state: _State, running: _Running) -> bool:
+    """Run one task; return False when this thread was abandoned and must end."""
+    if not running.rerun and not running.future.set_running_or_notify_cancel():
+        return True
+    task = running.task
+    timed = any(s.timeout is not None for s in task.spec.stages)
+    if timed:
+        _watch(state, running)
+    cpu = time.thread_time()
+    try:
+        result: TaskResult | None = run_task(
+            task.spec,
+            task.keys,
+            task.values,
+            task.jkeys,
+            task.dirty,
+            running.clock if timed else None,
+        )
+        error: BaseException | None = None
+    except BaseException as exc:  # keep the thread alive; the task reports it
+        result, error = None, exc
+    if state.floor:
+        cpu = time.thread_time() - cpu
+        with state.cond:
+            state.cpu_s += cpu
+            state.tasks_done += 1
+    with running.lock:
+        if running.finished:
+            return False  # abandoned: a replacement thread already took its place
+        running.finished = True
+    if timed:
+        with state.cond:
+            state.timed.discard(running)
+    if error is not None:
+        running.future.set_exception(error)
+    else:
+        running.future.set_result(result)  # type: ignore[arg-type]
+    return True
+
+
+def _watch(state: _State, running: _Running) -> None:
+    with state.cond:
+        state.timed.add(running)
+        if state.watchdog is None:
+            state.watchdog = threading.Thread(
+                target=_watch_loop, args=(state,), name=f"{state.name}-watchdog", daemon=True
+            )
+            state.watchdog.start()
+        state.cond.notify()
+
+
+def _watch_loop(state: _State) -> None:
+    """Abandon every task whose current item overran its node's timeout."""
+    while True:
+        with state.cond:
+            while not state.timed and not state.closed:
+                state.cond.wait()
+            if state.closed:
+                return
+            running_now = list(state.timed)
+        now = time.monotonic()
+        for running in running_now:
+            stage, index, count, since = running.clock.now
+            if index < 0:
+                continue
+            limit = running.task.spec.stages[stage].timeout
+            if limit is None or now - since <= limit * max(1, count):
+                continue
+            _abandon(state, running, stage, index, count)
+        time.sleep(_TICK_S)
+
+
+def _abandon(state: _State, running: _Running, stage: int, index: int, count: int) -> None:
+    """Give up on a task whose item ``index`` overran: fail that item, re-run the others."""
+    with running.lock:
+        if running.finished:
+            return  # finished in time after all
+        running.finished = True
+        running.clock.abandoned = True
+    with state.cond:
+        state.timed.discard(running)
+    task = running.task
+    node = task.spec.stages[stage].name
+    limit = task.spec.stages[stage].timeout or 0.0
+    log.warning(
+        "item %r of node %r exceeded its timeout of %g s; its thread is abandoned and replaced",
+        task.keys[index],
+        node,
+        limit,
+    )
+    if not state.closed:
+        with state.cond:
+            state.size -= 1  # the abandoned thread no longer takes tasks
+        state.spawn()  # before re-running, so the pool is whole when seen
+    values = list(task.values)
+    late = range(index, min(len(values), index + max(1, count)))
+    for i in late:
+        if type(values[i]) is Failure:
+            continue
+        error = TimeoutError(
+            f"item exceeded the node's timeout of {limit:g} s "
+            "(thread abandoned; it may still be running)"
+        )
+        values[i] = failure_from_exception(node, task.keys[i], error, values[i])
+    retry = Task(task.spec, task.keys, values, task.timeout, task.jkeys, dirty=True)
+    if state.closed:
+        running.future.set_exception(PoolError("pool closed before the task ran"))
+        return
+    # The same future completes when the re-run does: the scheduler sees one task.
+    state.queue.put(_Running(retry, running.future, rerun=True))
 
 
 class ThreadPool(Pool):
-    """Run tasks on ``workers`` threads (default: ``min(32, cores + 4)``)."""
+    """Run tasks on ``workers`` threads; with no count, size the pool from its load.
+
+    ``workers=None`` starts ``min(32, cores + 4)`` threads and grows up to
+    ``MAX_AUTO_WORKERS`` while tasks wait for a thread and mostly wait on I/O themselves
+    (see the module docstring); ``workers`` then reads the current size.
+    """
 
     kind = "thread"
+    item_timeouts = True
 
     def __init__(self, workers: int | None = None, *, name: str = "papy-thread") -> None:
         super().__init__()
         if workers is not None and workers < 1:
             raise ValueError(f"ThreadPool needs at least one worker, got {workers}")
-        self.workers = workers or min(32, (os.cpu_count() or 1) + 4)
-        self._name = name
-        self._queue: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._deadlines: list[tuple[float, int, _Running]] = []
-        self._deadline_lock = threading.Condition()
-        self._counter = itertools.count()
-        self._watchdog: threading.Thread | None = None
+        floor = min(32, (os.cpu_count() or 1) + 4)
+        self.workers = workers or floor
+        self.autoscale = workers is None
+        self._state = _State(name, floor if self.autoscale else None)
+        self._sampled = time.perf_counter()
+        self._cpu_seen = 0.0
+        self._cpu_rate = 0.0
 
     def _start(self) -> None:
         for _ in range(self.workers):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        t = threading.Thread(
-            target=self._work, name=f"{self._name}-{next(self._counter)}", daemon=True
-        )
-        self._threads.append(t)
-        t.start()
-
-    def _work(self) -> None:
-        while True:
-            running = self._queue.get()
-            if running is None:
-                return
-            if not running.future.set_running_or_notify_cancel():
-                continue
-            task = running.task
-            if task.timeout is not None:
-                self._watch(running, time.monotonic() + task.timeout * max(1, len(task)))
-            try:
-                result: TaskResult | None = run_task(
-                    task.spec, task.keys, task.values, task.jkeys, task.dirty
-                )
-                error: BaseException | None = None
-            except BaseException as exc:  # keep the thread alive; the task reports it
-                result, error = None, exc
-            with running.lock:
-                if running.abandoned:
-                    return  # a replacement thread already took this one's place
-                running.abandoned = True  # i.e. finished: the watchdog must not fire now
-            if error is not None:
-                running.future.set_exception(error)
-            else:
-                running.future.set_result(result)  # type: ignore[arg-type]
-
-    def _watch(self, running: _Running, deadline: float) -> None:
-        with self._deadline_lock:
-            heapq.heappush(self._deadlines, (deadline, next(self._counter), running))
-            if self._watchdog is None:
-                self._watchdog = threading.Thread(
-                    target=self._watch_loop, name=f"{self._name}-watchdog", daemon=True
-                )
-                self._watchdog.start()
-            self._deadline_lock.notify()
-
-    def _watch_loop(self) -> None:
-        with self._deadline_lock:
-            while not self._closed:
-                if not self._deadlines:
-                    self._deadline_lock.wait()
-                    continue
-                deadline, _, running = self._deadlines[0]
-                delay = deadline - time.monotonic()
-                if delay > 0:
-                    self._deadline_lock.wait(delay)
-                    continue
-                heapq.heappop(self._deadlines)
-                with running.lock:
-                    if running.abandoned:
-                        continue  # finished in time
-                    running.abandoned = True
-                log.warning(
-                    "a task of %r exceeded its timeout; its thread is abandoned and replaced",
-                    running.task.first_stage(),
-                )
-                if not self._closed:
-                    self._spawn()  # before reporting, so the pool is whole when seen
-                task = running.task
-                limit = task.timeout or 0.0
-                running.future.set_result(
-                    task.fail_all(
-                        TimeoutError(
-                            f"item exceeded the node's timeout of {limit:g} s "
-                            "(thread abandoned; it may still be running)"
-                        )
-                    )
-                )
+            self._state.spawn()
+        weakref.finalize(self, self._state.close)
 
     def _submit(self, task: Task) -> Future[TaskResult]:
         fut: Future[TaskResult] = Future()
-        self._queue.put(_Running(task, fut))
+        state = self._state
+        state.queue.put(_Running(task, fut))
+        if self.autoscale:
+            now = time.perf_counter()
+            with state.cond:
+                if now - self._sampled >= 0.05:  # the threads' CPU use, in cores
+                    self._cpu_rate = (state.cpu_s - self._cpu_seen) / (now - self._sampled)
+                    self._sampled, self._cpu_seen = now, state.cpu_s
+                grow = (
+                    state.idle == 0
+                    and state.tasks_done > 0
+                    and self._cpu_rate < _CPU_BOUND
+                    and state.size < MAX_AUTO_WORKERS
+                    and not state.closed
+                )
+                if grow:
+                    state.spawn()
+                self.workers = state.size
         return fut
 
     def _close(self) -> None:
-        from papy._errors import PoolError
-
-        while True:  # fail what never started
-            try:
-                running = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if running is not None and running.future.set_running_or_notify_cancel():
-                running.future.set_exception(PoolError("pool closed before the task ran"))
-        for _ in self._threads:
-            self._queue.put(None)
-        with self._deadline_lock:
-            self._deadline_lock.notify_all()
-        me = threading.current_thread()
-        for t in self._threads:
-            if t is not me:
-                t.join(timeout=0.05)
+        self._state.close()
 
     @property
     def alive_threads(self) -> int:
         """Count the threads still running (abandoned ones included)."""
-        return sum(t.is_alive() for t in self._threads)
+        return sum(t.is_alive() for t in self._state.threads)
 
     def __getstate__(self) -> Any:
         raise TypeError("a ThreadPool cannot be pickled; make pools in the driver")

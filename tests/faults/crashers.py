@@ -62,3 +62,81 @@ def unpicklable_result(x: int):
     if x == 5:
         return threading.Lock()
     return x
+
+
+def slow_on(slow: set[int], seconds: float):
+    """Return a function that sleeps ``seconds`` on the items in ``slow``."""
+
+    def fn(x: int) -> int:
+        if x in slow:
+            time.sleep(seconds)
+        return x
+
+    return fn
+
+
+def worker_pid(x: object) -> int:
+    return os.getpid()
+
+
+def big_item_pid(x: bytes) -> tuple[int, float]:
+    """Take a large item; return (worker pid, time); item 0 stalls its worker 3 s."""
+    if x[:1] == b"S":
+        time.sleep(3.0)
+    return os.getpid(), time.monotonic()
+
+
+def start_sleeper_and_hang(path: str):
+    """Start a grandchild ``sleep`` (its pid written to ``path``), then hang."""
+
+    def fn(x: int) -> int:
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "300"])
+        Path(path).write_text(str(child.pid))
+        time.sleep(300)
+        return x
+
+    return fn
+
+
+def nested_mp_pool(x: int) -> int:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as p:
+        return sum(p.map(abs, [-x, -1]))
+
+
+def nested_executor(x: int) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as ex:
+        return sum(ex.map(abs, [-x, -1]))
+
+
+def nested_papy(x: int) -> int:
+    from papy import Pipeline, ProcessPool
+
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("inner", pool=pool)
+        pipe.add(abs)
+        return sum(pipe.map([-x, -1]))
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("cannot reach the license server")
+
+
+def log_something(x: int) -> int:
+    import logging
+
+    logging.getLogger(f"papy-test-{x}").info("item %s", x)
+    return x
+
+
+GUARD = threading.Lock()  # a module-level lock, as in a logging handler or a client library
+
+
+def under_guard(x: int) -> int:
+    with GUARD:
+        return x

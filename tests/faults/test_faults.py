@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import explode, fail_on_7, inc
+from helpers import explode, fail_on_7, inc, live_descendants
 
 from faults.crashers import (
     cpu_ms,
@@ -229,8 +229,7 @@ def test_early_break_stops_the_run_and_frees_own_pools():
     # The generator was closed by the break: pools are gone (checked by the fixture too).
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        kids = [c for c in psutil.Process().children() if c.is_running()]
-        kids = [c for c in kids if c.status() != psutil.STATUS_ZOMBIE]
+        kids = live_descendants()
         if not kids:
             break
         time.sleep(0.05)
@@ -246,7 +245,10 @@ def test_abandoned_iterator_is_closed_by_garbage_collection():
     next(it)
     del it
     gc.collect()
-    assert not [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+    deadline = time.monotonic() + 5
+    while live_descendants() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not live_descendants()
 
 
 def test_user_pool_survives_an_abandoned_run(process_pool):
@@ -278,11 +280,12 @@ _DRIVER = textwrap.dedent(
     from faults.crashers import cpu_ms
     from papy import Pipeline, ProcessPool
 
-    pipe = Pipeline("interrupted", pool=ProcessPool(2))
-    pipe.add(cpu_ms, kwargs={{"ms": 5.0}}, batch=1)
-    for i, out in enumerate(pipe.map(range(1_000_000))):
-        if i == 20:
-            print("RUNNING", flush=True)
+    if __name__ == "__main__":
+        pipe = Pipeline("interrupted", pool=ProcessPool(2))
+        pipe.add(cpu_ms, kwargs={{"ms": 5.0}}, batch=1)
+        for i, out in enumerate(pipe.map(range(1_000_000))):
+            if i == 20:
+                print("RUNNING", flush=True)
     """
 )
 
@@ -303,7 +306,7 @@ def test_interrupting_a_driver_leaves_no_worker_behind(tmp_path, sig):
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip() == "RUNNING", proc.stderr.read() if proc.stderr else ""
-        workers = psutil.Process(proc.pid).children(recursive=True)
+        workers = live_descendants(proc.pid)
         assert len(workers) == 2
         proc.send_signal(sig)
         try:

@@ -1,0 +1,81 @@
+"""Tell a real interrupt of the driver from a ``KeyboardInterrupt`` a node raised itself.
+
+A node's function may raise anything, ``KeyboardInterrupt`` included, and that is a failure
+of its item. A Ctrl-C (SIGINT) or SIGTERM sent to the driver must still stop the run. While
+a run is active in the main thread, :func:`trap_signals` installs handlers that note the
+signal before raising ``KeyboardInterrupt``, so code that catches one can ask
+:func:`real_interrupt` which it is. Handlers are installed by the first active run and
+restored by the last one; an application's own handlers are left alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_lock = threading.Lock()
+_active = 0
+_saved: dict[int, Any] = {}
+_pending = threading.Event()  # a signal arrived and its KeyboardInterrupt is unwinding
+
+
+def real_interrupt() -> bool:
+    """Tell whether the ``KeyboardInterrupt`` being handled came from a signal to the driver.
+
+    Only the main thread receives signals, so in any other thread the answer is False: a
+    ``KeyboardInterrupt`` there was raised by a node's own code.
+    """
+    return threading.current_thread() is threading.main_thread() and _pending.is_set()
+
+
+def _handler(signum: int, frame: Any) -> None:
+    _pending.set()
+    raise KeyboardInterrupt("SIGTERM" if signum == signal.SIGTERM else "")
+
+
+def trap_signals() -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to ``KeyboardInterrupt`` for a run; return the undo.
+
+    SIGTERM becomes ``KeyboardInterrupt("SIGTERM")`` so a terminated driver shuts its
+    workers down as on Ctrl-C. A handler the application installed is kept as it is.
+    """
+    global _active
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    with _lock:
+        if _active == 0:
+            _pending.clear()
+            for sig, default in (
+                (signal.SIGINT, signal.default_int_handler),
+                (signal.SIGTERM, signal.SIG_DFL),
+            ):
+                try:
+                    previous = signal.getsignal(sig)
+                    if previous in (default, None):
+                        signal.signal(sig, _handler)
+                        _saved[sig] = previous
+                except (ValueError, OSError):
+                    pass
+        _active += 1
+    undone = False
+
+    def restore() -> None:
+        global _active
+        nonlocal undone
+        with _lock:
+            if undone:
+                return
+            undone = True
+            _active -= 1
+            if _active:
+                return
+            for sig, previous in list(_saved.items()):
+                try:
+                    signal.signal(sig, previous)
+                except (ValueError, OSError):
+                    pass
+            _saved.clear()
+
+    return restore

@@ -1,0 +1,631 @@
+"""ProcessPool workers: start, per-item deadlines, crashes, driver death, exit, resources.
+
+Everything here uses real worker processes, real signals and real child programs.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import psutil
+import pytest
+from faults.crashers import (
+    big_item_pid,
+    exit_on,
+    failing_initializer,
+    nested_executor,
+    nested_mp_pool,
+    nested_papy,
+    slow_on,
+    start_sleeper_and_hang,
+)
+from helpers import inc, live_descendants
+
+from papy import Failure, Pipeline, PoolError, ProcessPool, RunAborted, WorkerCrashed
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+
+
+def _split(out):
+    return [o for o in out if not isinstance(o, Failure)], [
+        o for o in out if isinstance(o, Failure)
+    ]
+
+
+def _gone(pids: list[int], within: float) -> list[int]:
+    """Wait up to ``within`` seconds for ``pids`` to exit; return those still alive."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+# -- start method ---------------------------------------------------------------------------
+
+
+def test_default_start_method_does_not_fork_the_driver():
+    pool = ProcessPool(1)
+    expected = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    assert pool.start_method == expected
+    pool.close()
+
+
+_LOCKED_DRIVER = """
+import threading
+from papy import Pipeline, ProcessPool
+from faults import crashers
+
+if __name__ == "__main__":
+    # Another thread of the driver holds a module-level lock the node functions use, the
+    # whole time workers start (as a logging handler's lock may be held mid-write).
+    held, release = threading.Event(), threading.Event()
+    def hold():
+        with crashers.GUARD:
+            held.set()
+            release.wait()
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait()
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("locked", pool=pool)
+        pipe.add(crashers.under_guard, batch=1)
+        out = list(pipe.map(range(20)))
+    release.set()
+    print("OK", sum(out))
+"""
+
+
+def test_a_lock_held_by_a_driver_thread_does_not_block_any_worker(tmp_path):
+    script = tmp_path / "locked.py"
+    script.write_text(_LOCKED_DRIVER)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["OK", str(sum(range(20)))]
+
+
+# -- per-item timeouts ----------------------------------------------------------------------
+
+
+def test_timeout_is_per_item_whatever_the_batch():
+    slow = {3, 11}
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("per-item", pool=pool)
+        pipe.add(slow_on(slow, 3.0), name="sometimes_slow", timeout=1.0, batch=20)
+        out = list(pipe.map(range(20), errors="yield"))
+        assert len(pool.pids()) == 2
+    good, bad = _split(out)
+    assert good == [x for x in range(20) if x not in slow]
+    assert sorted(f.item for f in bad) == sorted(slow)
+    for f in bad:
+        assert f.node == "sometimes_slow" and f.exc_type == "TimeoutError"
+        assert "timeout of 1 s" in f.message
+
+
+def test_items_within_the_limit_never_fail():
+    # 20 items of 0.3 s in one batch under a 0.8 s limit: the batch takes 6 s, no item fails.
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("within", pool=pool)
+        pipe.add(slow_on(set(range(20)), 0.3), timeout=0.8, batch=20)
+        out = list(pipe.map(range(20), errors="yield"))
+    assert out == list(range(20))
+
+
+def test_a_fused_node_keeps_its_own_timeout():
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("fused", pool=pool)
+        a = pipe.add(inc, name="first", batch=10)
+        pipe.add(slow_on({5}, 60.0), name="second", after=a, timeout=0.5)
+        t0 = time.monotonic()
+        out = list(pipe.map(range(10), errors="yield"))
+        elapsed = time.monotonic() - t0
+    good, bad = _split(out)
+    assert good == [x + 1 for x in range(10) if x + 1 != 5]
+    assert [(f.node, f.item, f.exc_type) for f in bad] == [("second", 4, "TimeoutError")]
+    assert elapsed < 30  # a 60 s hang was cut short (latency is measured in benchmarks)
+
+
+def test_a_hung_item_is_cut_short_and_its_batch_mates_rerun():
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("hang", pool=pool)
+        pipe.add(slow_on({7}, 300.0), name="hangs", timeout=0.5, batch=16)
+        t0 = time.monotonic()
+        out = list(pipe.map(range(16), errors="yield"))
+        elapsed = time.monotonic() - t0
+        assert pool.restarts == 1
+    good, bad = _split(out)
+    assert good == [x for x in range(16) if x != 7]
+    assert [f.item for f in bad] == [7]
+    assert elapsed < 30
+
+
+def test_a_timed_out_worker_takes_its_children_along(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("grandchild", pool=pool)
+        pipe.add(start_sleeper_and_hang(str(pidfile)), name="spawner", timeout=1.0)
+        out = list(pipe.map([1], errors="yield"))
+    assert isinstance(out[0], Failure) and out[0].exc_type == "TimeoutError"
+    assert _gone([int(pidfile.read_text())], within=5) == []
+
+
+# -- crashes --------------------------------------------------------------------------------
+
+
+def test_a_crash_names_its_item_in_few_restarts():
+    bad = {37}
+    with ProcessPool(2, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("poison", pool=pool)
+        pipe.add(exit_on(bad), name="risky", batch=64)
+        out = list(pipe.map(range(64), errors="yield"))
+        # one crash, one to learn which item, one to confirm it: never a halving search
+        assert pool.restarts == 3
+    good, bad_out = _split(out)
+    assert good == [2 * x for x in range(64) if x not in bad]
+    assert [f.item for f in bad_out] == [37]
+    assert isinstance(bad_out[0].exception, WorkerCrashed) and bad_out[0].attempts == 2
+
+
+def test_crashes_and_timeouts_count_in_the_report():
+    with ProcessPool(2, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("counted", pool=pool)
+        a = pipe.add(exit_on({3}), name="crashy", batch=8)
+        pipe.add(slow_on({10}, 60.0), name="slow", after=a, timeout=0.5, batch=8)
+        out = list(pipe.map(range(16), errors="yield"))
+        report = pipe.last_report
+    assert len(out) == 16
+    assert report is not None
+    assert (report.nodes["crashy"].items_in, report.nodes["crashy"].failed) == (16, 1)
+    assert report.nodes["slow"].failed == 1
+
+
+@pytest.mark.parametrize("fault", ["crash", "timeout"])
+def test_on_error_raise_stops_the_run_on_a_crash_or_a_timeout(fault):
+    fn = exit_on({5}) if fault == "crash" else slow_on({10}, 60.0)
+    with ProcessPool(2, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("raise", pool=pool)
+        pipe.add(fn, name="node", on_error="raise", timeout=0.5 if fault == "timeout" else None)
+        with pytest.raises(RunAborted) as info:
+            list(pipe.map(range(50), errors="yield"))
+    expected = "papy.WorkerCrashed" if fault == "crash" else "TimeoutError"
+    assert info.value.failure.exc_type == expected and info.value.failure.node == "node"
+
+
+# -- start failures -------------------------------------------------------------------------
+
+
+def test_a_failing_initializer_fails_the_run_fast_with_its_message():
+    t0 = time.monotonic()
+    with ProcessPool(2, initializer=failing_initializer) as pool:
+        pipe = Pipeline("init", pool=pool)
+        pipe.add(inc)
+        with pytest.raises(PoolError) as info:
+            list(pipe.map(range(100)))
+        restarts = pool.restarts
+    assert time.monotonic() - t0 < 30
+    assert "cannot reach the license server" in str(info.value)
+    assert "failing_initializer" in str(info.value)  # the traceback, naming the function
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert restarts == 0
+
+
+def test_a_function_that_cannot_be_loaded_fails_its_items_with_the_import_error(tmp_path):
+    # A module the driver can import but the workers cannot (not on their path).
+    mod = tmp_path / "only_here_mod.py"
+    mod.write_text("def twice(x):\n    return 2 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here_mod
+
+        sys.path.remove(str(tmp_path))  # workers start after this, without that path
+        with ProcessPool(1) as pool:
+            pipe = Pipeline("unloadable", pool=pool)
+            pipe.add(only_here_mod.twice, name="twice")
+            out = list(pipe.map(range(5), errors="yield"))
+            assert pool.restarts == 0
+            report = pipe.last_report
+    finally:
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+        sys.modules.pop("only_here_mod", None)
+    assert all(isinstance(f, Failure) for f in out)
+    assert {f.exc_type for f in out} == {"ModuleNotFoundError"}
+    assert {f.node for f in out} == {"twice"}
+    assert report is not None and report.nodes["twice"].failed == 5
+
+
+# -- nested processes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [nested_mp_pool, nested_executor, nested_papy])
+def test_nodes_can_use_processes_themselves(fn):
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("nested", pool=pool)
+        pipe.add(fn)
+        assert list(pipe.map(range(4))) == [x + 1 for x in range(4)]
+
+
+# -- one busy worker does not block the others ----------------------------------------------
+
+
+def test_a_stalled_worker_with_large_items_does_not_starve_the_other():
+    size = 4 * 2**20
+    items = [b"S" + bytes(size)] + [bytes(size) for _ in range(150)]
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("starve", pool=pool)
+        pipe.add(big_item_pid, batch=1)
+        out = list(pipe.map(items))
+    stalled_pid, stall_end = out[0]
+    during = [t for pid, t in out[1:] if pid != stalled_pid and t < stall_end]
+    # Before each worker had its own sender, the stall let one item through, not dozens.
+    assert len(during) >= 20, len(during)
+
+
+# -- workers never outlive the driver -------------------------------------------------------
+
+_KILLED_DRIVER = """
+import os, sys, time
+from papy import Pipeline, ProcessPool
+from faults.crashers import cpu_ms, exit_on, slow_on
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    pool = ProcessPool(2)
+    pipe = Pipeline("victim", pool=pool)
+    if mode == "crashing":  # workers are being replaced all the time
+        pipe.add(exit_on(set(range(0, 10_000, 7))), batch=1)
+    elif mode == "hung":  # workers stuck in a long call
+        pipe.add(slow_on(set(range(10_000)), 300.0), batch=1)
+    else:
+        pipe.add(cpu_ms, kwargs={"ms": 2.0}, batch=16)
+    n = 40 if mode == "exiting" else 10_000
+    for i, out in enumerate(pipe.map(range(n), errors="yield")):
+        pass
+"""
+
+
+def test_workers_die_with_a_sigkilled_driver_at_random_moments(tmp_path):
+    script = tmp_path / "victim.py"
+    script.write_text(_KILLED_DRIVER)
+    rng = random.Random(12)
+    modes = ["busy", "crashing", "hung", "exiting"] * 5
+    leftovers = []
+    for batch_start in range(0, len(modes), 5):  # five drivers at a time
+        procs = []
+        for mode in modes[batch_start : batch_start + 5]:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), mode],
+                    env=ENV,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        started = time.monotonic()
+        killed = []
+        for proc in procs:
+            time.sleep(max(0.0, started + rng.uniform(0.5, 3.0) - time.monotonic()))
+            family = [c.pid for c in live_descendants(proc.pid)]
+            proc.kill()
+            proc.wait()
+            # the ones found at the kill, and any started in the last instant
+            killed.append(family)
+        gc.collect()
+        for family in killed:
+            leftovers.extend(_gone(family, within=5))
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert leftovers == []
+
+
+# -- exit, garbage collection, long-lived pools ---------------------------------------------
+
+_EARLY_EXIT = """
+import gc, sys
+from papy import Pipeline, ProcessPool, imap
+from faults.crashers import cpu_ms
+
+if __name__ == "__main__":
+    how = sys.argv[1]
+    if how == "imap":
+        it = imap(cpu_ms, range(100), pool=ProcessPool(2))
+        next(it)
+        sys.exit(0)
+    pipe = Pipeline("early", pool=ProcessPool(2))
+    pipe.add(cpu_ms, batch=1)
+    it = pipe.map(range(100))
+    first = next(it)
+    if how == "raise":
+        raise SystemExit(3)
+    if how == "gc":
+        del it
+        gc.collect()
+    if how == "break":
+        for x in it:
+            break
+"""
+
+_EXIT_MODES = ["return", "raise", "gc", "break", "imap"]
+
+
+def test_programs_that_stop_after_one_result_exit_promptly(tmp_path):
+    script = tmp_path / "early.py"
+    script.write_text(_EARLY_EXIT)
+    n = int(os.environ.get("PAPY_EXIT_PROGRAMS", "10"))
+    slow = []
+    procs = []
+    for i in range(n):
+        how = _EXIT_MODES[i % len(_EXIT_MODES)]
+        procs.append(
+            (
+                how,
+                subprocess.Popen(
+                    [sys.executable, str(script), how], env=ENV, stderr=subprocess.PIPE
+                ),
+            )
+        )
+        if len(procs) >= 4 or i == n - 1:  # four programs at a time on a shared machine
+            for how, proc in procs:
+                try:
+                    _, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    slow.append(how)
+                    continue
+                assert proc.returncode == (3 if how == "raise" else 0), err
+            procs = []
+    assert slow == []
+
+
+def test_an_unclosed_pool_is_closed_when_garbage_collected():
+    pool = ProcessPool(2)
+    pipe = Pipeline("gc-pool", pool=pool)
+    pipe.add(inc)
+    assert list(pipe.map(range(10))) == list(range(1, 11))
+    pids = pool.pids()
+    collected = weakref.ref(pool)
+    del pipe, pool
+    deadline = time.monotonic() + 10
+    while collected() is not None and time.monotonic() < deadline:
+        gc.collect()  # the run's own threads may still be finishing (loaded machine)
+        time.sleep(0.05)
+    assert collected() is None, "the pool is still referenced after its run ended"
+    assert _gone(pids, within=5) == []
+
+
+_UNCLOSED_AT_EXIT = """
+from papy import Pipeline, ProcessPool
+from helpers import inc
+
+if __name__ == "__main__":
+    pool = ProcessPool(2)  # never entered with `with`, never closed: kept alive to the end
+    pipe = Pipeline("open", pool=pool)
+    pipe.add(inc)
+    assert list(pipe.map(range(10))) == list(range(1, 11))
+    print(" ".join(map(str, pool.pids())), flush=True)
+"""
+
+
+def test_an_unclosed_pool_is_closed_at_interpreter_exit(tmp_path):
+    script = tmp_path / "unclosed.py"
+    script.write_text(_UNCLOSED_AT_EXIT)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    assert _gone(pids, within=5) == []
+
+
+def test_many_runs_on_one_pool_leave_no_trace():
+    runs = int(os.environ.get("PAPY_POOL_RUNS", "150"))
+    me = psutil.Process()
+    with ProcessPool(2) as pool:
+
+        def one_run(i: int) -> None:
+            pipe = Pipeline(f"run-{i}", pool=pool)
+            pipe.add(eval(f"lambda x: x + {i}"))  # a new function each run
+            assert list(pipe.map(range(5))) == [x + i for x in range(5)]
+
+        for i in range(20):  # warm up: caches, forkserver, lazily imported modules
+            one_run(i)
+        gc.collect()
+        workers = [psutil.Process(p) for p in pool.pids()]
+        before = (
+            len(live_descendants()),
+            threading.active_count(),
+            me.num_fds(),
+            [w.memory_info().rss for w in workers],
+        )
+        for i in range(20, 20 + runs):
+            one_run(i)
+        gc.collect()
+        time.sleep(0.2)
+        after = (
+            len(live_descendants()),
+            threading.active_count(),
+            me.num_fds(),
+            [w.memory_info().rss for w in workers],
+        )
+        assert pool.pids() == [w.pid for w in workers]  # no worker was replaced
+    assert after[:3] == before[:3]
+    for rss_before, rss_after in zip(before[3], after[3]):
+        assert rss_after < rss_before + 8 * 2**20  # flat: well under 8 MiB growth
+
+
+# -- worker output --------------------------------------------------------------------------
+
+_PRINTING = """
+import sys
+from papy import Pipeline, ProcessPool
+
+def shout(x):
+    print(f"item {x} " + "o" * 200)
+    print(f"warning {x}", file=sys.stderr)
+    return x
+
+if __name__ == "__main__":
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("loud", pool=pool)
+        pipe.add(shout, batch=1)
+        assert list(pipe.map(range(50))) == list(range(50))
+"""
+
+
+def test_worker_output_reaches_the_driver_line_by_line(tmp_path):
+    script = tmp_path / "loud.py"
+    script.write_text(_PRINTING)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sorted(lines) == sorted(f"item {x} " + "o" * 200 for x in range(50))
+    assert sorted(proc.stderr.splitlines()) == sorted(f"warning {x}" for x in range(50))
+
+
+# -- a user's file behaves as under Python ---------------------------------------------------
+
+_USER_FILE = '''
+"""A pipeline file with module-level state that cannot be pickled."""
+import functools, os, sqlite3, sys, threading
+from papy import Pipeline, ProcessPool
+
+LOCK = threading.Lock()
+DB = sqlite3.connect(":memory:", check_same_thread=False)
+STATE = {}
+LOADS = []
+
+
+class LookupFailed(Exception):
+    def __init__(self, key, reason):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def setup():
+    STATE["offset"] = 100
+
+
+@functools.cache
+def table():
+    LOADS.append(os.getpid())
+    return {i: i * i for i in range(10)}
+
+
+def square(x):
+    with LOCK:
+        (one,) = DB.execute("select 1").fetchone()
+    if x == 7:
+        raise LookupFailed(x, "seven is not allowed")
+    return table()[x] * one
+
+
+def shift(x):
+    table()
+    return x + STATE["offset"] + 1000 * (len(LOADS) - 1)
+
+
+def make():
+    pipe = Pipeline("userfile", pool=ProcessPool(2, initializer=setup))
+    a = pipe.add(square, batch=2)
+    pipe.add(shift, after=a, batch=2)
+    return pipe
+
+
+pipeline = make()
+
+
+def main():
+    out = []
+    for v in pipeline.map(range(10), errors="yield"):
+        if hasattr(v, "exception"):
+            e = v.exception
+            assert isinstance(e, LookupFailed), type(e)
+            assert "seven is not allowed" in v.traceback and "raise LookupFailed" in v.traceback
+            out.append(f"failed:{e.key}:{e.reason}")
+        else:
+            out.append(str(v))
+    print(" ".join(out))
+    pipeline.pool.close()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_a_user_file_behaves_the_same_as_script_module_and_papy_run(tmp_path):
+    user = tmp_path / "userpipe.py"
+    user.write_text(_USER_FILE)
+    expected = " ".join(
+        "failed:7:seven is not allowed" if x == 7 else str(x * x + 100) for x in range(10)
+    )
+    as_script = subprocess.run(
+        [sys.executable, str(user)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert as_script.returncode == 0, as_script.stderr
+    assert as_script.stdout.strip() == expected
+    as_import = subprocess.run(
+        [sys.executable, "-c", "import userpipe; userpipe.main()"],
+        env={**ENV, "PYTHONPATH": ENV["PYTHONPATH"] + os.pathsep + str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert as_import.returncode == 0, as_import.stderr
+    assert as_import.stdout.strip() == expected
+    items = tmp_path / "items.txt"
+    items.write_text("".join(f"{x}\n" for x in range(10)))
+    papy = Path(sys.executable).parent / "papy"
+    as_papy = subprocess.run(
+        [
+            str(papy),
+            "run",
+            str(user),
+            "--input",
+            str(items),
+            "--input-format",
+            "jsonl",
+            "--no-progress",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    got = [line for line in as_papy.stdout.split()]
+    assert got == [str(x * x + 100) for x in range(10) if x != 7], as_papy.stderr
+    assert "LookupFailed: 7: seven is not allowed" in as_papy.stderr
