@@ -633,6 +633,12 @@ class _State:
             replace = not self.closed and self.broken is None
             if replace and self.start_failures >= _START_FAILURES:
                 replace = False
+        if replace and unborn:
+            # Back off before starting another worker that may die the same way (the
+            # failures in a row are bounded: the pool gives up after a few).
+            time.sleep(0.1 * 2 ** (self.start_failures - 1))
+        with self.lock:
+            replace = replace and not self.closed
             if replace:
                 self.pool.append(self.spawn())
                 self.restarts += 1
