@@ -370,10 +370,14 @@ if __name__ == "__main__":
 _EXIT_MODES = ["return", "raise", "gc", "break", "imap"]
 
 
+_EXIT_PROGRAMS = int(os.environ.get("PAPY_EXIT_PROGRAMS", "10"))  # make soak: 200
+
+
+@pytest.mark.timeout(120 + 5 * _EXIT_PROGRAMS)
 def test_programs_that_stop_after_one_result_exit_promptly(tmp_path):
     script = tmp_path / "early.py"
     script.write_text(_EARLY_EXIT)
-    n = int(os.environ.get("PAPY_EXIT_PROGRAMS", "10"))
+    n = _EXIT_PROGRAMS
     slow = []
     procs = []
     for i in range(n):
