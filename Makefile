@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test,bench]"
+	# The Jupyter kernel the notebook test runs in: this venv's Python.
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
 # System tools the tests drive for real: Graphviz (drawings) and Chromium (HTML report).
@@ -34,8 +36,11 @@ pytest: $(STAMP) system
 
 test: lint typecheck pytest
 
+# Every workload (W1-W10) on every contestant, with the limit row: about 15 minutes on a
+# quiet 2-core machine. Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--quick --only W9".
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/pip install --quiet -e ".[bench-ray]" || echo "Ray Data could not be installed: its cells will say so"
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # The long versions of the process-pool resource tests: 200 programs that stop after one
 # result must all exit promptly; 1,000 runs on one pool must leave no trace.

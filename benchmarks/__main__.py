@@ -1,13 +1,17 @@
 """Run the benchmark suite: every workload on every contestant, side by side.
 
-    python -m benchmarks                 # everything (about 10 minutes on 2 cores)
-    python -m benchmarks --only W1,W2    # some workloads
-    python -m benchmarks --quick         # smaller inputs, one repeat: a smoke test
+    python -m benchmarks                   # everything (about 15 minutes on 2 cores)
+    python -m benchmarks --only W1,W2      # some workloads
+    python -m benchmarks --peers limit,papy  # some contestants (--skip ray_data: all but)
+    python -m benchmarks --quick           # a twentieth of the items, one round: a smoke test
 
-Each cell runs in a fresh interpreter (``benchmarks.cell``). Reported per cell: the median
-of the wall times, items/s, efficiency against the machine's limit, peak RSS of the
-process tree. The table is printed and written as JSON and Markdown to
-``benchmarks/results/``.
+Each cell runs in a fresh interpreter (``benchmarks.cell``), checks its output on a tenth
+of the items before the clock and on every timed run (a wrong output is reported as WRONG
+and never timed). Reported per cell: the median of the wall times, items/s, efficiency
+against the "limit" row (the same CPU work on two plain processes, timed in the same
+round) and against the ideal (serial time / cores), peak RSS of the process tree, and the
+load average, with a loud warning when it is above 2. The table is printed and written
+as JSON and Markdown to ``benchmarks/results/`` (``quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 PROCESS = [
+    "limit",
     "serial",
     "mp_fused",
     "mp_nested",
@@ -36,6 +41,7 @@ PROCESS = [
     "mpire",
     "pypeln",
     "dask_bag",
+    "joblib",
     "papy",
 ]
 THREADS = [
@@ -44,23 +50,38 @@ THREADS = [
     "mpire_threads",
     "pypeln_threads",
     "dask_bag_threads",
+    "joblib_threads",
     "papy_threads",
 ]
+# Ray Data starts a local Ray instance (about 25 s on a loaded 2-core machine) and new actor
+# pools for every run (most of its time below a few seconds of work): it runs where the
+# comparison means most, and all its timed runs share one interpreter (one cell).
+RAY = "ray_data"
+ONE_CELL = {RAY}
 
-# workload -> (items, contestants, kind of limit, note)
+# workload -> items, contestants, kind of limit ("cpu": the limit row and cores x serial;
+# "serial": the serial time; "io": sleep per item x items / threads), what it is.
 SUITE: dict[str, dict[str, Any]] = {
     "W1": {
         "n": 200_000,
         "who": [*PROCESS, "papy_journal"],
         "limit": "serial",
         "what": "3 trivial 1:1 stages over 200,000 ints",
-        "n_for": {"pypeln": 20_000},
+        # Both pay per item dispatch (pypeln: 14 s for 20,000): fewer items, same per item.
+        "n_for": {"pypeln": 5_000, "joblib": 20_000},
     },
-    "W2": {"n": 2_000, "who": PROCESS, "limit": "cpu", "what": "2 stages of 1 ms CPU"},
+    "W2": {
+        "n": 2_000,
+        "who": [*PROCESS, RAY],
+        "limit": "cpu",
+        "what": "2 stages of 1 ms CPU",
+        "n_for": {"serial": 500, "pypeln": 1_000},
+    },
     "W3": {
         "n": 1_000,
         "who": THREADS,
         "limit": "io",
+        "io_s": 0.020,
         "what": "2 stages sleeping 10 ms, 32 threads",
         "workers": 32,
     },
@@ -69,6 +90,7 @@ SUITE: dict[str, dict[str, Any]] = {
         "who": PROCESS,
         "limit": "cpu",
         "what": "stage A 0.5 ms, stage B 2 ms CPU, one shared pool",
+        "n_for": {"serial": 500, "pypeln": 1_000},
     },
     "W5": {
         "n": 2_000_000,
@@ -82,20 +104,68 @@ SUITE: dict[str, dict[str, Any]] = {
         "who": [*PROCESS, "papy_split_pools", "papy_split_files"],
         "limit": "cpu",
         "what": "stage A makes a 1 MiB array, stage B reduces it",
+        # Both copy every array through pipes twice (7 s and 4 s, 1.3 GB for nested imap).
+        "n_for": {"mp_nested": 250, "pypeln": 250},
     },
     "W7": {
         "n": 50,
-        "who": ["serial", "mp_fused", "concurrent_futures", "mpire", "pypeln", "dask_bag", "papy"],
+        "who": [
+            "limit",
+            "serial",
+            "mp_fused",
+            "concurrent_futures",
+            "mpire",
+            "pypeln",
+            "dask_bag",
+            "joblib",
+            RAY,
+            "papy",
+        ],
         "limit": "cpu",
         "what": "50 items x 40 sub-items of 1 ms, gathered per item",
     },
+    "J1": {
+        "n": 50_000,
+        "who": [
+            "serial",
+            "papy",
+            "papy_journal",
+            "papy_journal_resume",
+            "papy_journal_cache",
+        ],
+        "limit": "serial",
+        "what": "the journal's cost: W1's 3 trivial stages over 50,000 ints without a "
+        "journal, with one (first run), resumed with every item done, and with cache=True",
+    },
     "W8": {
         "n": 2_000,
-        "who": ["serial", "dask_futures", "dask_bag_distributed", "papy_dask"],
+        "who": ["limit", "serial", "dask_futures", "dask_bag_distributed", "papy_dask"],
         "limit": "cpu",
         "what": "W2 on a 2-worker local Dask cluster",
+        "n_for": {"serial": 500},
+    },
+    "W9": {
+        "n": 2_000,
+        "who": ["limit", "serial_cpu", "concurrent_futures", "mp_pools", "joblib", RAY, "papy"],
+        "limit": "cpu",
+        "base": "serial_cpu",
+        "what": "stage A sleeps 10 ms on a thread pool, stage B 2 ms CPU on a process pool, "
+        "no worker counts given; limit = the CPU stage alone",
+        # One thread per core (multiprocessing, joblib) sleeps 10 ms per item: 10 s for 2,000;
+        # Ray's I/O stage has one actor per CPU, and 2 CPUs for both stages.
+        "n_for": {"serial_cpu": 500, "mp_pools": 500, "joblib": 500, RAY: 500},
+    },
+    "W10": {
+        "n": 2_000,
+        "who": ["threads_nested", "mp_threads_nested", "dask_bag_threads", "papy_threads"],
+        "limit": "io",
+        "io_s": 0.006,
+        "what": "3 sibling nodes sleeping 1, 2, 3 ms on one pool of 8 threads, joined per "
+        "item; first 10% = time to the first 10% of the outputs over the total",
+        "workers": 8,
     },
 }
+LOAD_WARN = 2.0
 
 
 def run_cell(
@@ -124,13 +194,32 @@ def run_cell(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _warn_load(when: str, load: float) -> None:
+    if load > LOAD_WARN:
+        bar = "!" * 78
+        print(
+            f"{bar}\n!! WARNING: load average {load:.2f} {when} is above {LOAD_WARN:g}: the "
+            f"machine is busy,\n!! these figures are NOT a measurement of the contestants.\n"
+            f"{bar}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--only", default="", help="comma-separated workloads (W1,W2,...)")
+    ap.add_argument("--peers", default="", help="comma-separated contestants (limit,papy,...)")
+    ap.add_argument("--skip", default="", help="comma-separated contestants to leave out")
     ap.add_argument("--quick", action="store_true", help="small inputs, one repeat")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
+    load_start = _load()
+    _warn_load("at the start", load_start)
     loops = calibrate()
     env = {
         **os.environ,
@@ -138,119 +227,283 @@ def main() -> None:
         "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
     }
     only = [w.strip() for w in args.only.split(",") if w.strip()] or list(SUITE)
+    unknown = [w for w in only if w not in SUITE]
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(SUITE)}")
+    peers = {p.strip() for p in args.peers.split(",") if p.strip()}
+    skip = {p.strip() for p in args.skip.split(",") if p.strip()}
+    known = {c for spec in SUITE.values() for c in spec["who"]}
+    if (peers | skip) - known:
+        ap.error(
+            f"unknown contestant(s) {', '.join(sorted((peers | skip) - known))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
     repeats = 1 if args.quick else args.repeats
-    machine = {
+    machine: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cores": cores,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "loops_per_ms": loops,
+        "repeats": repeats,
+        "quick": args.quick,
+        "load_start": load_start,
     }
     print(f"machine: {machine}", flush=True)
     results: dict[str, Any] = {"machine": machine, "workloads": {}}
+    t_suite = time.perf_counter()
     for wl in only:
         spec = SUITE[wl]
         workers = spec.get("workers", cores)
+        who_all = [c for c in spec["who"] if (not peers or c in peers) and c not in skip]
         sizes = [spec["n"]] + ([spec["also"]] if "also" in spec else [])
         rows = []
-        serial_time = None
+        load_wl = [_load()]
+        _warn_load(f"before {wl}", load_wl[0])
         for n in sizes:
             n_run = max(1, n // 20) if args.quick else n
             # Round robin: one timed run of each contestant per round, so a machine that
-            # gets slower or faster during the suite shifts every contestant alike.
+            # gets slower or faster during the suite shifts every contestant alike; the
+            # limit runs first in each round.
             cells: dict[str, dict[str, Any]] = {}
-            for _ in range(repeats):
-                for who in spec["who"]:
+            for rnd in range(repeats):
+                for who in who_all:
+                    if who in ONE_CELL and rnd > 0:
+                        continue
+                    reps = repeats if who in ONE_CELL else 1
                     m = min(spec.get("n_for", {}).get(who, n_run), n_run)
-                    cell = run_cell(wl, who, m, 1, workers, env)
-                    acc = cells.setdefault(who, {"n": m, "times": [], "peak_rss": 0, "ok": True})
+                    t_cell = time.perf_counter()
+                    cell = run_cell(wl, who, m, reps, workers, env)
+                    acc = cells.setdefault(
+                        who,
+                        {"n": m, "times": [], "peak_rss": 0, "ok": True, "load": [], "cell_s": 0.0},
+                    )
+                    acc["cell_s"] += time.perf_counter() - t_cell  # wall time, start-up included
                     if "error" in cell:
                         acc["error"] = cell["error"]
                         continue
                     acc["times"] += cell["times"]
                     acc["peak_rss"] = max(acc["peak_rss"], cell["peak_rss"])
-                    acc["ok"] = acc["ok"] and cell["ok"]
+                    acc["load"] += cell.get("load", [])
+                    if not cell["ok"]:
+                        acc["ok"] = False
+                        acc["wrong"] = cell.get("wrong", "wrong output")
+                    if "first_10pct" in cell:
+                        acc.setdefault("first_10pct", []).extend(cell["first_10pct"])
             for who, acc in cells.items():
                 row: dict[str, Any] = {"contestant": who, **acc}
-                if acc["times"] and "error" not in acc:
+                if not acc["ok"]:
+                    row["times"] = []  # a wrong answer is never timed
+                elif acc["times"] and "error" not in acc:
                     med = statistics.median(acc["times"])
                     row["median_s"] = med
                     row["items_per_s"] = acc["n"] / med
-                    if who == "serial" and n == sizes[0]:
-                        serial_time = med * (n_run / acc["n"])
+                    if "first_10pct" in acc:
+                        row["first_10pct_s"] = statistics.median(acc["first_10pct"])
+                        row["first_10pct_frac"] = statistics.median(
+                            f / t for f, t in zip(acc["first_10pct"], acc["times"])
+                        )
                 else:
                     row.setdefault("error", "no run")
+                row["size"] = n
                 rows.append(row)
-                print(_line(wl, row), flush=True)
+        load_wl.append(_load())
+        _efficiencies(spec, rows, cores, workers)
         for row in rows:
-            row["efficiency"] = _efficiency(spec, row, serial_time, cores, workers)
-        results["workloads"][wl] = {"what": spec["what"], "rows": rows}
+            print(_line(wl, row), flush=True)
+        _warn_load(f"after {wl}", load_wl[1])
+        results["workloads"][wl] = {"what": spec["what"], "rows": rows, "load": load_wl}
+    machine["load_end"] = _load()
+    machine["suite_s"] = time.perf_counter() - t_suite
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
+    # A smoke test never replaces the recorded full run.
+    name = "quick" if args.quick else "latest"
+    for path in (RESULTS / f"{stamp}.json", RESULTS / f"{name}.json"):
         path.write_text(json.dumps(results, indent=2))
     md = to_markdown(results)
-    (RESULTS / "latest.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print()
     print(md)
+    print(f"suite: {machine['suite_s']:.0f} s", flush=True)
+    _warn_load("at the start", load_start)
+    _warn_load("at the end", machine["load_end"])
 
 
-def _efficiency(
-    spec: dict[str, Any], row: dict[str, Any], serial_time: float | None, cores: int, workers: int
-) -> float | None:
-    """Return the limit time over the measured time (1.0 = the machine's limit)."""
-    if "median_s" not in row:
-        return None
-    n = row["n"]
-    if spec["limit"] == "io":
-        limit = 0.010 * 2 * n / workers
-    elif serial_time is None:
-        return None
-    else:
-        per_item = serial_time / spec["n"]
-        limit = per_item * n / (1 if spec["limit"] == "serial" else cores)
-    return limit / row["median_s"]
+def _efficiencies(
+    spec: dict[str, Any], rows: list[dict[str, Any]], cores: int, workers: int
+) -> None:
+    """Set each row's ``vs_ideal`` (ideal time / its time) and ``vs_limit`` (the limit row's
+    time for the same items / its time; 1.0 = as fast as two plain processes).
+
+    The ideal: for CPU work the serial time divided by the cores (W9: the CPU stage alone),
+    for I/O the sleep time of an item times the items divided by the threads, for W1 and
+    W5 the serial time itself. The limit is compared round by round when both rows ran in
+    the same rounds (a round that was slow for everyone cancels out), else by medians.
+    """
+    base_name = spec.get("base", "serial")
+    for size in sorted({r["size"] for r in rows}):
+        group = [r for r in rows if r["size"] == size]
+        by = {r["contestant"]: r for r in group}
+        base = by.get(base_name)
+        per_item_serial = base["median_s"] / base["n"] if base and "median_s" in base else None
+        lim = by.get("limit")
+        lim_ok = lim is not None and "median_s" in lim
+        for r in group:
+            r["vs_ideal"] = None
+            r["vs_limit"] = None
+            if "median_s" not in r:
+                continue
+            ideal = None
+            if spec["limit"] == "io":
+                ideal = spec["io_s"] * r["n"] / workers
+            elif per_item_serial is not None:
+                ideal = per_item_serial * r["n"] / (cores if spec["limit"] == "cpu" else 1)
+            if ideal is not None:
+                r["vs_ideal"] = ideal / r["median_s"]
+            if lim_ok and lim is not None:
+                lt, rt = lim["times"], r["times"]
+                scale = r["n"] / lim["n"]
+                if len(lt) == len(rt):
+                    r["vs_limit"] = statistics.median(a * scale / b for a, b in zip(lt, rt))
+                else:
+                    r["vs_limit"] = lim["median_s"] * scale / r["median_s"]
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _line(wl: str, row: dict[str, Any]) -> str:
+    head = f"{wl:<3} {row['contestant']:<20} n={row['n']:<9}"
+    if not row["ok"]:
+        return f"{head} WRONG ({row.get('wrong', 'wrong output')}): not timed"
     if "error" in row:
-        return f"{wl} {row['contestant']:<22} n={row['n']:<9} ERROR {row['error']}"
+        return f"{head} ERROR {row['error']}"
+    first = ""
+    if "first_10pct_s" in row:
+        first = f"  first 10% {row['first_10pct_s']:.3f} s ({row['first_10pct_frac']:.2f})"
     return (
-        f"{wl} {row['contestant']:<22} n={row['n']:<9} {row['median_s']:8.3f} s "
-        f"{row['items_per_s']:>12,.0f} items/s  rss {row['peak_rss'] / 2**20:7.1f} MiB  "
-        f"{'ok' if row['ok'] else 'WRONG OUTPUT'}"
+        f"{head} {row['median_s']:8.3f} s {row['items_per_s']:>11,.0f} items/s  "
+        f"vs limit {_fmt(row['vs_limit']):>5}  vs ideal {_fmt(row['vs_ideal']):>5}  "
+        f"rss {row['peak_rss'] / 2**20:6.1f} MiB  ok{first}"
     )
+
+
+BASES = ("limit", "serial", "serial_cpu")
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """One line per workload: what the machine gave (the limit against the ideal), PaPy and
+    the best peer against the limit (against the ideal where there is no limit row)."""
+    out = [
+        "| workload | limit vs ideal | PaPy | vs limit | vs ideal | best peer | vs limit "
+        "| vs ideal | load average |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|",
+    ]
+    for wl, data in results["workloads"].items():
+        rows = [r for r in data["rows"] if r.get("size", 0) == data["rows"][0].get("size", 0)]
+        timed = [r for r in rows if "median_s" in r]
+        lim = next((r for r in timed if r["contestant"] == "limit"), None)
+        papy = next((r for r in timed if r["contestant"].startswith("papy")), None)
+        key = "vs_limit" if lim else "vs_ideal"
+        peers = [
+            r
+            for r in timed
+            if r["contestant"] not in BASES
+            and not r["contestant"].startswith("papy")
+            and r.get(key) is not None
+        ]
+        best = max(peers, key=lambda r: r[key], default=None)
+
+        def cells(r: dict[str, Any] | None) -> str:
+            if r is None:
+                return "- | - | -"
+            extra = f" (first 10%: {r['first_10pct_frac']:.2f})" if "first_10pct_frac" in r else ""
+            return f"{r['contestant']}{extra} | {_fmt(r['vs_limit'])} | {_fmt(r['vs_ideal'])}"
+
+        lw = data.get("load", [0, 0])
+        out.append(
+            f"| {wl} | {_fmt(lim['vs_ideal']) if lim else '-'} | {cells(papy)} | {cells(best)} "
+            f"| {lw[0]:.2f} -> {lw[-1]:.2f} |"
+        )
+    out.append("")
+    return out
 
 
 def to_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    load = f"load average {m['load_start']:.2f} at the start, {m.get('load_end', 0):.2f} at the end"
+    busy = max(m["load_start"], m.get("load_end", 0)) > LOAD_WARN
     out = [
         f"Machine: {m['cores']} cores, {m['processor']}, Python {m['python']}, "
-        f"{m['platform']}; run {m['date']}.",
+        f"{m['platform']}; run {m['date']}, {m['repeats']} round(s)"
+        f"{', quick (a twentieth of the items)' if m.get('quick') else ''}; {load}.",
         "",
     ]
+    if busy:
+        out += [
+            f"**WARNING: the load average was above {LOAD_WARN:g}: the machine was busy and "
+            "these figures do not measure the contestants.**",
+            "",
+        ]
+    out += summary(results)
     for wl, data in results["workloads"].items():
-        out.append(f"**{wl}**: {data['what']}")
+        lw = data.get("load", [0, 0])
+        out.append(f"**{wl}**: {data['what']} (load average {lw[0]:.2f} -> {lw[-1]:.2f})")
         out.append("")
+        w10 = any("first_10pct_s" in r for r in data["rows"])
+        extra = " first 10% s (of total) |" if w10 else ""
         out.append(
-            "| contestant | items | median s | runs (s) | items/s | efficiency "
-            "| peak RSS MiB | ok |"
+            "| contestant | items | median s | runs (s) | items/s | vs limit | vs ideal "
+            f"| peak RSS MiB | ok |{extra}"
         )
-        out.append("|---|---:|---:|---|---:|---:|---:|---|")
+        out.append("|---|---:|---:|---|---:|---:|---:|---:|---|" + ("---:|" if w10 else ""))
         for r in data["rows"]:
-            if "error" in r:
-                out.append(f"| {r['contestant']} | {r['n']:,} | - | - | - | - | - | {r['error']} |")
+            if not r["ok"] or "error" in r:
+                what = "WRONG" if not r["ok"] else r["error"]
+                out.append(
+                    f"| {r['contestant']} | {r['n']:,} | - | - | - | - | - | - | {what} |"
+                    + (" - |" if w10 else "")
+                )
                 continue
-            eff = f"{r['efficiency']:.2f}" if r.get("efficiency") is not None else "-"
             runs = " ".join(f"{t:.3f}" for t in r["times"])
+            first = ""
+            if w10:
+                first = (
+                    f" {r['first_10pct_s']:.3f} ({r['first_10pct_frac']:.2f}) |"
+                    if "first_10pct_s" in r
+                    else " - |"
+                )
             out.append(
                 f"| {r['contestant']} | {r['n']:,} | {r['median_s']:.3f} | {runs} | "
-                f"{r['items_per_s']:,.0f} | {eff} | {r['peak_rss'] / 2**20:.0f} | "
-                f"{'yes' if r['ok'] else 'NO'} |"
+                f"{r['items_per_s']:,.0f} | {_fmt(r['vs_limit'])} | {_fmt(r['vs_ideal'])} | "
+                f"{r['peak_rss'] / 2**20:.0f} | yes |{first}"
             )
         out.append("")
+        if wl == "J1":
+            out += [_journal_cost(data["rows"]), ""]
     return "\n".join(out)
+
+
+def _journal_cost(rows: list[dict[str, Any]]) -> str:
+    """Say what the journal adds per item, from the J1 medians (microseconds)."""
+    med = {r["contestant"]: r["median_s"] / r["n"] for r in rows if "median_s" in r}
+    base = med.get("papy")
+    if base is None:
+        return ""
+    parts = [
+        f"{label} {(med[who] - base) * 1e6:+.1f} us/item"
+        for who, label in (
+            ("papy_journal", "journal, first run:"),
+            ("papy_journal_cache", "cache=True on 3 nodes, first run:"),
+        )
+        if who in med
+    ]
+    if "papy_journal_resume" in med:
+        parts.append(f"resuming a finished item: {med['papy_journal_resume'] * 1e6:.1f} us/item")
+    return "Journal cost per item (against papy without one): " + "; ".join(parts) + "."
 
 
 if __name__ == "__main__":

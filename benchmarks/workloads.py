@@ -146,3 +146,37 @@ def w7_sum(xs: list[int]) -> int:
 
 def w7_item(x: int) -> int:
     return w7_sum([w7_work(s) for s in w7_split(x)])
+
+
+# W9: an I/O stage feeding a CPU stage, pools sized by nobody
+def w9_a(x: int) -> int:
+    time.sleep(0.01)
+    return x
+
+
+def w9_b(x: int) -> int:
+    return burn(x, 2.0) + 1
+
+
+def w9_fused(x: int) -> int:
+    return w9_b(w9_a(x))
+
+
+# W10: three sibling nodes of unequal cost on one thread pool, joined per item
+def w10_a(x: int) -> int:
+    time.sleep(0.001)
+    return x
+
+
+def w10_b(x: int) -> int:
+    time.sleep(0.002)
+    return x + 1
+
+
+def w10_c(x: int) -> int:
+    time.sleep(0.003)
+    return x + 2
+
+
+def w10_join(a: int, b: int, c: int) -> int:
+    return a + b + c

@@ -1,7 +1,14 @@
 """Resume an interrupted run: a journal records finished items; a rerun skips them.
 
-The first run stops after 30 items (as a crash would); the second finishes the rest
-without recomputing the first 30, and ``map`` still yields every output in order.
+The first run is stopped after its first 30 outputs (as a crash would). Items already in
+flight then (at most ``buffer=10`` more) finish and are journaled too, so it computed
+between 30 and 40 items. The second run skips every item the first one finished,
+computes only the others, and ``map`` still yields all 100 outputs in order. It prints::
+
+    first run: stopped after 30 outputs, 37 items computed
+    resumed run: the resumed run skipped 37 and computed 63 (100 in all, none twice)
+
+(37: the batches the driver had started; always between 30 and 40).
 
     python examples/resume.py
 """
@@ -9,7 +16,7 @@ without recomputing the first 30, and ``map`` still yields every output in order
 import os
 import tempfile
 
-from papy import Pipeline, ThreadPool
+from papy import InlinePool, Pipeline
 
 computed = []
 
@@ -19,21 +26,26 @@ def slow_square(x: int) -> int:
     return x * x
 
 
-pool = ThreadPool(4)
-pipeline = Pipeline("resume", pool=pool)
+pool = InlinePool()  # runs in the driver: what was computed is exactly known
+pipeline = Pipeline("resume", pool=pool, buffer=10)
 pipeline.add(slow_square)
 
 if __name__ == "__main__":
     journal = os.path.join(tempfile.mkdtemp(), "run.db")
     with pool:
-        for i, _ in enumerate(pipeline.map(range(100), journal=journal)):
+        outputs = pipeline.map(range(100), journal=journal)
+        for i, _ in enumerate(outputs):
             if i == 29:
-                break  # interrupted
+                break
+        outputs.close()  # interrupted: the run stops; what was in flight finishes
         first = len(computed)
-        outputs = list(pipeline.map(range(100), journal=journal))
-    assert outputs == [x * x for x in range(100)]
+        results = list(pipeline.map(range(100), journal=journal))
+    assert results == [x * x for x in range(100)]
     report = pipeline.last_report
+    rest = len(computed) - first
+    assert report is not None and report.skipped == first and first + rest == 100
+    print(f"first run: stopped after 30 outputs, {first} items computed")
     print(
-        f"first run computed {first} items; the resumed run skipped {report.skipped} "
-        f"and computed {len(computed) - first}"
+        f"resumed run: the resumed run skipped {report.skipped} and computed {rest} "
+        f"({first + rest} in all, none twice)"
     )

@@ -65,8 +65,12 @@ def _dot_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def to_dot(pipe: Pipeline) -> str:
-    """Return the pipeline as a Graphviz DOT digraph."""
+def to_dot(pipe: Pipeline, bottleneck: str | None = None) -> str:
+    """Return the pipeline as a Graphviz DOT digraph.
+
+    ``bottleneck`` names a node to mark (red outline and fill, "bottleneck" in its label),
+    as the HTML run report does with the node that limited the run.
+    """
     ids = {n.name: _ident(n.name, i) for i, n in enumerate(pipe.nodes)}
     out = [
         f'digraph "{_dot_escape(pipe.name)}" {{',
@@ -76,14 +80,17 @@ def to_dot(pipe: Pipeline) -> str:
         '    edge [color="#555555"];',
     ]
     for n in pipe.nodes:
-        label = "\\n".join(_dot_escape(line) for line in node_label(pipe, n))
+        lines = node_label(pipe, n)
+        if n.name == bottleneck:
+            lines = [*lines, "bottleneck"]
+        label = "\\n".join(_dot_escape(line) for line in lines)
         extra = ""
         if n.scatter:
             extra = ', shape=invhouse, fillcolor="#fff1d6"'
         elif n.gather:
             extra = ', shape=house, fillcolor="#e3f7e3"'
-        if n.is_source:
-            extra += ", penwidth=2"
+        if n.name == bottleneck:
+            extra += ', color="#c00000", fillcolor="#ffd6d6", penwidth=3, fontcolor="#900000"'
         out.append(f'    {ids[n.name]} [label="{label}"{extra}];')
     for n in pipe.nodes:
         for i, p in enumerate(n.parents):

@@ -6,6 +6,7 @@ message in words (which node, what is wrong, what to do).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import uuid
 from collections.abc import Sequence
@@ -31,8 +32,9 @@ def topological_order(nodes: Sequence[Node]) -> list[Node]:
         if mark == 2:
             return
         if mark == 1:
+            # The path runs child -> parent; a cycle reads in data-flow order.
             start = next(i for i, p in enumerate(path) if p is n)
-            raise CycleError([p.name for p in path[start:]])
+            raise CycleError(cycle_in_flow_order(list(reversed(path[start:])), nodes))
         state[id(n)] = 1
         path.append(n)
         for p in n.parents:
@@ -44,6 +46,78 @@ def topological_order(nodes: Sequence[Node]) -> list[Node]:
     for n in nodes:
         visit(n)
     return order
+
+
+def cycle_in_flow_order(cycle: Sequence[Node], nodes: Sequence[Node]) -> list[str]:
+    """Return the names of a cycle (given in data-flow order) starting at its oldest node.
+
+    Starting where the pipeline's own order (the order of ``add()``, which ``to_mermaid()``
+    follows) first meets the cycle makes the message the same however it was found.
+    """
+    rank = {id(n): i for i, n in enumerate(nodes)}
+    first = min(range(len(cycle)), key=lambda i: rank.get(id(cycle[i]), len(nodes)))
+    return [n.name for n in [*cycle[first:], *cycle[:first]]]
+
+
+def path_between(start: Node, end: Node) -> list[Node] | None:
+    """Return a data-flow path ``start -> ... -> end`` (following children), or None."""
+    seen: set[int] = set()
+    stack: list[tuple[Node, list[Node]]] = [(start, [start])]
+    while stack:
+        n, path = stack.pop()
+        if n is end:
+            return path
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        for c in n.children:
+            stack.append((c, [*path, c]))
+    return None
+
+
+def check_join_arity(n: Node) -> None:
+    """Raise GraphError if node ``n``'s function cannot take one argument per parent.
+
+    Reads ``inspect.signature`` of the node's first function and binds one positional
+    argument per parent plus the node's own ``args``/``kwargs``. Callables whose signature
+    cannot be read (some builtins) are let through: the item fails at run time instead.
+    """
+    k = len(n.parents)
+    if k < 2 or n.batched or n.gather:
+        return
+    fn = n.call.fns[0]
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    extra = n.call.args[0]
+    try:
+        sig.bind(*([None] * (k + len(extra))), **n.call.kwargs[0])
+    except TypeError:
+        params = sig.parameters.values()
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            return
+        positional = sum(
+            1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        required = sum(
+            1
+            for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        )
+        fn_name = getattr(fn, "__qualname__", None) or repr(fn)
+        have = k + len(extra)
+        with_args = f" plus {len(extra)} from args=" if extra else ""
+        takes = (
+            f"{positional} positional argument{'s' if positional != 1 else ''}"
+            if positional == required
+            else f"{required} to {positional} positional arguments"
+        )
+        raise GraphError(
+            f"join node {n.name!r} has {k} parents{with_args}, so its function {fn_name} is "
+            f"called with {have} positional arguments, but it takes {takes}; "
+            f"give it one parameter per parent (in after= order)"
+        ) from None
 
 
 def scatter_stacks(order: Sequence[Node]) -> dict[str, tuple[str, ...]]:

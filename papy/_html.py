@@ -8,10 +8,13 @@ polylines do not justify a plotting dependency.
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._draw import render_dot, to_dot, to_mermaid
+from papy._report import UTIL_MEANING
+from papy._rundir import open_private
 
 if TYPE_CHECKING:
     from papy._pipeline import Pipeline
@@ -31,9 +34,9 @@ _COLORS = [
 ]
 
 
-def _graph_svg(pipe: Pipeline) -> str:
+def _graph_svg(pipe: Pipeline, bottleneck: str | None = None) -> str:
     try:
-        svg = render_dot(to_dot(pipe), "svg").decode()
+        svg = render_dot(to_dot(pipe, bottleneck), "svg").decode()
     except Exception:
         return f"<pre class='mermaid'>{html.escape(to_mermaid(pipe))}</pre>"
     start = svg.find("<svg")
@@ -100,6 +103,60 @@ def timeline_svg(
     return "".join(parts)
 
 
+def failures_html(report: Report) -> str:
+    """Return the "Failures" section: one block per (node, exception type), largest first.
+
+    Each block gives the count and the first failure of the group kept in the report (its
+    item, input and traceback); the other kept failures of the group are listed below it.
+    Empty text when nothing failed.
+    """
+    groups = report.failure_groups()
+    if not groups:
+        return ""
+    kept = len(report.failures)
+    total = sum(g[2] for g in groups)
+    parts = [
+        '<section class="failures" id="failures"><h2>Failures</h2>',
+        f"<p>{total:,} failed item{'s' if total != 1 else ''} in {len(groups)} group"
+        f"{'s' if len(groups) != 1 else ''} (node, exception type); "
+        f"the report keeps the first {kept:,}.</p>",
+    ]
+    for node, exc, count, first in groups:
+        parts.append(
+            '<div class="group"><h3>'
+            f"node <code>{html.escape(node)}</code>: {html.escape(exc)} "
+            f'<span class="count">&times; {count:,}</span></h3>'
+        )
+        if first is not None:
+            parts.append(
+                f"<p>first: item <code>{html.escape(repr(first.item))}</code>, input "
+                f"<code>{html.escape(first.input_repr)}</code>: "
+                f"{html.escape(first.message)}</p>"
+                f"<pre class='traceback'>{html.escape(first.traceback.rstrip())}</pre>"
+            )
+            others = [
+                f
+                for f in report.failures
+                if f.node == node and f.exc_type == exc and f is not first
+            ]
+            if others:
+                items = "".join(
+                    f"<li>item <code>{html.escape(repr(f.item))}</code> "
+                    f"(input <code>{html.escape(f.input_repr)}</code>): "
+                    f"{html.escape(f.message)}</li>"
+                    for f in others[:20]
+                )
+                more = (
+                    f"<li>&hellip; and {count - 1 - len(others[:20]):,} more</li>"
+                    if count - 1 > len(others[:20])
+                    else ""
+                )
+                parts.append(f"<ul>{items}{more}</ul>")
+        parts.append("</div>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def render_html(pipe: Pipeline, report: Report) -> str:
     """Return the whole HTML report as text."""
     rows = []
@@ -127,18 +184,26 @@ th {{ background: #f0f0f0; }} td:first-child, td:nth-child(2) {{ text-align: lef
 tr.bottleneck td {{ background: #ffe9e9; font-weight: bold; }}
 .summary {{ font-size: 15px; }} .suggestion {{ color: #a00; }}
 .graph svg {{ max-width: 100%; height: auto; }}
+.failures .group {{ border-left: 6px solid #d9534f; background: #fdecea; margin: 10px 0;
+  padding: 6px 12px; }}
+.failures h3 {{ font-size: 15px; margin: 4px 0; }} .failures .count {{ color: #a00; }}
+.failures pre {{ background: #fff; border: 1px solid #eee; padding: 8px; font-size: 12px;
+  overflow-x: auto; }}
+.legend {{ font-size: 12px; color: #555; }}
 </style></head><body>
 <h1>Run report: {html.escape(report.pipeline)}</h1>
 <p class="summary">{report.items:,} items in {report.wall_s:.2f} s ({rate:,.0f} items/s),
 {report.failed:,} failed.</p>
 <p class="suggestion">{html.escape(report.suggestion)}</p>
+{failures_html(report)}
 <h2>Graph</h2>
-<div class="graph">{_graph_svg(pipe)}</div>
+<div class="graph">{_graph_svg(pipe, report.bottleneck)}</div>
 <h2>Nodes</h2>
 <table><thead><tr><th>node</th><th>pool</th><th>in</th><th>out</th><th>failed</th>
 <th>busy s</th><th>mean ms</th><th>p95 ms</th><th>items/s</th><th>util</th>
 <th>wait input s</th><th>wait room s</th><th>wait pool s</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
+<p class="legend">Bold row: the bottleneck. {html.escape(UTIL_MEANING)}.</p>
 <h2>Items in flight per node</h2>
 <div class="timeline">{timeline_svg(report.timeline, nodes)}</div>
 </body></html>
@@ -146,7 +211,14 @@ tr.bottleneck td {{ background: #ffe9e9; font-weight: bold; }}
 
 
 def write_html(pipe: Pipeline, report: Report, path: str | Path) -> Path:
-    """Write the HTML report to ``path``."""
+    """Write the HTML report to ``path``, readable by its owner only (mode 0600).
+
+    An existing file is replaced (never written through if it is a symbolic link).
+    """
     path = Path(path)
-    path.write_text(render_html(pipe, report), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    with open_private(tmp, "w", private=True) as fh:
+        fh.write(render_html(pipe, report))
+    os.replace(tmp, path)
     return path

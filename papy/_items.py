@@ -13,8 +13,14 @@ out of the hot path.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import linecache
 import pickle
+import re
 import traceback
+import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -81,6 +87,19 @@ class Failure:
 
     def __str__(self) -> str:
         return self.describe()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the failure as plain data (JSON-ready; the exception object is left out)."""
+        return {
+            "node": self.node,
+            "item": list(self.item) if isinstance(self.item, tuple) else self.item,
+            "position": self.position,
+            "input_repr": self.input_repr,
+            "exc_type": self.exc_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "attempts": self.attempts,
+        }
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The exception may not pickle (custom __init__, unpicklable attributes): keep the
@@ -166,3 +185,71 @@ def failure_from_exception(
         exception=exc,
         attempts=attempts,
     )
+
+
+_DYNAMIC_FRAME = re.compile(r'^( *)File "<dynamic-code>", line (\d+), in (.+)$', re.MULTILINE)
+
+
+class FrameResolver:
+    """Put file names back into tracebacks of functions that were shipped by value.
+
+    cloudpickle sends functions the workers cannot import (a script's, a notebook cell's)
+    by value and names their file ``<dynamic-code>``. The driver still has the functions:
+    this maps ``(function name, line)`` back to the file and source line, so a traceback
+    points at the user's line. Built from the node functions and their modules' globals.
+    """
+
+    def __init__(self, fns: Iterable[Any]) -> None:
+        self._codes: dict[str, list[tuple[int, int, str]]] = {}
+        seen: set[int] = set()
+        for fn in fns:
+            for f in self._functions(fn):
+                self._add_function(f, seen)
+                for v in list(getattr(f, "__globals__", {}).values()):
+                    if isinstance(v, types.FunctionType):
+                        self._add_function(v, seen)
+
+    @staticmethod
+    def _functions(fn: Any) -> list[Any]:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        inner = getattr(fn, "fns", None)  # a node's composed Call
+        if isinstance(inner, list):
+            return [g for f in inner for g in FrameResolver._functions(f)]
+        fn = getattr(fn, "__func__", fn)  # bound methods
+        return [fn] if isinstance(fn, types.FunctionType) else []
+
+    def _add_function(self, fn: types.FunctionType, seen: set[int]) -> None:
+        stack = [fn.__code__]
+        while stack:
+            code = stack.pop()
+            if id(code) in seen:
+                continue
+            seen.add(id(code))
+            lines = [line for _, _, line in code.co_lines() if line is not None]
+            last = max(lines, default=code.co_firstlineno)
+            self._codes.setdefault(code.co_name, []).append(
+                (code.co_firstlineno, last, code.co_filename)
+            )
+            stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+
+    def fix(self, tb: str) -> str:
+        """Return ``tb`` with ``<dynamic-code>`` frames named by file, with their source."""
+        if "<dynamic-code>" not in tb or not self._codes:
+            return tb
+
+        def frame(m: re.Match[str]) -> str:
+            indent, line, name = m.group(1), int(m.group(2)), m.group(3)
+            for first, last, filename in self._codes.get(name, ()):
+                if first <= line <= last and not filename.startswith("<"):
+                    text = linecache.getline(filename, line).strip()
+                    source = f"\n{indent}  {text}" if text else ""
+                    return f'{indent}File "{filename}", line {line}, in {name}{source}'
+            return m.group(0)
+
+        return _DYNAMIC_FRAME.sub(frame, tb)
+
+    def fix_failure(self, failure: Failure) -> Failure:
+        """Return ``failure`` with its traceback fixed (the same object if nothing changed)."""
+        tb = self.fix(failure.traceback)
+        return failure if tb is failure.traceback else dataclasses.replace(failure, traceback=tb)

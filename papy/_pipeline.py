@@ -13,8 +13,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from papy._errors import GraphError
-from papy._graph import scatter_stacks, topological_order
+from papy._errors import CycleError, GraphError
+from papy._graph import (
+    check_join_arity,
+    cycle_in_flow_order,
+    path_between,
+    scatter_stacks,
+    topological_order,
+)
 from papy._task import Call
 
 if TYPE_CHECKING:
@@ -57,6 +63,7 @@ class Node:
         timeout: float | None,
         on_error: OnError,
         concurrency: int,
+        cache: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.fns = fns
@@ -74,6 +81,8 @@ class Node:
         self.timeout = timeout
         self.on_error = on_error
         self.concurrency = concurrency
+        #: record this node's outputs in the journal and reuse them (``add(cache=True)``)
+        self.cache = cache
         self.is_async = inspect.iscoroutinefunction(fns[0])
         per_args, per_kwargs = _split_arguments(fns, args, kwargs)
         self.call = Call(fns, per_args, per_kwargs)
@@ -171,6 +180,7 @@ class Pipeline:
         timeout: float | None = None,
         on_error: OnError = "continue",
         concurrency: int = 64,
+        cache: bool = False,
     ) -> Node:
         """Add a node that applies ``fn_or_list`` to the outputs of ``after``; return it.
 
@@ -179,7 +189,9 @@ class Pipeline:
         ``scatter=True``: the function returns an iterable, each element becomes a sub-item.
         ``gather=True``: the function receives the list of sub-results of the nearest
         scatter upstream, in scatter order. ``batched=True``: the function receives a list
-        of items (a batch) and returns a list of the same length.
+        of items (a batch) and returns a list of the same length. ``cache=True``: in a run
+        with a journal, store this node's outputs there, keyed by the node's fingerprint and
+        the input item's identity, and reuse them in later runs while neither changed.
         """
         fns: list[Callable[..., Any]] = (
             list(fn_or_list) if isinstance(fn_or_list, (list, tuple)) else [fn_or_list]  # type: ignore[list-item]
@@ -216,6 +228,7 @@ class Pipeline:
             timeout=timeout,
             on_error=on_error,
             concurrency=concurrency,
+            cache=cache,
         )
         for p in parents:
             p.children.append(node)
@@ -224,8 +237,15 @@ class Pipeline:
         return node
 
     def connect(self, parent: Node | str, child: Node | str) -> None:
-        """Add an edge after both nodes exist (``child`` gets one more input, last)."""
+        """Add an edge after both nodes exist (``child`` gets one more input, last).
+
+        Raise :class:`papy.CycleError` at once, and change nothing, if the edge would close
+        a cycle.
+        """
         p, c = self._resolve(parent), self._resolve(child)
+        loop = path_between(c, p)
+        if loop is not None:  # the new edge p -> c would close loop c -> ... -> p -> c
+            raise CycleError(cycle_in_flow_order(loop, self.nodes))
         c.parents.append(p)
         p.children.append(c)
         c.call = Call(c.call.fns, c.call.args, c.call.kwargs)
@@ -291,6 +311,7 @@ class Pipeline:
                     "runs it in the caller's own thread where nothing can interrupt it; give "
                     "the node a ThreadPool or a ProcessPool"
                 )
+            check_join_arity(n)
         if output is not None:
             try:
                 return self._resolve(output)
@@ -366,10 +387,13 @@ class Pipeline:
     ) -> Report:
         """Run every item through the graph, drain all sinks, and return the Report.
 
-        With ``journal="run.db"`` the run records each finished input item (keyed by its
-        position, or by ``key(item)``); running again with the same journal skips them, so
-        an interrupted run resumes where it stopped. ``retry_failed=True`` re-runs the items
-        that failed last time; ``force=True`` accepts a journal written by a different graph.
+        With ``journal="run.db"`` the run records each finished input item (known by a digest
+        of its value, or by ``key(item)``, which must then be unique); running again with the
+        same journal skips them, so an interrupted run resumes where it stopped. Nodes whose
+        code, defaults, closure values, ``args``, ``kwargs`` or upstream changed are
+        recomputed, with their descendants. ``retry_failed=True`` re-runs the items that
+        failed last time; ``force=True`` keeps the records of changed nodes. Raises
+        JournalError for a journal in use by another run, of another user, or tampered with.
         """
         self.validate()
         outputs = self._start(

@@ -9,9 +9,20 @@ batch inside the worker (batch time / batch size), so measuring costs nothing pe
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
-from dataclasses import asdict, dataclass, field
+import textwrap
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from papy._items import Failure, FrameResolver, Key
+
+#: how many Failure objects a Report keeps (every failure is counted in its group)
+FAILURES_KEPT = 100
+
+#: what "util" means, wherever it is shown (table, bottleneck sentence, HTML report)
+UTIL_MEANING = "util: the node's busy time / (wall time x workers of its pool)"
 
 
 @dataclass
@@ -38,6 +49,47 @@ class NodeStats:
         self.tasks += 1
         if n_in and len(self.batch_item_s) < 100_000:
             self.batch_item_s.append(busy / n_in)
+
+
+class FailureLog:
+    """Keep the first :data:`FAILURES_KEPT` failures of a run and count all of them.
+
+    Counts are per (node, exception type). A failure reaching several sinks is one failure
+    (it is recognised by node and item).
+    """
+
+    def __init__(self, fns: Iterable[Any] = (), limit: int = FAILURES_KEPT) -> None:
+        self.limit = limit
+        self.first: list[Failure] = []
+        self.counts: dict[str, dict[str, int]] = {}
+        self._seen: set[tuple[str, Key]] = set()
+        #: the first failure of each (node, exception type), kept even past ``limit``
+        self.group_first: dict[tuple[str, str], Failure] = {}
+        self._fns = list(fns)
+        self._resolver: FrameResolver | None = None
+
+    def add(self, values: list[Any]) -> None:
+        """Record the Failure values among ``values`` (other values are ignored).
+
+        Failures whose traceback lost its file names in transit (functions shipped by
+        value) are replaced, in ``values``, by copies that name them again.
+        """
+        for i, v in enumerate(values):
+            if type(v) is not Failure:
+                continue
+            if "<dynamic-code>" in v.traceback:
+                if self._resolver is None:
+                    self._resolver = FrameResolver(self._fns)
+                v = values[i] = self._resolver.fix_failure(v)
+            ident = (v.node, v.item)
+            if ident in self._seen:
+                continue
+            self._seen.add(ident)
+            per_node = self.counts.setdefault(v.node, {})
+            per_node[v.exc_type] = per_node.get(v.exc_type, 0) + 1
+            self.group_first.setdefault((v.node, v.exc_type), v)
+            if len(self.first) < self.limit:
+                self.first.append(v)
 
 
 @dataclass(frozen=True)
@@ -79,19 +131,66 @@ class Report:
     driver: dict[str, float] = field(default_factory=dict, compare=False)
     #: whether table() shows the driver's time (``profile=True``)
     show_driver: bool = field(default=False, compare=False, repr=False)
+    #: the first 100 items to fail in the run (by time), ordered by item key
+    failures: list[Failure] = field(default_factory=list, compare=False, repr=False)
+    #: how many items failed, per node and exception type: ``{node: {exc_type: count}}``
+    failure_counts: dict[str, dict[str, int]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    #: the first failure of each (node, exception type) group, in the order they failed
+    group_failures: list[Failure] = field(default_factory=list, compare=False, repr=False)
+
+    def failure_groups(self) -> list[tuple[str, str, int, Failure | None]]:
+        """Return ``(node, exc_type, count, first failure)`` per group, largest first."""
+        first: dict[tuple[str, str], Failure] = {}
+        for f in [*self.group_failures, *self.failures]:
+            first.setdefault((f.node, f.exc_type), f)
+        groups = [
+            (node, exc, count, first.get((node, exc)))
+            for node, per in self.failure_counts.items()
+            for exc, count in per.items()
+        ]
+        groups.sort(key=lambda g: -g[2])
+        return groups
+
+    #: nodes whose journal records no longer held (their code or inputs changed), and why
+    changed: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the report as plain data."""
-        d = asdict(self)
+        """Return the report as plain data (failures as dicts, see ``Failure.to_dict``)."""
+        d = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("nodes", "failures", "group_failures")
+        }
+        d = json.loads(json.dumps(d, default=str))  # a deep, plain copy
         d["nodes"] = {k: asdict(v) for k, v in self.nodes.items()}
+        d["failures"] = [f.to_dict() for f in self.failures]
+        d["failure_groups"] = [
+            {
+                "node": node,
+                "exc_type": exc,
+                "count": count,
+                "first": first.to_dict() if first is not None else None,
+            }
+            for node, exc, count, first in self.failure_groups()
+        ]
         return d
 
     def to_json(self, **kwargs: Any) -> str:
         """Return the report as JSON text."""
         return json.dumps(self.to_dict(), **kwargs)
 
-    def table(self) -> str:
-        """Return a plain-text table, one row per node."""
+    def table(self, width: int | None = None) -> str:
+        """Return a plain-text table, one row per node, then the summary, in ``width`` columns.
+
+        ``width`` defaults to the terminal's (80 when there is none). Columns that do not
+        fit are left out, least useful first (the waits, p95, busy s, pool), and named
+        under the table; sentences wrap. ``to_dict()`` and the HTML report have them all.
+        """
+        if width is None:
+            width = shutil.get_terminal_size((80, 24)).columns
+        width = max(40, width)
         head = (
             "node",
             "pool",
@@ -113,9 +212,9 @@ class Report:
                 (
                     n.name + (" *" if n.name == self.bottleneck else ""),
                     n.pool,
-                    str(n.items_in),
-                    str(n.items_out),
-                    str(n.failed),
+                    f"{n.items_in:,}",
+                    f"{n.items_out:,}",
+                    f"{n.failed:,}",
                     f"{n.busy_s:.2f}",
                     f"{n.mean_item_s * 1e3:.2f}",
                     f"{n.p95_item_s * 1e3:.2f}",
@@ -127,25 +226,50 @@ class Report:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = [
-            "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-            )
-            for r in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        keep = list(range(len(head)))
+        dropped: list[str] = []
+        # Least useful first: drop until the table fits.
+        for i in (11, 12, 10, 7, 5, 3, 1, 8):
+            if sum(widths[j] for j in keep) + 2 * (len(keep) - 1) <= width:
+                break
+            keep.remove(i)
+            dropped.append(head[i])
+        room = width - sum(widths[j] for j in keep if j) - 2 * (len(keep) - 1)
+        if widths[0] > room:  # still too wide: cut long node names
+            widths[0] = max(8, room)
+        lines = []
+        for r in rows:
+            cells = []
+            for j in keep:
+                c = r[j]
+                if j == 0 and len(c) > widths[0]:
+                    c = c[: widths[0] - 1] + "~"
+                cells.append(c.ljust(widths[j]) if j < 2 else c.rjust(widths[j]))
+            lines.append("  ".join(cells).rstrip())
+        lines.insert(1, "  ".join("-" * widths[j] for j in keep))
         summary = (
-            f"{self.pipeline}: {self.items} items in {self.wall_s:.2f} s "
+            f"{self.pipeline}: {self.items:,} items in {self.wall_s:.2f} s "
             f"({self.items / self.wall_s if self.wall_s else 0:,.0f} items/s), "
-            f"{self.failed} failed"
-            + (f", {self.skipped} finished earlier (journal)" if self.skipped else "")
+            f"{self.failed:,} failed"
+            + (f", {self.skipped:,} finished earlier (journal)" if self.skipped else "")
         )
+        notes = []
+        if self.bottleneck is not None:
+            notes.append("* bottleneck. " + UTIL_MEANING)
+        if dropped:
+            notes.append(f"not shown for width: {', '.join(dropped)} (see Report.to_dict())")
         tail = [summary] + ([self.suggestion] if self.suggestion else [])
+        tail += [f"journal: node {k!r}: {v}; recomputed" for k, v in self.changed.items()]
         if self.driver and self.show_driver:
             tail.append(
                 "driver time: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.driver.items())
             )
-        return "\n".join([*lines, "", *tail])
+        wrapped = [
+            line
+            for text in [*notes, "", *tail]
+            for line in (textwrap.wrap(text, width, break_on_hyphens=False) or [""])
+        ]
+        return "\n".join([*lines, *wrapped])
 
     def __str__(self) -> str:
         return self.table()
@@ -162,6 +286,7 @@ def build_report(
     skipped: int = 0,
     driver: dict[str, float] | None = None,
     show_driver: bool = False,
+    failures: FailureLog | None = None,
 ) -> Report:
     """Freeze the scheduler's counters into a Report and name the bottleneck."""
     nodes: dict[str, NodeReport] = {}
@@ -186,6 +311,9 @@ def build_report(
             utilization=min(1.0, s.busy_s / (wall_s * w)) if wall_s > 0 else 0.0,
         )
     bottleneck, suggestion = _bottleneck(nodes, workers)
+    if items and failed >= items:
+        suggestion = ""  # nothing succeeded: speed is not the question
+    log = failures or FailureLog()
     return Report(
         pipeline,
         wall_s,
@@ -198,7 +326,14 @@ def build_report(
         skipped,
         driver or {},
         show_driver,
+        sorted(log.first, key=_by_item),
+        {node: dict(per) for node, per in log.counts.items()},
+        list(log.group_first.values()),
     )
+
+
+def _by_item(f: Failure) -> tuple[int, ...]:
+    return f.item if isinstance(f.item, tuple) else (f.item,)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -218,13 +353,18 @@ def _bottleneck(nodes: dict[str, NodeReport], workers: dict[str, int]) -> tuple[
         return None, ""
     n = nodes[best]
     pool_busy = sum(m.utilization for m in nodes.values() if m.pool == n.pool)
+    # "util" is a node's busy time / (wall time x workers of its pool), as in the table;
+    # the nodes sharing a pool add up to that pool's util.
+    together = pool_busy > n.utilization + 0.005
+    shared = f", util {pool_busy:.0%} with the other nodes of its pool" if together else ""
     if pool_busy < 0.5:
         return best, (
-            f"node {best!r} is the busiest ({n.mean_item_s * 1e3:.2f} ms per item), but its "
-            f"pool is only {pool_busy:.0%} busy: the run waits on its input or on per-item "
+            f"node {best!r} is the busiest (util {n.utilization:.0%}, "
+            f"{n.mean_item_s * 1e3:.2f} ms per item), but the nodes of its pool together "
+            f"reach only util {pool_busy:.0%}: the run waits on its input or on per-item "
             "overhead; try larger batches, fewer and larger items, or a faster source"
         )
     return best, (
-        f"node {best!r} limits throughput ({n.mean_item_s * 1e3:.2f} ms per item, "
-        f"{pool_busy:.0%} of its pool busy): give it more workers or a larger batch"
+        f"node {best!r} limits throughput (util {n.utilization:.0%}{shared}, "
+        f"{n.mean_item_s * 1e3:.2f} ms per item): give it more workers or a larger batch"
     )

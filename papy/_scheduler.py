@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import operator
-import os
 import pickle
 import queue
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -44,10 +40,11 @@ from papy._graph import Step, build_steps, scatter_stacks, topological_order
 from papy._input import DirectInput, ThreadedInput, reader_for
 from papy._interrupt import trap_signals
 from papy._items import Failure, Key, child_key, parent_key
-from papy._journal import Journal, JournalSpec
+from papy._journal import Journal
 from papy._observe import Observer, Timeline
 from papy._progress import Progress, progress_wanted
-from papy._report import NodeStats, Report, build_report
+from papy._report import FailureLog, NodeStats, Report, build_report
+from papy._rundir import check_workdir, make_run_dir
 from papy._task import TaskResult
 from papy.pools._base import Pool, Task
 
@@ -241,6 +238,7 @@ class Scheduler:
         self.admitted = 0
         self.retired = 0
         self.failed = 0
+        self.failure_log = FailureLog([n.call for n in pipeline.nodes])  # for the report
         self._exhausted = False
         self.stats: dict[str, NodeStats] = {}  # read by observers, written only here
         #: where the driver's time went, in seconds: admitting input, dispatching
@@ -271,23 +269,22 @@ class Scheduler:
                 self._own_pools.append(pool)
             pools[n.name] = pool
         keep = {self.output.name} if self.output is not None else set()
+        private = True
         if pipe.workdir is not None:
-            self.run_dir = str(Path(pipe.workdir).resolve())
+            self.run_dir, private = check_workdir(pipe.workdir)
         else:
-            self.run_dir = os.path.join(tempfile.gettempdir(), f"papy-run-{uuid.uuid4().hex[:12]}")
+            self.run_dir = make_run_dir()  # mode 0700, not redirectable by a planted link
             self._remove_run_dir = True
         self.steps = build_steps(order, pools, keep, self.run_dir)
+        for s in self.steps:
+            s.spec.private = private
         terminals = {n.name: n for n in order if n.is_sink or n is self.output}
         stacks_out = scatter_stacks(order)
         if self._journal_path is not None:
             self.journal = Journal(
                 self._journal_path, pipe, force=self._force, retry_failed=self._retry_failed
             )
-            for s in self.steps:
-                if s.tail.name in terminals:
-                    s.spec.journal = JournalSpec(
-                        self.journal.path, s.tail.name, self._retry_failed, self.journal.resuming
-                    )
+            self.journal.specs(self.steps, terminals)
             self._journal_terms = {
                 name: not stacks_out[name] and not t.scatter for name, t in terminals.items()
             }
@@ -382,6 +379,8 @@ class Scheduler:
         if not self._started:
             return  # set-up failed: there is no run to report on
         wall = time.perf_counter() - self._started
+        if isinstance(error, RunAborted):  # the failure that stopped the run is one of them
+            self.failure_log.add([error.failure])
         self.report = build_report(
             self.pipeline.name,
             wall,
@@ -393,7 +392,10 @@ class Scheduler:
             skipped=self.skipped,
             driver=self._driver_profile(),
             show_driver=self._show_profile,
+            failures=self.failure_log,
         )
+        if self.journal is not None:
+            self.report = self.journal.annotate(self.report)
         if self._show_profile:
             log.info(
                 "driver time of %r: %s",
@@ -534,10 +536,7 @@ class Scheduler:
     def _resume(self, keys: Sequence[int], chunk: list[Any]) -> tuple[list[int], list[Any]]:
         """Skip the items an earlier run finished; replay their outputs; key the others."""
         assert self.journal is not None
-        if self._key_fn is None:
-            jkeys = [str(p) for p in keys]
-        else:
-            jkeys = [json.dumps(self._key_fn(v), sort_keys=True, default=str) for v in chunk]
+        jkeys = self.journal.identify(chunk, self._key_fn)  # by content, or by key=
         done = self.journal.finished(jkeys, self._journal_terms)
         if not done:  # nothing to skip: keep the chunk as it is (a range stays a range)
             self._jkey_of.update(zip(keys, jkeys))
@@ -557,6 +556,7 @@ class Scheduler:
                 continue
             values = self.journal.outputs(out.name, jk)
             self.failed += sum(1 for v in values if type(v) is Failure)
+            self.failure_log.add(values)
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
             if not self.terminals[out.name].top_level:
@@ -572,6 +572,8 @@ class Scheduler:
         return run_keys, run_values
 
     def _jkeys(self, keys: Sequence[Key]) -> list[tuple[str, str]]:
+        assert self.journal is not None
+        self.journal.check()  # stops the run if the journal was removed or replaced
         out = []
         jkey_of = self._jkey_of
         for k in keys:
@@ -892,6 +894,7 @@ class Scheduler:
     def _arrive(self, t: _Terminal, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         if dirty and Failure in set(map(type, values)):
             self.failed += sum(1 for v in values if type(v) is Failure)
+            self.failure_log.add(values)
         if t.top_level:
             if t.is_output:
                 self._queue_output(keys, values, keys)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from papy._errors import ShellError
-from papy._rundir import run_dir
+from papy._rundir import open_private, run_dir
 
 StdoutMode = Literal["text", "bytes", "file"]
 
@@ -32,8 +32,10 @@ class Shell:
     contents), constant bytes/text, a template like argv's, or a function of the item.
     ``stdout``: return it as ``"text"``, ``"bytes"``, or ``"file"`` (a path in the run
     directory). A non-zero exit raises :class:`ShellError` with the exit code and the end
-    of stderr, so the item becomes a Failure that says why; ``timeout`` kills the program
-    and fails the item. Instances pickle, so shell nodes run in any pool.
+    of stderr and of stdout, so the item becomes a Failure that says why; ``ok_codes`` lists
+    the exit codes that are not errors (``(0, 1)`` for grep, whose 1 means "no match").
+    ``timeout`` kills the program and fails the item. Instances pickle, so shell nodes run
+    in any pool.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class Shell:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         stderr_lines: int = 20,
+        ok_codes: Sequence[int] = (0,),
     ) -> None:
         if isinstance(argv, str):
             raise TypeError(
@@ -63,6 +66,10 @@ class Shell:
         self.env = dict(env) if env is not None else None
         self.cwd = str(cwd) if cwd is not None else None
         self.stderr_lines = stderr_lines
+        codes = (ok_codes,) if isinstance(ok_codes, int) else tuple(ok_codes)
+        if not codes or not all(isinstance(c, int) for c in codes):
+            raise ValueError(f"ok_codes must be exit codes (ints), got {ok_codes!r}")
+        self.ok_codes = codes
         self.__name__ = Path(self.argv[0]).name
         self.__qualname__ = f"shell:{self.__name__}"
 
@@ -110,7 +117,7 @@ class Shell:
         try:
             if self.stdout == "file":
                 out_path = run_dir() / f"{self.__name__}-{uuid.uuid4().hex}.out"
-                with open(out_path, "wb") as sink:
+                with open_private(out_path, "wb") as sink:
                     proc = subprocess.run(
                         argv,
                         input=data,
@@ -137,15 +144,20 @@ class Shell:
             ) from None
         except FileNotFoundError:
             raise FileNotFoundError(f"program not found: {argv[0]!r}") from None
-        if proc.returncode != 0:
+        if proc.returncode not in self.ok_codes:
+            n = self.stderr_lines
             err = proc.stderr.decode(errors="replace").splitlines()
-            raise ShellError(argv, proc.returncode, "\n".join(err[-self.stderr_lines :]))
+            out = b"" if out_path is not None else proc.stdout
+            # Only the end matters: decode at most the last 64 KiB of a large output.
+            out_lines = out[-65536:].decode(errors="replace").splitlines()
+            raise ShellError(argv, proc.returncode, "\n".join(err[-n:]), "\n".join(out_lines[-n:]))
         if out_path is not None:
             return out_path
         return proc.stdout.decode() if self.stdout == "text" else proc.stdout
 
     def __repr__(self) -> str:
-        return f"shell({self.argv!r}, stdout={self.stdout!r})"
+        codes = f", ok_codes={self.ok_codes!r}" if self.ok_codes != (0,) else ""
+        return f"shell({self.argv!r}, stdout={self.stdout!r}{codes})"
 
 
 #: ``papy.shell(argv, ...)``: the constructor is the function users call.

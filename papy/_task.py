@@ -17,7 +17,7 @@ from typing import Any
 
 from papy._interrupt import real_interrupt
 from papy._items import Failure, Key, failure_from_exception
-from papy._journal import JournalSpec, record, recorded
+from papy._journal import JournalSpec, SinkLog, lookup, record, task_guard
 from papy._rundir import set_current as set_run_dir
 
 
@@ -127,7 +127,8 @@ class StepSpec:
     id: str
     stages: list[Stage]
     run_dir: str | None = None  # where file helpers write (papy.io.run_dir())
-    journal: JournalSpec | None = None  # set on terminal steps of a journaled run
+    journal: JournalSpec | None = None  # set on recording steps of a journaled run
+    private: bool = True  # files written in run_dir are mode 0600 (False: a user's workdir)
 
 
 @dataclass
@@ -345,6 +346,7 @@ def _map_tracked(
     values: list[Any],
     tracker: Tracker,
     offset: int,
+    indices: Sequence[int] | None = None,
 ) -> list[Any]:
     """Apply a 1:1 stage item by item, telling ``tracker`` when each item starts."""
     begin = tracker.begin
@@ -353,7 +355,7 @@ def _map_tracked(
         if type(v) is Failure:
             out.append(v)
             continue
-        begin(s, offset + i)
+        begin(s, indices[i] if indices else offset + i)
         out.append(_apply_one(stage, k, v))
     return out
 
@@ -391,35 +393,120 @@ def run_task(
 ) -> TaskResult:
     """Run a batch through every stage of ``spec``; failures become Failure values.
 
+    On a journaled step (``spec.journal`` and ``jkeys`` set), a stage the journal holds an
+    item's output for is not run for that item (nor the stages before it): the recorded
+    output is used. The outputs of the step's recorded stages (terminals, ``cache=True``
+    nodes) are committed before this returns, without letting SIGTERM cut in between; a
+    sink's are committed item by item, so a crash re-runs at most the item it hit.
+
     The result holds exactly one value or Failure per key, in the order of ``keys``.
-    On a journaled terminal step (``spec.journal`` and ``jkeys`` set), items the journal
-    already holds are not run again (their recorded outputs are returned), and the outputs
-    are committed before this returns, without letting SIGTERM cut in between.
     ``tracker`` (see :class:`Tracker`) hears when each timed item starts; a task whose
-    tracker was abandoned raises :class:`Abandoned` instead of committing.
+    tracker was abandoned raises :class:`Abandoned` instead of committing anything more.
     """
     if spec.journal is None or not jkeys:
         return _run(spec, keys, values, dirty, tracker)
-    with critical:
-        journal = spec.journal
-        done = {} if spec.stages[-1].scatter or not journal.resuming else recorded(journal, jkeys)
-        if not done:
-            result = _run(spec, keys, values, dirty, tracker)
-            if tracker is not None and tracker.abandoned:
-                raise Abandoned()
-            record(journal, jkeys, result.values)
-            return result
-        todo = [i for i in range(len(keys)) if i not in done]
-        part = _run(spec, [keys[i] for i in todo], [values[i] for i in todo], dirty, tracker)
-        if tracker is not None and tracker.abandoned:
-            raise Abandoned()
-        record(journal, [jkeys[i] for i in todo], part.values)
-        merged: list[Any] = [None] * len(keys)
-        for i, v in done.items():
-            merged[i] = v
-        for i, v in zip(todo, part.values):
-            merged[i] = v
-        return TaskResult(merged, part.stats, dirty=True)
+    with critical, task_guard(spec.journal.path):
+        return _run_journaled(spec, keys, values, jkeys, dirty, tracker)
+
+
+def _check_abandoned(tracker: Tracker | None) -> None:
+    if tracker is not None and tracker.abandoned:
+        raise Abandoned()
+
+
+def _run_journaled(
+    spec: StepSpec,
+    keys: Sequence[Key],
+    values: list[Any],
+    jkeys: Sequence[tuple[str, str]],
+    dirty: bool,
+    tracker: Tracker | None = None,
+) -> TaskResult:
+    journal = spec.journal
+    assert journal is not None
+    stages = spec.stages
+    last = len(stages) - 1
+    recorded_at = {idx: (name, fp) for idx, name, fp in journal.nodes}
+    hits = lookup(journal, jkeys)
+    # Each item starts after the last stage that has its output recorded.
+    start = [0] * len(keys)
+    current = list(values)
+    for idx in sorted(hits):
+        for i, v in hits[idx].items():
+            start[i] = idx + 1
+            current[i] = v
+    per_item_sink = journal.sink and last in recorded_at
+    if not hits and not per_item_sink and set(recorded_at) <= {last}:
+        result = _run(spec, keys, values, dirty, tracker)  # the common case: record the tail
+        _check_abandoned(tracker)
+        if recorded_at:
+            name, fp = recorded_at[last]
+            record(journal, jkeys, result.values, name, fp)
+        return result
+    set_run_dir(spec.run_dir, spec.private)
+    stats: list[StageStats] = []
+    for j, stage in enumerate(stages):
+        todo = [i for i in range(len(keys)) if start[i] <= j]
+        st = StageStats()
+        if j == last and per_item_sink:
+            name, fp = recorded_at[j]
+            log = SinkLog(journal, name, fp)
+            plain = not (stage.batched or stage.is_async)
+            t0 = time.perf_counter()
+            timed = tracker is not None and (tracker.every_item or stage.timeout is not None)
+            for i in todo:  # each item's record is written as soon as its side effect is done
+                v = current[i]
+                if plain:
+                    if type(v) is not Failure:
+                        if timed:
+                            tracker.begin(j, i)  # type: ignore[union-attr]
+                        v = _apply_one(stage, keys[i], v)
+                        if type(v) is Failure:
+                            st.n_failed += 1
+                            if st.first_failure is None:
+                                st.first_failure = v
+                else:
+                    part = _run_slice(
+                        [stage], [keys[i]], [v], True, tracker=tracker, offset=i, first=j
+                    )
+                    v = part.values[0]
+                    _add_stats(st, part.stats[0])
+                current[i] = v
+                _check_abandoned(tracker)
+                log.add(jkeys[i], v)
+            if timed:
+                tracker.begin(j, -1, 0)  # type: ignore[union-attr]
+            if plain:
+                st.n_in += len(todo)
+                st.busy += time.perf_counter() - t0
+            log.commit()
+        elif todo:
+            part = _run_slice(
+                [stage],
+                [keys[i] for i in todo],
+                [current[i] for i in todo],
+                True,
+                tracker=tracker,
+                first=j,
+                indices=todo,
+            )
+            for i, v in zip(todo, part.values):
+                current[i] = v
+            _check_abandoned(tracker)
+            if j in recorded_at:
+                name, fp = recorded_at[j]
+                record(journal, [jkeys[i] for i in todo], part.values, name, fp)
+            _add_stats(st, part.stats[0])
+        stats.append(st)
+    return TaskResult(current, stats, dirty=True)
+
+
+def _add_stats(mine: StageStats, theirs: StageStats) -> None:
+    mine.n_in += theirs.n_in
+    mine.n_failed += theirs.n_failed
+    mine.busy += theirs.busy
+    if mine.first_failure is None:
+        mine.first_failure = theirs.first_failure
 
 
 _SLICE_BYTES = 8 * 2**20  # intermediate values a fused task may hold at once
@@ -439,7 +526,7 @@ def _run(
     makes a 1 MB array each would otherwise hold 600 MB). The slice size follows the size
     of the first intermediate value. Batched and async stages need the whole batch.
     """
-    set_run_dir(spec.run_dir)
+    set_run_dir(spec.run_dir, spec.private)
     stages = spec.stages
     if len(stages) == 1 or any(s.batched or s.is_async for s in stages) or len(values) <= 8:
         return _run_slice(stages, keys, values, dirty, tracker=tracker)
@@ -470,14 +557,21 @@ def _run_slice(
     sizes: list[int] | None = None,
     tracker: Tracker | None = None,
     offset: int = 0,
+    first: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> TaskResult:
+    """Run a slice of a task through ``stages``, stage after stage.
+
+    For the tracker, item ``i`` of the slice is item ``indices[i]`` (default ``offset + i``)
+    of the task, and ``stages[k]`` is stage ``first + k`` of the step.
+    """
     stats = []
     perf = time.perf_counter
     n = len(values)
     # ``dirty``: the batch may hold Failure values to skip. The driver knows when it does
     # not (straight from the input, or from a task without failures), which spares a scan.
     dirty = dirty and Failure in set(map(type, values))
-    for s, stage in enumerate(stages):
+    for s, stage in enumerate(stages, first):
         t0 = perf()
         st = StageStats(n_in=n)
         tracked = tracker is not None and (tracker.every_item or stage.timeout is not None)
@@ -485,7 +579,8 @@ def _run_slice(
             tracker.begin(s, -1, n)
         if stage.batched or stage.is_async:
             if tracker is not None and stage.batched:
-                tracker.begin(s, -1 if not tracked else offset, n)
+                start = (indices[0] if indices else offset) if tracked else -1
+                tracker.begin(s, start, n)
             values = (
                 _apply_batched(stage, keys, values)
                 if stage.batched
@@ -494,7 +589,7 @@ def _run_slice(
             _count_failures(stage, values, st)
         elif tracked:
             assert tracker is not None
-            values = _map_tracked(stage, s, keys, values, tracker, offset)
+            values = _map_tracked(stage, s, keys, values, tracker, offset, indices)
             _count_failures(stage, values, st)
         elif stage.retries or stage.join or stage.scatter:
             values = [

@@ -1,25 +1,39 @@
 """The ``papy`` command: run a pipeline from a file, draw it, or run the demo.
 
-Errors a user can cause (a missing file, no pipeline object, a bad option) are reported as
-one line, never as a traceback. ``papy run`` exits with 1 when items failed (and says how
-many), 2 for usage errors, 130 when interrupted.
+Errors a user can cause (a missing file, no pipeline object, a bad option, a bad input
+line, an unwritable output) are reported as one line, never as a traceback.
+
+Exit codes of ``papy run``: 0 every item succeeded; 1 some items failed (the first ten are
+shown, then a count per node and exception type); 2 usage or input error; 130 interrupted
+(SIGINT, Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import shutil
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import click
 
-from papy._errors import PapyError
+from papy._errors import GraphError, JournalError, PapyError, _last_frame
 from papy._items import Failure
 from papy._pipeline import Pipeline
+from papy._progress import progress_wanted
 from papy.pools._base import Pool
+
+#: exit codes (the shell conventions): 128 + signal number after a signal
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+#: how many failed items ``papy run`` prints one by one before it only counts them
+SHOWN_FAILURES = 10
 
 _RUN_EXAMPLES = """
 \b
@@ -28,6 +42,10 @@ Examples:
   seq 100 | papy run examples/chain.py --input - --output out.jsonl
   papy run pipelines.py:wordcount --input-format jsonl --input docs.jsonl --workers 4
   papy run examples/chain.py --input numbers.txt --report run.html --journal run.db
+
+\b
+Exit codes: 0 all items ok, 1 some items failed, 2 usage or input error,
+130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 
 _GRAPH_EXAMPLES = """
@@ -35,50 +53,202 @@ _GRAPH_EXAMPLES = """
 Examples:
   papy graph examples/join.py                   # Mermaid text on stdout
   papy graph examples/join.py --format dot
-  papy graph examples/join.py --format svg -o graph.svg
+  papy graph examples/join.py --format svg > graph.svg
+  papy graph examples/join.py --format png -o graph.png
 """
 
 
-def load_pipeline(target: str) -> Pipeline:
-    """Load ``FILE.py[:NAME]`` and return the Pipeline object it defines (default ``pipeline``).
+class InputError(click.ClickException):
+    """A usage or input error: one line on stderr, exit code 2, no traceback."""
 
-    The file runs with ``__name__ == "__papy__"``, so its ``if __name__ == "__main__":``
-    block does not run.
+    exit_code = EXIT_USAGE
+
+
+def load_pipeline(target: str) -> Pipeline:
+    """Load ``FILE.py[:NAME]`` and return the Pipeline object it defines.
+
+    Without ``:NAME``: the file's only Pipeline object, whatever its variable is called;
+    with several, the one called ``pipeline`` (an object or a factory function). The file
+    runs with ``__name__ == "__papy__"``, so its ``if __name__ == "__main__":`` block does
+    not run. Raise :class:`InputError` (exit 2) for a missing file or no such pipeline.
     """
     path_text, _, name = target.partition(":")
-    name = name or "pipeline"
     path = Path(path_text)
     if not path.is_file():
-        raise click.UsageError(f"file not found: {path_text}")
+        raise InputError(f"file not found: {path_text}")
     sys.path.insert(0, str(path.resolve().parent))
     try:
         namespace = runpy.run_path(str(path), run_name="__papy__")
     except Exception as exc:
+        where = _last_frame("".join(_format_tb(exc)))
         raise click.ClickException(
             f"{path_text} raised {type(exc).__name__} while loading: {exc}"
+            + (f" (at {where})" if where else "")
         ) from exc
+    found: dict[int, str] = {}
+    for key, value in namespace.items():
+        if isinstance(value, Pipeline) and not key.startswith("__"):
+            found.setdefault(id(value), key)
+    if not name:
+        if len(found) == 1 and not callable(namespace.get("pipeline")):
+            name = next(iter(found.values()))
+        else:
+            name = "pipeline"
     obj = namespace.get(name)
     if obj is None:
-        found = [k for k, v in namespace.items() if isinstance(v, Pipeline)]
-        hint = f"; pipelines in it: {', '.join(found)}" if found else "; it defines none"
-        raise click.UsageError(f"{path_text} has no object named {name!r}{hint}")
+        names = list(found.values())
+        if len(names) > 1:
+            hint = f"; it defines several ({', '.join(names)}): pick one with {path_text}:NAME"
+        elif names:
+            hint = f"; pipelines in it: {', '.join(names)}"
+        else:
+            hint = "; it defines none"
+        raise InputError(f"{path_text} has no object named {name!r}{hint}")
     if callable(obj) and not isinstance(obj, Pipeline):
         obj = obj()  # a factory function
     if not isinstance(obj, Pipeline):
-        raise click.UsageError(f"{path_text}:{name} is a {type(obj).__name__}, not a Pipeline")
+        raise InputError(f"{path_text}:{name} is a {type(obj).__name__}, not a Pipeline")
     return obj
 
 
-def _read_items(stream: IO[str], fmt: str) -> Iterator[Any]:
-    for number, line in enumerate(stream, 1):
-        line = line.rstrip("\n")
-        if fmt == "lines":
-            yield line
-        elif line.strip():
+def _format_tb(exc: BaseException) -> list[str]:
+    import traceback
+
+    return traceback.format_exception(type(exc), exc, exc.__traceback__)
+
+
+class _InputReader:
+    """Yield items from a text stream; stop at the first bad line and remember it.
+
+    Stopping (rather than raising inside the run) lets the items before the bad line
+    finish and be written; ``papy run`` then exits 2 naming the line.
+    """
+
+    def __init__(self, stream: IO[bytes], fmt: str) -> None:
+        self.stream = stream
+        self.fmt = fmt
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for number, raw in enumerate(self.stream, 1):
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise click.ClickException(f"input line {number} is not JSON: {exc}") from None
+                line = raw.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError as exc:
+                self.error = f"input line {number} is not UTF-8 text: {exc.reason}"
+                return
+            if self.fmt == "lines":
+                yield line
+            elif line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    self.error = f"input line {number} is not JSON: {exc}"
+                    return
+                yield value
+
+
+class _Signals:
+    """Turn the first SIGINT/SIGTERM into KeyboardInterrupt and remember which it was.
+
+    A second signal while the run shuts down (closing pools, writing the report) only
+    says so on one line; a third one quits at once. Either way no traceback is printed.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._count += 1
+        if self._count == 1:
+            self.received = signum
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        if self._count == 2:
+            os.write(2, b"papy: still shutting down; signal again to quit at once\n")
+            return
+        os._exit(self.exit_code)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGTERM if self.received == signal.SIGTERM else EXIT_SIGINT
+
+    def __exit__(self, *exc: object) -> None:
+        # Keep the handlers until the process exits: a late signal must not print a
+        # traceback from the interpreter's own shutdown either. After a signal, ignore
+        # further ones: Python puts back the default handlers (which would kill the
+        # process and lose the exit code) while it shuts down, but leaves ignored ones.
+        if self.received is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    signal.signal(sig, signal.SIG_IGN)
+                except (ValueError, OSError):
+                    pass
+
+
+def _stderr_width() -> int:
+    """Return the width to print in: the terminal's, or 80 when stderr is not one."""
+    try:
+        if sys.stderr.isatty():
+            return shutil.get_terminal_size((80, 24)).columns
+    except (AttributeError, ValueError):
+        pass
+    return 80
+
+
+def _check_writable(path_text: str, option: str) -> None:
+    """Raise InputError unless a file can be written at ``path_text`` (tested, not made)."""
+    path = Path(path_text)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"cannot write {option} {path_text}: it is a directory")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {option} {path_text}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"cannot write {option} {path_text}: permission denied")
+
+
+class _FailurePrinter:
+    """Print the first failures one per line, then only count them per (node, exception)."""
+
+    def __init__(
+        self, echo: Callable[[str], None], shown: int = SHOWN_FAILURES, defer: bool = False
+    ) -> None:
+        self.echo = echo
+        self.shown = shown
+        self.count = 0
+        self.rest: dict[tuple[str, str], int] = {}
+        #: with the live display on, lines wait for the end (they would tear the display)
+        self.defer = defer
+        self.waiting: list[str] = []
+
+    def add(self, f: Failure) -> None:
+        self.count += 1
+        if self.count <= self.shown:
+            where = _last_frame(f.traceback)
+            line = f"failed: {f.describe()}" + (f" (at {where})" if where else "")
+            if self.defer:
+                self.waiting.append(line)
+            else:
+                self.echo(line)
+            return
+        key = (f.node, f.exc_type)
+        self.rest[key] = self.rest.get(key, 0) + 1
+
+    def summary(self) -> list[str]:
+        """Return the deferred lines, then one per (node, exception type) not printed."""
+        return self.waiting + [
+            f"... and {n:,} more: node {node!r} {exc}"
+            for (node, exc), n in sorted(self.rest.items(), key=lambda kv: -kv[1])
+        ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,8 +315,50 @@ def run(
     journal_path: str | None,
     no_progress: bool,
 ) -> None:
-    """Run the pipeline defined in FILE.py (object NAME, default 'pipeline') over items."""
+    """Run the pipeline defined in FILE.py over items (NAME: which Pipeline, if several)."""
+    with _Signals() as signals:
+        try:
+            code = _run(
+                target,
+                input_path,
+                input_format,
+                output_path,
+                workers,
+                dask_address,
+                report_path,
+                journal_path,
+                no_progress,
+            )
+        except KeyboardInterrupt:
+            name = signal.Signals(signals.received).name if signals.received else "SIGINT"
+            click.echo(f"interrupted ({name})", err=True)
+            sys.exit(signals.exit_code)
+    sys.exit(code)
+
+
+def _run(
+    target: str,
+    input_path: str,
+    input_format: str,
+    output_path: str,
+    workers: int | None,
+    dask_address: str | None,
+    report_path: str | None,
+    journal_path: str | None,
+    no_progress: bool,
+) -> int:
+    """Do ``papy run``; return the exit code (0 or 1), raise ClickException for errors."""
     pipe = load_pipeline(target)
+    if input_path != "-" and not Path(input_path).is_file():
+        raise InputError(f"input file not found: {input_path}")
+    if report_path:
+        _check_writable(report_path, "--report")
+    if journal_path:
+        _check_writable(journal_path, "--journal")
+    try:
+        out = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise InputError(f"cannot write --output {output_path}: {exc.strerror or exc}") from None
     own_pool: Pool | None = None
     if dask_address:
         from papy.pools.dask import DaskPool
@@ -156,31 +368,31 @@ def run(
         from papy.pools.process import ProcessPool
 
         own_pool = pipe.pool = ProcessPool(workers)
-    if input_path != "-" and not Path(input_path).is_file():
-        raise click.UsageError(f"input file not found: {input_path}")
-    src = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")  # noqa: SIM115
-    out = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")  # noqa: SIM115
-    failed = 0
+    # Bytes, decoded line by line, so that a bad line is named by its number.
+    src = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
+    reader = _InputReader(src, input_format)
+    progress = False if no_progress else None
+    failures = _FailurePrinter(
+        lambda line: click.echo(line, err=True), defer=progress_wanted(progress)
+    )
     try:
         for value in pipe.map(
-            _read_items(src, input_format),
+            reader,
             errors="yield",
-            progress=False if no_progress else None,
+            progress=progress,
             report=report_path,
             journal=journal_path,
         ):
             if isinstance(value, Failure):
-                failed += 1
-                click.echo(f"failed: {value.describe()}", err=True)
+                failures.add(value)
                 continue
             out.write(json.dumps(value, default=str) + "\n")
+    except (GraphError, JournalError) as exc:
+        raise InputError(str(exc)) from None
     except PapyError as exc:
         raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
     finally:
-        if src is not sys.stdin:
+        if src is not sys.stdin.buffer:
             src.close()
         if out is not sys.stdout:
             out.close()
@@ -188,13 +400,18 @@ def run(
             out.flush()
         if own_pool is not None:
             own_pool.close()
+    for line in failures.summary():
+        click.echo(line, err=True)
     if pipe.last_report is not None:
-        click.echo(pipe.last_report.table(), err=True)
+        click.echo(pipe.last_report.table(width=_stderr_width()), err=True)
     if report_path:
         click.echo(f"report written to {report_path}", err=True)
-    if failed:
-        click.echo(f"{failed} item(s) failed", err=True)
-        sys.exit(1)
+    if reader.error:
+        raise InputError(reader.error + "; the items before it were run")
+    if failures.count:
+        click.echo(f"{failures.count:,} item(s) failed", err=True)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 @main.command(epilog=_GRAPH_EXAMPLES)
@@ -212,26 +429,35 @@ def run(
     "output_path",
     default=None,
     metavar="PATH",
-    help="Write here instead of stdout (required for svg and png).",
+    help="Write here instead of stdout (required for png).",
 )
 def graph(target: str, fmt: str, output_path: str | None) -> None:
-    """Draw the pipeline defined in FILE.py as Mermaid, DOT, SVG or PNG."""
+    """Draw the pipeline defined in FILE.py as Mermaid, DOT, SVG (stdout) or PNG (-o)."""
     pipe = load_pipeline(target)
     try:
         if fmt == "mermaid":
             text: str | None = pipe.to_mermaid()
         elif fmt == "dot":
             text = pipe.to_dot()
+        elif fmt == "svg" and output_path is None:
+            from papy._draw import render_dot, to_dot
+
+            text = render_dot(to_dot(pipe), "svg").decode()
         else:
             text = None
             if output_path is None:
-                raise click.UsageError(f"--format {fmt} writes a binary file: give -o PATH")
+                raise InputError(f"--format {fmt} writes a binary file: give -o PATH")
             pipe.draw(output_path, fmt)
     except PapyError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"cannot write -o {output_path}: {exc.strerror or exc}") from None
     if text is not None:
         if output_path:
-            Path(output_path).write_text(text)
+            try:
+                Path(output_path).write_text(text)
+            except OSError as exc:
+                raise InputError(f"cannot write -o {output_path}: {exc.strerror or exc}") from None
         else:
             click.echo(text, nl=False)
     if output_path:
@@ -262,3 +488,90 @@ def demo(files: int | None, report_path: str | None, no_progress: bool) -> None:
         demo_main(limit=files, progress=False if no_progress else None, report=report_path)
     except PapyError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+_JOURNAL_EXAMPLES = """
+\b
+Examples:
+  papy journal show run.db
+  papy journal failures run.db
+  papy journal forget run.db --node score
+"""
+
+
+@main.group(epilog=_JOURNAL_EXAMPLES)
+def journal() -> None:
+    """Look into a run's journal, or make it forget a node (reads metadata only)."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+@journal.command("show", epilog=_JOURNAL_EXAMPLES)
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def journal_show(path: str, as_json: bool) -> None:
+    """Show the pipeline, each node's fingerprint and records, the size and the last run.
+
+    Never loads a recorded value, so it is safe on a journal from anyone.
+    """
+    from papy._journal import describe
+
+    try:
+        info = describe(path)
+    except PapyError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"journal   {info['path']} ({_size(info['size'])})")
+    click.echo(f"pipeline  {info['pipeline']}")
+    click.echo(f"last run  {info['last_run']} on {info['last_host']}")
+    rows = [("node", "fingerprint", "role", "done", "failed", "stored")]
+    for n in info["nodes"]:
+        role = "terminal" if n["terminal"] else ("cached" if n["cached"] else "-")
+        done = n["done"] if not n["complete"] else f"{n['done']} ({n['complete']} items)"
+        rows.append(
+            (n["name"], n["fingerprint"][:12], role, str(done), str(n["failed"]), _size(n["bytes"]))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@journal.command("failures", epilog=_JOURNAL_EXAMPLES)
+@click.argument("path", type=click.Path(dir_okay=False))
+def journal_failures(path: str) -> None:
+    """List the failed items: node, item identity and message (never loads a value)."""
+    from papy._journal import failures
+
+    try:
+        rows = failures(path)
+    except PapyError as exc:
+        raise click.ClickException(str(exc)) from None
+    for r in rows:
+        sub = f" sub-item {r['sub']}" if r["sub"] else ""
+        click.echo(f"{r['node']}\t{r['item']}{sub}\t{r['message']}")
+    click.echo(f"{len(rows)} failed", err=True)
+
+
+@journal.command("forget", epilog=_JOURNAL_EXAMPLES)
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--node", "node", required=True, metavar="NAME", help="The node to invalidate.")
+def journal_forget(path: str, node: str) -> None:
+    """Drop the records of node NAME and of every node downstream of it.
+
+    The next run with this journal recomputes them (and reuses the rest).
+    """
+    from papy._journal import forget
+
+    try:
+        dropped = forget(path, node)
+    except PapyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"forgot {', '.join(repr(n) for n in dropped)}")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import glob as _glob
 import json
+import os
 import pickle
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from papy._rundir import run_dir
+from papy._rundir import open_private, run_dir
 
 __all__ = [
     "csv_rows",
@@ -126,8 +127,12 @@ def dump_item(obj: Any, *, directory: str | Path | None = None, suffix: str = ""
     numpy arrays go to ``.npy`` (memory-mappable), bytes are written raw, anything else is
     pickled. Pass the path downstream and :func:`load_item` it there.
     """
-    folder = Path(directory) if directory is not None else run_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    if directory is not None:
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        private: bool | None = folder.stat().st_uid != os.getuid()
+    else:
+        folder, private = run_dir(), None
     name = uuid.uuid4().hex
     try:
         import numpy as np
@@ -135,13 +140,15 @@ def dump_item(obj: Any, *, directory: str | Path | None = None, suffix: str = ""
         np = None  # type: ignore[assignment]
     if np is not None and isinstance(obj, np.ndarray) and obj.dtype != object:
         path = folder / f"{name}{suffix}.npy"
-        np.save(path, obj, allow_pickle=False)
+        with open_private(path, "wb", private) as fh:
+            np.save(fh, obj, allow_pickle=False)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
         path = folder / f"{name}{suffix}.bin"
-        path.write_bytes(obj)
+        with open_private(path, "wb", private) as fh:
+            fh.write(obj)
     else:
         path = folder / f"{name}{suffix}.pkl"
-        with open(path, "wb") as fh:
+        with open_private(path, "wb", private) as fh:
             pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
     return path
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN = str(ROOT / "examples" / "chain.py")
@@ -102,6 +106,12 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_graph_svg_goes_to_stdout_like_dot_tsvg(tmp_path):
+    r = papy("graph", CHAIN, "--format", "svg")
+    assert r.returncode == 0, r.stderr
+    assert "<svg" in r.stdout and ">describe<" in r.stdout and r.stdout.rstrip().endswith("</svg>")
+
+
 def test_graph_formats(tmp_path):
     r = papy("graph", CHAIN)
     assert r.returncode == 0 and r.stdout.startswith("flowchart TD")
@@ -127,3 +137,188 @@ def test_demo_runs_on_a_few_files():
     assert r.returncode == 0, r.stderr
     assert "25 modules" in r.stdout and "most complex" in r.stdout
     assert "limits throughput" in r.stdout or "is the busiest" in r.stdout
+
+
+KNN = """
+from papy import Pipeline, ProcessPool
+
+def parse(line):
+    return int(line)
+
+def knn(x):
+    if x % 2 == 0:
+        raise ValueError(f"no neighbours for {x}")
+    return x
+
+pipe = Pipeline("knn", pool=ProcessPool(2))
+pipe.add(knn, after=pipe.add(parse))
+"""
+
+
+def test_many_failures_print_ten_lines_then_one_count_per_group(tmp_path):
+    script = tmp_path / "knn.py"
+    script.write_text(KNN)
+    lines = [str(i) for i in range(1, 2001)] + ["x", "y", "z"]
+    r = papy("run", str(script), "--no-progress", stdin="\n".join(lines) + "\n")
+    assert r.returncode == 1
+    err = r.stderr.splitlines()
+    one_by_one = [x for x in err if x.startswith("failed: ")]
+    assert len(one_by_one) == 10
+    # Each names node, item, input, cause, and the user's line (not papy's).
+    assert one_by_one[0] == (
+        "failed: node 'knn' failed on item 1 (input 2): ValueError: no neighbours for 2 "
+        f"(at {script}:9 in knn)"
+    )
+    assert "... and 990 more: node 'knn' ValueError" in err
+    assert "... and 3 more: node 'parse' ValueError" in err
+    assert "1,003 item(s) failed" in err
+    assert len(r.stdout.splitlines()) == 1000
+    assert "Traceback" not in r.stderr
+
+
+def test_when_every_item_failed_there_is_no_throughput_advice(tmp_path):
+    script = tmp_path / "knn.py"
+    script.write_text(KNN)
+    r = papy("run", str(script), "--no-progress", stdin="".join(f"{2 * i}\n" for i in range(50)))
+    assert r.returncode == 1
+    assert "50 failed" in r.stderr and "50 item(s) failed" in r.stderr
+    for advice in ("limits throughput", "is the busiest", "more workers", "larger batch"):
+        assert advice not in r.stderr
+
+
+def test_end_of_run_table_fits_80_columns(tmp_path):
+    script = tmp_path / "long.py"
+    script.write_text(
+        "from papy import Pipeline, ThreadPool\n"
+        "pipe = Pipeline('a-pipeline-with-a-long-name', pool=ThreadPool(3))\n"
+        "a = pipe.add(lambda x: int(x), name='parse_the_input_lines_carefully')\n"
+        "pipe.add(lambda x: x * 2, after=a, name='double_every_value')\n"
+    )
+    r = papy("run", str(script), "--no-progress", stdin="".join(f"{i}\n" for i in range(5000)))
+    assert r.returncode == 0, r.stderr
+    assert "double_every_value" in r.stderr and "util" in r.stderr
+    too_wide = [x for x in r.stderr.splitlines() if len(x) > 80]
+    assert not too_wide, too_wide
+
+
+def test_a_file_with_one_pipeline_needs_no_name_whatever_it_is_called(tmp_path):
+    script = tmp_path / "snippet.py"
+    script.write_text(
+        "from papy import Pipeline, InlinePool\n"
+        "pipe = Pipeline('snippet', pool=InlinePool())\n"
+        "pipe.add(lambda x: int(x) * 10)\n"
+    )
+    r = papy("run", str(script), "--no-progress", stdin="1\n2\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["10", "20"]
+    assert papy("graph", str(script)).stdout.startswith("flowchart TD")
+    two = tmp_path / "two.py"
+    two.write_text(
+        "from papy import Pipeline\n"
+        "first = Pipeline('first')\nfirst.add(int)\n"
+        "second = Pipeline('second')\nsecond.add(str)\n"
+    )
+    r = papy("run", str(two), "--no-progress", stdin="1\n")
+    assert r.returncode == 2 and "several (first, second)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_input_line_stops_the_run_after_earlier_outputs_are_written(tmp_path):
+    script = tmp_path / "adder.py"
+    script.write_text(
+        "from papy import Pipeline, ThreadPool\n"
+        "pipe = Pipeline('adder', pool=ThreadPool(2))\n"
+        "pipe.add(lambda d: d['a'] + d['b'], name='add')\n"
+    )
+    out = tmp_path / "out.jsonl"
+    stdin = '{"a": 1, "b": 2}\n{"a": 2, "b": 2}\n{"a": 3, "b": 2}\n{"a": 4,\n{"a": 5, "b": 1}\n'
+    args = ["--input-format", "jsonl", "--output", str(out), "--no-progress"]
+    r = papy("run", str(script), *args, stdin=stdin)
+    assert r.returncode == 2
+    assert out.read_text().splitlines() == ["3", "4", "5"]
+    errors = [x for x in r.stderr.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and "input line 4 is not JSON" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_output_is_a_one_line_usage_error(tmp_path):
+    for target in (tmp_path / "no" / "such" / "dir" / "out.jsonl", tmp_path):
+        r = papy("run", CHAIN, "--no-progress", "--output", str(target), stdin="1\n")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and "cannot write --output" in r.stderr
+        assert "Traceback" not in r.stderr
+    report = tmp_path / "x" / "r.html"
+    r = papy("run", CHAIN, "--no-progress", "--report", str(report), stdin="1\n")
+    assert r.returncode == 2 and "cannot write --report" in r.stderr
+
+
+SLOW = """
+import time
+from papy import Pipeline, ProcessPool
+
+def slow(x):
+    time.sleep(0.1)
+    return x
+
+pipe = Pipeline("slow", pool=ProcessPool(2))
+pipe.add(slow)
+"""
+
+
+def _start_slow(tmp_path: Path) -> subprocess.Popen[str]:
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    out = tmp_path / "out.jsonl"
+    inp = tmp_path / "in.txt"
+    inp.write_text("".join(f"{i}\n" for i in range(5000)))
+    args = ["run", str(script), "--no-progress", "--input", str(inp), "--output", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "papy", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    import psutil
+
+    deadline = time.time() + 60
+    while time.time() < deadline and len(psutil.Process(proc.pid).children()) < 2:
+        time.sleep(0.1)  # wait until it runs: both workers started
+    time.sleep(1.0)
+    return proc
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_exit_with_128_plus_the_signal_and_no_traceback(tmp_path, sig, code):
+    import psutil
+
+    proc = _start_slow(tmp_path)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "interrupted" in err and "Traceback" not in err
+    psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_second_signal_during_shutdown_prints_no_second_traceback(tmp_path):
+    proc = _start_slow(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_input_that_is_not_utf8_and_unwritable_graph_output_are_usage_errors(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_bytes(b"1\n2\n\xff\xfe\n4\n")
+    out = tmp_path / "out.jsonl"
+    r = papy("run", CHAIN, "--no-progress", "--input", str(inp), "--output", str(out))
+    assert r.returncode == 2 and "is not UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert [json.loads(x)["square"] for x in out.read_text().splitlines()] == [1, 4]
+    target = tmp_path / "missing-dir" / "g.png"
+    r = papy("graph", CHAIN, "--format", "png", "-o", str(target))
+    assert r.returncode == 2 and "cannot write -o" in r.stderr and "Traceback" not in r.stderr

@@ -17,11 +17,84 @@ def test_cycle_is_named():
     a = pipe.add(_never_called, name="a")
     b = pipe.add(inc, after=a, name="b")
     c = pipe.add(inc, after=b, name="c")
-    pipe.connect(c, b)
+    with pytest.raises(CycleError) as info:
+        pipe.connect(c, b)
+    assert "b -> c -> b" in str(info.value)
+    assert info.value.cycle == ["b", "c"]
+    assert isinstance(info.value, PapyError)
+    # Nothing changed: the graph still runs.
+    assert c.parents == [b] and b.parents == [a]
+
+
+def test_connect_closing_a_cycle_raises_at_once_in_data_flow_order():
+    pipe = Pipeline("cyc", pool=InlinePool())
+    load = pipe.add(_never_called, name="load")
+    parse = pipe.add(inc, after=load, name="parse")
+    save = pipe.add(inc, after=parse, name="save")
+    with pytest.raises(CycleError) as info:
+        pipe.connect(save, load)
+    assert "load -> parse -> save -> load" in str(info.value)
+    # The arrows read as to_mermaid() draws them: every edge of the cycle is drawn.
+    mermaid = pipe.to_mermaid()
+    assert "n0_load --> n1_parse" in mermaid and "n1_parse --> n2_save" in mermaid
+    with pytest.raises(CycleError, match="node_x -> node_x"):
+        other = Pipeline("self", pool=InlinePool())
+        x = other.add(inc, name="node_x")
+        other.connect(x, x)
+
+
+def test_cycle_made_by_hand_is_reported_in_data_flow_order():
+    pipe = Pipeline("cyc", pool=InlinePool())
+    load = pipe.add(_never_called, name="load")
+    parse = pipe.add(inc, after=load, name="parse")
+    save = pipe.add(inc, after=parse, name="save")
+    load.parents.append(save)  # behind connect()'s back
+    save.children.append(load)
     with pytest.raises(CycleError) as info:
         pipe.map([1])
-    assert "b -> c -> b" in str(info.value)
-    assert isinstance(info.value, PapyError)
+    assert "load -> parse -> save -> load" in str(info.value)
+
+
+def _two(a, b):
+    return a + b
+
+
+def _two_with_default(a, b, c=0):
+    return a + b + c
+
+
+def _many(*parts):
+    return sum(parts)
+
+
+def test_join_with_too_few_parameters_is_a_graph_error_before_any_work():
+    pipe = Pipeline("arity", pool=InlinePool())
+    a = pipe.add(_never_called, name="a")
+    b = pipe.add(_never_called, name="b")
+    c = pipe.add(_never_called, name="c")
+    pipe.add(_two, after=[a, b, c], name="merge")
+    with pytest.raises(GraphError) as info:
+        pipe.map([1])
+    text = str(info.value)
+    assert "'merge'" in text and "3 parents" in text and "takes 2 positional" in text
+
+
+def test_join_arity_accepts_defaults_varargs_args_and_builtins():
+    pipe = Pipeline("ok", pool=InlinePool())
+    a = pipe.add(inc, name="a")
+    b = pipe.add(inc, name="b")
+    pipe.add(_two_with_default, after=[a, b], name="defaults")
+    pipe.add(_many, after=[a, b], name="varargs")
+    pipe.add(_two_with_default, after=[a, b], args=(5,), name="extra")
+    pipe.add(max, after=[a, b], name="builtin")  # no readable signature: let through
+    report = pipe.run([1, 2])
+    assert report.failed == 0
+    # One parameter too many: a required one left without a value.
+    bad = Pipeline("too-many", pool=InlinePool())
+    x, y = bad.add(inc, name="x"), bad.add(inc, name="y")
+    bad.add(lambda p, q, r: p, after=[x, y], name="three")
+    with pytest.raises(GraphError, match="'three' has 2 parents.*takes 3 positional"):
+        bad.run([1])
 
 
 def test_after_from_another_pipeline_is_refused():

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from papy import Failure, JournalError, Pipeline, ProcessPool, ThreadPool
+from papy._journal import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,10 +76,11 @@ def test_key_function_survives_reordered_input(tmp_path):
 
 def test_retry_failed_reruns_only_failures(tmp_path):
     journal = tmp_path / "run.db"
-    broken = {3, 7}
+    broken = tmp_path / "broken"  # outside the function: its code and closure stay the same
+    broken.write_text("3 7")
 
     def flaky(x):
-        if x in broken:
+        if str(x) in broken.read_text().split():
             raise ValueError(f"bad {x}")
         return x
 
@@ -88,7 +90,7 @@ def test_retry_failed_reruns_only_failures(tmp_path):
     assert [o.item for o in out if isinstance(o, Failure)] == [3, 7]
     again = list(pipe.map(range(10), journal=journal, errors="yield"))
     assert [o.item for o in again if isinstance(o, Failure)] == [3, 7]  # replayed as failures
-    broken.clear()
+    broken.write_text("")
     fixed = list(pipe.map(range(10), journal=journal, retry_failed=True))
     assert fixed == list(range(10))
     assert pipe.last_report is not None and pipe.last_report.skipped == 8
@@ -108,19 +110,6 @@ def test_corrupt_or_foreign_journal_is_refused_clearly(tmp_path):
     con.close()
     with pytest.raises(JournalError, match="not a papy journal"):
         list(pipe.map([1], journal=foreign))
-
-
-def test_resuming_after_a_graph_change_is_refused_unless_forced(tmp_path):
-    journal = tmp_path / "run.db"
-    pipe = Pipeline("v1", pool=ThreadPool(1))
-    pipe.add(abs)
-    list(pipe.map([1, -2], journal=journal))
-    changed = Pipeline("v2", pool=ThreadPool(1))
-    a = changed.add(abs)
-    changed.add(str, after=a)
-    with pytest.raises(JournalError, match="different pipeline.*force=True"):
-        list(changed.map([1, -2], journal=journal))
-    assert list(changed.map([1, -2, 3], journal=journal, force=True))[2] == "3"
 
 
 _DRIVER = textwrap.dedent(
@@ -171,7 +160,9 @@ def test_sigkilled_driver_resumes_with_every_item_delivered_exactly_once(tmp_pat
     first = Counter(delivered.read_text().split())
     assert 3000 <= len(first) < 10_000, "the kill did not land mid-run"
     con = sqlite3.connect(journal)
-    finished = {row[0] for row in con.execute("SELECT item FROM outputs WHERE terminal='sink'")}
+    ident = {f"c:{content_digest(i)}:0": str(i) for i in range(10_000)}
+    rows = con.execute("SELECT item FROM outputs WHERE node='sink'")
+    finished = {ident[row[0]] for row in rows}
     con.close()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -184,3 +175,421 @@ def test_sigkilled_driver_resumes_with_every_item_delivered_exactly_once(tmp_pat
     assert set(computed_ids) == {str(i) for i in range(10_000)}
     recomputed = [i for i in finished if computed_ids[i] != 1]
     assert not recomputed, f"finished items computed again: {recomputed[:10]}"
+
+
+# -- identity: an item never gets another item's output ---------------------------------------
+
+
+def upper_logged(log: Path):
+    def upper(s):
+        with open(log, "a") as fh:
+            fh.write(f"{s}\n")
+        return s.upper()
+
+    return upper
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_inserted_removed_reordered_edited_and_repeated_inputs_get_their_own_outputs(
+    tmp_path, kind
+):
+    log = tmp_path / "computed.txt"
+    journal = tmp_path / "run.db"
+    pool = ThreadPool(2) if kind == "thread" else ProcessPool(2)
+    with pool:
+        pipe = Pipeline("fruit", pool=pool)
+        pipe.add(upper_logged(log), name="upper")
+        runs = [
+            ["apple", "banana", "cherry"],
+            ["avocado", "apple", "banana", "cherry"],  # inserted at the top
+            ["apple", "cherry"],  # removed
+            ["cherry", "avocado", "banana", "apple"],  # reordered
+            ["cherry", "avocado", "BANANA!", "apple"],  # edited
+            ["apple", "apple", "cherry", "apple"],  # repeated
+        ]
+        for items in runs:
+            assert list(pipe.map(items, journal=journal)) == [s.upper() for s in items]
+        assert pipe.last_report is not None and pipe.last_report.skipped == 2
+    computed = Counter(log.read_text().split())
+    # each distinct (value, occurrence) computed once over all runs
+    assert computed == {"apple": 3, "banana": 1, "cherry": 1, "avocado": 1, "BANANA!": 1}
+
+
+def test_a_journal_written_with_key_and_read_without_it_never_mixes_outputs(tmp_path):
+    journal = tmp_path / "run.db"
+    pipe = Pipeline("k", pool=ThreadPool(2))
+    pipe.add(lambda x: x * 3, name="triple")
+    assert list(pipe.map(range(20), journal=journal, key=lambda x: x)) == [x * 3 for x in range(20)]
+    shuffled = [7, 3, 19, 0, 12, 5]
+    assert list(pipe.map(shuffled, journal=journal)) == [x * 3 for x in shuffled]
+    assert list(pipe.map(shuffled[::-1], journal=journal, key=lambda x: x)) == [
+        x * 3 for x in shuffled[::-1]
+    ]
+    assert pipe.last_report is not None and pipe.last_report.skipped == len(shuffled)
+
+
+def test_duplicate_keys_are_refused_naming_the_key_before_any_output_is_used(tmp_path):
+    journal = tmp_path / "run.db"
+    pipe = Pipeline("dup", pool=ThreadPool(2))
+    pipe.add(lambda x: x * 10, name="work")
+    assert list(pipe.map(range(7), journal=journal, key=lambda x: x % 7)) == [
+        x * 10 for x in range(7)
+    ]
+    with pytest.raises(JournalError, match=r"key 0 is given to more than one input item"):
+        list(pipe.map(range(15), journal=journal, key=lambda x: x % 7))
+    delivered = []
+    with pytest.raises(JournalError, match="key 3"):
+        for v in pipe.map([3, 10], journal=journal, key=lambda x: x % 7):
+            delivered.append(v)
+    assert 100 not in delivered and 30 not in delivered  # item 10 never got item 3's output
+
+
+# -- code identity and the per-node cache ------------------------------------------------------
+
+
+def _logger(log: Path, name: str):
+    def note(x):
+        with open(log, "a") as fh:
+            fh.write(f"{name} {x}\n")
+
+    return note
+
+
+def _calls(log: Path) -> Counter:
+    if not log.exists():
+        return Counter()
+    return Counter(line.split()[0] for line in log.read_text().splitlines())
+
+
+def _three(log: Path, *, clean=None, score=None, summary=None, score_args=(), pool=None):
+    note_clean, note_score, note_sum = (_logger(log, n) for n in ("clean", "score", "summary"))
+
+    def clean_v1(x):
+        note_clean(x)
+        return x + 1
+
+    def score_v1(x, weight=2):
+        note_score(x)
+        return x * weight
+
+    def summary_v1(x):
+        note_sum(x)
+        return f"{x}"
+
+    pipe = Pipeline("three", pool=pool or ThreadPool(2))
+    a = pipe.add(clean or clean_v1, name="clean", cache=True)
+    b = pipe.add(score or score_v1, after=a, name="score", cache=True, args=score_args)
+    pipe.add(summary or summary_v1, after=b, name="summary")
+    return pipe, (note_clean, note_score, note_sum)
+
+
+def test_a_changed_node_is_recomputed_with_its_descendants_and_cached_upstream_is_reused(
+    tmp_path, caplog
+):
+    log = tmp_path / "calls.txt"
+    journal = tmp_path / "run.db"
+    items = list(range(30))
+    pipe, (note_clean, note_score, note_sum) = _three(log)
+    assert list(pipe.map(items, journal=journal)) == [str((x + 1) * 2) for x in items]
+    assert _calls(log) == {"clean": 30, "score": 30, "summary": 30}
+
+    # 1. the last node's body changes: only it runs again
+    def summary(x):
+        note_sum(x)
+        return f"<{x}>"
+
+    log.unlink()
+    pipe, _ = _three(log, summary=summary)
+    with caplog.at_level("WARNING", logger="papy"):
+        assert list(pipe.map(items, journal=journal)) == [f"<{(x + 1) * 2}>" for x in items]
+    assert _calls(log) == {"summary": 30}
+    assert "node 'summary': function body changed" in caplog.text
+    assert pipe.last_report is not None
+    assert pipe.last_report.changed == {"summary": "function body changed"}
+    assert "node 'summary': function body changed" in pipe.last_report.table()
+
+    # 2. a default changes in the middle: that node and below
+    def score_v1(x, weight=3):
+        note_score(x)
+        return x * weight
+
+    log.unlink()
+    pipe, _ = _three(log, score=score_v1, summary=summary)
+    assert list(pipe.map(items, journal=journal)) == [f"<{(x + 1) * 3}>" for x in items]
+    assert _calls(log) == {"score": 30, "summary": 30}
+    assert pipe.last_report is not None
+    assert pipe.last_report.changed == {
+        "score": "defaults changed",
+        "summary": "upstream node 'score' changed",
+    }
+
+    # 3. args change: the same
+    log.unlink()
+    pipe, _ = _three(log, score=score_v1, summary=summary, score_args=(5,))
+    assert list(pipe.map(items, journal=journal)) == [f"<{(x + 1) * 5}>" for x in items]
+    assert _calls(log) == {"score": 30, "summary": 30}
+    assert pipe.last_report is not None and pipe.last_report.changed["score"] == "args changed"
+
+    # 4. a closure value of the first node changes: everything
+    def make_clean(step):
+        def clean_v1(x):
+            note_clean(x)
+            return x + step
+
+        return clean_v1
+
+    log.unlink()
+    pipe, _ = _three(log, clean=make_clean(1), score=score_v1, summary=summary, score_args=(5,))
+    list(pipe.map(items, journal=journal))
+    log.unlink()
+    pipe, _ = _three(log, clean=make_clean(2), score=score_v1, summary=summary, score_args=(5,))
+    assert list(pipe.map(items, journal=journal)) == [f"<{(x + 2) * 5}>" for x in items]
+    assert _calls(log) == {"clean": 30, "score": 30, "summary": 30}
+    assert pipe.last_report is not None
+    assert pipe.last_report.changed["clean"] == "closure values changed"
+
+    # 5. new input items: only they run, through every node
+    log.unlink()
+    pipe, _ = _three(log, clean=make_clean(2), score=score_v1, summary=summary, score_args=(5,))
+    more = items + list(range(100, 110))
+    assert list(pipe.map(more, journal=journal)) == [f"<{(x + 2) * 5}>" for x in more]
+    assert _calls(log) == {"clean": 10, "score": 10, "summary": 10}
+
+
+def test_the_cache_works_in_worker_processes_and_across_fused_nodes(tmp_path):
+    log = tmp_path / "calls.txt"
+    journal = tmp_path / "run.db"
+    with ProcessPool(2) as pool:
+        pipe, _ = _three(log, pool=pool)
+        assert list(pipe.map(range(50), journal=journal)) == [str((x + 1) * 2) for x in range(50)]
+
+        def summary(x):
+            return f"={x}"
+
+        log.unlink()
+        pipe, _ = _three(log, summary=summary, pool=pool)
+        assert list(pipe.map(range(50), journal=journal)) == [f"={(x + 1) * 2}" for x in range(50)]
+    assert _calls(log) == {}  # clean and score came from the journal
+
+
+# -- one writer, one file, errors about the place --------------------------------------------
+
+_SLOW = textwrap.dedent(
+    """
+    import sys, time
+    from papy import Pipeline, ThreadPool
+
+    delivered, journal, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def sink(x):
+        time.sleep(0.002)
+        with open(delivered, "a") as fh:
+            fh.write(f"{x}\\n")
+        return x
+
+    if __name__ == "__main__":
+        pipe = Pipeline("slow", pool=ThreadPool(2))
+        pipe.add(sink, name="sink", batch=8)
+        print("STARTED", flush=True)
+        report = pipe.run(range(n), journal=journal, progress=False)
+        print("SKIPPED", report.skipped, flush=True)
+    """
+)
+
+
+def test_a_second_run_on_a_journal_in_use_is_refused_at_once_naming_the_first(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW)
+    delivered, journal = tmp_path / "delivered", tmp_path / "run.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), str(delivered), str(journal), "1500"]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (delivered.exists() and delivered.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0
+    assert "JournalError" in second.stderr
+    assert f"in use by another run (pid {first.pid} on host" in second.stderr
+    assert time.monotonic() - t0 < 30  # at once, not after the first run
+    assert first.wait(timeout=120) == 0
+    lines = delivered.read_text().split()
+    assert sorted(map(int, lines)) == list(range(1500))  # nobody saw an item twice
+    # the same process cannot run twice on one journal either
+    pipe = Pipeline("again", pool=ThreadPool(1))
+    pipe.add(abs, name="sink")
+    it = pipe.map([1, 2, 3], journal=journal)
+    next(it)
+    with pytest.raises(JournalError, match="in use by another run"):
+        list(pipe.map([1], journal=journal))
+    it.close()
+    assert list(pipe.map([1, 2, 3], journal=journal)) == [1, 2, 3]
+
+
+def test_two_runs_started_at_once_on_a_new_journal_never_both_run(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW)
+    delivered, journal = tmp_path / "delivered", tmp_path / "run.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), str(delivered), str(journal), "300"]
+    procs = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    ok = [r for r in results if r[0] == 0]
+    refused = [r for r in results if r[0] != 0]
+    assert ok, results
+    for _, _, err in refused:
+        assert "in use by another run (pid" in err, err  # never a false "different pipeline"
+    counts = Counter(delivered.read_text().split())
+    assert set(counts) == {str(i) for i in range(300)}
+    assert set(counts.values()) == {1}
+
+
+def test_a_finished_journal_is_one_self_contained_file(tmp_path):
+    journal = tmp_path / "run.db"
+    pipe = Pipeline("one", pool=ThreadPool(2))
+    pipe.add(lambda x: x + 1, name="inc")
+    assert list(pipe.map(range(500), journal=journal)) == list(range(1, 501))
+    assert not Path(f"{journal}-wal").exists() or Path(f"{journal}-wal").stat().st_size == 0
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    (elsewhere / "run.db").write_bytes(journal.read_bytes())  # the file alone
+    assert list(pipe.map(range(500), journal=elsewhere / "run.db")) == list(range(1, 501))
+    assert pipe.last_report is not None and pipe.last_report.skipped == 500
+
+
+def test_a_journal_removed_or_replaced_during_the_run_stops_it(tmp_path):
+    journal = tmp_path / "run.db"
+
+    def remove_at_50(x):
+        if x == 50:
+            journal.unlink()
+        time.sleep(0.005)
+        return x
+
+    pipe = Pipeline("gone", pool=ThreadPool(2))
+    pipe.add(remove_at_50, name="work", batch=4)
+    with pytest.raises(JournalError, match="was removed during the run"):
+        list(pipe.map(range(400), journal=journal))
+
+    other = tmp_path / "other.db"
+
+    def replace_at_50(x):
+        if x == 50:
+            other.write_bytes(b"")
+            os.replace(other, journal)
+        time.sleep(0.005)
+        return x
+
+    pipe = Pipeline("replaced", pool=ThreadPool(2))
+    pipe.add(replace_at_50, name="work", batch=4)
+    journal.unlink(missing_ok=True)
+    with pytest.raises(JournalError, match="was replaced by another file"):
+        list(pipe.map(range(400), journal=journal))
+
+
+def test_journal_in_a_missing_directory_names_the_cause(tmp_path):
+    pipe = Pipeline("p", pool=ThreadPool(1))
+    pipe.add(abs)
+    with pytest.raises(JournalError, match="directory .*nowhere does not exist"):
+        list(pipe.map([1], journal=tmp_path / "nowhere" / "run.db"))
+
+
+# -- papy journal ----------------------------------------------------------------------------
+
+
+def test_papy_journal_show_failures_and_forget(tmp_path):
+    from click.testing import CliRunner
+
+    from papy.cli import main
+
+    log = tmp_path / "calls.txt"
+    journal = tmp_path / "run.db"
+    note = _logger(log, "score")
+
+    def score(x):
+        note(x)
+        if x == 4:
+            raise ValueError("four is not allowed")
+        return x * 2
+
+    def build():
+        pipe = Pipeline("cli", pool=ThreadPool(2))
+        a = pipe.add(lambda x: x + 1, name="clean", cache=True)
+        b = pipe.add(score, after=a, name="score", cache=True)
+        pipe.add(str, after=b, name="summary")
+        return pipe
+
+    list(build().map(range(10), journal=journal, errors="skip"))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["journal", "show", str(journal)])
+    assert shown.exit_code == 0, shown.output
+    lines = {line.split()[0]: line.split() for line in shown.output.splitlines() if line}
+    assert "pipeline" in lines and lines["pipeline"][1] == "cli"
+    assert lines["clean"][2:5] == ["cached", "10", "0"]
+    assert lines["score"][2:5] == ["cached", "9", "1"]
+    assert lines["summary"][2:5] == ["terminal", "9", "1"]
+    as_json = runner.invoke(main, ["journal", "show", "--json", str(journal)])
+    import json
+
+    info = json.loads(as_json.output)
+    assert info["size"] == journal.stat().st_size
+    assert all(len(n["fingerprint"]) == 40 and n["bytes"] > 0 for n in info["nodes"])
+
+    failed = runner.invoke(main, ["journal", "failures", str(journal)])
+    assert failed.exit_code == 0
+    assert "score" in failed.output and "ValueError: four is not allowed" in failed.output
+
+    forgot = runner.invoke(main, ["journal", "forget", str(journal), "--node", "score"])
+    assert forgot.exit_code == 0, forgot.output
+    assert "'score', 'summary'" in forgot.output
+    log.unlink()
+    assert list(build().map(range(10), journal=journal, errors="skip")) == [
+        str((x + 1) * 2) for x in range(10) if x != 3
+    ]
+    assert Counter(log.read_text().split()[1::2]) == Counter(str(x + 1) for x in range(10))
+
+    bad = runner.invoke(main, ["journal", "forget", str(journal), "--node", "nope"])
+    assert bad.exit_code == 1 and "no node 'nope'" in bad.output
+    missing = runner.invoke(main, ["journal", "show", str(tmp_path / "none.db")])
+    assert missing.exit_code == 1 and "no journal at" in missing.output
+
+
+def test_cached_nodes_below_a_scatter_are_reused_when_the_gather_changes(tmp_path):
+    log = tmp_path / "calls.txt"
+    journal = tmp_path / "run.db"
+    note_split, note_work = _logger(log, "split"), _logger(log, "work")
+
+    def split(x):
+        note_split(x)
+        return range(x % 5 + 1)
+
+    def work(s):
+        note_work(s)
+        return s * 10
+
+    def total_v1(xs):
+        return sum(xs)
+
+    def total_v2(xs):
+        return sum(xs) + 1
+
+    def build(total, pool):
+        pipe = Pipeline("sg", pool=pool)
+        a = pipe.add(split, scatter=True, cache=True)
+        b = pipe.add(work, after=a, cache=True)
+        pipe.add(total, after=b, gather=True, name="total")
+        return pipe
+
+    expected = [sum(s * 10 for s in range(x % 5 + 1)) for x in range(20)]
+    with ProcessPool(2) as pool:
+        assert list(build(total_v1, pool).map(range(20), journal=journal)) == expected
+        assert _calls(log) == {"split": 20, "work": sum(x % 5 + 1 for x in range(20))}
+        log.unlink()
+        assert list(build(total_v2, pool).map(range(20), journal=journal)) == [
+            e + 1 for e in expected
+        ]
+    assert _calls(log) == {}

@@ -111,3 +111,36 @@ def test_stdin_template_and_function():
     assert upper("hey") == "HEY!\n"
     count = shell(["wc", "-c"], stdin=lambda item: b"x" * item)
     assert count(5).strip() == "5"
+
+
+def test_ok_codes_accept_grep_no_match(tmp_path):
+    pipe = Pipeline("grep", pool=ThreadPool(2))
+    pipe.add(shell(["grep", "-c", "x"], stdin="item", ok_codes=(0, 1)), name="count")
+    assert [int(v) for v in pipe.map(["axb\nx\n", "none\n"])] == [2, 0]
+    # Without it, grep's 1 is an error; 2 (a real grep error) still is one with ok_codes.
+    strict = Pipeline("strict", pool=ThreadPool(2))
+    strict.add(shell(["grep", "-c", "x"], stdin="item"), name="count")
+    (f,) = strict.map(["none\n"], errors="yield")
+    assert isinstance(f, Failure) and f.exception.returncode == 1
+    bad = Pipeline("bad", pool=ThreadPool(2))
+    bad.add(shell(["grep", "-c", "x", str(tmp_path / "missing")], ok_codes=(0, 1)), name="g")
+    (f,) = bad.map([1], errors="yield")
+    assert isinstance(f, Failure) and f.exception.returncode == 2
+    with pytest.raises(ValueError, match="ok_codes"):
+        shell(["true"], ok_codes=())
+
+
+def test_shell_error_carries_the_end_of_stdout_too():
+    script = "for i in $(seq 1 50); do echo out-$i; done; echo err-last >&2; exit 4"
+    pipe = Pipeline("sh", pool=ThreadPool(2))
+    pipe.add(shell(["sh", "-c", script], stderr_lines=5), name="loud")
+    (f,) = pipe.map([0], errors="yield")
+    exc = f.exception
+    assert isinstance(exc, ShellError) and exc.returncode == 4
+    assert exc.stderr_tail == "err-last"
+    assert exc.stdout_tail.splitlines() == [f"out-{i}" for i in range(46, 51)]
+    assert "out-50" in str(exc) and "out-45" not in str(exc) and "err-last" in str(exc)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(exc))
+    assert again.stdout_tail == exc.stdout_tail and str(again) == str(exc)

@@ -21,6 +21,7 @@ A worker:
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import pickle
@@ -72,6 +73,43 @@ def _resolve(namespace: dict[str, Any], qualname: str) -> Any:
     return obj
 
 
+_GUARDED: bool | None = None
+
+
+def main_is_guarded() -> bool:
+    """Tell whether workers may import the driver's ``__main__`` file.
+
+    ``forkserver`` and ``spawn`` workers import the driver's script (as ``__mp_main__``)
+    before they start, which runs its top-level code again. A script that keeps its work
+    under ``if __name__ == "__main__":`` is safe to import, and its functions then share one
+    module namespace in the worker. A script without that guard would start its pipeline
+    again inside every worker, so its workers do not import it, and its functions travel
+    by value instead (each with a copy of the globals it uses), as in a REPL.
+    """
+    global _GUARDED
+    if _GUARDED is None:
+        _GUARDED = _has_main_guard(getattr(sys.modules.get("__main__"), "__file__", None))
+    return _GUARDED
+
+
+def _has_main_guard(path: str | None) -> bool:
+    if not path or not path.endswith(".py"):
+        return True  # no file to import (REPL, notebook, ``python -c``): nothing re-runs
+    try:
+        with open(path, "rb") as fh:
+            tree = ast.parse(fh.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            names = [node.test.left, *node.test.comparators]
+            if any(isinstance(n, ast.Name) and n.id == "__name__" for n in names) and any(
+                isinstance(n, ast.Constant) and n.value == "__main__" for n in names
+            ):
+                return True
+    return False
+
+
 def file_home(obj: Any) -> tuple[str, str, str] | None:
     """Return ``(path, module name, qualname)`` when ``obj`` should travel by its file.
 
@@ -87,6 +125,8 @@ def file_home(obj: Any) -> tuple[str, str, str] | None:
     module = sys.modules.get(mod_name)
     if module is not None and mod_name != "__main__" and not isinstance(module, _FileModule):
         return None
+    if mod_name == "__main__" and not main_is_guarded():
+        return None  # workers do not import an unguarded script: travel by value
     if isinstance(obj, types.FunctionType):
         namespace = obj.__globals__
     elif module is not None:

@@ -41,6 +41,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing as mp
+import multiprocessing.spawn as mp_spawn
 import multiprocessing.util  # its exit handler must be registered before ours
 import os
 import pickle
@@ -77,6 +78,28 @@ _PRELOAD = ["papy.pools._worker", "cloudpickle"]
 #: node functions a worker (and the driver, pickled) keeps at most; older ones are dropped
 #: and sent again if still needed, so a long-lived pool serving many runs stays small
 _SPEC_CACHE = 32
+
+
+def _prepare_without_unguarded_main(get: Callable[[str], dict[str, Any]]) -> Any:
+    """Wrap multiprocessing's preparation data so workers skip an unguarded ``__main__``.
+
+    See :func:`papy.pools._worker.main_is_guarded`: only processes named ``papy-worker``
+    and only when the driver's script has no ``if __name__ == "__main__":`` block.
+    """
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data = get(name)
+        if name == "papy-worker" and not _worker.main_is_guarded():
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data.__wrapped__ = get  # type: ignore[attr-defined]
+    return get_preparation_data
+
+
+if not hasattr(mp_spawn.get_preparation_data, "__wrapped__"):
+    mp_spawn.get_preparation_data = _prepare_without_unguarded_main(mp_spawn.get_preparation_data)
 
 
 def _default_start_method() -> str:
@@ -655,9 +678,9 @@ class _State:
                     f"ProcessPool workers exit before they can start "
                     f"({_describe_exit(code).replace(' while running this item', '')}, "
                     f"{self.start_failures} times in a row); see the worker's stderr. With "
-                    f"the {self.ctx.get_start_method()!r} start method a worker imports the "
-                    "main script first: put its top-level code under "
-                    "'if __name__ == \"__main__\":'"
+                    f"the {self.ctx.get_start_method()!r} start method a worker first "
+                    "imports the main script (one with an 'if __name__ == \"__main__\":' "
+                    "block): its top-level code must run without error there"
                 )
             )
             return

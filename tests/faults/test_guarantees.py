@@ -428,7 +428,8 @@ def test_open_files_do_not_grow_over_many_runs_on_one_pool():
             pipe.add(lambda x: x + 1)
             list(pipe.map(range(10)))
         after = (me.num_fds(), me.num_threads())
-    assert after == before
+    # Threads left behind by earlier tests (abandoned on purpose) may end meanwhile.
+    assert after[0] <= before[0] and after[1] <= before[1], (before, after)
     assert os.getpid() == me.pid
 
 
