@@ -399,7 +399,7 @@ def test_programs_that_stop_after_one_result_exit_promptly(tmp_path):
                     proc.communicate()
                     slow.append(how)
                     continue
-                assert proc.returncode == (3 if how == "raise" else 0), err
+                assert proc.returncode == (3 if how == "raise" else 0), err.decode(errors="replace")
             procs = []
     assert slow == []
 
