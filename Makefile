@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak system clean fuzz
+.PHONY: demo test lint typecheck pytest bench soak system slurm clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ system:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz chromium >/dev/null; \
 	    else echo "install graphviz and chromium (needs root)"; fi; }
 
+# A single-host SLURM for tests/integration/test_slurm.py (its fixture configures and
+# starts munged, slurmctld and slurmd, and stops them; nothing runs outside the tests).
+slurm:
+	@command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then apt-get update -qq && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	    else echo "SLURM tests skipped: installing slurm-wlm and munge needs root and apt"; fi; }
+
 demo: $(STAMP)
 	$(BIN)/papy demo
 
@@ -31,7 +39,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) system
+pytest: $(STAMP) system slurm
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

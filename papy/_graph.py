@@ -147,6 +147,13 @@ def scatter_stacks(order: Sequence[Node]) -> dict[str, tuple[str, ...]]:
                     f"node {n.name!r} has gather=True but no scatter node upstream "
                     "of it; add scatter=True to an upstream node or drop gather=True"
                 )
+            if len(n.parents) > 1:
+                raise GraphError(
+                    f"node {n.name!r} has gather=True and {len(n.parents)} parents "
+                    f"({', '.join(repr(p.name) for p in n.parents)}); a gather takes one "
+                    "parent: join the sub-items first (a node after all of them), then "
+                    "gather that node's outputs"
+                )
             stack = stack[:-1]
         if n.scatter:
             stack = (*stack, n.name)

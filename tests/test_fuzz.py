@@ -87,11 +87,9 @@ ALL_FAULTS = frozenset(
         "on_error",  # a node with on_error="raise" fails: the run stops with RunAborted
     }
 )
-#: fault kinds the engine is expected to handle today; the others are not generated (and
-#: explicit examples using them are skipped) until the engine handles them.
-#: "crash_batched" is out: when a batched=True call kills its worker, its innocent
-#: batch-mates fail with papy.WorkerCrashed too, instead of completing.
-ENABLED_FAULTS = frozenset(ALL_FAULTS - {"crash_batched"})
+#: fault kinds the engine is expected to handle today; a kind left out is not generated
+#: (and explicit examples using it are skipped) until the engine handles it.
+ENABLED_FAULTS = frozenset(ALL_FAULTS)
 if os.environ.get("PAPY_FUZZ_FAULTS") == "all":
     ENABLED_FAULTS = ALL_FAULTS
 elif os.environ.get("PAPY_FUZZ_FAULTS"):

@@ -166,3 +166,15 @@ def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="errors must be"):
         pipe.add(inc)
         pipe.map([1], errors="ignore")  # type: ignore[arg-type]
+
+
+def test_a_gather_with_two_parents_is_refused_before_any_work():
+    from papy import GraphError, InlinePool, Pipeline
+
+    pipe = Pipeline("gather2", pool=InlinePool())
+    s = pipe.add(lambda x: [x, x + 1], scatter=True, name="split")
+    a = pipe.add(lambda v: 10 * v, after=s, name="a")
+    b = pipe.add(lambda v: -v, after=s, name="b")
+    pipe.add(lambda xs, ys: (xs, ys), after=[a, b], gather=True, name="both")
+    with pytest.raises(GraphError, match="'both' has gather=True and 2 parents"):
+        pipe.map([1, 5])

@@ -370,10 +370,14 @@ if __name__ == "__main__":
 _EXIT_MODES = ["return", "raise", "gc", "break", "imap"]
 
 
+_EXIT_PROGRAMS = int(os.environ.get("PAPY_EXIT_PROGRAMS", "10"))  # make soak: 200
+
+
+@pytest.mark.timeout(120 + 5 * _EXIT_PROGRAMS)
 def test_programs_that_stop_after_one_result_exit_promptly(tmp_path):
     script = tmp_path / "early.py"
     script.write_text(_EARLY_EXIT)
-    n = int(os.environ.get("PAPY_EXIT_PROGRAMS", "10"))
+    n = _EXIT_PROGRAMS
     slow = []
     procs = []
     for i in range(n):
@@ -395,7 +399,7 @@ def test_programs_that_stop_after_one_result_exit_promptly(tmp_path):
                     proc.communicate()
                     slow.append(how)
                     continue
-                assert proc.returncode == (3 if how == "raise" else 0), err
+                assert proc.returncode == (3 if how == "raise" else 0), err.decode(errors="replace")
             procs = []
     assert slow == []
 
@@ -629,3 +633,16 @@ def test_a_user_file_behaves_the_same_as_script_module_and_papy_run(tmp_path):
     got = [line for line in as_papy.stdout.split()]
     assert got == [str(x * x + 100) for x in range(10) if x != 7], as_papy.stderr
     assert "LookupFailed: 7: seven is not allowed" in as_papy.stderr
+
+
+def test_a_timeout_in_a_resumed_journaled_run_fails_only_the_late_item(tmp_path):
+    journal = str(tmp_path / "run.db")
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("resumed", pool=pool)
+        pipe.add(slow_on({7}, 60.0), name="slow", timeout=0.5, batch=10)
+        assert list(pipe.map(range(5), journal=journal)) == list(range(5))
+        # Items 0-4 come from the journal; 5-9 run, and item 7 is late.
+        out = list(pipe.map(range(10), journal=journal, errors="yield"))
+    good, bad = _split(out)
+    assert good == [x for x in range(10) if x != 7]
+    assert [(f.item, f.exc_type) for f in bad] == [(7, "TimeoutError")]

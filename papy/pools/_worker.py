@@ -406,6 +406,12 @@ def _watch_driver(driver_pid: int) -> None:
                 break
             except OSError:
                 pass
+    # A journaled task commits its outputs before the worker goes (30 s at most): the
+    # journal then holds exactly what was done when the driver died.
+    deadline = time.monotonic() + 30
+    while critical.depth and time.monotonic() < deadline:
+        type(critical).deferred = True
+        time.sleep(0.02)
     _exit_group(70)
 
 

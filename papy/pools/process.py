@@ -656,6 +656,12 @@ class _State:
             replace = not self.closed and self.broken is None
             if replace and self.start_failures >= _START_FAILURES:
                 replace = False
+        if replace and unborn:
+            # Back off before starting another worker that may die the same way (the
+            # failures in a row are bounded: the pool gives up after a few).
+            time.sleep(0.1 * 2 ** (self.start_failures - 1))
+        with self.lock:
+            replace = replace and not self.closed
             if replace:
                 self.pool.append(self.spawn())
                 self.restarts += 1
@@ -672,9 +678,9 @@ class _State:
                     f"ProcessPool workers exit before they can start "
                     f"({_describe_exit(code).replace(' while running this item', '')}, "
                     f"{self.start_failures} times in a row); see the worker's stderr. With "
-                    f"the {self.ctx.get_start_method()!r} start method a worker imports the "
-                    "main script first: put its top-level code under "
-                    "'if __name__ == \"__main__\":'"
+                    f"the {self.ctx.get_start_method()!r} start method a worker first "
+                    "imports the main script (one with an 'if __name__ == \"__main__\":' "
+                    "block): its top-level code must run without error there"
                 )
             )
             return
@@ -728,6 +734,19 @@ class _State:
         if where is not None and where[1] < n:
             s, i, c = where
             c = min(c, n - i)
+            if c > 1:
+                # A batched call of c items died: one of them is the culprit, but which is
+                # unknown. Halve the call (its batch-mates outside it re-run as they are)
+                # until the call holds one item, which is then confirmed as usual.
+                half = c // 2
+                parts = []
+                if i > 0:
+                    parts.append((task.slice(0, i), 0, False))
+                parts.append((task.slice(i, i + half), 0, True))
+                parts.append((task.slice(i + half, i + c), 0, True))
+                if i + c < n:
+                    parts.append((task.slice(i + c, n), 0, False))
+                return _parts(job, parts)
             if c >= n:
                 if crashes >= 2:
                     job.done(_fail_in(task, WorkerCrashed(_describe_exit(code), code), s, crashes))

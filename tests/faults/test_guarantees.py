@@ -443,3 +443,19 @@ def test_a_thread_pool_with_no_count_grows_for_waiting_work():
         pipe.add(sleepy, kwargs={"slow": frozenset(), "seconds": 0.0})
         assert list(pipe.map(range(600))) == list(range(600))
         assert pool.workers > start
+
+
+def _batched_exit_on_zero(items: list[int]) -> list[int]:
+    if 0 in items:
+        os._exit(13)
+    return [x * 10 for x in items]
+
+
+def test_a_batched_call_that_kills_its_worker_blames_only_the_culprit():
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("batched-crash", pool=pool)
+        pipe.add(_batched_exit_on_zero, name="f", batch=8, batched=True)
+        out = list(pipe.map(range(8), errors="yield"))
+    failures = _failures(out)
+    assert [(f.item, f.exc_type) for f in failures] == [(0, "papy.WorkerCrashed")]
+    assert [o for o in out if type(o) is not Failure] == [x * 10 for x in range(1, 8)]

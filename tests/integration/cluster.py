@@ -46,18 +46,37 @@ class Cluster:
                 p.wait(timeout=5)
 
 
-def _env() -> dict[str, str]:
+def _env(foreign: bool = False) -> dict[str, str]:
+    """Return the environment of cluster processes.
+
+    ``foreign`` processes see only the installed packages (PaPy, Dask): no PYTHONPATH, so
+    they can import nothing of the tests, like workers on another machine.
+    """
     root = Path(__file__).resolve().parents[2]
-    return {
+    env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
         "DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s",
         "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s",
     }
+    if foreign:
+        del env["PYTHONPATH"]
+    return env
 
 
-def start_scheduler(tmp: Path, host: str = "127.0.0.1", prefix: list[str] | None = None) -> Cluster:
-    """Start ``dask scheduler`` on a random port; return once it accepts connections."""
+def start_scheduler(
+    tmp: Path,
+    host: str = "127.0.0.1",
+    prefix: list[str] | None = None,
+    *,
+    foreign: bool = False,
+    extra: list[str] | None = None,
+) -> Cluster:
+    """Start ``dask scheduler`` on a random port; return once it accepts connections.
+
+    ``foreign`` runs it in ``tmp`` without the tests on its path; ``extra`` are more
+    options (TLS, ``--protocol``).
+    """
     sched_file = tmp / "scheduler.json"
     log = open(tmp / "scheduler.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -71,10 +90,12 @@ def start_scheduler(tmp: Path, host: str = "127.0.0.1", prefix: list[str] | None
             "--no-dashboard",
             "--scheduler-file",
             str(sched_file),
+            *(extra or []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=_env(),
+        env=_env(foreign),
+        cwd=tmp if foreign else None,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -98,8 +119,14 @@ def start_worker(
     host: str = "127.0.0.1",
     resources: str | None = None,
     prefix: list[str] | None = None,
+    foreign: bool = False,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """Start one ``dask worker`` (one thread) under a nanny; wait until it registered."""
+    """Start one ``dask worker`` (one thread) under a nanny.
+
+    ``foreign`` workers run in a directory of their own without the tests on their path.
+    """
     assert cluster.logs is not None
     log = open(cluster.logs / f"{name}.log", "wb")  # noqa: SIM115
     argv = [
@@ -120,13 +147,28 @@ def start_worker(
     ]
     if resources:
         argv += ["--resources", resources]
-    cluster.workers.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env()))
+    argv += extra or []
+    cwd = None
+    if foreign:
+        cwd = cluster.logs / f"{name}-cwd"
+        cwd.mkdir(exist_ok=True)
+    cluster.workers.append(
+        subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**_env(foreign), **(env or {})},
+            cwd=cwd,
+        )
+    )
 
 
-def wait_for_workers(cluster: Cluster, n: int, timeout: float = 60) -> None:
+def wait_for_workers(
+    cluster: Cluster, n: int, timeout: float = 60, security: object = None
+) -> None:
     from distributed import Client
 
-    with Client(cluster.address, timeout=30, set_as_default=False) as client:
+    with Client(cluster.address, timeout=30, set_as_default=False, security=security) as client:
         client.wait_for_workers(n, timeout=timeout)
 
 
@@ -193,3 +235,102 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
             subprocess.run(["ip", "link", "del", f"v-{n}"], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+@dataclass
+class Certificates:
+    """A test CA and one certificate it signed, as PEM files (for TLS on 127.0.0.1)."""
+
+    ca_file: Path
+    cert: Path
+    key: Path
+
+    def options(self) -> list[str]:
+        """Return the ``dask scheduler``/``dask worker`` options that use them."""
+        return [
+            "--tls-ca-file",
+            str(self.ca_file),
+            "--tls-cert",
+            str(self.cert),
+            "--tls-key",
+            str(self.key),
+        ]
+
+
+def make_certificates(where: Path, name: str = "papy-test") -> Certificates:
+    """Generate a CA and a certificate for 127.0.0.1/localhost signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = Certificates(where / "ca.pem", where / f"{name}.pem", where / f"{name}.key")
+    out.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    out.key.chmod(0o600)
+    return out
