@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak system slurm clean
+.PHONY: demo test lint typecheck pytest bench soak system slurm clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,14 @@ soak: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# The differential fuzzer for a long run: randomized examples in rounds of
+# PAPY_FUZZ_EXAMPLES for FUZZ_MINUTES; a counterexample stops it and is kept in .hypothesis/.
+FUZZ_MINUTES ?= 20
+fuzz: $(STAMP)
+	@end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 60 )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+	  round=$$((round + 1)); echo "fuzz round $$round"; \
+	  PAPY_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -x -q -p no:cacheprovider \
+	    --hypothesis-show-statistics || exit 1; \
+	done

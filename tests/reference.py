@@ -1,0 +1,260 @@
+"""Node functions for the differential fuzzer, and the reference evaluator it trusts.
+
+A fuzzed graph is plain data (see ``tests/test_fuzz.py``). Every node runs the same kind of
+function: :func:`node_fn` (or :func:`batched_fn` for ``batched=True`` nodes), a module-level
+function made specific by ``functools.partial`` with the node's parameters, so it pickles
+by reference and behaves the same in the driver, a thread or a worker process.
+
+What a node does with an input is decided by :func:`plan`, a pure function of the node's
+parameters and its arguments: either an output value or a fault. The worker-side functions
+*act* the fault out (raise, sleep past the node's timeout, kill the worker process); the
+reference evaluator only reads the decision, so it can run in the test process without
+crashing it. The reference is a plain serial evaluation of the graph, one input position
+at a time, written from the documented semantics, not from PaPy's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+#: a node's ``timeout=`` in the fuzzed graphs (seconds), and how long a slow item sleeps:
+#: far enough past the limit that a late detection cannot pass for an item on time
+TIMEOUT_S = 0.5
+SLOW_S = 3.0
+
+
+class FuzzError(Exception):
+    """A user-defined exception raised by a fuzzed node."""
+
+
+class FuzzInputError(Exception):
+    """Raised by a fuzzed input iterator part-way, like a reader hitting a bad record."""
+
+
+#: raising fault kinds and the exception class each raises
+RAISES: dict[str, type[BaseException]] = {
+    "ValueError": ValueError,
+    "FuzzError": FuzzError,
+    "StopIteration": StopIteration,
+    "SystemExit": SystemExit,
+    "GeneratorExit": GeneratorExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+}
+
+
+def type_name(cls: type) -> str:
+    """Return the name a Failure must give for an exception class (module-qualified)."""
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def exc_type_of(fault: str) -> str:
+    """Return the ``Failure.exc_type`` a fault kind must produce."""
+    if fault in RAISES:
+        return type_name(RAISES[fault])
+    return {
+        "timeout": "TimeoutError",
+        "crash": "papy.WorkerCrashed",
+        "crash_batched": "papy.WorkerCrashed",
+        "short": "ValueError",  # a batched node returned fewer results than items
+    }[fault]
+
+
+def digest(obj: Any) -> int:
+    """Return a hash of ``repr(obj)`` that is the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "big")
+
+
+def shape(tag: str, d: int) -> Any:
+    """Return an output value of some kind picked by ``d``: None, unhashable ones included."""
+    k = d % 6
+    if k == 0:
+        return None
+    if k == 1:
+        return d % 5  # small ints: many duplicates
+    if k == 2:
+        return [tag, d % 7]
+    if k == 3:
+        return {"n": tag, "d": d % 7}
+    if k == 4:
+        return (tag, d % 11)
+    return f"{tag}:{d % 13}"
+
+
+@dataclass(frozen=True)
+class Params:
+    """What a node function needs to know: its name, scatter sizes, and its fault."""
+
+    name: str
+    scatter: tuple[int, ...] | None = None
+    #: (kind, modulus, residue): the item faults when its digest % modulus == residue
+    fault: tuple[str, int, int] | None = None
+
+
+def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
+    """Decide what node ``p`` does with ``args``: ``(fault kind or None, output)``."""
+    d = digest((p.name, args))
+    fault = None
+    if p.fault is not None:
+        kind, mod, res = p.fault
+        if d % mod == res:
+            fault = kind
+    if p.scatter is not None:
+        n = p.scatter[(d // 7) % len(p.scatter)]
+        out: Any = [shape(p.name, digest((d, i))) for i in range(n)]
+    else:
+        out = shape(p.name, d)
+    return fault, out
+
+
+def _act(p: Params, fault: str) -> None:
+    """Carry out a fault in the worker: raise, hang past the timeout, or kill the process."""
+    if fault in RAISES:
+        raise RAISES[fault](f"fault injected in {p.name}")
+    if fault in ("crash", "crash_batched"):
+        os._exit(13)
+    if fault == "timeout":
+        time.sleep(SLOW_S)
+        return
+    raise AssertionError(f"fault {fault!r} cannot be acted by a one-item node")
+
+
+def node_fn(p: Params, *args: Any) -> Any:
+    """Run a fuzzed node on one item (one argument per parent; a gather gets its list)."""
+    fault, out = plan(p, args)
+    if fault is not None:
+        _act(p, fault)
+    return out
+
+
+def batched_fn(p: Params, items: list[Any]) -> list[Any]:
+    """Run a fuzzed ``batched=True`` node on a list of items; one output per item.
+
+    If any item of the batch is faulty, the whole call misbehaves the way that fault says
+    ("short" returns the batch's outputs without the faulty items' ones).
+    """
+    plans = [plan(p, (x,)) for x in items]
+    faults = [f for f, _ in plans if f is not None]
+    if not faults:
+        return [out for _, out in plans]
+    if faults[0] == "short":
+        return [out for f, out in plans if f is None]
+    _act(p, faults[0])
+    return [out for _, out in plans]
+
+
+# -- the reference evaluator ----------------------------------------------------------------
+
+
+class Fail(NamedTuple):
+    """An expected Failure: the node that failed, the item's key, the exception's name."""
+
+    node: str
+    item: Any
+    exc_type: str
+
+
+@dataclass
+class Expected:
+    """What a run of a fuzzed graph must produce over the input items it read."""
+
+    #: per input position, the output node's outputs (values or Fail) in key order
+    outputs: list[list[Any]] = field(default_factory=list)
+    #: per node name: items that reached it (Failures passing through included)
+    items_in: dict[str, int] = field(default_factory=dict)
+    #: per node name: items whose Failure names this node
+    failed: dict[str, int] = field(default_factory=dict)
+
+
+def papy_key(k: tuple[int, ...]) -> Any:
+    """Return the key PaPy shows for a reference key: the position alone at the top level."""
+    return k[0] if len(k) == 1 else k
+
+
+def node_params(i: int, node: dict[str, Any]) -> Params:
+    """Return the parameters of node ``i`` of a graph description."""
+    scatter = node.get("scatter")
+    fault = node.get("fault")
+    return Params(
+        name=f"n{i}",
+        scatter=tuple(scatter) if scatter is not None else None,
+        fault=(fault[0], fault[1], fault[2]) if fault is not None else None,
+    )
+
+
+def evaluate(graph: dict[str, Any], inputs: Sequence[Any]) -> Expected:
+    """Evaluate ``graph`` over ``inputs`` serially, the plain way, and say what must come out.
+
+    Keys are tuples here: ``(position,)`` plus one index per scatter level. For each
+    position the nodes are evaluated in order (parents come first in a description), each
+    into a dict key -> value or Fail, kept in key order.
+    """
+    nodes = graph["nodes"]
+    params = [node_params(i, n) for i, n in enumerate(nodes)]
+    exp = Expected()
+    for i in range(len(nodes)):
+        exp.items_in[f"n{i}"] = 0
+        exp.failed[f"n{i}"] = 0
+    for pos, x in enumerate(inputs):
+        outs: list[dict[tuple[int, ...], Any]] = []
+        ins: list[dict[tuple[int, ...], Any]] = []  # each node's input keys -> argument tuple
+        for i, node in enumerate(nodes):
+            after = node["after"]
+            inp: dict[tuple[int, ...], Any] = {}
+            if not after:
+                inp[(pos,)] = (x,)
+            elif node.get("gather"):
+                par = after[0]
+                closes = scatter_of(nodes, par)  # the scatter whose sub-items are gathered
+                for k in ins[closes]:  # the keys that scatter was given
+                    subs = [v for sk, v in outs[par].items() if sk[:-1] == k]
+                    bad = next((v for v in subs if isinstance(v, Fail)), None)
+                    inp[k] = bad if bad is not None else (subs,)
+            else:
+                for k in outs[after[0]]:
+                    vals = [outs[a][k] for a in after]
+                    bad = next((v for v in vals if isinstance(v, Fail)), None)
+                    inp[k] = bad if bad is not None else tuple(vals)
+            ins.append(inp)
+            out: dict[tuple[int, ...], Any] = {}
+            p = params[i]
+            for k, args in inp.items():
+                exp.items_in[p.name] += 1
+                if isinstance(args, Fail):
+                    result: Any = args
+                else:
+                    fault, value = plan(p, args)
+                    if fault is not None:
+                        result = Fail(p.name, papy_key(k), exc_type_of(fault))
+                        exp.failed[p.name] += 1
+                    else:
+                        result = value
+                if p.scatter is None:
+                    out[k] = result
+                elif isinstance(result, Fail):
+                    out[(*k, 0)] = result  # a failed item has no sub-items: it stands for them
+                else:
+                    for j, sub in enumerate(result):
+                        out[(*k, j)] = sub
+            outs.append(out)
+        exp.outputs.append(list(outs[graph["output"]].values()))
+    return exp
+
+
+def scatter_of(nodes: list[dict[str, Any]], i: int) -> int:
+    """Return the index of the nearest open scatter above node ``i``'s outputs."""
+    stack: list[list[int]] = []
+    for j, n in enumerate(nodes):
+        s = list(stack[n["after"][0]]) if n["after"] else []
+        if n.get("gather"):
+            s.pop()
+        if n.get("scatter") is not None:
+            s.append(j)
+        stack.append(s)
+    return stack[i][-1]

@@ -1,0 +1,622 @@
+"""A differential fuzzer: random pipelines, pools and faults, checked against a reference.
+
+Hypothesis generates a graph description (plain data, so a counterexample can be pasted
+back as an ``@example``), builds the pipeline from it on real pools (inline, threads,
+processes, shared between nodes or not) with real faults, and compares what PaPy delivers
+with a serial, recursive evaluation of the same graph in ``tests/reference.py``.
+
+The contract checked, for every graph, pool and setting:
+
+- An item's key is its input position, plus one index per scatter level.
+- Every output of the requested node is delivered exactly once: ``map(errors="yield")``
+  gives the same values and Failures as the reference, in input order (or as a multiset
+  when the output node has ``ordered=False``); nothing is missing or extra.
+- A node function that raises anything on its item, ``StopIteration``, ``SystemExit``,
+  ``GeneratorExit`` and ``KeyboardInterrupt`` included, makes that item a ``Failure``
+  whose ``exc_type`` is the real class name (``'StopIteration'``, ``'SystemExit'``, a
+  user class as ``'module.Name'``); an item that kills its worker process every time is a
+  ``'papy.WorkerCrashed'`` Failure and its batch-mates complete (in a ``batched=True``
+  call too); an item that runs past its node's ``timeout=`` is a
+  ``'TimeoutError'`` Failure, and no item within the limit fails. A ``batched=True`` node
+  that returns fewer results than items fails the items it left out (``'ValueError'``),
+  not the others.
+- A Failure is named after the first node that failed on the item (its ``node``) and the
+  key the item had there (its ``item``). It travels downstream: nodes below skip it; a
+  join meeting one produces the Failure of its first parent (in ``after`` order) that
+  failed; a gather meeting one produces the first failed sub-item's (in scatter order); a
+  scatter given one produces just that Failure, in place of its sub-items.
+- ``run()`` reports, per node, every item that reached it (Failures passing through
+  included) and, as ``failed``, the items whose Failure names that node.
+- When the input iterator raises part-way, every output of the items read before the
+  error is delivered (to ``map()``'s caller and to ``run()``'s sinks), then the input's
+  own exception is raised.
+- A node with ``on_error="raise"`` that fails on an item stops the run with ``RunAborted``
+  carrying a Failure of such a node (crashes and timeouts included), from ``map()`` and
+  ``run()`` alike.
+- A node with ``timeout=`` on an ``InlinePool`` (the caller's thread cannot be
+  interrupted) is refused with ``GraphError`` naming the node, before any input is read.
+- When the pools are closed, no child process is left (multiprocessing's own forkserver
+  and resource tracker, one of each per interpreter, are not a pool's).
+
+Fault kinds the engine does not handle yet are left out of ``ENABLED_FAULTS``; set
+``PAPY_FUZZ_FAULTS=all`` (or a comma-separated list) to fuzz them anyway.
+``PAPY_FUZZ_EXAMPLES`` sets the number of examples. ``PAPY_FUZZ_PROFILE=fuzz`` selects the long,
+randomized profile that ``make fuzz`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+import reference
+from hypothesis import HealthCheck, assume, event, example, given, note, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from reference import TIMEOUT_S, Fail, FuzzInputError
+
+from papy import (
+    Failure,
+    GraphError,
+    InlinePool,
+    Pipeline,
+    Pool,
+    ProcessPool,
+    RunAborted,
+    ThreadPool,
+)
+
+#: every fault kind the fuzzer knows: raised by a node, acted by a node, or by the input
+ALL_FAULTS = frozenset(
+    {
+        *reference.RAISES,
+        "crash",  # os._exit in a ProcessPool node
+        "crash_batched",  # os._exit in a batched=True ProcessPool node (any bad item)
+        "timeout",  # an item sleeps past its node's timeout= (thread and process pools)
+        "short",  # a batched=True node returns fewer results than items
+        "input_error",  # the input iterator raises part-way
+        "inline_timeout",  # timeout= on an InlinePool node must be a GraphError
+        "on_error",  # a node with on_error="raise" fails: the run stops with RunAborted
+    }
+)
+#: fault kinds the engine is expected to handle today; a kind left out is not generated
+#: (and explicit examples using it are skipped) until the engine handles it.
+ENABLED_FAULTS = frozenset(ALL_FAULTS)
+if os.environ.get("PAPY_FUZZ_FAULTS") == "all":
+    ENABLED_FAULTS = ALL_FAULTS
+elif os.environ.get("PAPY_FUZZ_FAULTS"):
+    ENABLED_FAULTS = frozenset(os.environ["PAPY_FUZZ_FAULTS"].split(","))
+
+HANG_S = 60  # an example that takes longer than this is a hang (a failure), not slowness
+MAX_FAN = 60  # at most this many sub-items per input item below nested scatters
+
+settings.register_profile(
+    "papy-ci",
+    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "250")),
+    deadline=None,
+    derandomize=True,  # the same examples on every run: CI is reproducible
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+settings.register_profile(
+    "papy-fuzz",
+    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+PROFILE = "papy-fuzz" if os.environ.get("PAPY_FUZZ_PROFILE") == "fuzz" else "papy-ci"
+
+POOL_KINDS = [("inline", 1), ("thread", 1), ("thread", 3), ("process", 1), ("process", 2)]
+
+
+# -- generating graphs ----------------------------------------------------------------------
+
+values = st.recursive(
+    st.none() | st.integers(-2, 3) | st.text(alphabet="ab", max_size=2),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text("ab", max_size=2), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@st.composite
+def graphs(draw: st.DrawFn) -> dict[str, Any]:
+    """Draw a graph description: pools, nodes (parents before children), inputs, output."""
+    pools: list[list[Any]] = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind, workers = draw(st.sampled_from(POOL_KINDS))
+        if kind == "process" and sum(k == "process" for k, _ in pools) >= 2:
+            kind, workers = "thread", 2  # two process pools at most: keep examples cheap
+        pools.append([kind, workers])
+    nodes: list[dict[str, Any]] = []
+    stacks: list[tuple[int, ...]] = []  # per node: the scatters its outputs are sub-items of
+    fans: list[int] = []  # per node: the most sub-items per input item at its outputs
+    for i in range(draw(st.integers(1, 7))):
+        how = "source" if i == 0 else draw(st.sampled_from(["source", "chain", "chain", "join"]))
+        after: list[int] = []
+        if how == "chain":
+            after = [draw(st.integers(0, i - 1))]  # any earlier node: forks and skip edges
+        elif how == "join":
+            first = draw(st.integers(0, i - 1))
+            mates = [j for j in range(i) if j != first and stacks[j] == stacks[first]]
+            after = [first]
+            if mates:
+                after += draw(st.lists(st.sampled_from(mates), min_size=1, max_size=2, unique=True))
+        stack = stacks[after[0]] if after else ()
+        fan = fans[after[0]] if after else 1
+        gather = len(after) == 1 and bool(stack) and draw(st.integers(0, 2)) == 0
+        if gather:
+            stack = stack[:-1]
+            fan = 1 if not stack else fan  # an upper bound is enough
+        scatter = None
+        if len(stack) < 3 and draw(st.booleans()):
+            sizes = [s for s in (0, 1, 2, 3, 5, 40) if fan * s <= MAX_FAN]
+            scatter = draw(st.lists(st.sampled_from(sizes), min_size=1, max_size=3))
+            stack = (*stack, i)
+            fan *= max(scatter)
+        batched = len(after) <= 1 and draw(st.integers(0, 3)) == 0
+        pool = draw(st.none() | st.integers(0, len(pools) - 1))
+        kind = pools[pool if pool is not None else 0][0]
+        timeout_ok = (
+            not batched
+            and "timeout" in ENABLED_FAULTS
+            and (kind != "inline" or "inline_timeout" in ENABLED_FAULTS)
+        )
+        kinds = sorted(k for k in reference.RAISES if k in ENABLED_FAULTS)
+        crash = "crash_batched" if batched else "crash"
+        if kind == "process" and crash in ENABLED_FAULTS:
+            kinds.append(crash)
+        if batched and "short" in ENABLED_FAULTS:
+            kinds.append("short")
+        if timeout_ok and not stack and kind != "inline" and "timeout" in ENABLED_FAULTS:
+            kinds.append("timeout")  # top level only: each slow item costs about a second
+        fault = None
+        if kinds and draw(st.booleans()):
+            f = draw(st.sampled_from(kinds))
+            mod = draw(st.integers(2, 6))
+            fault = [f, mod, draw(st.integers(0, mod - 1))]
+        timeout = timeout_ok and (
+            (fault is not None and fault[0] == "timeout") or draw(st.integers(0, 9)) == 0
+        )
+        nodes.append(
+            {
+                "after": after,
+                "scatter": scatter,
+                "gather": gather,
+                "batched": batched,
+                "pool": pool,
+                "batch": draw(st.none() | st.integers(1, 4)),
+                "ordered": draw(st.booleans()),
+                "timeout": timeout,
+                "fault": fault,
+                "on_error": (
+                    fault is not None
+                    and "on_error" in ENABLED_FAULTS
+                    and draw(st.integers(0, 5)) == 0
+                ),
+            }
+        )
+        stacks.append(stack)
+        fans.append(fan)
+    inputs = draw(st.lists(values, min_size=1, max_size=8))
+    input_error_at = None
+    if "input_error" in ENABLED_FAULTS:
+        input_error_at = draw(st.none() | st.integers(0, len(inputs)))
+    return {
+        "pools": pools,
+        "buffer": draw(st.none() | st.integers(1, 6)),
+        "nodes": nodes,
+        "output": draw(st.integers(0, len(nodes) - 1)),
+        "inputs": inputs,
+        "input_error_at": input_error_at,
+    }
+
+
+NODE_DEFAULTS: dict[str, Any] = {
+    "after": [],
+    "scatter": None,
+    "gather": False,
+    "batched": False,
+    "pool": None,
+    "batch": None,
+    "ordered": True,
+    "timeout": False,
+    "fault": None,
+    "on_error": False,
+}
+GRAPH_DEFAULTS: dict[str, Any] = {"buffer": None, "output": -1, "input_error_at": None}
+
+
+def complete(graph: dict[str, Any]) -> dict[str, Any]:
+    """Fill in what a hand-written description leaves out (output -1: the last node)."""
+    g = {**GRAPH_DEFAULTS, **graph}
+    g["nodes"] = [{**NODE_DEFAULTS, **n} for n in graph["nodes"]]
+    if g["output"] < 0:
+        g["output"] += len(g["nodes"])
+    return g
+
+
+def faults_used(graph: dict[str, Any]) -> set[str]:
+    """Return the fault kinds a graph description uses."""
+    used = {n["fault"][0] for n in graph["nodes"] if n["fault"] is not None}
+    if any(n["timeout"] for n in graph["nodes"]):
+        used.add("timeout")
+        if any(n["timeout"] and pool_kind(graph, n) == "inline" for n in graph["nodes"]):
+            used.add("inline_timeout")
+    if graph["input_error_at"] is not None:
+        used.add("input_error")
+    if any(n["on_error"] for n in graph["nodes"]):
+        used.add("on_error")
+    return used
+
+
+def graph_features(graph: dict[str, Any]) -> list[str]:
+    """Name the shapes a description has, for Hypothesis' statistics (coverage at a glance)."""
+    nodes = graph["nodes"]
+    depth = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        d = depth[n["after"][0]] if n["after"] else 0
+        d -= 1 if n["gather"] else 0
+        d += 1 if n["scatter"] is not None else 0
+        depth[i] = d
+    found = {
+        "several sources": sum(not n["after"] for n in nodes) > 1,
+        "join": any(len(n["after"]) > 1 for n in nodes),
+        "gather": any(n["gather"] for n in nodes),
+        "empty scatter": any(n["scatter"] and 0 in n["scatter"] for n in nodes),
+        "large scatter": any(n["scatter"] and max(n["scatter"]) >= 40 for n in nodes),
+        "scatter nested 3 deep": max(depth, default=0) >= 3,
+        "batched": any(n["batched"] for n in nodes),
+        "unordered output": not nodes[graph["output"]]["ordered"],
+        "pool shared by nodes": len({pool_kind_index(n) for n in nodes}) < len(nodes),
+        "several pools": len({pool_kind_index(n) for n in nodes}) > 1,
+    }
+    return [name for name, present in found.items() if present]
+
+
+def pool_kind_index(node: dict[str, Any]) -> int:
+    """Return the index of the pool a node runs on (the pipeline's, pool 0, by default)."""
+    return int(node["pool"]) if node["pool"] is not None else 0
+
+
+def pool_kind(graph: dict[str, Any], node: dict[str, Any]) -> str:
+    """Return the kind of pool a node of a description runs on."""
+    return str(graph["pools"][node["pool"] if node["pool"] is not None else 0][0])
+
+
+# -- building and running -------------------------------------------------------------------
+
+
+def make_pool(kind: str, workers: int) -> Pool:
+    if kind == "inline":
+        return InlinePool()
+    if kind == "thread":
+        return ThreadPool(workers)
+    return ProcessPool(workers)
+
+
+def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
+    """Build the pipeline a description says, nodes named n0, n1, ... on the given pools."""
+    pipe = Pipeline("fuzz", pool=pools[0], buffer=graph["buffer"])
+    for i, node in enumerate(graph["nodes"]):
+        params = reference.node_params(i, node)
+        fn = reference.batched_fn if node["batched"] else reference.node_fn
+        pipe.add(
+            functools.partial(fn, params),
+            name=params.name,
+            after=[f"n{a}" for a in node["after"]] or None,
+            pool=pools[node["pool"]] if node["pool"] is not None else None,
+            batch=node["batch"],
+            ordered=node["ordered"],
+            scatter=node["scatter"] is not None,
+            gather=node["gather"],
+            batched=node["batched"],
+            timeout=TIMEOUT_S if node["timeout"] else None,
+            on_error="raise" if node["on_error"] else "continue",
+        )
+    return pipe
+
+
+class Hang(Exception):
+    """An example ran longer than HANG_S: the run hangs."""
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int) -> Iterator[None]:
+    def fire(signum: int, frame: Any) -> None:
+        raise Hang(f"the run did not finish within {seconds} s")
+
+    # pytest-timeout may have an alarm of its own running: put it back afterwards.
+    previous = signal.signal(signal.SIGALRM, fire)
+    outer = signal.alarm(seconds)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.alarm(max(1, outer - round(time.monotonic() - started)))
+
+
+class Source:
+    """The input iterator: yields the inputs, then raises if the description says so."""
+
+    def __init__(self, inputs: list[Any], error_at: int | None) -> None:
+        self.inputs = inputs
+        self.error_at = error_at
+        self.read = 0  # items handed out so far
+
+    def __iter__(self) -> Iterator[Any]:
+        stop = len(self.inputs) if self.error_at is None else self.error_at
+        for x in self.inputs[:stop]:
+            self.read += 1
+            yield x
+        if self.error_at is not None:
+            raise FuzzInputError(f"bad record at position {self.error_at}")
+
+
+def canon(v: Any) -> str:
+    """Return a comparable text for an output: a value's repr, or a Failure's identity."""
+    if isinstance(v, Failure):
+        return repr(("FAILURE", v.node, v.item, v.exc_type))
+    if isinstance(v, Fail):
+        return repr(("FAILURE", v.node, v.item, v.exc_type))
+    return repr(("VALUE", v))
+
+
+def compare_outputs(got: list[Any], want: list[Any], ordered: bool) -> None:
+    g, w = [canon(v) for v in got], [canon(v) for v in want]
+    if ordered and g == w:
+        return
+    if not ordered and Counter(g) == Counter(w):
+        return
+    missing = list((Counter(w) - Counter(g)).elements())
+    extra = list((Counter(g) - Counter(w)).elements())
+    raise AssertionError(
+        f"map() outputs differ from the reference ({'ordered' if ordered else 'unordered'}):\n"
+        f"  missing: {missing}\n  extra:   {extra}\n  got:  {g}\n  want: {w}"
+    )
+
+
+def compare_report(report: Any, want: reference.Expected, read: int, what: str) -> None:
+    assert report is not None, f"{what}: no report"
+    assert report.items == read, f"{what}: report.items {report.items}, read {read}"
+    got_in = {name: n.items_in for name, n in report.nodes.items()}
+    got_failed = {name: n.failed for name, n in report.nodes.items()}
+    assert got_in == want.items_in, f"{what}: items_in {got_in} != reference {want.items_in}"
+    assert got_failed == want.failed, f"{what}: failed {got_failed} != reference {want.failed}"
+
+
+#: multiprocessing's own helpers: one forkserver and one resource tracker per interpreter,
+#: started on first use, shared by every pool and gone when the interpreter exits
+_MP_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
+def worker_children() -> list[psutil.Process]:
+    """Return this process's live children (zombies included: they were not reaped).
+
+    multiprocessing's forkserver and resource tracker are left out: they belong to the
+    interpreter, not to a pool, and do not accumulate (at most one of each is allowed).
+    """
+    found = []
+    helpers: dict[str, int] = dict.fromkeys(_MP_HELPERS, 0)
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if not c.is_running():
+                continue
+            cmd = " ".join(c.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        helper = next((h for h in _MP_HELPERS if h in cmd), None)
+        if helper is not None and c.ppid() == os.getpid():
+            helpers[helper] += 1
+            assert helpers[helper] == 1, f"more than one {helper} process: {cmd}"
+            continue
+        found.append(c)
+    return found
+
+
+def check(graph: dict[str, Any]) -> None:
+    """Run the graph with map() and run() and compare both with the reference."""
+    graph = complete(graph)
+    used = faults_used(graph)
+    in_test = currently_in_test_context()  # False when a script calls check() directly
+    if in_test:
+        assume(used <= ENABLED_FAULTS)
+        for kind in sorted(used) or ["none"]:
+            event(f"fault {kind}")
+        for kind in sorted({k for k, _ in graph["pools"]}):
+            event(f"pool {kind}")
+        for feature in graph_features(graph):
+            event(feature)
+    nodes = graph["nodes"]
+    out_name = f"n{graph['output']}"
+    error_at = graph["input_error_at"]
+    inputs = graph["inputs"]
+    read = len(inputs) if error_at is None else error_at
+    want = reference.evaluate(graph, inputs[:read])
+    want_outputs = [v for per_position in want.outputs for v in per_position]
+    refused = [
+        f"n{i}" for i, n in enumerate(nodes) if n["timeout"] and pool_kind(graph, n) == "inline"
+    ]
+    # on_error="raise" nodes that fail on some item: the run must stop with RunAborted
+    aborting = {f"n{i}" for i, n in enumerate(nodes) if n["on_error"] and want.failed[f"n{i}"]}
+    if in_test:
+        for i, n in enumerate(nodes):
+            if want.failed[f"n{i}"]:
+                event(f"items fail with {n['fault'][0]}")
+        note(f"expected outputs: {[canon(v) for v in want_outputs]}")
+    before = {c.pid for c in worker_children()}
+    pools = [make_pool(kind, workers) for kind, workers in graph["pools"]]
+    with contextlib.ExitStack() as stack:
+        for p in pools:
+            stack.enter_context(p)
+        stack.enter_context(hang_guard(HANG_S))
+        pipe = build(graph, pools)
+
+        if refused:
+            for run in (
+                lambda src: list(pipe.map(src, output=out_name, errors="yield")),
+                lambda src: pipe.run(src),
+            ):
+                src = Source(inputs, error_at)
+                with pytest.raises(GraphError) as info:
+                    run(src)
+                assert src.read == 0, "input was read before the graph was refused"
+                assert any(name in str(info.value) for name in refused), info.value
+        elif aborting:
+            # Which failure stops the run first depends on timing; that one does, and the
+            # run stops (an input error may come first when the input raises too).
+            expected: tuple[type[BaseException], ...] = (RunAborted,)
+            if error_at is not None:
+                expected = (RunAborted, FuzzInputError)
+            for run in (
+                lambda src: list(pipe.map(src, output=out_name, errors="yield")),
+                lambda src: pipe.run(src),
+            ):
+                with pytest.raises(expected) as stopped:
+                    run(Source(inputs, error_at))
+                if isinstance(stopped.value, RunAborted):
+                    assert stopped.value.failure.node in aborting, stopped.value
+        else:
+            exercise(pipe, graph, want)
+
+    deadline = time.monotonic() + 10
+    while True:
+        left = [c for c in worker_children() if c.pid not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"child processes left after the pools closed: {left}"
+
+
+def exercise(pipe: Pipeline, graph: dict[str, Any], want: reference.Expected) -> None:
+    """Run ``pipe`` with map() and run() and compare both with the reference's ``want``."""
+    out_node = graph["nodes"][graph["output"]]
+    out_name = f"n{graph['output']}"
+    error_at = graph["input_error_at"]
+    inputs = graph["inputs"]
+    read = len(inputs) if error_at is None else error_at
+    want_outputs = [v for per_position in want.outputs for v in per_position]
+    # map(): every output and Failure, then the input's own error if it has one.
+    src = Source(inputs, error_at)
+    outputs = pipe.map(src, output=out_name, errors="yield")
+    got: list[Any] = []
+    with contextlib.ExitStack() as guard:
+        if error_at is not None:
+            guard.enter_context(pytest.raises(FuzzInputError))
+        for v in outputs:
+            got.append(v)
+    assert src.read == read
+    compare_outputs(got, want_outputs, out_node["ordered"])
+    compare_report(outputs.report, want, read, "map()")
+
+    # run(): every item reaches every node it should, with the same failures.
+    src = Source(inputs, error_at)
+    if error_at is None:
+        report = pipe.run(src)
+    else:
+        with pytest.raises(FuzzInputError):
+            pipe.run(src)
+        report = pipe.last_report
+    compare_report(report, want, read, "run()")
+
+
+# Counterexamples the fuzzer found, kept as regressions (see each comment for what was wrong).
+REGRESSIONS: list[dict[str, Any]] = [
+    # A worker crash inside a batch of 2: the crashed item was missing from the node's
+    # report (1 in / 0 failed for 2 in / 1 failed).
+    {
+        "pools": [["process", 1]],
+        "nodes": [{"batch": 2, "fault": ["crash", 3, 1]}],
+        "inputs": [0, 1],
+    },
+    {
+        "pools": [["process", 1]],
+        "nodes": [
+            {"scatter": [0], "batched": True, "batch": 2, "fault": ["crash_batched", 2, 0]},
+            {"batched": True},
+        ],
+        "output": 0,
+        "inputs": [None, []],
+    },
+    # A batched=True call that kills its worker (item 0 is bad): the innocent batch-mate
+    # failed with papy.WorkerCrashed too, instead of completing.
+    {
+        "pools": [["process", 1]],
+        "nodes": [{"batched": True, "batch": 2, "fault": ["crash_batched", 3, 1]}],
+        "inputs": [0, 1],
+    },
+    # A crash in the second node of a fused chain: the Failure named the first node.
+    {
+        "pools": [["process", 1]],
+        "nodes": [{}, {"after": [0], "fault": ["crash", 2, 0]}],
+        "inputs": [1, 2, 3],
+    },
+    # A crash in the first node of a fused chain: the node after it did not count the item
+    # (report "in" 2 for 3), though the Failure passed through it.
+    {
+        "pools": [["process", 1]],
+        "nodes": [{"fault": ["crash", 2, 1]}, {"after": [0]}],
+        "inputs": [1, 2, 3],
+    },
+    # timeout= on an InlinePool node ran (and read the input) instead of a GraphError.
+    {"pools": [["inline", 1]], "nodes": [{"timeout": True}], "inputs": [1]},
+    {
+        "pools": [["inline", 1]],
+        "nodes": [{"scatter": [0], "timeout": True}, {"scatter": [0], "batched": True}],
+        "output": 0,
+        "inputs": [],
+        "input_error_at": 0,
+    },
+    # An input that raises part-way: the outputs of the items read before it were lost.
+    {"pools": [["process", 2]], "nodes": [{}], "inputs": [1, 2, 3], "input_error_at": 2},
+    {
+        "pools": [["inline", 1]],
+        "nodes": [{"scatter": [0], "batched": True, "fault": ["FuzzError", 2, 0]}],
+        "inputs": [None],
+        "input_error_at": 1,
+    },
+    # A slow item in a batch of 2 on threads: its fast batch-mate failed with TimeoutError
+    # too (the whole batch was timed, not each item).
+    {
+        "pools": [["thread", 1]],
+        "nodes": [{"batch": 2, "timeout": True, "fault": ["timeout", 2, 0]}],
+        "inputs": [1, 2, 3],
+    },
+    {
+        "pools": [["process", 1]],
+        "nodes": [{"batch": 2, "timeout": True, "fault": ["timeout", 2, 0]}],
+        "inputs": [1, 2, 3],
+    },
+]
+
+
+def with_regressions(test: Any) -> Any:
+    """Decorate ``test`` with one explicit ``@example`` per kept counterexample."""
+    for graph in reversed(REGRESSIONS):
+        test = example(graph=graph)(test)
+    return test
+
+
+# A whole round may take minutes (and shrinking a counterexample more); a hang is caught
+# per example by hang_guard instead.
+@pytest.mark.timeout(0 if PROFILE == "papy-fuzz" else 900)
+@settings(settings.get_profile(PROFILE))
+@with_regressions
+@given(graph=graphs())
+def test_fuzz_pipelines_match_the_reference(graph: dict[str, Any]) -> None:
+    """Random graphs, pools and faults give exactly what the reference evaluator says."""
+    check(graph)
