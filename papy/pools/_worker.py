@@ -365,11 +365,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _exit_group(code: int) -> None:
-    """Exit at once, taking along every process the node functions started."""
+    """Exit at once, taking along every process the node functions started.
+
+    Called from the driver-watching thread too, where ``signal.signal`` is not allowed:
+    then this process may get the polite SIGTERM as well, which ends it just the same.
+    """
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(os.getpid(), signal.SIGTERM)  # children first, politely...
-    except OSError:
+    except (OSError, ValueError):
         pass
     try:
         os.killpg(os.getpid(), signal.SIGKILL)  # ...then for sure (this process included)
