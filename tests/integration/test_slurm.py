@@ -109,8 +109,16 @@ def test_mixed_pipeline_on_slurm_equals_all_local(slurm, tmp_path):
     assert slurm.settle() == []
 
 
+@pytest.mark.timeout(300)
 def test_scancel_mid_run_loses_and_duplicates_nothing(slurm, tmp_path):
-    cluster = _cluster(tmp_path)
+    import dask
+    import distributed  # noqa: F401  (its configuration defaults must be loaded first)
+
+    # A cancelled job's worker does not always say goodbye: the scheduler then notices it
+    # by its missed heartbeats (worker-ttl, 5 minutes by default; 20 s here), and only
+    # then re-runs its tasks elsewhere.
+    with dask.config.set({"distributed.scheduler.worker-ttl": "20s"}):
+        cluster = _cluster(tmp_path)
     cluster.scale(jobs=2)
     with DaskPool(cluster) as remote:
         remote.own_cluster = True
