@@ -7,6 +7,7 @@ created can be read.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import pwd
@@ -21,9 +22,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import unavailable
 
 from papy import JournalError, Pipeline, ThreadPool, shell
 from papy._errors import PapyError
@@ -201,9 +204,17 @@ def test_the_html_report_escapes_pipeline_node_and_item_text(tmp_path):
 
 # -- two users on one machine ---------------------------------------------------------------
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="creating two local users to test file privacy needs root"
-)
+
+def needs_root(test: Any) -> Any:
+    """Run ``test`` only as root (it creates local users); in CI it must run."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.geteuid() != 0:
+            unavailable("creating two local users to test file privacy needs root")
+        return test(*args, **kwargs)
+
+    return wrapper
 
 
 def _useradd(name: str) -> pwd.struct_passwd:
@@ -218,7 +229,7 @@ def _useradd(name: str) -> pwd.struct_passwd:
 @pytest.fixture
 def two_users() -> Iterator[tuple[pwd.struct_passwd, pwd.struct_passwd]]:
     if not shutil.which("useradd"):
-        pytest.skip("useradd is not installed")
+        unavailable("useradd is not installed")
     tag = uuid.uuid4().hex[:6]
     names = [f"papy_a{tag}", f"papy_b{tag}"]
     made = []
@@ -245,7 +256,7 @@ def shared_python(tmp_path_factory) -> Iterator[str]:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     base = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
     if base is None:
-        pytest.skip(f"no system {version} that other users can run")
+        unavailable(f"no system {version} that other users can run")
     where = Path(tempfile.mkdtemp(prefix="papy-venv-"))
     try:
         where.chmod(0o755)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import unavailable
 
 from integration.cluster import Cluster, start_scheduler, start_worker, wait_for_workers
 from papy import Pipeline, PoolError, ThreadPool
@@ -210,7 +211,7 @@ def _build_extension(where: Path) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     include = sysconfig.get_paths()["include"]
     if cc is None or not (Path(include) / "Python.h").exists():
-        pytest.skip("compiling a C extension needs a C compiler and Python's headers")
+        unavailable("compiling a C extension needs a C compiler and Python's headers")
     src = where / "papyfastext.c"
     src.write_text(_EXT_SOURCE)
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
