@@ -477,33 +477,11 @@ def main() -> None:
 )
 @click.option("--no-progress", is_flag=True, help="Do not show live progress.")
 @_cluster_options
-def run(
-    target: str,
-    input_path: str,
-    input_format: str,
-    output_path: str,
-    workers: int | None,
-    dask_address: str | None,
-    report_path: str | None,
-    journal_path: str | None,
-    no_progress: bool,
-    **remote: Any,
-) -> None:
+def run(**options: Any) -> None:
     """Run the pipeline defined in FILE.py over items (NAME: which Pipeline, if several)."""
     with _Signals() as signals:
         try:
-            code = _run(
-                target,
-                input_path,
-                input_format,
-                output_path,
-                workers,
-                dask_address,
-                report_path,
-                journal_path,
-                no_progress,
-                remote,
-            )
+            code = _run(**options)
         except KeyboardInterrupt:
             name = signal.Signals(signals.received).name if signals.received else "SIGINT"
             click.echo(f"interrupted ({name})", err=True)
@@ -521,13 +499,12 @@ def _run(
     report_path: str | None,
     journal_path: str | None,
     no_progress: bool,
-    remote: dict[str, Any] | None = None,
+    **remote: Any,
 ) -> int:
     """Do ``papy run``; return the exit code (0 or 1), raise ClickException for errors.
 
     ``remote`` holds the cluster options (TLS, SLURM/PBS) of :func:`_cluster_options`.
     """
-    remote = remote or {}
     pipe = load_pipeline(target)
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"input file not found: {input_path}")
