@@ -26,7 +26,8 @@ from papy._errors import (
 )
 from papy._imap import imap
 from papy._items import Failure
-from papy._pipeline import Node, Pipeline
+from papy._node import Node
+from papy._pipeline import Pipeline
 from papy._report import NodeReport, Report
 from papy._shell import shell
 from papy.io import dump_item, load_item

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from papy._errors import PapyError
 
 if TYPE_CHECKING:
-    from papy._pipeline import Node, Pipeline
+    from papy._node import Node
+    from papy._pipeline import Pipeline
 
 
 def _pool_label(pipe: Pipeline, n: Node) -> str:

@@ -17,7 +17,7 @@ from papy._errors import CycleError, GraphError
 from papy._task import Stage, StepSpec
 
 if TYPE_CHECKING:
-    from papy._pipeline import Node
+    from papy._node import Node
     from papy.pools._base import Pool
 
 

@@ -61,7 +61,8 @@ from papy._items import Failure
 
 if TYPE_CHECKING:
     from papy._graph import Step
-    from papy._pipeline import Node, Pipeline
+    from papy._node import Node
+    from papy._pipeline import Pipeline
     from papy._report import Report
 
 _FORMAT = "papy-journal"

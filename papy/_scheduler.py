@@ -49,7 +49,8 @@ from papy._task import TaskResult
 from papy.pools._base import Pool, Task
 
 if TYPE_CHECKING:
-    from papy._pipeline import Node, Pipeline
+    from papy._node import Node
+    from papy._pipeline import Pipeline
 
 log = logging.getLogger("papy")
 

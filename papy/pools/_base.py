@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
@@ -192,6 +192,22 @@ class Pool(abc.ABC):
         keep every function it ever ran. The default keeps nothing, so does nothing.
         """
         return None
+
+    def cancel(self, futures: Iterable[Future[TaskResult]]) -> int:
+        """Withdraw the given tasks that have not started; return how many were withdrawn.
+
+        Called by the scheduler when a run stops early (an error, ``RunAborted``, the
+        consumer closing the iterator), so a pool the user owns and keeps does not go on
+        with the dead run's queued work. A withdrawn task's future is cancelled
+        (``future.cancelled()`` is true) and its items are never run; a task already
+        running is left to finish and its future completes as usual. Futures of other
+        pools, or already done, are ignored.
+
+        The default cancels the futures themselves, which is enough for any pool that
+        calls ``future.set_running_or_notify_cancel()`` when a task starts and skips the
+        task when that returns ``False`` (as :mod:`concurrent.futures` executors do).
+        """
+        return sum(1 for f in futures if f.cancel())
 
     def describe(self) -> str:
         """Return the label used in reports and drawings, such as ``processx2``."""
