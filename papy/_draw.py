@@ -16,15 +16,15 @@ from papy._errors import PapyError
 
 if TYPE_CHECKING:
     from papy._node import Node
-    from papy._pipeline import Pipeline
+    from papy._plan import Graph
 
 
-def _pool_label(pipe: Pipeline, n: Node) -> str:
+def _pool_label(pipe: Graph, n: Node) -> str:
     pool = n.pool or pipe.pool
     return pool.describe() if pool is not None else "process (default)"
 
 
-def node_label(pipe: Pipeline, n: Node) -> list[str]:
+def node_label(pipe: Graph, n: Node) -> list[str]:
     """Return the lines that describe a node in a drawing."""
     lines = [n.name, _pool_label(pipe, n), f"batch {n.batch if n.batch else 'auto'}"]
     marks = [
@@ -48,7 +48,7 @@ def _ident(name: str, i: int) -> str:
     return f"n{i}_" + re.sub(r"\W", "_", name)
 
 
-def to_mermaid(pipe: Pipeline) -> str:
+def to_mermaid(pipe: Graph) -> str:
     """Return a Mermaid flowchart of the pipeline (paste into Markdown)."""
     ids = {n.name: _ident(n.name, i) for i, n in enumerate(pipe.nodes)}
     out = ["flowchart TD"]
@@ -66,7 +66,7 @@ def _dot_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def to_dot(pipe: Pipeline, bottleneck: str | None = None) -> str:
+def to_dot(pipe: Graph, bottleneck: str | None = None) -> str:
     """Return the pipeline as a Graphviz DOT digraph.
 
     ``bottleneck`` names a node to mark (red outline and fill, "bottleneck" in its label),
@@ -123,7 +123,7 @@ def render_dot(dot_text: str, fmt: str) -> bytes:
     return proc.stdout
 
 
-def draw(pipe: Pipeline, path: str | Path, fmt: str | None = None) -> Path:
+def draw(pipe: Graph, path: str | Path, fmt: str | None = None) -> Path:
     """Draw the pipeline to ``path``; the format follows the suffix (svg, png, pdf, dot)."""
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".") or "svg").lower()

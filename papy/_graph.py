@@ -1,4 +1,4 @@
-"""Graph algorithms: validation, order, scatter levels and fusion into steps.
+"""Graph algorithms: validation, topological order and scatter levels.
 
 Everything here runs before any item is processed, so a wrong graph fails fast with a
 message in words (which node, what is wrong, what to do).
@@ -7,18 +7,13 @@ message in words (which node, what is wrong, what to do).
 from __future__ import annotations
 
 import inspect
-import itertools
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from papy._errors import CycleError, GraphError
-from papy._task import Stage, StepSpec
 
 if TYPE_CHECKING:
     from papy._node import Node
-    from papy.pools._base import Pool
 
 
 def topological_order(nodes: Sequence[Node]) -> list[Node]:
@@ -165,114 +160,3 @@ def _level(stack: tuple[str, ...]) -> str:
     if not stack:
         return "top-level items"
     return "sub-items of " + " > ".join(repr(s) for s in stack)
-
-
-@dataclass(eq=False)
-class Step:
-    """A chain of fused nodes that runs as one task per batch on one pool."""
-
-    index: int
-    nodes: list[Node]
-    pool: Pool
-    spec: StepSpec
-    parents: list[Step] = field(default_factory=list)
-    #: (child step, slot in the child's head's parents) for every edge leaving the tail
-    children: list[tuple[Step, int]] = field(default_factory=list)
-    in_stack: tuple[str, ...] = ()
-    out_stack: tuple[str, ...] = ()
-
-    @property
-    def head(self) -> Node:
-        return self.nodes[0]
-
-    @property
-    def tail(self) -> Node:
-        return self.nodes[-1]
-
-    @property
-    def name(self) -> str:
-        return "+".join(n.name for n in self.nodes)
-
-    @property
-    def timeout(self) -> float | None:
-        return self.head.timeout
-
-
-_spec_counter = itertools.count()
-
-
-def make_stage(n: Node) -> Stage:
-    """Return what a worker needs to know to run node ``n``."""
-    return Stage(
-        name=n.name,
-        call=n.call,
-        join=len(n.parents) > 1,
-        scatter=n.scatter,
-        batched=n.batched,
-        is_async=n.is_async,
-        retries=n.retries,
-        retry_on=n.retry_on,
-        timeout=n.timeout,
-        concurrency=n.concurrency,
-    )
-
-
-def _fusable(n: Node, c: Node, pools: dict[str, Pool], keep: set[str]) -> bool:
-    pool = pools[n.name]
-    return (
-        pools[c.name] is pool
-        and pool.fuses
-        and len(n.children) == 1
-        and len(c.parents) == 1
-        and not n.scatter
-        and not c.gather
-        and (pool.item_timeouts or (n.timeout is None and c.timeout is None))
-        and c.batch in (None, n.batch)
-        and n.name not in keep
-    )
-
-
-def build_steps(
-    order: Sequence[Node], pools: dict[str, Pool], keep: set[str], run_dir: str | None = None
-) -> list[Step]:
-    """Fuse chains of 1:1 nodes on the same pool into steps, in topological order.
-
-    ``keep`` names nodes whose outputs the driver needs (the requested output), so they
-    end a step.
-    """
-    stacks = scatter_stacks(order)
-    step_of: dict[str, Step] = {}
-    steps: list[Step] = []
-    run_id = uuid.uuid4().hex[:8]
-    for n in order:
-        if n.name in step_of:
-            continue
-        chain = [n]
-        while True:
-            last = chain[-1]
-            if len(last.children) != 1:
-                break
-            c = last.children[0]
-            if not _fusable(last, c, pools, keep):
-                break
-            chain.append(c)
-        spec = StepSpec(f"{run_id}-{next(_spec_counter)}", [make_stage(x) for x in chain], run_dir)
-        head = chain[0]
-        in_stack = stacks[head.parents[0].name] if head.parents else ()
-        step = Step(
-            len(steps),
-            chain,
-            pools[n.name],
-            spec,
-            in_stack=in_stack,
-            out_stack=stacks[chain[-1].name],
-        )
-        steps.append(step)
-        for x in chain:
-            step_of[x.name] = step
-    for step in steps:
-        for slot, p in enumerate(step.head.parents):
-            parent = step_of[p.name]
-            step.parents.append(parent)
-            parent.children.append((step, slot))
-    return steps

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._draw import render_dot, to_dot, to_mermaid
+from papy._observe import Observer, RunView
 from papy._report import UTIL_MEANING
 from papy._rundir import open_private
 
 if TYPE_CHECKING:
-    from papy._pipeline import Pipeline
+    from papy._plan import Graph
     from papy._report import Report
 
 _COLORS = [
@@ -34,7 +35,7 @@ _COLORS = [
 ]
 
 
-def _graph_svg(pipe: Pipeline, bottleneck: str | None = None) -> str:
+def _graph_svg(pipe: Graph, bottleneck: str | None = None) -> str:
     try:
         svg = render_dot(to_dot(pipe, bottleneck), "svg").decode()
     except Exception:
@@ -157,7 +158,7 @@ def failures_html(report: Report) -> str:
     return "".join(parts)
 
 
-def render_html(pipe: Pipeline, report: Report) -> str:
+def render_html(pipe: Graph, report: Report) -> str:
     """Return the whole HTML report as text."""
     rows = []
     for n in report.nodes.values():
@@ -210,7 +211,7 @@ tr.bottleneck td {{ background: #ffe9e9; font-weight: bold; }}
 """
 
 
-def write_html(pipe: Pipeline, report: Report, path: str | Path) -> Path:
+def write_html(pipe: Graph, report: Report, path: str | Path) -> Path:
     """Write the HTML report to ``path``, readable by its owner only (mode 0600).
 
     An existing file is replaced (never written through if it is a symbolic link).
@@ -222,3 +223,15 @@ def write_html(pipe: Pipeline, report: Report, path: str | Path) -> Path:
         fh.write(render_html(pipe, report))
     os.replace(tmp, path)
     return path
+
+
+class HtmlReport(Observer):
+    """Write the run's HTML report to ``path`` when the run ends, however it ends."""
+
+    def __init__(self, graph: Graph, path: str | Path) -> None:
+        self.graph = graph
+        self.path = path
+
+    def finished(self, sched: RunView, error: BaseException | None) -> None:
+        if sched.report is not None:
+            write_html(self.graph, sched.report, self.path)

@@ -14,6 +14,7 @@ out of the hot path.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import linecache
 import pickle
@@ -27,6 +28,28 @@ from typing import Any, TypeAlias
 Key: TypeAlias = int | tuple[int, ...]
 
 _REPR_LIMIT = 200
+
+
+class ItemState(enum.Enum):
+    """The states an input item and its sub-items pass through in a run, in order.
+
+    The scheduler counts items per state (``Scheduler.counts()``); an item can be in
+    several at once only as sub-items of a scatter or copies on parallel branches.
+    """
+
+    #: taken from the input by the reader thread, not yet admitted (counts against the buffer)
+    READ = "read"
+    #: in a step's queue, waiting for a worker of the step's pool
+    WAITING = "waiting"
+    #: inside a task a pool is running (or has queued)
+    RUNNING = "running"
+    #: in a join or gather table, waiting for its other parents or sub-items
+    HELD = "held"
+    #: reached every terminal; in the reorder buffer until its turn to be yielded
+    FINISHED = "finished"
+    #: left the run (yielded, drained by the sinks, or replayed from the journal): its
+    #: buffer slot is free
+    RETIRED = "retired"
 
 
 def position(key: Key) -> int:

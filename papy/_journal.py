@@ -60,7 +60,6 @@ from papy._errors import JournalError
 from papy._items import Failure
 
 if TYPE_CHECKING:
-    from papy._graph import Step
     from papy._node import Node
     from papy._pipeline import Pipeline
     from papy._report import Report
@@ -758,24 +757,29 @@ class Journal:
 
     # -- wiring the run ------------------------------------------------------------------
 
-    def specs(self, steps: Sequence[Step], terminals: dict[str, Node]) -> None:
-        """Give each step that records something (a terminal, a cached node) its spec."""
-        for s in steps:
-            rec = tuple(
-                (i, n.name, self.prints[n.name].fingerprint)
-                for i, n in enumerate(s.nodes)
-                if n.name in terminals or getattr(n, "cache", False)
-            )
-            if rec:
-                s.spec.journal = JournalSpec(
-                    self.path,
-                    s.tail.name,
-                    self.retry_failed,
-                    self.resuming,
-                    rec,
-                    sink=s.tail.is_sink,
-                    ident=self._ident,
-                )
+    def spec_for(self, nodes: Sequence[Node], terminals: set[str]) -> JournalSpec | None:
+        """Return the spec of a step of ``nodes`` that records something, or None.
+
+        A step records the outputs of its terminals (names in ``terminals``) and of its
+        nodes with ``cache=True``.
+        """
+        rec = tuple(
+            (i, n.name, self.prints[n.name].fingerprint)
+            for i, n in enumerate(nodes)
+            if n.name in terminals or getattr(n, "cache", False)
+        )
+        if not rec:
+            return None
+        tail = nodes[-1]
+        return JournalSpec(
+            self.path,
+            tail.name,
+            self.retry_failed,
+            self.resuming,
+            rec,
+            sink=tail.is_sink,
+            ident=self._ident,
+        )
 
     def identify(self, values: Sequence[Any], key: Callable[[Any], Any] | None) -> list[str]:
         """Return the journal identity of each input item (see the module docstring).

@@ -8,10 +8,11 @@ the scheduler (``papy._scheduler``), which evaluates it lazily over the input it
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from papy._draw import draw, to_dot, to_mermaid
 from papy._errors import CycleError, GraphError
 from papy._graph import (
     check_join_arity,
@@ -21,11 +22,11 @@ from papy._graph import (
     topological_order,
 )
 from papy._node import Node, OnError, _fn_name
+from papy._report import Report
+from papy._scheduler import Scheduler
 from papy._task import Call
 
 if TYPE_CHECKING:
-    from papy._report import Report
-    from papy._scheduler import RunIterator
     from papy.pools._base import Pool
 
 ErrorMode = Literal["raise", "yield", "skip"]
@@ -159,8 +160,9 @@ class Pipeline:
     def _resolve(self, ref: Node | str) -> Node:
         if isinstance(ref, Node):
             if ref.pipeline is not self:
+                owner = getattr(ref.pipeline, "name", "?")
                 raise GraphError(
-                    f"node {ref.name!r} belongs to pipeline {getattr(ref.pipeline, 'name', '?')!r}, "
+                    f"node {ref.name!r} belongs to pipeline {owner!r}, "
                     f"not to {self.name!r}; add it to this pipeline"
                 )
             return ref
@@ -319,26 +321,30 @@ class Pipeline:
         self, items: Iterable[Any], output: Node | None, errors: str, **options: Any
     ) -> RunIterator:
         """Make the scheduler of one run; ``map`` iterates it, ``run`` drains it."""
-        from papy._scheduler import RunIterator, Scheduler
+        sched = Scheduler(
+            self,
+            output=output,
+            errors=errors,
+            buffer=self.buffer,
+            workdir=self.workdir,
+            on_report=self._keep_report,
+            **options,
+        )
+        return RunIterator(sched, items)
 
-        return RunIterator(Scheduler(self, output=output, errors=errors, **options), items)
+    def _keep_report(self, report: Report) -> None:
+        self.last_report = report
 
     def to_mermaid(self) -> str:
         """Return a Mermaid flowchart of the graph (nodes show pool, batch, scatter/gather)."""
-        from papy._draw import to_mermaid
-
         return to_mermaid(self)
 
     def to_dot(self) -> str:
         """Return the graph in Graphviz DOT."""
-        from papy._draw import to_dot
-
         return to_dot(self)
 
     def draw(self, path: str | Path, format: str | None = None) -> Path:
         """Draw the graph with Graphviz to ``path`` (svg, png, pdf by suffix); return it."""
-        from papy._draw import draw
-
         return draw(self, path, format)
 
     def __repr__(self) -> str:
@@ -351,3 +357,38 @@ def _as_list(after: Node | str | Sequence[Node | str] | None) -> list[Node | str
     if isinstance(after, (Node, str)):
         return [after]
     return list(after)
+
+
+class RunIterator(Iterator[Any]):
+    """The lazy outputs of a run, as returned by ``Pipeline.map``.
+
+    Iterate it like any iterator. ``report`` holds the run's :class:`~papy.Report` once the
+    run ended (exhausted, failed, or closed); ``close()`` stops the run early, withdraws
+    its queued tasks and frees the pools the pipeline made (also done when the iterator
+    is garbage-collected).
+    """
+
+    def __init__(self, sched: Scheduler, items: Iterable[Any]) -> None:
+        self._sched = sched
+        self._gen = sched.iterate(items)
+
+    def __iter__(self) -> RunIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the run now; idempotent."""
+        self._gen.close()
+
+    @property
+    def report(self) -> Report | None:
+        """Return the run's Report, or None while it is still running."""
+        return self._sched.report
+
+    def __enter__(self) -> RunIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -18,12 +18,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from papy._observe import Observer
+from papy._observe import Observer, RunView
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from papy._scheduler import Scheduler
 
 
 #: seconds of history the ``items/s`` column averages over
@@ -103,14 +101,14 @@ class Progress(Observer):
         self._console = console
         self._refresh = refresh_per_second
         self._live: Any = None
-        self._sched: Scheduler | None = None
+        self._sched: RunView | None = None
         self._rates: dict[str, SlidingRate] = {}
         self._t0 = 0.0
         self._jupyter: Any = None  # the notebook's display handle
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def started(self, sched: Scheduler) -> None:
+    def started(self, sched: RunView) -> None:
         from rich.console import Console
         from rich.live import Live
 
@@ -149,7 +147,7 @@ class Progress(Observer):
             except Exception:  # a closed kernel channel must not break the run
                 return
 
-    def finished(self, sched: Scheduler, error: BaseException | None) -> None:
+    def finished(self, sched: RunView, error: BaseException | None) -> None:
         if self._live is not None:
             self._live.refresh()
             self._live.stop()
@@ -172,7 +170,7 @@ class Progress(Observer):
         from rich.table import Table
 
         sched = self._sched
-        table = Table(title=f"papy: {sched.pipeline.name if sched else ''}", expand=False)
+        table = Table(title=f"papy: {sched.name if sched else ''}", expand=False)
         for col in ("node", "pool", "done", "in flight", "failed", "items/s", "pool busy"):
             table.add_column(col, justify="left" if col in ("node", "pool") else "right")
         if sched is None:

@@ -12,7 +12,7 @@ import json
 import shutil
 import statistics
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -49,6 +49,19 @@ class NodeStats:
         self.tasks += 1
         if n_in and len(self.batch_item_s) < 100_000:
             self.batch_item_s.append(busy / n_in)
+
+
+def driver_time(profile: dict[str, float], pools: Sequence[object]) -> dict[str, float]:
+    """Return the driver's seconds per activity, with the pools' pickling threads' time.
+
+    ``profile`` is the scheduler's (admit, dispatch, wait, route, deliver); a pool with a
+    ``codec_seconds()`` method (the process pool) adds its ``pickle``/``unpickle`` time.
+    """
+    out = dict(profile)
+    for pool in pools:
+        for name, seconds in getattr(pool, "codec_seconds", dict)().items():
+            out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 class FailureLog:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
+from papy._errors import PoolError
 from papy._items import Failure, Key, failure_from_exception
 from papy._task import StageStats, StepSpec, TaskResult
 
@@ -98,6 +99,20 @@ class Task:
         ]
         return TaskResult(values, stats, dirty=True)
 
+    def miscounted(self, pool: object, got: Sequence[Any]) -> TaskResult:
+        """Return the result of a task whose pool returned ``len(got)`` values, not one per item.
+
+        Which output belongs to which item cannot be known, so every item fails with a
+        PoolError naming the pool and the node; none of the outputs is trusted.
+        """
+        node = self.first_stage()
+        label = getattr(pool, "describe", lambda: repr(pool))()
+        error = PoolError(
+            f"pool {label} returned {len(got)} results for {len(self)} items "
+            f"of node {node!r}; none of them can be trusted"
+        )
+        return Task(self.spec, self.keys, [None] * len(self)).fail_all(error, node)
+
 
 def merge_parts(n: int, done: Callable[[TaskResult], None]) -> list[Callable[[TaskResult], None]]:
     """Return one callback per part of a split task; ``done`` gets the parts joined in order.
@@ -162,8 +177,6 @@ class Pool(abc.ABC):
         """Start the workers now (pools also start lazily on first submit)."""
         with self._start_lock:
             if self._closed:
-                from papy._errors import PoolError
-
                 raise PoolError(f"{self!r} is closed; make a new pool")
             if not self._started:
                 self._start()

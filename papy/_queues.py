@@ -1,0 +1,174 @@
+"""A step's queue: the items waiting for it, cut into batches in admission order.
+
+Items arrive in chunks (a batch of outputs of a parent step, a run of input items) and are
+kept as those chunks, so cutting a large chunk into batches copies each item once, and a
+contiguous run of keys stays a ``range`` (cheap to ship to a worker).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from papy._errors import RunAborted
+from papy._items import Failure
+from papy._sizing import BatchSize
+from papy._tables import GatherTable, JoinTable
+
+if TYPE_CHECKING:
+    from papy._items import Key
+    from papy._plan import Step
+    from papy._report import NodeStats
+    from papy._task import TaskResult
+
+
+def join_keys(parts: list[Sequence[Key]]) -> Sequence[Key]:
+    """Concatenate key sequences, keeping contiguous ranges one range (cheap to ship)."""
+    if all(isinstance(p, range) for p in parts):
+        ranges: list[range] = parts  # type: ignore[assignment]
+        if all(a.stop == b.start for a, b in itertools.pairwise(ranges)):
+            return range(ranges[0].start, ranges[-1].stop)
+    return list(itertools.chain.from_iterable(parts))
+
+
+class StepQueue:
+    """The scheduler's per-step state: waiting items, tasks in flight, batch size, tables.
+
+    ``ready`` items wait (state WAITING), ``in_tasks`` items are inside ``outstanding``
+    submitted tasks (state RUNNING). A join step pairs its parents' outputs in ``join``
+    and a gather step regroups sub-items in ``gather`` before they wait here (state HELD).
+    """
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.pool = step.pool
+        self.inbox: deque[tuple[Sequence[Key], list[Any], bool]] = deque()
+        self._offset = 0  # items of inbox[0] already taken
+        self.ready = 0
+        self.outstanding = 0
+        self.in_tasks = 0
+        self.batch = BatchSize(step)
+        n_parents = len(step.head.parents)
+        self.join = JoinTable(n_parents) if n_parents > 1 else None
+        self.gather = GatherTable() if step.head.gather else None
+
+    @property
+    def held(self) -> int:
+        """Return how many items wait in this step's join or gather table."""
+        return len(self.join or ()) + len(self.gather or ())
+
+    def task_done(self, result: TaskResult, n: int, stats: dict[str, NodeStats]) -> float:
+        """Count a finished task of ``n`` items into each node's ``stats``; return busy seconds.
+
+        Raises RunAborted with the first failure of a node that has ``on_error="raise"``;
+        a task the pool failed as a whole (a crash, a timeout: no per-stage figures) counts
+        against the step's first node.
+        """
+        self.in_tasks -= n
+        step, values = self.step, result.values
+        busy = 0.0
+        for node, st in zip(step.nodes, result.stats):
+            stats[node.name].record(st.n_in, st.n_failed, st.busy)
+            busy += st.busy
+            if st.n_failed and node.on_error == "raise":
+                raise RunAborted(
+                    st.first_failure
+                    or next(v for v in values if type(v) is Failure and v.node == node.name)
+                )
+        if not result.stats:
+            failed = [v for v in values if type(v) is Failure]
+            stats[step.head.name].record(n, len(failed), 0.0)
+            if failed and any(node.on_error == "raise" for node in step.nodes):
+                raise RunAborted(failed[0])
+        return busy
+
+    def push(self, keys: Sequence[Key], values: list[Any], dirty: bool = True) -> None:
+        """Queue items for this step; ``dirty`` says they may include Failure values."""
+        if keys:
+            self.inbox.append((keys, values, dirty))
+            self.ready += len(keys)
+
+    def oldest(self) -> int:
+        """Return the input position of the first waiting item (the inbox must not be empty)."""
+        key = self.inbox[0][0][self._offset]
+        return key if isinstance(key, int) else key[0]
+
+    def take(self, n: int) -> tuple[Sequence[Key], list[Any], bool]:
+        """Cut the next ``n`` waiting items (fewer if fewer wait) off the inbox.
+
+        The first chunk is consumed from an offset, so cutting a big chunk into batches
+        copies each item once, not once per batch.
+        """
+        inbox = self.inbox
+        keys, values, dirty = inbox[0]
+        start = self._offset
+        avail = len(keys) - start
+        if avail > n:
+            self._offset = start + n
+            self.ready -= n
+            return keys[start : start + n], values[start : start + n], dirty
+        inbox.popleft()
+        self._offset = 0
+        if start:
+            keys, values = keys[start:], values[start:]
+        if len(keys) >= n or not inbox:
+            self.ready -= len(keys)
+            return keys, values, dirty
+        # Gather several chunks; join them once at the end (joining as we go is quadratic).
+        key_parts, value_parts, got = [keys], [values], len(keys)
+        while got < n and inbox:
+            k2, v2, d2 = inbox[0]
+            want = n - got
+            if len(k2) > want:
+                self._offset = want
+                k2, v2 = k2[:want], v2[:want]
+            else:
+                inbox.popleft()
+            key_parts.append(k2)
+            value_parts.append(v2)
+            got += len(k2)
+            dirty = dirty or d2
+        self.ready -= got
+        return join_keys(key_parts), list(itertools.chain.from_iterable(value_parts)), dirty
+
+
+def in_flight(queues: Sequence[StepQueue], stats: dict[str, NodeStats]) -> dict[str, int]:
+    """Return, per node, the items waiting for it, held for it or inside its tasks.
+
+    Items inside a task of fused nodes are spread over those nodes by their share of the
+    step's busy time, which is where such items actually spend their time.
+    """
+    out: dict[str, int] = {}
+    for q in queues:
+        nodes = q.step.nodes
+        if len(nodes) == 1:
+            out[nodes[0].name] = q.ready + q.in_tasks + q.held
+            continue
+        busy = [stats[n.name].busy_s for n in nodes]
+        total = sum(busy)
+        for i, n in enumerate(nodes):
+            share = busy[i] / total if total > 0 else 1 / len(nodes)
+            out[n.name] = round(q.in_tasks * share) + (q.ready + q.held if i == 0 else 0)
+    return out
+
+
+def charge_wait(
+    queues: Sequence[StepQueue], stats: dict[str, NodeStats], waited: float, full: bool
+) -> None:
+    """Charge ``waited`` seconds of the driver's wait to what each step was waiting for.
+
+    Items waiting for a worker of their pool (``wait_pool_s``); a source held back by a
+    full buffer (``wait_room_s``, when ``full``); a step with nothing to do
+    (``wait_input_s``).
+    """
+    for q in queues:
+        s = stats[q.step.head.name]
+        if q.ready:
+            s.wait_pool_s += waited
+        elif q.outstanding == 0:
+            if full and q.step.head.is_source:
+                s.wait_room_s += waited
+            else:
+                s.wait_input_s += waited

@@ -1,0 +1,89 @@
+"""A journaled run's view of its input: identities, items to skip, outputs to replay.
+
+Each input item gets a journal identity (a digest of its value, or ``key(item)``). Items an
+earlier run finished at every terminal are not run again: :meth:`Resume.split` takes them
+out of the chunk and returns their recorded outputs for the caller to replay. Terminals
+report finished positions here so the journal can mark them complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from papy._items import Failure, Key
+from papy._journal import Journal
+from papy._plan import Plan
+
+
+class Resume:
+    """Keep the journal identity of every position in flight (see the module docstring)."""
+
+    def __init__(self, journal: Journal, plan: Plan, key: Callable[[Any], Any] | None) -> None:
+        self.journal = journal
+        self._key = key
+        self._plan = plan
+        self._jkey_of: dict[int, str] = {}
+        # A terminal's records settle an item only if it is top-level and not a scatter.
+        self._terms = {t.node.name: not t.stack and not t.node.scatter for t in plan.terminals}
+        #: items an earlier run finished, skipped in this one
+        self.skipped = 0
+
+    def split(
+        self, keys: Sequence[int], chunk: list[Any]
+    ) -> tuple[Sequence[int], list[Any], list[tuple[int, list[Key], list[Any]]]]:
+        """Return the items to run (keys, values) and the replays (position, keys, values).
+
+        A replay holds the output node's recorded outputs of a skipped item (none when the
+        run has no output node, as in ``Pipeline.run``). Raises JournalError when ``key``
+        gives two items one identity.
+        """
+        jkeys = self.journal.identify(chunk, self._key)
+        done = self.journal.finished(jkeys, self._terms)
+        if not done:  # nothing to skip: keep the chunk as it is (a range stays a range)
+            self._jkey_of.update(zip(keys, jkeys))
+            return keys, chunk, []
+        run_keys: list[int] = []
+        run_values: list[Any] = []
+        replays: list[tuple[int, list[Key], list[Any]]] = []
+        out = self._plan.output
+        for p, jk, value in zip(keys, jkeys, chunk):
+            if jk not in done:
+                self._jkey_of[p] = jk
+                run_keys.append(p)
+                run_values.append(value)
+                continue
+            self.skipped += 1
+            if out is None:
+                replays.append((p, [], []))
+                continue
+            values = self.journal.outputs(out.name, jk)
+            if out.scatter:
+                values = [x for v in values for x in ([v] if type(v) is Failure else v)]
+            if self._plan.stacks[out.name]:
+                replays.append((p, [(p, i) for i in range(len(values))], values))
+            else:
+                replays.append((p, [p], values))
+        return run_keys, run_values, replays
+
+    def jkeys(self, keys: Sequence[Key]) -> list[tuple[str, str]]:
+        """Return the journal keys (item identity, sub-item path) of a task's items.
+
+        Raises JournalError when the journal file was removed or replaced during the run.
+        """
+        self.journal.check()
+        jkey_of = self._jkey_of
+        return [
+            (jkey_of[k], "") if isinstance(k, int) else (jkey_of[k[0]], ".".join(map(str, k[1:])))
+            for k in keys
+        ]
+
+    def finished(self, terminal: str, p: int) -> None:
+        """Mark position ``p`` complete at ``terminal`` in the journal."""
+        jk = self._jkey_of.get(p)
+        if jk is not None:
+            self.journal.mark_complete(terminal, jk)
+
+    def retired(self, p: int) -> None:
+        """Forget position ``p``: it left the run."""
+        self._jkey_of.pop(p, None)

@@ -1,0 +1,134 @@
+"""Sizing: how many items a task carries (batch) and how many a run holds (buffer).
+
+Both adapt to what a run measures, so users need not tune them:
+
+- :class:`BatchSize` makes a step's tasks last about a pool's ``target_task_s`` seconds of
+  work, from the time per item measured inside the workers;
+- :class:`Buffer` bounds the input items in flight by an item count (the user's
+  ``buffer=``, or 16,384) and, when the user gave none, by a memory budget of 256 MiB of
+  inputs and outputs together, from the sizes of the items seen so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from papy._plan import Step
+    from papy.pools._base import Pool
+
+log = logging.getLogger("papy")
+
+DEFAULT_BUFFER = 16_384  # input items in flight when the user sets no buffer...
+MEMORY_BUDGET = 256 * 2**20  # ...fewer when items are large: about this many bytes
+TASK_BYTES = 8 * 2**20  # and batches of large items stay about this size
+MAX_BATCH = 8_192
+
+
+def size_of(value: Any) -> int:
+    """Return about how many bytes ``value`` holds: its pickle's length, or its shallow size.
+
+    Pickling measures nested data (a list of arrays) that ``sys.getsizeof`` does not; it is
+    done for one item per chunk, so its cost is a small share of the run.
+    """
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    try:
+        return len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return sys.getsizeof(value)
+
+
+class BatchSize:
+    """A step's batch size (items per task), fixed by the user or learned from timings."""
+
+    def __init__(self, step: Step) -> None:
+        batch = step.head.batch
+        self.fixed = batch is not None
+        if batch is None and step.head.is_async:
+            batch = step.head.concurrency  # one event loop per task: fill it
+        timed = any(n.timeout is not None and not n.is_async for n in step.nodes)
+        if timed and not step.pool.item_timeouts:
+            batch = 1  # the pool times tasks, not items: one item per task keeps it per item
+            self.fixed = True
+        #: items per task now
+        self.value = batch or 1
+        #: smoothed seconds of work per item, None until a task finished
+        self.item_time: float | None = None
+
+    def learn(self, n: int, busy: float, target: float, cap: int) -> None:
+        """Resize so a task takes about ``target`` seconds, from ``n`` items in ``busy`` s."""
+        if self.fixed or n == 0:
+            return
+        per_item = busy / n
+        self.item_time = (
+            per_item if self.item_time is None else 0.7 * self.item_time + 0.3 * per_item
+        )
+        size = cap if self.item_time <= 0 else int(target / self.item_time)
+        self.value = max(1, min(cap, size))
+
+
+class Buffer:
+    """The bound on input items in flight, in items; see the module docstring.
+
+    ``limit`` is what admission reads. ``item_bytes`` (the larger of input and output
+    bytes per item, 0 until known) also caps batches of large items at about
+    ``TASK_BYTES`` per task.
+    """
+
+    def __init__(self, given: int | None, pools: Sequence[Pool]) -> None:
+        self.auto = given is None
+        self.max = given or DEFAULT_BUFFER
+        self.floor = max(4, sum(p.workers * p.prefetch for p in pools))
+        # Small until the first results show how large items are: 16 tasks' worth per
+        # worker slot is enough to start every worker without admitting in bulk.
+        self.limit = min(self.max, 16 * self.floor) if self.auto else self.max
+        self.item_bytes = 0
+        self._in_bytes = 0  # largest input item seen (bytes, as pickled)
+        self._out_bytes = 0  # largest output per item seen (bytes)
+        self._sized = False
+
+    def sample_input(self, item: Any) -> None:
+        """Measure one input item (one per chunk admitted)."""
+        if not self.auto:
+            return
+        size = size_of(item)
+        if size > self._in_bytes:
+            self._in_bytes = size
+            self._fit()
+
+    def sample_output(self, per_item: int) -> None:
+        """Take the bytes per output item of a finished task."""
+        if per_item > self._out_bytes or not self._sized:
+            self._out_bytes = max(self._out_bytes, per_item)
+            self._fit()
+
+    def task_cap(self, workers: int) -> int:
+        """Return the largest batch for a pool of ``workers``: room for two tasks each."""
+        cap = max(1, min(MAX_BATCH, self.limit // max(1, 2 * workers)))
+        if self.item_bytes:  # large items: keep each task's message a few megabytes
+            cap = max(1, min(cap, TASK_BYTES // self.item_bytes))
+        return cap
+
+    def _fit(self) -> None:
+        """Size the automatic buffer from the measured bytes of inputs and outputs.
+
+        The budget (``MEMORY_BUDGET``) covers both: an item in flight holds its input and
+        its outputs, so the buffer is the budget over their sum, at least a few tasks per
+        worker slot, at most the default item count. A buffer given by the user stays an
+        item count.
+        """
+        self._sized = True
+        self.item_bytes = max(self._in_bytes, self._out_bytes)
+        if not self.auto:
+            return
+        per_item = max(1, self._in_bytes + self._out_bytes)
+        self.limit = min(self.max, max(self.floor, MEMORY_BUDGET // per_item))
+        log.debug("buffer set to %d items (%d bytes per item)", self.limit, per_item)
