@@ -372,8 +372,9 @@ class RunIterator(Iterator[Any]):
         self._sched = sched
         self._gen = sched.iterate(items)
 
-    def __iter__(self) -> RunIterator:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        # The run's own generator: a for loop or list() then pays no Python call per item.
+        return self._gen
 
     def __next__(self) -> Any:
         return next(self._gen)
