@@ -2,6 +2,8 @@
 
 - :mod:`papy.pools.dask.pool`: :class:`DaskPool`, the pool itself (submitting, timeouts,
   crashed workers, cancelling).
+- :mod:`papy.pools.dask.inflight`: the driver's record of tasks in flight, and which of
+  them :meth:`DaskPool.cancel` may withdraw.
 - :mod:`papy.pools.dask.worker`: what runs inside the Dask workers (each pool's cache of
   steps there).
 - :mod:`papy.pools.dask.shipping`: sending the user's own modules to the workers by value.

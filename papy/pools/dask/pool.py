@@ -1,12 +1,10 @@
 """DaskPool: run tasks on a Dask distributed cluster, beside local pools.
 
-A pipeline moves to a cluster by giving some nodes (or the whole pipeline) a ``DaskPool``;
-nothing else changes. Dask schedules the tasks, moves the data, and re-runs a task whose
-worker died. Each task is one batch through a fused chain of nodes, whose functions are
-pickled once per run and kept, per pool, in each worker's cache until the run ends. A task
-whose workers keep dying is split until the item that kills them is found; a node's
-``timeout`` is enforced from the driver; :meth:`DaskPool.cancel` withdraws a stopped run's
-tasks that have not started on the cluster.
+Dask schedules the tasks, moves the data, and re-runs a task whose worker died. A task is
+one batch through a fused chain of nodes, whose functions are pickled once per run and kept,
+per pool, in each worker's cache until the run ends. A task whose workers keep dying is split
+until the item at fault is found; a node's ``timeout`` is enforced from the driver;
+:meth:`DaskPool.cancel` withdraws a stopped run's tasks that have not started.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from typing import Any
 
 from papy._errors import PoolError, WorkerCrashed
@@ -31,25 +28,10 @@ from papy.pools.dask.cluster import (
     threads_per_job,
     worker_threads,
 )
+from papy.pools.dask.inflight import Sent, marks, withdrawable
 from papy.pools.dask.shipping import can_import, dumps
 
 log = logging.getLogger("papy")
-
-Done = Callable[[TaskResult], None]
-
-
-@dataclass(eq=False)
-class _Sent:
-    """One Dask task in flight: part (or all) of the task behind the future ``out``."""
-
-    number: int
-    task: Task
-    done: Done
-    out: Future[TaskResult]
-    dfut: Any = None
-    #: set once the task's outcome was handed on (or it was withdrawn): later news is ignored
-    finished: threading.Event = field(default_factory=threading.Event)
-    timer: threading.Timer | None = None
 
 
 class DaskPool(Pool):
@@ -116,7 +98,9 @@ class DaskPool(Pool):
         #: pickled steps of the runs in progress, by step id (dropped by :meth:`release`)
         self._specs: dict[str, bytes] = {}
         #: Dask tasks in flight, by number
-        self._live: dict[int, _Sent] = {}
+        self._live: dict[int, Sent] = {}
+        #: futures whose task was split (workers died): cancel() leaves them alone
+        self._split: set[Future[TaskResult]] = set()
         self._numbers = itertools.count()
         self._lock = threading.Lock()
         self._parent: DaskPool | None = None
@@ -182,7 +166,7 @@ class DaskPool(Pool):
         except BaseException:
             self._close()  # the pool never started: release the client (and jobs) now
             raise
-        if self._workers_hint is None and self.adapt is None:
+        if self._workers_hint is None and (self._cluster is None or self.adapt is None):
             cluster = self._cluster or (self._parent._cluster if self._parent else None)
             self.workers = worker_threads(self.client, self.resources, cluster)
 
@@ -319,6 +303,7 @@ class DaskPool(Pool):
         def done(result: TaskResult) -> None:
             with self._lock:
                 self._outs.discard(out)
+                self._split.discard(out)
             if not out.done():
                 try:
                     out.set_result(result)
@@ -328,7 +313,9 @@ class DaskPool(Pool):
         self._send(task, done, out)
         return out
 
-    def _send(self, task: Task, done: Done, out: Future[TaskResult]) -> None:
+    def _send(
+        self, task: Task, done: Callable[[TaskResult], None], out: Future[TaskResult]
+    ) -> None:
         """Submit ``task`` (all or part of the task behind ``out``) as one Dask task."""
         number = next(self._numbers)
         try:
@@ -356,7 +343,7 @@ class DaskPool(Pool):
         except Exception as exc:
             done(task.fail_all(PoolError(f"could not submit to Dask: {exc}")))
             return
-        sent = _Sent(number, task, done, out, dfut)
+        sent = Sent(number, task, done, out, dfut)
         with self._lock:
             self._live[number] = sent
         if task.timeout is not None:
@@ -367,7 +354,7 @@ class DaskPool(Pool):
             sent.timer.start()
         dfut.add_done_callback(lambda f: self._landed(sent, f))
 
-    def _expire(self, sent: _Sent) -> None:
+    def _expire(self, sent: Sent) -> None:
         """Fail a task that ran past its node's timeout, and cancel it on the cluster."""
         if sent.finished.is_set():
             return
@@ -382,7 +369,7 @@ class DaskPool(Pool):
             )
         )
 
-    def _landed(self, sent: _Sent, f: Any) -> None:
+    def _landed(self, sent: Sent, f: Any) -> None:
         """Hand on the outcome of a Dask task (Dask calls this in a thread of its own)."""
         with self._lock:
             self._live.pop(sent.number, None)
@@ -411,7 +398,7 @@ class DaskPool(Pool):
         except Exception as exc:
             done(task.fail_all(PoolError(f"the Dask task failed: {exc!r}")))
 
-    def _killed(self, sent: _Sent, exc: BaseException) -> None:
+    def _killed(self, sent: Sent, exc: BaseException) -> None:
         """Split a task whose workers kept dying until the guilty item is alone."""
         task, done = sent.task, sent.done
         n = len(task)
@@ -427,10 +414,12 @@ class DaskPool(Pool):
             )
             return
         half = n // 2
+        with self._lock:
+            # One part may be delivered while the other waits: the task is no longer
+            # withdrawable as a whole.
+            self._split.add(sent.out)
         for part, on_done in zip((task.slice(0, half), task.slice(half, n)), merge_parts(2, done)):
             self._send(part, on_done, sent.out)
-
-    # -- cancelling --------------------------------------------------------------------------
 
     def cancel(self, futures: Iterable[Future[TaskResult]]) -> int:
         """Withdraw the given tasks that have not started on the cluster; return how many.
@@ -443,16 +432,17 @@ class DaskPool(Pool):
         """
         wanted = {id(f) for f in futures}
         with self._lock:
-            outs = {id(o): o for o in self._outs if id(o) in wanted and not o.done()}
+            outs = {
+                id(o): o
+                for o in self._outs
+                if id(o) in wanted and not o.done() and o not in self._split
+            }
             parts = [s for s in self._live.values() if id(s.out) in outs]
         if not parts or not self._registered:
             return 0
-        marks: dict[str, list[int]] = {}
-        for s in parts:
-            marks.setdefault(s.task.spec.id, []).append(s.number)
         try:
             replies = self.client.run(
-                self._on_worker.withdraw, self._cache_name, marks, on_error="return"
+                self._on_worker.withdraw, self._cache_name, marks(parts), on_error="return"
             )
         except Exception:
             log.warning("could not withdraw tasks from the Dask workers", exc_info=True)
@@ -461,27 +451,12 @@ class DaskPool(Pool):
             log.warning("a Dask worker did not answer; no task was withdrawn: %r", replies)
             return 0
         started = {n for r in replies.values() for n in r}
-        snapshot: dict[int, set[int]] = {}
-        for s in parts:
-            snapshot.setdefault(id(s.out), set()).add(s.number)
-        withdrawn: list[_Sent] = []
         with self._lock:
-            now: dict[int, list[_Sent]] = {}
-            for s in self._live.values():
-                if id(s.out) in snapshot:
-                    now.setdefault(id(s.out), []).append(s)
-            for key, numbers in snapshot.items():
-                current = now.get(key, [])
-                # Parts sent since the snapshot (a split) were not marked: keep the task.
-                if {s.number for s in current} != numbers or numbers & started:
-                    continue
-                if any(s.finished.is_set() for s in current):
-                    continue
-                for s in current:
-                    s.finished.set()
-                    del self._live[s.number]
-                    withdrawn.append(s)
-                self._outs.discard(outs[key])
+            withdrawn = withdrawable(parts, self._live.values(), started, self._split)
+            for s in withdrawn:
+                s.finished.set()
+                del self._live[s.number]
+                self._outs.discard(s.out)
         for s in withdrawn:
             if s.timer is not None:
                 s.timer.cancel()
