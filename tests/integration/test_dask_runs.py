@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from integration.cluster import Cluster, start_scheduler, start_worker, wait_for_workers
-from papy import Pipeline
+from papy import Failure, Pipeline
 from papy._task import Stage, StepSpec
 from papy.pools import Task
 from papy.pools.dask import DaskPool
@@ -165,3 +165,26 @@ def test_cancel_leaves_a_running_task_to_finish(
         assert not future.cancelled()
         assert future.result(timeout=60).values == [0]
         assert ran.read_text().split() == ["0"]
+
+
+def nap(x: int) -> int:
+    """Sleep 30 s on item 1, return the others at once."""
+    if x == 1:
+        time.sleep(30)
+    return x
+
+
+def test_a_node_timeout_fails_the_late_item_only(clusters: tuple[Cluster, Cluster]) -> None:
+    _, two = clusters
+    with DaskPool(two.address) as pool:
+        pipe = Pipeline("timed")
+        pipe.add(nap, pool=pool, timeout=2.0)
+        # (Item 1 comes last: the one worker thread cannot be interrupted and stays busy
+        # with it, and a node's timeout counts the time a task waits on the cluster.)
+        out = list(pipe.map(range(2), errors="yield"))
+        assert out[0] == 0
+        failed = out[1]
+        assert isinstance(failed, Failure)
+        assert (failed.node, failed.exc_type) == ("nap", "TimeoutError")
+        assert "timeout of 2 s" in failed.message
+        assert pool.cache_sizes() == empty(pool)
