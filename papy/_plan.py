@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
@@ -118,11 +118,15 @@ class Plan:
     output: Node | None
     #: each node's own out-stack: the scatter levels of its outputs
     stacks: Mapping[str, tuple[str, ...]]
+    #: step index of a scatter -> a step that runs it with the 1:1 nodes after it and the
+    #: gather closing it as one task (indices after the regular steps'); the scheduler
+    #: sends an item either way (see ``StepQueue.lane``)
+    groups: Mapping[int, Step] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def spec_ids(self) -> list[str]:
         """Return the ids of the steps' specs (what pools cache per run)."""
-        return [s.spec.id for s in self.steps]
+        return [s.spec.id for s in (*self.steps, *self.groups.values())]
 
 
 _spec_counter = itertools.count()
@@ -227,6 +231,7 @@ def compile_plan(
                 stacks[chain[-1].name],
             )
         )
+    groups = {} if journal is not None else _groups(steps, keep)
     terminals = tuple(
         Terminal(i, n, stacks[n.name], n is output)
         for i, n in enumerate(n for n in order if n.name in terminal_names)
@@ -248,10 +253,68 @@ def compile_plan(
         sources=tuple(s.index for s in steps if not s.head.parents),
         terminals=terminals,
         terminal_of=MappingProxyType(
-            {s.index: by_name[s.tail.name] for s in steps if s.tail.name in by_name}
+            {
+                s.index: by_name[s.tail.name]
+                for s in [*steps, *groups.values()]
+                if s.tail.name in by_name
+            }
         ),
         gathers_of=MappingProxyType({k: tuple(v) for k, v in gathers.items()}),
         terminals_of=MappingProxyType({k: tuple(v) for k, v in below.items()}),
         output=output,
         stacks=MappingProxyType(stacks),
+        groups=MappingProxyType(groups),
     )
+
+
+def _groups(steps: Sequence[Step], keep: set[str]) -> dict[int, Step]:
+    """Find scatters whose sub-items can stay in one worker until their gather.
+
+    The step of a scatter qualifies when its only child steps, one after the other, are
+    1:1 nodes on the same pool ending in the gather that closes the scatter (nothing else
+    reads the sub-items), when none of these nodes has a timeout, and none but the last
+    is the output ``map`` yields (``keep``). The group step runs all of them, and the
+    nodes fused after the gather, as one task.
+    """
+    out: dict[int, Step] = {}
+    for s in steps:
+        if not s.tail.scatter or not s.pool.fuses:
+            continue
+        chain: list[Node] = list(s.nodes)
+        cur, gather_step = s, None
+        while len(cur.children) == 1 and not any(x.name in keep for x in cur.nodes):
+            nxt = steps[cur.children[0][0]]
+            if nxt.pool is not s.pool or len(nxt.head.parents) != 1:
+                break
+            if nxt.head.gather:
+                gather_step = nxt
+                break
+            if any(x.scatter for x in nxt.nodes):
+                break  # a nested scatter: its own gather comes first
+            chain.extend(nxt.nodes)
+            cur = nxt
+        if gather_step is None:
+            continue
+        at = (len(s.nodes) - 1, len(chain))
+        chain.extend(gather_step.nodes)
+        if any(x.timeout is not None for x in chain):
+            continue
+        spec = StepSpec(
+            f"{s.spec.id}g",
+            tuple(make_stage(x) for x in chain),
+            s.spec.run_dir,
+            None,
+            s.spec.private,
+            at,
+        )
+        out[s.index] = Step(
+            len(steps) + len(out),
+            tuple(chain),
+            s.pool,
+            spec,
+            s.parents,
+            gather_step.children,
+            s.in_stack,
+            gather_step.out_stack,
+        )
+    return out

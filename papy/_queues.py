@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from papy._errors import RunAborted
-from papy._items import Failure
+from papy._items import Failure, ItemState
 from papy._sizing import BatchSize
 from papy._tables import GatherTable, JoinTable
 
@@ -41,8 +41,11 @@ class StepQueue:
     and a gather step regroups sub-items in ``gather`` before they wait here (state HELD).
     """
 
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, group: Step | None = None) -> None:
         self.step = step
+        #: the step running this scatter with its 1:1 nodes and gather as one task
+        self.group = group
+        self.group_batch = BatchSize(group) if group is not None else None
         self.pool = step.pool
         self.inbox: deque[tuple[Sequence[Key], list[Any], bool]] = deque()
         self._offset = 0  # items of inbox[0] already taken
@@ -54,12 +57,25 @@ class StepQueue:
         self.join = JoinTable(n_parents) if n_parents > 1 else None
         self.gather = GatherTable() if step.head.gather else None
 
+    def lane(self) -> tuple[Step, BatchSize]:
+        """Return the step the next batch runs as, and its batch size.
+
+        A scatter with a group step runs as the group (its sub-items stay in the worker)
+        while at least two items per worker wait, which keeps every worker busy; the last
+        items go the plain way, so their sub-items spread over all the workers.
+        """
+        if self.group is not None and self.ready >= 2 * self.pool.workers:
+            return self.group, self.group_batch  # type: ignore[return-value]
+        return self.step, self.batch
+
     @property
     def held(self) -> int:
         """Return how many items wait in this step's join or gather table."""
         return len(self.join or ()) + len(self.gather or ())
 
-    def task_done(self, result: TaskResult, n: int, stats: dict[str, NodeStats]) -> float:
+    def task_done(
+        self, step: Step, result: TaskResult, n: int, stats: dict[str, NodeStats]
+    ) -> float:
         """Count a finished task of ``n`` items into each node's ``stats``; return busy seconds.
 
         Raises RunAborted with the first failure of a node that has ``on_error="raise"``;
@@ -67,7 +83,7 @@ class StepQueue:
         against the step's first node.
         """
         self.in_tasks -= n
-        step, values = self.step, result.values
+        values = result.values
         busy = 0.0
         for node, st in zip(step.nodes, result.stats):
             stats[node.name].record(st.n_in, st.n_failed, st.busy)
@@ -172,3 +188,22 @@ def charge_wait(
                 s.wait_room_s += waited
             else:
                 s.wait_input_s += waited
+
+
+def counts(
+    queues: Sequence[StepQueue], read: int, finishing: int, retired: int
+) -> dict[ItemState, int]:
+    """Return how many items are in each :class:`~papy._items.ItemState`.
+
+    ``read``: items the input reader holds; ``finishing``: positions some terminals
+    finished; ``retired``: input items that left. Items inside the run count once per
+    sub-item and once per branch.
+    """
+    return {
+        ItemState.READ: read,
+        ItemState.WAITING: sum(q.ready for q in queues),
+        ItemState.RUNNING: sum(q.in_tasks for q in queues),
+        ItemState.HELD: sum(q.held for q in queues),
+        ItemState.FINISHED: finishing,
+        ItemState.RETIRED: retired,
+    }

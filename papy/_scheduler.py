@@ -41,7 +41,7 @@ from papy._node import Node
 from papy._observe import Observer, RunLog, Timeline
 from papy._plan import Graph, Step
 from papy._progress import Progress, progress_wanted
-from papy._queues import StepQueue, charge_wait, in_flight
+from papy._queues import StepQueue, charge_wait, counts, in_flight
 from papy._report import FailureLog, NodeStats, Report, build_report, driver_time
 from papy._resume import Resume
 from papy._sizing import Buffer, size_of
@@ -51,7 +51,7 @@ from papy.pools._base import Pool, Task
 
 log = logging.getLogger("papy")
 
-_Done = tuple[StepQueue | None, Sequence[Key], Future[TaskResult] | None]
+_Done = tuple[StepQueue | None, Step | None, Sequence[Key], Future[TaskResult] | None]
 
 
 class Scheduler:
@@ -147,7 +147,7 @@ class Scheduler:
             on_finish=self.resume.finished if self.resume else None,
             on_retire=self.resume.retired if self.resume else None,
         )
-        self.queues = [StepQueue(s) for s in plan.steps]
+        self.queues = [StepQueue(s, plan.groups.get(s.index)) for s in plan.steps]
         self._sources = [self.queues[i] for i in plan.sources]
         self._dispatch_order = list(reversed(self.queues))  # ties: downstream first
         self._pool_out: dict[int, int] = {id(p): 0 for p in plan.pools}
@@ -227,7 +227,7 @@ class Scheduler:
         try:
             self._setup()
             q = self._queue
-            self._input = reader_for(items, lambda: q.put((None, (), None)))
+            self._input = reader_for(items, lambda: q.put((None, None, (), None)))
             prof = self.profile
             perf = time.perf_counter
             out = self.terminals.out
@@ -335,18 +335,20 @@ class Scheduler:
                     out = pool_out[id(pool)]
                     if out >= pool.workers * pool.prefetch:
                         continue
-                    if q.ready < q.batch.value and (not partial or out >= pool.workers):
+                    if q.ready < q.lane()[1].value and (not partial or out >= pool.workers):
                         continue
                     age = q.oldest()
                     if best is None or age < best_age:
                         best, best_age = q, age
                 if best is None:
                     break
-                keys, values, dirty = best.take(min(best.batch.value, best.ready))
-                self._submit(best, keys, values, dirty)
+                step, batch = best.lane()
+                keys, values, dirty = best.take(min(batch.value, best.ready))
+                self._submit(best, step, keys, values, dirty)
 
-    def _submit(self, q: StepQueue, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
-        step = q.step
+    def _submit(
+        self, q: StepQueue, step: Step, keys: Sequence[Key], values: list[Any], dirty: bool
+    ) -> None:
         jkeys = self.resume.jkeys(keys) if self.resume and step.spec.journal else None
         task = Task(step.spec, keys, values, step.timeout, jkeys, dirty)
         q.outstanding += 1
@@ -355,25 +357,15 @@ class Scheduler:
         fut = q.pool.submit(task)
         self._running[fut] = q.pool
         done = self._queue
-        fut.add_done_callback(lambda f: done.put((q, keys, f)))
+        fut.add_done_callback(lambda f: done.put((q, step, keys, f)))
 
     # -- what observers read ---------------------------------------------------------------
 
     def counts(self) -> dict[ItemState, int]:
-        """Return how many items (sub-items count one each) are in each state right now.
-
-        RETIRED counts input items; the other states count items inside the run, where a
-        scattered item counts once per sub-item and an item on two branches twice.
-        """
+        """Return how many items are in each state now (see :func:`papy._queues.counts`)."""
         qs = getattr(self, "queues", ())
-        return {
-            ItemState.READ: self._input.granted,
-            ItemState.WAITING: sum(q.ready for q in qs),
-            ItemState.RUNNING: sum(q.in_tasks for q in qs),
-            ItemState.HELD: sum(q.held for q in qs),
-            ItemState.FINISHED: self.terminals.finishing,
-            ItemState.RETIRED: self.retired,
-        }
+        finishing = self.terminals.finishing if self._started else 0
+        return counts(qs, self._input.granted, finishing, self.retired)
 
     def in_flight(self) -> dict[str, int]:
         """Return, per node, the items waiting for it, held for it or inside its tasks."""
@@ -413,7 +405,7 @@ class Scheduler:
         try:
             while True:
                 if item[0] is not None:  # (None, ...) is the input reader's wake-up
-                    self._complete(item[0], item[1], item[2])  # type: ignore[arg-type]
+                    self._complete(*item)  # type: ignore[arg-type]
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -423,11 +415,12 @@ class Scheduler:
 
     # -- completion and routing ------------------------------------------------------------
 
-    def _complete(self, q: StepQueue, keys: Sequence[Key], fut: Future[TaskResult]) -> None:
+    def _complete(
+        self, q: StepQueue, step: Step, keys: Sequence[Key], fut: Future[TaskResult]
+    ) -> None:
         q.outstanding -= 1
         self._pool_out[id(q.pool)] -= 1
         del self._running[fut]
-        step = q.step
         try:
             result = fut.result()
         except BaseException as exc:
@@ -440,7 +433,7 @@ class Scheduler:
             result = Task(step.spec, keys, [None] * len(keys)).miscounted(q.pool, result.values)
             log.error("%s", result.values[0].message)
         values = result.values
-        busy = q.task_done(result, len(keys), self.stats)
+        busy = q.task_done(step, result, len(keys), self.stats)
         buffer = self.buffer
         if values and buffer.auto:
             buffer.sample_output(
@@ -449,12 +442,14 @@ class Scheduler:
         target = q.pool.target_task_s
         if self._exhausted:
             target /= 4  # the input is all in: smaller last tasks even out the workers' ends
-        q.batch.learn(len(keys), busy, target, buffer.task_cap(q.pool.workers))
-        n_in = len(keys)
+        batch = q.group_batch if step is q.group else q.batch
+        batch.learn(len(keys), busy, target, buffer.task_cap(q.pool.workers))  # type: ignore[union-attr]
+        n_in, st = len(keys), result.stats
         if step.tail.scatter:
             keys, values = self._expand(step.tail.name, keys, values)
-        for n in step.nodes[:-1]:  # 1:1 nodes: a scatter always ends its step
-            self.stats[n.name].items_out += n_in
+        for i, n in enumerate(step.nodes[:-1]):  # a scatter inside (a group) feeds the next
+            out = st[i + (n.scatter is True)].n_in if len(st) > i + 1 else n_in
+            self.stats[n.name].items_out += out
         self.stats[step.tail.name].items_out += len(keys)
         self._route(step, keys, values, result.dirty)
         for obs in self.observers:

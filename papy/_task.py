@@ -28,7 +28,7 @@ from papy._apply import (
     reraise,
     run_async_stage,
 )
-from papy._items import Failure, Key, failure_from_exception
+from papy._items import Failure, Key, child_key, failure_from_exception
 from papy._journal import JournalSpec, SinkLog, lookup, record, task_guard
 from papy._rundir import set_current as set_run_dir
 
@@ -54,6 +54,10 @@ class StepSpec:
     run_dir: str | None = None  # where file helpers write (papy.io.run_dir())
     journal: JournalSpec | None = None  # set on recording steps of a journaled run
     private: bool = True  # files written in run_dir are mode 0600 (False: a user's workdir)
+    #: (scatter stage, gather stage) when the step runs a scatter, the 1:1 stages after it
+    #: and the gather that closes it as one task: each item's sub-items never leave the
+    #: worker (see :func:`_run_group`)
+    group: tuple[int, int] | None = None
 
 
 @dataclass
@@ -265,6 +269,8 @@ def _run(
     """
     set_run_dir(spec.run_dir, spec.private)
     stages = spec.stages
+    if spec.group is not None:
+        return _run_group(spec, spec.group, keys, values, dirty, tracker)
     if len(stages) == 1 or any(s.batched or s.is_async for s in stages) or len(values) <= 8:
         return _run_slice(stages, keys, values, dirty, tracker=tracker)
     sizes: list[int] = []
@@ -284,6 +290,55 @@ def _run(
             )
         )
     return result
+
+
+def _run_group(
+    spec: StepSpec,
+    group: tuple[int, int],
+    keys: Sequence[Key],
+    values: list[Any],
+    dirty: bool,
+    tracker: Tracker | None,
+) -> TaskResult:
+    """Run a batch through a scatter, the 1:1 stages after it and the gather closing it.
+
+    The stages up to the scatter run over the batch; the sub-items of every item then run
+    through the middle stages as one batch (a sub-item is keyed and blamed as its item
+    would be: ``(key, i)``, and the tracker hears its item's index); each item's sub-items
+    are regrouped in order, the first Failure among them standing for the group as a
+    gather does, and the gather and the stages after it run over the batch. The result
+    holds one value per item, as any task's.
+    """
+    s_i, g_i = group
+    stages = spec.stages
+    head = _run_slice(stages[: s_i + 1], keys, values, dirty, tracker=tracker)
+    sub_keys: list[Key] = []
+    sub_values: list[Any] = []
+    owner: list[int] = []
+    counts = []
+    for i, (key, v) in enumerate(zip(keys, head.values)):
+        subs = [v] if type(v) is Failure else v
+        counts.append(len(subs))
+        sub_keys.extend(child_key(key, j) for j in range(len(subs)))
+        sub_values.extend(subs)
+        owner.extend([i] * len(subs))
+    mid = _run_slice(
+        stages[s_i + 1 : g_i],
+        sub_keys,
+        sub_values,
+        True,
+        tracker=tracker,
+        first=s_i + 1,
+        indices=owner,
+    )
+    grouped: list[Any] = []
+    start = 0
+    for c in counts:
+        subs = mid.values[start : start + c]
+        start += c
+        grouped.append(next((x for x in subs if type(x) is Failure), subs))
+    tail = _run_slice(stages[g_i:], keys, grouped, True, tracker=tracker, first=g_i)
+    return TaskResult(tail.values, [*head.stats, *mid.stats, *tail.stats], dirty=True)
 
 
 def _run_slice(
