@@ -25,9 +25,11 @@ from typing import IO, Any
 
 from papy._errors import PapyError
 
-#: (run directory, whether its files are private) for the tasks of this thread
-_state: ContextVar[tuple[str | None, bool]] = ContextVar("papy_run_dir", default=(None, True))
-_checked: set[str] = set()
+#: (run directory, whether its files are private, whether it was checked) for the tasks
+#: of this thread: state of the run, set per task, never a process-wide cache
+_state: ContextVar[tuple[str | None, bool, bool]] = ContextVar(
+    "papy_run_dir", default=(None, True, False)
+)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -35,7 +37,7 @@ FILE_MODE = 0o600
 
 def set_current(path: str | None, private: bool = True) -> None:
     """Set the run directory for the tasks this thread runs next, and its privacy."""
-    _state.set((path, private))
+    _state.set((path, private, False))
 
 
 def make_run_dir() -> str:
@@ -80,7 +82,8 @@ def ensure_private_dir(path: str | Path, private: bool = True) -> Path:
     user, rather than write through it. A user's own ``workdir`` keeps its mode.
     """
     p = str(path)
-    if p in _checked:
+    current, private_now, checked = _state.get()
+    if checked and p == current:
         return Path(p)
     parent = os.path.dirname(p)
     if parent and not os.path.isdir(parent):
@@ -105,8 +108,8 @@ def ensure_private_dir(path: str | Path, private: bool = True) -> Path:
         )
     if ours and st.st_mode & 0o077:
         os.chmod(p, DIR_MODE)
-    if p == _state.get()[0]:
-        _checked.add(p)
+    if p == current:
+        _state.set((current, private_now, True))
     return Path(p)
 
 
@@ -116,7 +119,7 @@ def run_dir() -> Path:
     Outside a run (calling a node function by hand) it is a private ``papy-files`` folder
     in the current directory, so functions stay testable on their own.
     """
-    current, private = _state.get()
+    current, private, _ = _state.get()
     if current:
         return ensure_private_dir(current, private)
     return ensure_private_dir(Path(os.getcwd()) / "papy-files", True)
@@ -124,7 +127,7 @@ def run_dir() -> Path:
 
 def files_private() -> bool:
     """Tell whether files written for this run must be mode 0600."""
-    current, private = _state.get()
+    current, private, _ = _state.get()
     return private or not current
 
 
