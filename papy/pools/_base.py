@@ -151,9 +151,11 @@ class Pool(abc.ABC):
     - A Failure already among ``task.values`` (the item failed upstream) comes back
       unchanged; no function runs on it.
     - *A future fails* (``set_exception``) *only when the pool itself cannot run work*,
-      always with a :class:`~papy.PoolError`: it was closed before the task finished, its
-      cluster is gone or refuses the work, its workers cannot start. The scheduler then
-      stops the run with that error: nothing is silently lost.
+      with a :class:`~papy.PoolError`: it was closed before the task finished, its
+      cluster is gone or refuses the work, its workers cannot start (or on a bug in PaPy
+      itself, or a real interrupt of the driver: then with that exception). The scheduler
+      then stops the run with that error: nothing is silently lost. A closed pool never
+      answers with a result whose items are PoolError Failures.
     - On a closed pool ``submit`` *raises* :class:`~papy.PoolError` (it does not return a
       failed future), also when ``close()`` runs in another thread at the same moment.
     - ``submit`` does not wait for the work, except on an :class:`~papy.InlinePool`, which
@@ -171,10 +173,11 @@ class Pool(abc.ABC):
     that was never closed. A Dask cluster or client the user passed in stays up.
 
     *A worker crash* (a worker process that dies, a Dask worker lost) costs only the items
-    it held: the pool replaces the worker, runs the other items again, and the item that
-    killed it becomes a :class:`~papy.WorkerCrashed` Failure (see above); the pool stays
-    usable and keeps its size. Pools that run in the driver's own process (inline,
-    thread) have no separate worker: what kills their worker kills the driver.
+    it held: the pool replaces the worker (on Dask, the worker's nanny restarts it), runs
+    the other items again, and the item that killed it becomes a
+    :class:`~papy.WorkerCrashed` Failure (see above); the pool stays usable. Pools
+    that run in the driver's own process (inline, thread) have no separate worker: what
+    kills their worker kills the driver.
 
     ``cancel(futures)`` withdraws the given tasks that have not started (see
     :meth:`cancel`): their futures are cancelled and their items never run; running
@@ -196,20 +199,21 @@ class Pool(abc.ABC):
     Pipeline refuses a node with a ``timeout`` on it (:class:`~papy.GraphError`) before
     any work. A pool with ``item_timeouts = True`` times every item of a task from the
     item's own start (``k * timeout`` for one call of a ``batched=True`` node on ``k``
-    items): only the item that overran fails with ``TimeoutError``, its batch-mates
-    complete, and the failure arrives within the limit plus a small grace (no item is cut
-    short before its limit). A pool with ``item_timeouts = False`` only times the whole
-    task (``task.timeout * len(task)``) and fails all its still-good items when it
-    overruns, so the scheduler gives a timed node one item per task on such a pool and
-    never fuses a timed node there.
+    items): only the item that overran fails with ``TimeoutError`` and its batch-mates
+    complete. A pool with ``item_timeouts = False`` only times the whole task
+    (``task.timeout * len(task)``) and fails all its still-good items when it overruns,
+    so the scheduler gives a timed node one item per task on such a pool and never fuses
+    a timed node there. Either way the clock starts when the item (or the task) starts
+    running on a worker, never while it waits in a queue or travels there, so no item is
+    cut short before its limit; the failure arrives within the limit plus a small grace.
 
     *Threads.* ``submit``, ``cancel``, ``release`` and ``close`` may be called from any
     thread, and several threads may submit at the same time (one pool shared by runs in
     progress at once). Futures complete on the pool's own threads (its worker threads,
     its manager thread, Dask's event loop), or, on an InlinePool, in the caller's thread
     before ``submit`` returns; done-callbacks therefore run on those threads and must be
-    quick and must not wait for the pool (the scheduler's only puts the future on its
-    completion queue).
+    quick and must not wait for the pool (the scheduler's callback only puts the future
+    on its completion queue).
     """
 
     #: How many tasks can run at the same time.
