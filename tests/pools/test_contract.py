@@ -226,7 +226,7 @@ def pool(make: Callable[[], Pool]) -> Pool:
 def test_one_output_per_key_in_the_tasks_order(pool: Pool) -> None:
     step = spec(stage("inc", plus_one), stage("triple", times_three))
     batches = [[5], [3, 1, 2], list(range(17, 0, -1)), [0] * 4]
-    keys = [[40], [(7, 2), (7, 0), (7, 1)], list(range(100, 117)), [9, 8, 7, 6]]
+    keys: list[list[Key]] = [[40], [(7, 2), (7, 0), (7, 1)], list(range(100, 117)), [9, 8, 7, 6]]
     futs = [pool.submit(task(step, k, v)) for k, v in zip(keys, batches)]
     for values, fut in zip(batches, futs):
         result = result_of(fut)
@@ -554,11 +554,11 @@ def test_concurrent_submits_from_several_threads_all_complete(pool: Pool) -> Non
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT_S)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
     assert not errors, errors
     assert sorted(results) == [0, 1, 2, 3]
     for t, batches in results.items():
