@@ -13,8 +13,13 @@ returns later is discarded, and it never commits to a journal. The abandoned cal
 runs to its end in the background; use a ProcessPool when a stuck call must really be
 stopped.
 
-The pool's threads hold no reference to the :class:`ThreadPool` object itself, so a pool
-that is never closed is closed when it is garbage-collected, and at interpreter exit.
+``close()`` fails every unfinished task with :class:`~papy.PoolError` before it returns:
+queued tasks never run, and a running one is given up like a late item (its call goes on
+in the background, its result is discarded, its thread ends when the call returns). A
+``submit()`` that races ``close()`` raises ``PoolError``; it never queues a task that
+nothing would run. The pool's threads hold no reference to the :class:`ThreadPool` object
+itself, so a pool that is never closed is closed when it is garbage-collected, and at
+interpreter exit.
 
 ``ThreadPool()`` with no worker count sizes itself: it starts with ``min(32, cores + 4)``
 threads and adds one whenever a task waits for a thread while the pool's threads together
