@@ -32,6 +32,7 @@ from papy import Failure, GraphError, InlinePool, Pipeline, PoolError, ProcessPo
 from papy._items import Key
 from papy._task import Call, Stage, StepSpec, TaskResult
 from papy.pools._base import Pool, Task
+from papy.pools.dask import DaskPool
 
 KINDS = ["inline", "thread", "process", "dask"]
 #: pools whose items and results cross a process boundary (pickled)
@@ -193,8 +194,6 @@ def new_pool(kind: str, address: str | None = None) -> Pool:
         return ThreadPool(2)
     if kind == "process":
         return ProcessPool(2)
-    from papy.pools.dask import DaskPool
-
     return DaskPool(address, connect_timeout=30)
 
 
@@ -388,6 +387,22 @@ def test_an_item_past_its_timeout_fails_alone(kind: str, pool: Pool, tmp_path: P
         gate.touch()  # an abandoned thread or a cancelled Dask task ends now
     assert values[0] == 1 and values[2] == 3
     check_failure(values[1], "sleepy", 1, "TimeoutError")
+
+
+def test_time_waiting_for_a_worker_does_not_count_against_a_timeout(
+    kind: str, pool: Pool, tmp_path: Path
+) -> None:
+    if not pool.enforces_timeout:
+        pytest.skip("an InlinePool enforces no timeout (a pipeline refuses a timed node on it)")
+    _, gate, running, _, _ = _fill(pool, tmp_path, queued=0)
+    step = spec(stage("timed", plus_one, timeout=0.5))
+    try:
+        waiting = [pool.submit(task(step, [i], [i])) for i in range(pool.workers)]
+        time.sleep(1.5)  # every timed task waits three times its limit for a worker
+    finally:
+        gate.touch()
+    assert [result_of(f).values for f in waiting] == [[i + 1] for i in range(len(waiting))]
+    assert [result_of(f).values for f in running] == [[i] for i in range(len(running))]
 
 
 # -- close ----------------------------------------------------------------------------------
