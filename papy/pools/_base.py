@@ -2,16 +2,10 @@
 
 A pool runs tasks (a batch of items through a fused step) and hands back a
 :class:`concurrent.futures.Future` of a :class:`~papy._task.TaskResult`. The scheduler only
-ever calls :meth:`Pool.submit`, reads :attr:`Pool.workers` and calls :meth:`Pool.close`,
-so a new kind of pool (a cluster, a GPU queue) is one new module and no scheduler change.
-
-Contract for implementers:
-- ``submit`` never raises for a problem with an *item* (unpicklable, crashing, timing out):
-  that item's output becomes a :class:`~papy.Failure` and the other items complete.
-- A future fails (``set_exception``) only when the pool itself is unusable (closed, or a
-  cluster unreachable); the scheduler then stops the run with that error.
-- ``close()`` is idempotent, releases every worker, and leaves no process or thread that
-  keeps the interpreter alive.
+ever calls :meth:`Pool.submit`, :meth:`Pool.cancel`, :meth:`Pool.release` and
+:meth:`Pool.close` and reads :attr:`Pool.workers`, so a new kind of pool (a cluster, a GPU
+queue) is one new module and no scheduler change. What a pool promises is written once, in
+the docstring of :class:`Pool`.
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ from __future__ import annotations
 import abc
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -142,7 +137,98 @@ _P = TypeVar("_P", bound="Pool")
 
 
 class Pool(abc.ABC):
-    """Run tasks on some workers; the scheduler's only view of compute resources."""
+    """Run tasks on some workers; the scheduler's only view of compute resources.
+
+    **The contract.** Every pool (inline, thread, process, Dask, and any new one) keeps
+    the promises below; ``tests/pools/test_contract.py`` checks them, the same tests for
+    every pool.
+
+    ``submit(task)`` returns a :class:`~concurrent.futures.Future` of a
+    :class:`~papy._task.TaskResult`:
+
+    - *One output per item, in the task's order.* ``result.values[i]`` is the output (or a
+      :class:`~papy.Failure`) of item ``task.keys[i]``, and ``len(result.values) ==
+      len(task.keys)``, whatever happened to the items. ``result.stats`` has one
+      :class:`~papy._task.StageStats` per stage of ``task.spec`` (empty when the pool
+      failed the task as a whole). The futures of different tasks complete in any order.
+    - *An item's own problem is that item's Failure*, never a failed future and never its
+      batch-mates' failure. Each of these becomes a Failure whose ``node`` names the node
+      and ``item`` the item's key, and the other items of the task complete normally (a
+      pool may run them again to find the culprit; each is still reported once):
+      an exception raised by a node's function (any exception, ``SystemExit`` and
+      ``KeyboardInterrupt`` included, unless it is a real interrupt of the driver); an
+      input or an output that cannot be pickled on a pool that pickles
+      (``TypeError``; pools in the driver's process pass the object itself); a worker
+      that dies while running the item (``os._exit``, a signal, the OOM killer):
+      :class:`~papy.WorkerCrashed`; an item that runs past its node's ``timeout``:
+      ``TimeoutError`` (see *Timeouts*).
+    - A Failure already among ``task.values`` (the item failed upstream) comes back
+      unchanged; no function runs on it.
+    - *A future fails* (``set_exception``) *only when the pool itself cannot run work*,
+      with a :class:`~papy.PoolError`: it was closed before the task finished, its
+      cluster is gone or refuses the work, its workers cannot start (or on a bug in PaPy
+      itself, or a real interrupt of the driver: then with that exception). The scheduler
+      then stops the run with that error: nothing is silently lost. A closed pool never
+      answers with a result whose items are PoolError Failures.
+    - On a closed pool ``submit`` *raises* :class:`~papy.PoolError` (it does not return a
+      failed future), also when ``close()`` runs in another thread at the same moment.
+    - ``submit`` does not wait for the work, except on an :class:`~papy.InlinePool`, which
+      runs the task in the caller's thread and returns a future already done.
+
+    ``close()`` is idempotent and returns promptly, without waiting for running tasks.
+    When it returns, every future the pool gave out is done: finished tasks keep their
+    result, every other one failed with :class:`~papy.PoolError` (queued tasks never run;
+    a running task is stopped where the pool can stop it: a worker process is killed, a
+    Dask task cancelled; a thread cannot be stopped, so a ThreadPool abandons the task: its
+    call goes on in the background and its result is discarded). Every worker is released:
+    no process of the pool is left, and no thread, except a ThreadPool thread still inside
+    a node's function, which ends when that call returns; nothing the pool started keeps
+    the interpreter from exiting. Garbage collection and interpreter exit close a pool
+    that was never closed. A Dask cluster or client the user passed in stays up.
+
+    *A worker crash* (a worker process that dies, a Dask worker lost) costs only the items
+    it held: the pool replaces the worker (on Dask, the worker's nanny restarts it), runs
+    the other items again, and the item that killed it becomes a
+    :class:`~papy.WorkerCrashed` Failure (see above); the pool stays usable. Pools
+    that run in the driver's own process (inline, thread) have no separate worker: what
+    kills their worker kills the driver.
+
+    ``cancel(futures)`` withdraws the given tasks that have not started (see
+    :meth:`cancel`): their futures are cancelled and their items never run; running
+    tasks finish and report as usual; futures already done, or not from this pool, are
+    left alone. It returns how many tasks it withdrew.
+
+    ``release(spec_ids)`` is called at the end of every run with the ids of its steps'
+    specs: the pool may drop what it keeps for them (shipped functions, caches). It is
+    never an error: unknown ids are ignored, and a task of a released spec submitted
+    later still runs (its spec is shipped again).
+
+    ``workers`` is how many tasks the pool runs at the same time *now* (at least 1); it
+    may change while the pool lives (a self-sizing ThreadPool, a Dask cluster that grows
+    or loses workers) and the scheduler reads it at every dispatch, keeping ``workers *
+    prefetch`` tasks in flight.
+
+    *Timeouts.* A pool with ``enforces_timeout = False`` cannot interrupt a call (an
+    InlinePool runs in the caller's thread): it never enforces a ``timeout``, and a
+    Pipeline refuses a node with a ``timeout`` on it (:class:`~papy.GraphError`) before
+    any work. A pool with ``item_timeouts = True`` times every item of a task from the
+    item's own start (``k * timeout`` for one call of a ``batched=True`` node on ``k``
+    items): only the item that overran fails with ``TimeoutError`` and its batch-mates
+    complete. A pool with ``item_timeouts = False`` only times the whole task
+    (``task.timeout * len(task)``) and fails all its still-good items when it overruns,
+    so the scheduler gives a timed node one item per task on such a pool and never fuses
+    a timed node there. Either way the clock starts when the item (or the task) starts
+    running on a worker, never while it waits in a queue or travels there, so no item is
+    cut short before its limit; the failure arrives within the limit plus a small grace.
+
+    *Threads.* ``submit``, ``cancel``, ``release`` and ``close`` may be called from any
+    thread, and several threads may submit at the same time (one pool shared by runs in
+    progress at once). Futures complete on the pool's own threads (its worker threads,
+    its manager thread, Dask's event loop), or, on an InlinePool, in the caller's thread
+    before ``submit`` returns; done-callbacks therefore run on those threads and must be
+    quick and must not wait for the pool (the scheduler's callback only puts the future
+    on its completion queue).
+    """
 
     #: How many tasks can run at the same time.
     workers: int
@@ -167,6 +253,8 @@ class Pool(abc.ABC):
         self._closed = False
         self._start_lock = threading.Lock()
         self._started = False
+        #: the futures this pool gave out and that someone still holds (for cancel())
+        self._issued: weakref.WeakSet[Future[TaskResult]] = weakref.WeakSet()
 
     @property
     def closed(self) -> bool:
@@ -183,13 +271,21 @@ class Pool(abc.ABC):
                 self._started = True
 
     def submit(self, task: Task) -> Future[TaskResult]:
-        """Run ``task`` and return a future of its result."""
+        """Run ``task`` and return a future of its result (see the class docstring).
+
+        Raises :class:`~papy.PoolError` when the pool is closed.
+        """
         if not self._started or self._closed:
             self.start()
-        return self._submit(task)
+        fut = self._submit(task)
+        self._issued.add(fut)
+        return fut
 
     def close(self) -> None:
-        """Stop the workers; idempotent. Tasks not finished get a PoolError."""
+        """Stop the workers; idempotent. Futures not done fail with a PoolError.
+
+        See the class docstring for what must be true when this returns.
+        """
         with self._start_lock:
             if self._closed:
                 return
@@ -216,11 +312,13 @@ class Pool(abc.ABC):
         running is left to finish and its future completes as usual. Futures of other
         pools, or already done, are ignored.
 
-        The default cancels the futures themselves, which is enough for any pool that
-        calls ``future.set_running_or_notify_cancel()`` when a task starts and skips the
-        task when that returns ``False`` (as :mod:`concurrent.futures` executors do).
+        The default cancels the futures themselves (those this pool gave out), which is
+        enough for any pool that calls ``future.set_running_or_notify_cancel()`` when a
+        task starts and skips the task when that returns ``False`` (as
+        :mod:`concurrent.futures` executors do).
         """
-        return sum(1 for f in futures if f.cancel())
+        issued = self._issued
+        return sum(1 for f in futures if f in issued and f.cancel())
 
     def describe(self) -> str:
         """Return the label used in reports and drawings, such as ``processx2``."""

@@ -13,8 +13,13 @@ returns later is discarded, and it never commits to a journal. The abandoned cal
 runs to its end in the background; use a ProcessPool when a stuck call must really be
 stopped.
 
-The pool's threads hold no reference to the :class:`ThreadPool` object itself, so a pool
-that is never closed is closed when it is garbage-collected, and at interpreter exit.
+``close()`` fails every unfinished task with :class:`~papy.PoolError` before it returns:
+queued tasks never run, and a running one is given up like a late item (its call goes on
+in the background, its result is discarded, its thread ends when the call returns). A
+``submit()`` that races ``close()`` raises ``PoolError``; it never queues a task that
+nothing would run. The pool's threads hold no reference to the :class:`ThreadPool` object
+itself, so a pool that is never closed is closed when it is garbage-collected, and at
+interpreter exit.
 
 ``ThreadPool()`` with no worker count sizes itself: it starts with ``min(32, cores + 4)``
 threads and adds one whenever a task waits for a thread while the pool's threads together
@@ -34,7 +39,7 @@ import queue
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from papy._errors import PoolError
@@ -97,6 +102,7 @@ class _State:
         self.queue: queue.SimpleQueue[_Running | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.timed: set[_Running] = set()  # running tasks that have a timed stage
+        self.running: set[_Running] = set()  # tasks a thread has started, not reported
         self.cond = threading.Condition()
         self.closed = False
         self.counter = itertools.count()
@@ -110,25 +116,61 @@ class _State:
         self.threads.append(t)
         t.start()
 
+    def put(self, running: _Running) -> None:
+        """Queue a task; raise PoolError once the pool is closed (never queue it then).
+
+        Under ``cond``, so a task is either queued before :meth:`close` drains the queue
+        (and failed there) or refused: a submit racing ``close()`` never leaves a future
+        that nothing will complete.
+        """
+        with self.cond:
+            if self.closed:
+                raise PoolError("the ThreadPool is closed; make a new pool")
+            self.queue.put(running)
+
     def close(self) -> None:
+        """Fail every unfinished task with PoolError and let the threads end.
+
+        Queued tasks never run. A running task cannot be stopped: its future fails now,
+        whatever its thread returns later is discarded, and the thread ends when the call
+        returns (a journaled task still records the outputs it computed: they are right).
+        """
         with self.cond:
             if self.closed:
                 return
             self.closed = True
             self.cond.notify_all()
+            started = list(self.running)
+            self.running.clear()
         while True:  # fail what never started
             try:
-                running = self.queue.get_nowait()
+                queued = self.queue.get_nowait()
             except queue.Empty:
                 break
-            if running is not None and running.future.set_running_or_notify_cancel():
-                running.future.set_exception(PoolError("pool closed before the task ran"))
+            if queued is None:
+                continue
+            # A re-run (the batch-mates of a late item) is already running for its future.
+            if queued.rerun or queued.future.set_running_or_notify_cancel():
+                _fail(queued.future, PoolError("the pool was closed before the task ran"))
+        for running in started:
+            with running.lock:
+                if running.finished:
+                    continue  # its thread is reporting it
+                running.finished = True
+            _fail(running.future, PoolError("the pool was closed before the task finished"))
         for _ in self.threads:
             self.queue.put(None)
         me = threading.current_thread()
         for t in self.threads:
             if t is not me:
                 t.join(timeout=0.05)
+
+
+def _fail(future: Future[TaskResult], error: PoolError) -> None:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:
+        pass  # done meanwhile (cancelled, or its result came first)
 
 
 def _work(state: _State) -> None:
@@ -160,6 +202,12 @@ def _run_one(state: _State, running: _Running) -> bool:
     """Run one task; return False when this thread was abandoned and must end."""
     if not running.rerun and not running.future.set_running_or_notify_cancel():
         return True
+    with state.cond:
+        if state.closed:
+            # close() drained the queue before this thread took the task from it.
+            _fail(running.future, PoolError("the pool was closed before the task ran"))
+            return False
+        state.running.add(running)
     task = running.task
     timed = any(s.timeout is not None for s in task.spec.stages)
     if timed:
@@ -186,9 +234,9 @@ def _run_one(state: _State, running: _Running) -> bool:
         if running.finished:
             return False  # abandoned: a replacement thread already took its place
         running.finished = True
-    if timed:
-        with state.cond:
-            state.timed.discard(running)
+    with state.cond:
+        state.running.discard(running)
+        state.timed.discard(running)
     if error is not None:
         running.future.set_exception(error)
     else:
@@ -237,6 +285,7 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
         running.clock.abandoned = True
     with state.cond:
         state.timed.discard(running)
+        state.running.discard(running)
     task = running.task
     node = task.spec.stages[stage].name
     limit = task.spec.stages[stage].timeout or 0.0
@@ -261,11 +310,11 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
         )
         values[i] = failure_from_exception(node, task.keys[i], error, values[i])
     retry = Task(task.spec, task.keys, values, task.timeout, task.jkeys, dirty=True)
-    if state.closed:
-        running.future.set_exception(PoolError("pool closed before the task ran"))
-        return
     # The same future completes when the re-run does: the scheduler sees one task.
-    state.queue.put(_Running(retry, running.future, rerun=True))
+    try:
+        state.put(_Running(retry, running.future, rerun=True))
+    except PoolError:
+        _fail(running.future, PoolError("the pool was closed before the task finished"))
 
 
 class ThreadPool(Pool):
@@ -299,7 +348,7 @@ class ThreadPool(Pool):
     def _submit(self, task: Task) -> Future[TaskResult]:
         fut: Future[TaskResult] = Future()
         state = self._state
-        state.queue.put(_Running(task, fut))
+        state.put(_Running(task, fut))
         if self.autoscale:
             now = time.perf_counter()
             with state.cond:
