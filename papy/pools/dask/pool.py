@@ -57,6 +57,27 @@ def _fail(out: Future[TaskResult], error: BaseException) -> None:
         pass
 
 
+def _counting(
+    done: Callable[[TaskResult], None], failures: list[Failure]
+) -> Callable[[TaskResult], None]:
+    """Wrap ``done`` to count ``failures`` (items that could not travel) in the first stage.
+
+    They fail before any function runs on the worker, which counts them as failed
+    upstream; counted here, a node with ``on_error="raise"`` stops on them like on any
+    other failure of its items.
+    """
+
+    def counted(result: TaskResult) -> None:
+        if result.stats and failures:
+            st = result.stats[0]
+            st.n_in += len(failures)
+            st.n_failed += len(failures)
+            st.first_failure = st.first_failure or failures[0]
+        done(result)
+
+    return counted
+
+
 class _Shared:
     """What a DaskPool's callbacks, cluster watch and finalizer use; never the pool itself.
 
@@ -443,7 +464,12 @@ class DaskPool(Pool):
             if cleaned is None:
                 self._fail_out(out, PoolError(f"could not submit to Dask: {exc}"))
                 return
-            task = cleaned
+            fresh = [
+                v
+                for u, v in zip(task.values, cleaned.values)
+                if type(u) is not Failure and type(v) is Failure
+            ]
+            task, done = cleaned, _counting(done, fresh)
             try:
                 dfut = self._submit_to_dask(task)
             except Exception as again:
