@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from integration.cluster import Cluster, start_scheduler, start_worker, wait_for_workers
-from papy import Failure, Pipeline
+from papy import Failure, Pipeline, PoolError
 from papy._task import Stage, StepSpec
 from papy.pools import Task
 from papy.pools.dask import DaskPool
@@ -188,3 +188,56 @@ def test_a_node_timeout_fails_the_late_item_only(clusters: tuple[Cluster, Cluste
         assert (failed.node, failed.exc_type) == ("nap", "TimeoutError")
         assert "timeout of 2 s" in failed.message
         assert pool.cache_sizes() == empty(pool)
+
+
+def keep(x: Any) -> Any:
+    return x
+
+
+def test_an_unpicklable_input_stops_a_node_that_raises_on_error(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    """An item that cannot travel to the workers counts as a failure of its node."""
+    import threading
+
+    from papy import RunAborted
+
+    one, _ = clusters
+    with DaskPool(one.address) as pool:
+        pipe = Pipeline("strict")
+        pipe.add(keep, pool=pool, on_error="raise")
+        with pytest.raises(RunAborted) as caught:
+            list(pipe.map([1, threading.Lock(), 3]))
+    failure = caught.value.failure
+    assert (failure.node, failure.item, failure.exc_type) == ("keep", 1, "TypeError")
+    assert "lock" in failure.message
+
+
+def test_close_with_running_tasks_fails_them_and_logs_no_callback_error(
+    clusters: tuple[Cluster, Cluster], tmp_path: Path
+) -> None:
+    """close() cancels Dask tasks under their callbacks: none may log an error for it."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    dask_log = logging.getLogger("distributed")
+    dask_log.addHandler(handler)
+    one, _ = clusters
+    log = tmp_path / "ran.log"
+    try:
+        for _ in range(3):
+            log.unlink(missing_ok=True)
+            pool = DaskPool(one.address)
+            futures = [pool.submit(t) for t in _tasks(log, 3, 1.0)]
+            _wait_for_lines(log, 1)
+            pool.close()
+            for f in futures:
+                assert f.done()
+                assert isinstance(f.exception(timeout=0), PoolError), f
+        time.sleep(1.0)  # callbacks of the cancelled Dask tasks run on Dask's threads
+    finally:
+        dask_log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    wait_for_workers(one, 1)

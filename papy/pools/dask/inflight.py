@@ -26,7 +26,6 @@ class Sent:
     dfut: Any = None
     #: set once the task's outcome was handed on (or it was withdrawn): later news is ignored
     finished: threading.Event = field(default_factory=threading.Event)
-    timer: threading.Timer | None = None
 
 
 def withdrawable(

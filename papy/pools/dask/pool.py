@@ -3,21 +3,36 @@
 Dask schedules the tasks, moves the data, and re-runs a task whose worker died. A task is
 one batch through a fused chain of nodes, whose functions are pickled once per run and kept,
 per pool, in each worker's cache until the run ends. A task whose workers keep dying is split
-until the item at fault is found; a node's ``timeout`` is enforced from the driver;
-:meth:`DaskPool.cancel` withdraws a stopped run's tasks that have not started.
+until the item at fault is found; a node's ``timeout`` is enforced on the worker, from each
+item's own start; :meth:`DaskPool.cancel` withdraws a stopped run's tasks that have not
+started.
+
+An input that cannot be pickled fails that item (``TypeError``) and its batch-mates run; an
+output that cannot be pickled is failed the same way on the worker. :meth:`DaskPool.close`
+fails every unfinished task with :class:`~papy.PoolError` before it returns, and a
+``submit`` racing it raises ``PoolError``. The client, the workers' plugin and the Dask
+tasks are held by an inner object that the pool's callbacks share, not by the pool, so a
+pool nobody closed is closed when it is garbage-collected (or at interpreter exit).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import itertools
 import logging
+import pickle
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+import cloudpickle
+
 from papy._errors import PoolError, WorkerCrashed
+from papy._items import Failure, failure_from_exception, qualified_type
 from papy._task import StepSpec, TaskResult
 from papy.pools._base import Pool, Task, merge_parts
 from papy.pools.dask.cluster import (
@@ -32,6 +47,151 @@ from papy.pools.dask.inflight import Sent, marks, withdrawable
 from papy.pools.dask.shipping import can_import, dumps
 
 log = logging.getLogger("papy")
+
+
+def _fail(out: Future[TaskResult], error: BaseException) -> None:
+    """Fail ``out`` with ``error`` unless it is done already (answered, or cancelled)."""
+    try:
+        out.set_exception(error)
+    except InvalidStateError:
+        pass
+
+
+def _counting(
+    done: Callable[[TaskResult], None], failures: list[Failure]
+) -> Callable[[TaskResult], None]:
+    """Wrap ``done`` to count ``failures`` (items that could not travel) in the first stage.
+
+    They fail before any function runs on the worker, which counts them as failed
+    upstream; counted here, a node with ``on_error="raise"`` stops on them like on any
+    other failure of its items.
+    """
+
+    def counted(result: TaskResult) -> None:
+        if result.stats and failures:
+            st = result.stats[0]
+            st.n_in += len(failures)
+            st.n_failed += len(failures)
+            st.first_failure = st.first_failure or failures[0]
+        done(result)
+
+    return counted
+
+
+class _Shared:
+    """What a DaskPool's callbacks, cluster watch and finalizer use; never the pool itself.
+
+    Holding the client, the workers' plugin and the tasks in flight here, rather than on
+    the pool, lets a pool nobody closed be garbage-collected: its finalizer then calls
+    :meth:`close`, which releases them.
+    """
+
+    def __init__(self, cache_name: str) -> None:
+        self.lock = threading.Lock()
+        #: set by close(): no task is accepted, every unfinished future failed
+        self.closed = False
+        self.client: Any = None
+        self.own_client = False
+        self.cluster: Any = None
+        self.own_cluster = False
+        self.adapt: tuple[int, int] | None = None
+        self.watch: ClusterWatch | None = None
+        #: the name of the pool's StepCache plugin on the workers
+        self.cache_name = cache_name
+        self.registered = False
+        #: futures given out and not answered yet
+        self.outs: set[Future[TaskResult]] = set()
+        #: Dask tasks in flight, by number
+        self.live: dict[int, Sent] = {}
+        #: futures whose task was split (workers died): cancel() leaves them alone
+        self.split: set[Future[TaskResult]] = set()
+        #: pickled steps of the runs in progress, by step id
+        self.specs: dict[str, bytes] = {}
+        self.broken: PoolError | None = None
+
+    def fail_waiting(self, exc: PoolError) -> None:
+        """Stop the run: every task still waiting for this pool fails with ``exc``."""
+        self.broken = exc
+        with self.lock:
+            outs = list(self.outs)
+            live = [s.dfut for s in self.live.values()]
+        if live:
+            try:
+                self.client.cancel(live)
+            except Exception:
+                pass
+        for out in outs:
+            _fail(out, exc)
+
+    def close(self) -> None:
+        """Fail every unfinished task with PoolError, then release everything; idempotent."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            outs = list(self.outs)
+            self.outs.clear()
+            self.split.clear()
+            for s in self.live.values():
+                s.finished.set()  # news of it that comes later is ignored
+        error = PoolError("the DaskPool was closed before the task finished")
+        for out in outs:
+            _fail(out, error)
+        self.release()
+
+    def release(self) -> None:
+        """Cancel the tasks in flight, drop the plugin, close what the pool opened."""
+        if self.watch is not None:
+            self.watch.stop()
+        with self.lock:
+            live = [s.dfut for s in self.live.values()]
+            self.live.clear()
+        if self.client is not None and live:
+            try:
+                self.client.cancel(live)
+            except Exception:
+                pass
+        if self.registered:
+            self.registered = False
+            try:  # drops this pool's steps from every worker
+                self.client.unregister_worker_plugin(self.cache_name)
+            except Exception:
+                log.debug("could not unregister %s", self.cache_name, exc_info=True)
+        self.specs.clear()
+        if self.own_client and self.client is not None:
+            try:
+                self.client.close(timeout=5)
+            except Exception:
+                pass
+        if self.cluster is not None and self.own_cluster:
+            try:
+                self.cluster.close()  # cancels every job it submitted
+            except Exception:
+                log.warning("could not close %r", self.cluster, exc_info=True)
+        elif self.watch is not None and self.adapt is not None:
+            try:
+                self.watch.scale(self.adapt[0])  # give the jobs back now
+            except Exception:
+                pass
+
+
+def _on_shared(name: str, doc: str) -> Any:
+    """Return a property reading and writing attribute ``name`` of the pool's ``_shared``."""
+    return property(
+        lambda self: getattr(self._shared, name),
+        lambda self, value: setattr(self._shared, name, value),
+        doc=doc,
+    )
+
+
+class _Submitted:
+    """A task just handed to Dask: its number on the workers and its Dask future."""
+
+    __slots__ = ("number", "future")
+
+    def __init__(self, number: int, future: Any) -> None:
+        self.number = number
+        self.future = future
 
 
 class DaskPool(Pool):
@@ -57,6 +217,23 @@ class DaskPool(Pool):
     kind = "dask"
     target_task_s = 0.05  # Dask costs a few milliseconds per task: ship bigger batches
     prefetch = 3  # tasks per worker thread in flight, to hide the scheduler's latency
+    item_timeouts = True  # the workers time each item from its own start
+
+    client = _on_shared("client", "The ``distributed.Client`` the pool submits through.")
+    own_cluster = _on_shared(
+        "own_cluster", "Close the cluster (and cancel its jobs) with the pool."
+    )
+    _own_client = _on_shared("own_client", "Whether close() closes the client.")
+    _cluster = _on_shared("cluster", "The Cluster object given, if any.")
+    _watch = _on_shared("watch", "The ClusterWatch of a Cluster object, once started.")
+    _registered = _on_shared("registered", "Whether the workers' plugin is registered.")
+    _cache_name = _on_shared("cache_name", "The name of the workers' StepCache plugin.")
+    _outs = _on_shared("outs", "Futures given out and not answered yet.")
+    _live = _on_shared("live", "Dask tasks in flight, by number.")
+    _split = _on_shared("split", "Futures whose task was split.")
+    _specs = _on_shared("specs", "Pickled steps of the runs in progress, by step id.")
+    _broken = _on_shared("broken", "The PoolError that stopped the pool's work, if any.")
+    _lock = _on_shared("lock", "Guards the tasks in flight.")
 
     def __init__(
         self,
@@ -71,19 +248,14 @@ class DaskPool(Pool):
         start_timeout: float = 300.0,
     ) -> None:
         super().__init__()
+        self._shared = _Shared(f"papy-steps-{uuid.uuid4().hex}")
         self._target = address_or_client
         self.security = security
         if adapt is not None and not (0 <= adapt[0] <= adapt[1] and adapt[1] >= 1):
             raise ValueError(f"adapt=(lo, hi) needs 0 <= lo <= hi and hi >= 1, not {adapt!r}")
-        self.adapt = adapt
+        self.adapt = self._shared.adapt = adapt
         self.idle_timeout = idle_timeout
         self.start_timeout = start_timeout
-        self._cluster: Any = None
-        #: close the cluster (and cancel its jobs) with the pool
-        self.own_cluster = False
-        self._outs: set[Future[TaskResult]] = set()
-        self._broken: PoolError | None = None
-        self._watch: ClusterWatch | None = None
         #: the number of jobs (or workers) asked of the cluster by ``adapt``, over time
         self.scaled: list[int] = []
         #: names of the user's modules this pool sent to the workers by value
@@ -93,20 +265,8 @@ class DaskPool(Pool):
         self._workers_hint = workers
         self.workers = workers or 1
         self.connect_timeout = connect_timeout
-        self.client: Any = None
-        self._own_client = False
-        #: pickled steps of the runs in progress, by step id (dropped by :meth:`release`)
-        self._specs: dict[str, bytes] = {}
-        #: Dask tasks in flight, by number
-        self._live: dict[int, Sent] = {}
-        #: futures whose task was split (workers died): cancel() leaves them alone
-        self._split: set[Future[TaskResult]] = set()
         self._numbers = itertools.count()
-        self._lock = threading.Lock()
         self._parent: DaskPool | None = None
-        #: the name of this pool's StepCache plugin on the workers
-        self._cache_name = f"papy-steps-{uuid.uuid4().hex}"
-        self._registered = False
         self._on_worker: Any = None  # papy.pools.dask.worker, once Dask is imported
 
     def with_resources(self, resources: dict[str, float]) -> DaskPool:
@@ -137,6 +297,8 @@ class DaskPool(Pool):
         from papy.pools.dask import worker
 
         self._on_worker = worker
+        # A pool nobody closes is closed when collected: the finalizer holds only _shared.
+        weakref.finalize(self, self._shared.close)
         if self._parent is not None:
             self._parent.start()
             self.client = self._parent.client
@@ -164,7 +326,7 @@ class DaskPool(Pool):
             if self._cluster is not None:
                 self._watch_cluster()
         except BaseException:
-            self._close()  # the pool never started: release the client (and jobs) now
+            self._shared.release()  # the pool never started: release the client (and jobs)
             raise
         if self._workers_hint is None and (self._cluster is None or self.adapt is None):
             cluster = self._cluster or (self._parent._cluster if self._parent else None)
@@ -174,6 +336,7 @@ class DaskPool(Pool):
         """Start watching the Cluster object (sizing its jobs); wait for a first worker."""
         if self.adapt is not None:
             self.workers = self.adapt[1] * threads_per_job(self._cluster)
+        live = self._shared.live  # the watch thread must not hold the pool itself
         self._watch = ClusterWatch(
             self._cluster,
             self.client,
@@ -181,63 +344,18 @@ class DaskPool(Pool):
             idle_timeout=self.idle_timeout,
             start_timeout=self.start_timeout,
             prefetch=self.prefetch,
-            waiting=lambda: len(self._live),
-            fail=self._fail_waiting,
+            waiting=lambda: len(live),
+            fail=self._shared.fail_waiting,
             scaled=self.scaled,
         )
         self._watch.begin()
 
     def _fail_waiting(self, exc: PoolError) -> None:
         """Stop the run: every task still waiting for this pool fails with ``exc``."""
-        self._broken = exc
-        with self._lock:
-            outs = list(self._outs)
-            live = [s.dfut for s in self._live.values()]
-        if live:
-            try:
-                self.client.cancel(live)
-            except Exception:
-                pass
-        for out in outs:
-            if not out.done():
-                try:
-                    out.set_exception(exc)
-                except InvalidStateError:
-                    pass
+        self._shared.fail_waiting(exc)
 
     def _close(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-        with self._lock:
-            live = [s.dfut for s in self._live.values()]
-            self._live.clear()
-        if self.client is not None and live:
-            try:
-                self.client.cancel(live)
-            except Exception:
-                pass
-        if self._registered:
-            self._registered = False
-            try:  # drops this pool's steps from every worker
-                self.client.unregister_worker_plugin(self._cache_name)
-            except Exception:
-                log.debug("could not unregister %s", self._cache_name, exc_info=True)
-        self._specs.clear()
-        if self._own_client and self.client is not None:
-            try:
-                self.client.close(timeout=5)
-            except Exception:
-                pass
-        if self._cluster is not None and self.own_cluster:
-            try:
-                self._cluster.close()  # cancels every job it submitted
-            except Exception:
-                log.warning("could not close %r", self._cluster, exc_info=True)
-        elif self._watch is not None and self.adapt is not None:
-            try:
-                self._watch.scale(self.adapt[0])  # give the jobs back now
-            except Exception:
-                pass
+        self._shared.close()
 
     def release(self, spec_ids: Sequence[str]) -> None:
         """Forget the steps of a run that ended, here and in every worker's cache."""
@@ -297,106 +415,174 @@ class DaskPool(Pool):
         except PoolError as exc:
             out.set_exception(exc)  # the run cannot work on this cluster: stop it, once
             return out
-        with self._lock:
-            self._outs.add(out)
+        shared = self._shared
+        with shared.lock:
+            # Under the lock close() takes: a task is either known to close(), which fails
+            # it, or refused here; never left pending.
+            if shared.closed:
+                raise PoolError("the DaskPool is closed; make a new pool")
+            shared.outs.add(out)
 
         def done(result: TaskResult) -> None:
-            with self._lock:
-                self._outs.discard(out)
-                self._split.discard(out)
+            with shared.lock:
+                shared.outs.discard(out)
+                shared.split.discard(out)
             if not out.done():
                 try:
                     out.set_result(result)
                 except InvalidStateError:
-                    pass  # failed by _fail_waiting, or withdrawn by cancel, meanwhile
+                    pass  # failed by close or _fail_waiting, or withdrawn by cancel, meanwhile
 
         self._send(task, done, out)
         return out
 
+    def _fail_out(self, out: Future[TaskResult], error: BaseException) -> None:
+        """Fail the whole task behind ``out`` (the pool cannot run it)."""
+        with self._lock:
+            self._outs.discard(out)
+            self._split.discard(out)
+        _fail(out, error)
+
     def _send(
         self, task: Task, done: Callable[[TaskResult], None], out: Future[TaskResult]
     ) -> None:
-        """Submit ``task`` (all or part of the task behind ``out``) as one Dask task."""
-        number = next(self._numbers)
-        try:
-            spec_blob = self._spec_blob(task.spec)
-            packed = bool(self.shipped)
-            values: Any = (
-                dumps(task.values, self.shipped, self._workers_can_import)
-                if packed
-                else task.values
-            )
-            dfut = self.client.submit(
-                self._on_worker.run_on_worker,
-                self._cache_name,
-                task.spec.id,
-                spec_blob,
-                number,
-                task.keys,
-                values,
-                task.jkeys,
-                task.dirty,
-                packed,
-                pure=False,
-                resources=self.resources,
-            )
-        except Exception as exc:
-            done(task.fail_all(PoolError(f"could not submit to Dask: {exc}")))
-            return
-        sent = Sent(number, task, done, out, dfut)
-        with self._lock:
-            self._live[number] = sent
-        if task.timeout is not None:
-            sent.timer = threading.Timer(
-                task.timeout * max(1, len(task)), self._expire, args=(sent,)
-            )
-            sent.timer.daemon = True
-            sent.timer.start()
-        dfut.add_done_callback(lambda f: self._landed(sent, f))
+        """Submit ``task`` (all or part of the task behind ``out``) as one Dask task.
 
-    def _expire(self, sent: Sent) -> None:
-        """Fail a task that ran past its node's timeout, and cancel it on the cluster."""
-        if sent.finished.is_set():
+        An item that cannot be pickled fails with ``TypeError`` and the others are sent; a
+        task that cannot be sent at all fails ``out`` with a PoolError.
+        """
+        try:
+            dfut = self._submit_to_dask(task)
+        except PoolError as exc:
+            self._fail_out(out, exc)  # a module the workers cannot get: stop the run
             return
-        sent.finished.set()
-        sent.dfut.cancel()
-        sent.done(
-            sent.task.fail_all(
-                TimeoutError(
-                    f"item exceeded the node's timeout of {sent.task.timeout:g} s on the Dask "
-                    "cluster; the task was cancelled"
-                )
-            )
+        except Exception as exc:
+            if self._shared.closed:
+                _fail(out, PoolError("the DaskPool was closed before the task was sent"))
+                return
+            cleaned = self._without_unpicklable(task)
+            if cleaned is None:
+                self._fail_out(out, PoolError(f"could not submit to Dask: {exc}"))
+                return
+            fresh = [
+                v
+                for u, v in zip(task.values, cleaned.values)
+                if type(u) is not Failure and type(v) is Failure
+            ]
+            task, done = cleaned, _counting(done, fresh)
+            try:
+                dfut = self._submit_to_dask(task)
+            except Exception as again:
+                if self._shared.closed:
+                    error = PoolError("the DaskPool was closed before the task was sent")
+                elif isinstance(again, PoolError):
+                    error = again
+                else:
+                    error = PoolError(f"could not submit to Dask: {again}")
+                self._fail_out(out, error)
+                return
+        sent = Sent(dfut.number, task, done, out, dfut.future)
+        with self._lock:
+            if self._shared.closed:
+                sent.finished.set()
+            else:
+                self._live[sent.number] = sent
+        if sent.finished.is_set():
+            _fail(out, PoolError("the DaskPool was closed before the task was sent"))
+            try:
+                self.client.cancel([sent.dfut])
+            except Exception:
+                pass
+            return
+        sent.dfut.add_done_callback(lambda f: self._landed(sent, f))
+
+    def _submit_to_dask(self, task: Task) -> _Submitted:
+        """Submit ``task`` to Dask; return its number and Dask future.
+
+        Raises what pickling the values raises (Dask pickles them here, in this thread),
+        and PoolError for a module that cannot be shipped to the workers.
+        """
+        number = next(self._numbers)
+        spec_blob = self._spec_blob(task.spec)
+        packed = bool(self.shipped)
+        values: Any = (
+            dumps(task.values, self.shipped, self._workers_can_import) if packed else task.values
         )
+        dfut = self.client.submit(
+            self._on_worker.run_on_worker,
+            self._cache_name,
+            task.spec.id,
+            spec_blob,
+            number,
+            task.keys,
+            values,
+            task.jkeys,
+            task.dirty,
+            packed,
+            pure=False,
+            resources=self.resources,
+        )
+        return _Submitted(number, dfut)
+
+    def _without_unpicklable(self, task: Task) -> Task | None:
+        """Return ``task`` with each item that cannot be pickled a ``TypeError`` Failure.
+
+        Returns None when every item pickles (the task failed to go for another reason).
+        """
+        node = task.first_stage()
+        values: list[Any] = []
+        bad = False
+        for key, value in zip(task.keys, task.values):
+            if type(value) is not Failure:
+                try:
+                    cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as exc:
+                    why = TypeError(
+                        f"the item of type {qualified_type(value)} cannot be sent to a Dask "
+                        f"worker ({qualified_type(exc)}: {exc}); use a ThreadPool for this node"
+                    )
+                    value = failure_from_exception(node, key, why, value)
+                    bad = True
+            values.append(value)
+        if not bad:
+            return None
+        return Task(task.spec, task.keys, values, task.timeout, task.jkeys, dirty=True)
 
     def _landed(self, sent: Sent, f: Any) -> None:
         """Hand on the outcome of a Dask task (Dask calls this in a thread of its own)."""
         with self._lock:
             self._live.pop(sent.number, None)
         if sent.finished.is_set():
-            return  # timed out, withdrawn, or the pool failed: already answered
+            return  # withdrawn, or the pool closed or failed: already answered
         sent.finished.set()
-        if sent.timer is not None:
-            sent.timer.cancel()
         task, done = sent.task, sent.done
-        if f.status == "finished":
-            result = f.result()
-            if result is None:
-                # Withdrawn on the worker by a cancel() that then kept the task (another
-                # part of it had started): it must run after all.
-                self._send(task, done, sent.out)
-            else:
-                done(result)
-            return
-        if f.status == "cancelled":
-            done(task.fail_all(PoolError("the Dask task was cancelled")))
-            return
         try:
-            f.result()
+            blob = f.result()
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            if not self._shared.closed:  # close() already failed the future
+                self._fail_out(sent.out, PoolError("the Dask task was cancelled on the cluster"))
+            return
         except import_distributed().KilledWorker as exc:
             self._killed(sent, exc)
+            return
         except Exception as exc:
-            done(task.fail_all(PoolError(f"the Dask task failed: {exc!r}")))
+            self._fail_out(sent.out, PoolError(f"the Dask task failed: {exc!r}"))
+            return
+        if blob is None:
+            # Withdrawn on the worker by a cancel() that then kept the task (another part
+            # of it had started): it must run after all.
+            self._send(task, done, sent.out)
+            return
+        try:
+            result = pickle.loads(blob)
+        except Exception as exc:
+            result = task.fail_all(
+                TypeError(
+                    f"a result could not be rebuilt in the driver ({qualified_type(exc)}: {exc})"
+                ),
+                task.last_stage(),
+            )
+        done(result)
 
     def _killed(self, sent: Sent, exc: BaseException) -> None:
         """Split a task whose workers kept dying until the guilty item is alone."""
@@ -457,9 +643,6 @@ class DaskPool(Pool):
                 s.finished.set()
                 del self._live[s.number]
                 self._outs.discard(s.out)
-        for s in withdrawn:
-            if s.timer is not None:
-                s.timer.cancel()
         if withdrawn:
             try:
                 self.client.cancel([s.dfut for s in withdrawn])

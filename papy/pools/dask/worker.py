@@ -10,19 +10,32 @@ its own, so every worker (also one that joins later) holds, for that pool only:
   they started (``withdraw``): a task starts only if not withdrawn, and is withdrawn only
   if not started, so a cancelled run loses no item that ran.
 
+A task's result travels back pickled by the worker itself (:func:`encode_result`), so an
+output that cannot be pickled is that item's ``TypeError`` Failure, never a result Dask
+cannot send. A node's ``timeout`` is enforced here, on the worker, from each item's own
+start (:func:`run_timed`), so time a task waits in Dask's queue never counts against it.
+
 This module imports Dask distributed, so it is imported only where Dask runs.
 """
 
 from __future__ import annotations
 
+import contextvars
 import pickle
 import threading
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+import cloudpickle
 from distributed import WorkerPlugin, get_worker
 
-from papy._task import StepSpec, TaskResult, run_task
+from papy._items import Failure, Key, failure_from_exception, qualified_type
+from papy._task import StepSpec, TaskResult, Tracker, run_task
+
+#: Seconds between two looks of a timed task's watchdog at its current item: a late item
+#: fails within its node's timeout plus this.
+TICK_S = 0.05
 
 
 class StepCache(WorkerPlugin):
@@ -123,10 +136,11 @@ def run_on_worker(
     jkeys: Any,
     dirty: bool = True,
     packed: bool = False,
-) -> TaskResult | None:
+) -> bytes | None:
     """Run task ``number`` of a pool whose StepCache plugin is called ``cache``.
 
-    Returns None, running nothing, when the driver withdrew the task before it started.
+    Returns the pickled :class:`~papy._task.TaskResult` (see :func:`encode_result`), or
+    None, running nothing, when the driver withdrew the task before it started.
     ``packed`` values are one pickle made by the driver (when user modules were shipped by
     value, items may be instances of their classes, which the worker cannot import).
     """
@@ -139,7 +153,138 @@ def run_on_worker(
         spec = plugin.spec(spec_id, spec_blob)
     if packed:
         values = pickle.loads(values)
-    return run_task(spec, keys, values, jkeys, dirty)
+    if any(s.timeout is not None for s in spec.stages):
+        result = run_timed(spec, keys, list(values), jkeys, dirty)
+    else:
+        result = run_task(spec, keys, values, jkeys, dirty)
+    return encode_result(result, spec, keys)
+
+
+def encode_result(result: TaskResult, spec: StepSpec, keys: Sequence[Key]) -> bytes:
+    """Pickle ``result`` for the driver; an output that cannot be pickled fails its item.
+
+    Such an output becomes a ``TypeError`` Failure of the step's last node (whose output
+    the task returns), naming the item; its batch-mates travel as they are. Pickled here
+    rather than by Dask, which would leave a result it cannot send on the worker and the
+    driver's future waiting for it.
+    """
+    try:
+        return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    last = spec.stages[-1].name
+    st = result.stats[-1] if result.stats else None
+    values = []
+    for key, value in zip(keys, result.values):
+        if type(value) is not Failure:
+            try:
+                cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                why = TypeError(
+                    f"the result of type {qualified_type(value)} cannot be sent back from "
+                    f"the Dask worker ({qualified_type(exc)}: {exc}); return plain data, "
+                    "or use a ThreadPool for this node"
+                )
+                value = failure_from_exception(last, key, why, value)
+                if st is not None:
+                    st.n_failed += 1
+                    st.first_failure = st.first_failure or value
+        values.append(value)
+    result.values = values
+    for stats in result.stats:
+        if stats.first_failure is not None:
+            try:
+                cloudpickle.dumps(stats.first_failure)
+            except Exception:
+                stats.first_failure = None
+    return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class ItemClock(Tracker):
+    """Which item of which stage a timed task runs, and since when (read by its watchdog).
+
+    ``now`` is ``(stage, index, count, since)``, ``since`` from ``time.monotonic()``.
+    ``lock`` decides, once, whether the task finished or was abandoned.
+    """
+
+    def __init__(self) -> None:
+        self.now: tuple[int, int, int, float] = (0, -1, 0, 0.0)
+        self.abandoned = False
+        self.finished = False
+        self.lock = threading.Lock()
+
+    def begin(self, stage: int, index: int, count: int = 1) -> None:
+        self.now = (stage, index, count, time.monotonic())
+
+
+def run_timed(
+    spec: StepSpec, keys: Sequence[Key], values: list[Any], jkeys: Any, dirty: bool
+) -> TaskResult:
+    """Run a task with a timed stage, failing each item that overruns its node's timeout.
+
+    The task runs in a thread of its own, watched from the Dask task's thread every
+    ``TICK_S`` seconds; each item is timed from its own start (``k * timeout`` for one
+    call of a ``batched=True`` node on ``k`` items). A thread cannot be stopped, so when
+    an item overruns, its thread is abandoned (it never reports, nor commits to a
+    journal; its call goes on in the background on the worker until it returns), that
+    item becomes a ``TimeoutError`` Failure, and the task runs again for its batch-mates.
+    """
+    late: list[tuple[int, Failure]] = []
+    while True:
+        clock = ItemClock()
+        box: list[Any] = []
+        ended = threading.Event()
+        context = contextvars.copy_context()
+
+        def body(values: list[Any] = values, dirty: bool = dirty, clock: ItemClock = clock) -> None:
+            try:
+                out: Any = context.run(run_task, spec, keys, values, jkeys, dirty, clock)
+            except BaseException as exc:  # handed to the Dask task's thread
+                out = exc
+            with clock.lock:
+                if not clock.abandoned:
+                    clock.finished = True
+                    box.append(out)
+            ended.set()
+
+        threading.Thread(target=body, name="papy-dask-timed", daemon=True).start()
+        overran: tuple[int, int, int] | None = None
+        while not ended.wait(TICK_S):
+            stage, index, count, since = clock.now
+            limit = spec.stages[stage].timeout
+            if index < 0 or limit is None or time.monotonic() - since <= limit * max(1, count):
+                continue
+            with clock.lock:
+                if not clock.finished:
+                    clock.abandoned = True
+                    overran = (stage, index, count)
+            break
+        if overran is None:
+            ended.wait()
+            out = box[0]
+            if isinstance(out, BaseException):
+                raise out
+            result: TaskResult = out
+            for stage, failure in late:
+                st = result.stats[stage]
+                st.n_in += 1
+                st.n_failed += 1
+                st.first_failure = st.first_failure or failure
+            return result
+        stage, index, count = overran
+        node = spec.stages[stage].name
+        limit = spec.stages[stage].timeout or 0.0
+        values = list(values)
+        for i in range(index, min(len(values), index + max(1, count))):
+            if type(values[i]) is Failure:
+                continue
+            error = TimeoutError(
+                f"item exceeded the node's timeout of {limit:g} s on the Dask worker (its "
+                "call was abandoned; it may still be running there)"
+            )
+            values[i] = failure_from_exception(node, keys[i], error, values[i])
+            late.append((stage, values[i]))
+        dirty = True  # the re-run must skip the late items
 
 
 def withdraw(cache: str, tasks: Mapping[str, Collection[int]], dask_worker: Any) -> list[int]:
