@@ -22,7 +22,6 @@ import concurrent.futures
 import itertools
 import logging
 import pickle
-import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -45,153 +44,9 @@ from papy.pools.dask.cluster import (
 )
 from papy.pools.dask.inflight import Sent, marks, withdrawable
 from papy.pools.dask.shipping import can_import, dumps
+from papy.pools.dask.state import Shared, Submitted, counting, fail, on_shared
 
 log = logging.getLogger("papy")
-
-
-def _fail(out: Future[TaskResult], error: BaseException) -> None:
-    """Fail ``out`` with ``error`` unless it is done already (answered, or cancelled)."""
-    try:
-        out.set_exception(error)
-    except InvalidStateError:
-        pass
-
-
-def _counting(
-    done: Callable[[TaskResult], None], failures: list[Failure]
-) -> Callable[[TaskResult], None]:
-    """Wrap ``done`` to count ``failures`` (items that could not travel) in the first stage.
-
-    They fail before any function runs on the worker, which counts them as failed
-    upstream; counted here, a node with ``on_error="raise"`` stops on them like on any
-    other failure of its items.
-    """
-
-    def counted(result: TaskResult) -> None:
-        if result.stats and failures:
-            st = result.stats[0]
-            st.n_in += len(failures)
-            st.n_failed += len(failures)
-            st.first_failure = st.first_failure or failures[0]
-        done(result)
-
-    return counted
-
-
-class _Shared:
-    """What a DaskPool's callbacks, cluster watch and finalizer use; never the pool itself.
-
-    Holding the client, the workers' plugin and the tasks in flight here, rather than on
-    the pool, lets a pool nobody closed be garbage-collected: its finalizer then calls
-    :meth:`close`, which releases them.
-    """
-
-    def __init__(self, cache_name: str) -> None:
-        self.lock = threading.Lock()
-        #: set by close(): no task is accepted, every unfinished future failed
-        self.closed = False
-        self.client: Any = None
-        self.own_client = False
-        self.cluster: Any = None
-        self.own_cluster = False
-        self.adapt: tuple[int, int] | None = None
-        self.watch: ClusterWatch | None = None
-        #: the name of the pool's StepCache plugin on the workers
-        self.cache_name = cache_name
-        self.registered = False
-        #: futures given out and not answered yet
-        self.outs: set[Future[TaskResult]] = set()
-        #: Dask tasks in flight, by number
-        self.live: dict[int, Sent] = {}
-        #: futures whose task was split (workers died): cancel() leaves them alone
-        self.split: set[Future[TaskResult]] = set()
-        #: pickled steps of the runs in progress, by step id
-        self.specs: dict[str, bytes] = {}
-        self.broken: PoolError | None = None
-
-    def fail_waiting(self, exc: PoolError) -> None:
-        """Stop the run: every task still waiting for this pool fails with ``exc``."""
-        self.broken = exc
-        with self.lock:
-            outs = list(self.outs)
-            live = [s.dfut for s in self.live.values()]
-        if live:
-            try:
-                self.client.cancel(live)
-            except Exception:
-                pass
-        for out in outs:
-            _fail(out, exc)
-
-    def close(self) -> None:
-        """Fail every unfinished task with PoolError, then release everything; idempotent."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            outs = list(self.outs)
-            self.outs.clear()
-            self.split.clear()
-            for s in self.live.values():
-                s.finished.set()  # news of it that comes later is ignored
-        error = PoolError("the DaskPool was closed before the task finished")
-        for out in outs:
-            _fail(out, error)
-        self.release()
-
-    def release(self) -> None:
-        """Cancel the tasks in flight, drop the plugin, close what the pool opened."""
-        if self.watch is not None:
-            self.watch.stop()
-        with self.lock:
-            live = [s.dfut for s in self.live.values()]
-            self.live.clear()
-        if self.client is not None and live:
-            try:
-                self.client.cancel(live)
-            except Exception:
-                pass
-        if self.registered:
-            self.registered = False
-            try:  # drops this pool's steps from every worker
-                self.client.unregister_worker_plugin(self.cache_name)
-            except Exception:
-                log.debug("could not unregister %s", self.cache_name, exc_info=True)
-        self.specs.clear()
-        if self.own_client and self.client is not None:
-            try:
-                self.client.close(timeout=5)
-            except Exception:
-                pass
-        if self.cluster is not None and self.own_cluster:
-            try:
-                self.cluster.close()  # cancels every job it submitted
-            except Exception:
-                log.warning("could not close %r", self.cluster, exc_info=True)
-        elif self.watch is not None and self.adapt is not None:
-            try:
-                self.watch.scale(self.adapt[0])  # give the jobs back now
-            except Exception:
-                pass
-
-
-def _on_shared(name: str, doc: str) -> Any:
-    """Return a property reading and writing attribute ``name`` of the pool's ``_shared``."""
-    return property(
-        lambda self: getattr(self._shared, name),
-        lambda self, value: setattr(self._shared, name, value),
-        doc=doc,
-    )
-
-
-class _Submitted:
-    """A task just handed to Dask: its number on the workers and its Dask future."""
-
-    __slots__ = ("number", "future")
-
-    def __init__(self, number: int, future: Any) -> None:
-        self.number = number
-        self.future = future
 
 
 class DaskPool(Pool):
@@ -219,21 +74,9 @@ class DaskPool(Pool):
     prefetch = 3  # tasks per worker thread in flight, to hide the scheduler's latency
     item_timeouts = True  # the workers time each item from its own start
 
-    client = _on_shared("client", "The ``distributed.Client`` the pool submits through.")
-    own_cluster = _on_shared(
-        "own_cluster", "Close the cluster (and cancel its jobs) with the pool."
-    )
-    _own_client = _on_shared("own_client", "Whether close() closes the client.")
-    _cluster = _on_shared("cluster", "The Cluster object given, if any.")
-    _watch = _on_shared("watch", "The ClusterWatch of a Cluster object, once started.")
-    _registered = _on_shared("registered", "Whether the workers' plugin is registered.")
-    _cache_name = _on_shared("cache_name", "The name of the workers' StepCache plugin.")
-    _outs = _on_shared("outs", "Futures given out and not answered yet.")
-    _live = _on_shared("live", "Dask tasks in flight, by number.")
-    _split = _on_shared("split", "Futures whose task was split.")
-    _specs = _on_shared("specs", "Pickled steps of the runs in progress, by step id.")
-    _broken = _on_shared("broken", "The PoolError that stopped the pool's work, if any.")
-    _lock = _on_shared("lock", "Guards the tasks in flight.")
+    client = on_shared("client", "The ``distributed.Client`` the pool submits through.")
+    own_cluster = on_shared("own_cluster", "Close the cluster (and cancel its jobs) with the pool.")
+    _cache_name = on_shared("cache_name", "The name of the workers' StepCache plugin.")
 
     def __init__(
         self,
@@ -248,7 +91,7 @@ class DaskPool(Pool):
         start_timeout: float = 300.0,
     ) -> None:
         super().__init__()
-        self._shared = _Shared(f"papy-steps-{uuid.uuid4().hex}")
+        self._shared = Shared(f"papy-steps-{uuid.uuid4().hex}")
         self._target = address_or_client
         self.security = security
         if adapt is not None and not (0 <= adapt[0] <= adapt[1] and adapt[1] >= 1):
@@ -305,40 +148,42 @@ class DaskPool(Pool):
         elif isinstance(self._target, distributed.Client):
             self.client = self._target
         elif hasattr(self._target, "scheduler_address"):  # a Cluster: local, SLURM, PBS...
-            self._cluster = self._target
+            self._shared.cluster = self._target
         else:
             self.client = connect(
                 distributed, str(self._target), self.security, self.connect_timeout
             )
-            self._own_client = True
+            self._shared.own_client = True
         try:
-            if self._cluster is not None:
-                check_queue(self._cluster)
+            if self._shared.cluster is not None:
+                check_queue(self._shared.cluster)
                 try:
                     self.client = distributed.Client(
-                        self._cluster, timeout=self.connect_timeout, set_as_default=False
+                        self._shared.cluster, timeout=self.connect_timeout, set_as_default=False
                     )
                 except (OSError, TimeoutError) as exc:
-                    raise PoolError(f"cannot connect to {self._cluster!r}: {exc}") from None
-                self._own_client = True
+                    raise PoolError(f"cannot connect to {self._shared.cluster!r}: {exc}") from None
+                self._shared.own_client = True
             self.client.register_plugin(worker.StepCache(self._cache_name), name=self._cache_name)
-            self._registered = True
-            if self._cluster is not None:
+            self._shared.registered = True
+            if self._shared.cluster is not None:
                 self._watch_cluster()
         except BaseException:
             self._shared.release()  # the pool never started: release the client (and jobs)
             raise
-        if self._workers_hint is None and (self._cluster is None or self.adapt is None):
-            cluster = self._cluster or (self._parent._cluster if self._parent else None)
+        if self._workers_hint is None and (self._shared.cluster is None or self.adapt is None):
+            cluster = self._shared.cluster or (
+                self._parent._shared.cluster if self._parent else None
+            )
             self.workers = worker_threads(self.client, self.resources, cluster)
 
     def _watch_cluster(self) -> None:
         """Start watching the Cluster object (sizing its jobs); wait for a first worker."""
         if self.adapt is not None:
-            self.workers = self.adapt[1] * threads_per_job(self._cluster)
+            self.workers = self.adapt[1] * threads_per_job(self._shared.cluster)
         live = self._shared.live  # the watch thread must not hold the pool itself
-        self._watch = ClusterWatch(
-            self._cluster,
+        self._shared.watch = ClusterWatch(
+            self._shared.cluster,
             self.client,
             adapt=self.adapt,
             idle_timeout=self.idle_timeout,
@@ -348,7 +193,7 @@ class DaskPool(Pool):
             fail=self._shared.fail_waiting,
             scaled=self.scaled,
         )
-        self._watch.begin()
+        self._shared.watch.begin()
 
     def _fail_waiting(self, exc: PoolError) -> None:
         """Stop the run: every task still waiting for this pool fails with ``exc``."""
@@ -359,9 +204,9 @@ class DaskPool(Pool):
 
     def release(self, spec_ids: Sequence[str]) -> None:
         """Forget the steps of a run that ended, here and in every worker's cache."""
-        with self._lock:
-            held = [i for i in spec_ids if self._specs.pop(i, None) is not None]
-        if not held or not self._registered or self.closed:
+        with self._shared.lock:
+            held = [i for i in spec_ids if self._shared.specs.pop(i, None) is not None]
+        if not held or not self._shared.registered or self.closed:
             return
         try:
             self.client.run(self._on_worker.forget, self._cache_name, held, on_error="ignore")
@@ -374,9 +219,9 @@ class DaskPool(Pool):
         ``{"driver": steps pickled here, "workers": {address: {"specs": steps,
         "started": task numbers, "withdrawn": task numbers}}}``.
         """
-        with self._lock:
-            out: dict[str, Any] = {"driver": len(self._specs), "workers": {}}
-        if self._registered:
+        with self._shared.lock:
+            out: dict[str, Any] = {"driver": len(self._shared.specs), "workers": {}}
+        if self._shared.registered:
             out["workers"] = self.client.run(self._on_worker.sizes, self._cache_name)
         return out
 
@@ -385,12 +230,12 @@ class DaskPool(Pool):
     def _spec_blob(self, spec: StepSpec) -> bytes:
         # Pickled once per run; a few kilobytes that travel with each task, so a task can
         # run on any worker, including one that joined after a crash.
-        with self._lock:
-            blob = self._specs.get(spec.id)
+        with self._shared.lock:
+            blob = self._shared.specs.get(spec.id)
         if blob is None:
             blob = dumps(spec, self.shipped, self._workers_can_import)
-            with self._lock:
-                blob = self._specs.setdefault(spec.id, blob)
+            with self._shared.lock:
+                blob = self._shared.specs.setdefault(spec.id, blob)
         return blob
 
     def _workers_can_import(self, name: str) -> bool:
@@ -407,8 +252,8 @@ class DaskPool(Pool):
     def _submit(self, task: Task) -> Future[TaskResult]:
         # The future stays pending until its result is in, so that cancel() can cancel it.
         out: Future[TaskResult] = Future()
-        if self._broken is not None:
-            out.set_exception(self._broken)
+        if self._shared.broken is not None:
+            out.set_exception(self._shared.broken)
             return out
         try:
             self._spec_blob(task.spec)
@@ -438,10 +283,10 @@ class DaskPool(Pool):
 
     def _fail_out(self, out: Future[TaskResult], error: BaseException) -> None:
         """Fail the whole task behind ``out`` (the pool cannot run it)."""
-        with self._lock:
-            self._outs.discard(out)
-            self._split.discard(out)
-        _fail(out, error)
+        with self._shared.lock:
+            self._shared.outs.discard(out)
+            self._shared.split.discard(out)
+        fail(out, error)
 
     def _send(
         self, task: Task, done: Callable[[TaskResult], None], out: Future[TaskResult]
@@ -458,7 +303,7 @@ class DaskPool(Pool):
             return
         except Exception as exc:
             if self._shared.closed:
-                _fail(out, PoolError("the DaskPool was closed before the task was sent"))
+                fail(out, PoolError("the DaskPool was closed before the task was sent"))
                 return
             cleaned = self._without_unpicklable(task)
             if cleaned is None:
@@ -469,7 +314,7 @@ class DaskPool(Pool):
                 for u, v in zip(task.values, cleaned.values)
                 if type(u) is not Failure and type(v) is Failure
             ]
-            task, done = cleaned, _counting(done, fresh)
+            task, done = cleaned, counting(done, fresh)
             try:
                 dfut = self._submit_to_dask(task)
             except Exception as again:
@@ -482,13 +327,13 @@ class DaskPool(Pool):
                 self._fail_out(out, error)
                 return
         sent = Sent(dfut.number, task, done, out, dfut.future)
-        with self._lock:
+        with self._shared.lock:
             if self._shared.closed:
                 sent.finished.set()
             else:
-                self._live[sent.number] = sent
+                self._shared.live[sent.number] = sent
         if sent.finished.is_set():
-            _fail(out, PoolError("the DaskPool was closed before the task was sent"))
+            fail(out, PoolError("the DaskPool was closed before the task was sent"))
             try:
                 self.client.cancel([sent.dfut])
             except Exception:
@@ -496,7 +341,7 @@ class DaskPool(Pool):
             return
         sent.dfut.add_done_callback(lambda f: self._landed(sent, f))
 
-    def _submit_to_dask(self, task: Task) -> _Submitted:
+    def _submit_to_dask(self, task: Task) -> Submitted:
         """Submit ``task`` to Dask; return its number and Dask future.
 
         Raises what pickling the values raises (Dask pickles them here, in this thread),
@@ -522,7 +367,7 @@ class DaskPool(Pool):
             pure=False,
             resources=self.resources,
         )
-        return _Submitted(number, dfut)
+        return Submitted(number, dfut)
 
     def _without_unpicklable(self, task: Task) -> Task | None:
         """Return ``task`` with each item that cannot be pickled a ``TypeError`` Failure.
@@ -550,8 +395,8 @@ class DaskPool(Pool):
 
     def _landed(self, sent: Sent, f: Any) -> None:
         """Hand on the outcome of a Dask task (Dask calls this in a thread of its own)."""
-        with self._lock:
-            self._live.pop(sent.number, None)
+        with self._shared.lock:
+            self._shared.live.pop(sent.number, None)
         if sent.finished.is_set():
             return  # withdrawn, or the pool closed or failed: already answered
         sent.finished.set()
@@ -600,10 +445,10 @@ class DaskPool(Pool):
             )
             return
         half = n // 2
-        with self._lock:
+        with self._shared.lock:
             # One part may be delivered while the other waits: the task is no longer
             # withdrawable as a whole.
-            self._split.add(sent.out)
+            self._shared.split.add(sent.out)
         for part, on_done in zip((task.slice(0, half), task.slice(half, n)), merge_parts(2, done)):
             self._send(part, on_done, sent.out)
 
@@ -617,14 +462,14 @@ class DaskPool(Pool):
         is sent again). If a worker cannot answer, nothing is withdrawn.
         """
         wanted = {id(f) for f in futures}
-        with self._lock:
+        with self._shared.lock:
             outs = {
                 id(o): o
-                for o in self._outs
-                if id(o) in wanted and not o.done() and o not in self._split
+                for o in self._shared.outs
+                if id(o) in wanted and not o.done() and o not in self._shared.split
             }
-            parts = [s for s in self._live.values() if id(s.out) in outs]
-        if not parts or not self._registered:
+            parts = [s for s in self._shared.live.values() if id(s.out) in outs]
+        if not parts or not self._shared.registered:
             return 0
         try:
             replies = self.client.run(
@@ -637,12 +482,12 @@ class DaskPool(Pool):
             log.warning("a Dask worker did not answer; no task was withdrawn: %r", replies)
             return 0
         started = {n for r in replies.values() for n in r}
-        with self._lock:
-            withdrawn = withdrawable(parts, self._live.values(), started, self._split)
+        with self._shared.lock:
+            withdrawn = withdrawable(parts, self._shared.live.values(), started, self._shared.split)
             for s in withdrawn:
                 s.finished.set()
-                del self._live[s.number]
-                self._outs.discard(s.out)
+                del self._shared.live[s.number]
+                self._shared.outs.discard(s.out)
         if withdrawn:
             try:
                 self.client.cancel([s.dfut for s in withdrawn])
