@@ -23,6 +23,7 @@ and tear-down (``_lifecycle``) live in their own modules; the item states are na
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -211,8 +212,9 @@ class Scheduler:
         self.report = report
         if self._on_report is not None:
             self._on_report(report)
-        for obs in self.observers:
-            obs.finished(self, error)
+        with contextlib.ExitStack() as stack:  # each observer ends whatever the others do
+            for obs in reversed(self.observers):
+                stack.callback(obs.finished, self, error)
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -108,3 +108,26 @@ def test_a_failing_release_skips_no_other_release(tmp_path: Path) -> None:
     assert report.skipped == 20
     pool.close()
     pipe2.pool.close()
+
+
+def test_an_observer_failing_at_the_end_does_not_keep_the_others_from_ending() -> None:
+    from papy._observe import Observer
+
+    ended: list[str] = []
+
+    class Broken(Observer):
+        def finished(self, sched: object, error: BaseException | None) -> None:
+            ended.append("broken")
+            raise RuntimeError("observer failed on purpose")
+
+    class Counting(Observer):
+        def finished(self, sched: object, error: BaseException | None) -> None:
+            ended.append("counting")
+
+    pipe = Pipeline("observers", pool=ThreadPool(1))
+    node = pipe.add(abs)
+    sched = Scheduler(pipe, output=node, errors="raise", observers=[Broken(), Counting()])
+    with pytest.raises(RuntimeError, match="on purpose"):
+        list(sched.iterate([-1, -2]))
+    assert ended == ["broken", "counting"]
+    pipe.pool.close()
