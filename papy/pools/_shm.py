@@ -1,0 +1,275 @@
+"""Large buffers between processes through shared memory, not through the pipes.
+
+A NumPy array, ``bytes``, ``bytearray``, contiguous ``memoryview`` (or any object whose
+pickle protocol 5 reduction yields a :class:`pickle.PickleBuffer`) of at least
+:data:`SHM_THRESHOLD` bytes travels *out of band*: the pickling process writes it once
+into an anonymous shared-memory file (``memfd_create``), and the message carries only a
+small descriptor (which file, offset, length) while the file descriptor itself travels
+beside the message over the worker's Unix socket (``SCM_RIGHTS``).
+
+- A **worker** that returns a large array writes it once into a new segment.
+- The **driver** maps the segments of a result (no copy: its array is a view over the
+  mapping) and keeps one descriptor per segment; when it sends such a value on to another
+  worker, it finds the segment the buffer lies in (:class:`Registry`) and passes the same
+  descriptor: the driver never copies or pipes the data. A large value the driver made
+  itself (an input item, the output of a thread pool) is written once into a new segment.
+- The **consuming worker** maps the segment copy-on-write: its arrays are views over
+  the mapping (writable, and its writes stay private), ``bytes`` are copied once.
+
+Segments have no name in any file system: the kernel frees one when its last descriptor
+and its last mapping are gone. The driver's descriptor is closed as soon as the last value
+viewing it is garbage-collected (after the consuming task is done, or when the run drops
+its items); a worker's mapping goes with its task's values. A process that dies for any
+reason (a crash, SIGKILL, Ctrl-C) frees what it held, so nothing is ever left in
+``/dev/shm`` or anywhere else to sweep.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+import pickle
+import socket
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+#: bytes from which a buffer travels through shared memory instead of the pipes (1 MiB);
+#: ``ProcessPool(shm_threshold=...)`` changes it per pool, ``None`` turns it off
+SHM_THRESHOLD = 1 << 20
+#: descriptors the kernel passes in one message at most (SCM_MAX_FD)
+_FDS_PER_MESSAGE = 250
+
+#: where one out-of-band buffer lies: (index of its segment in the message, offset, length)
+Desc = tuple[int, int, int]
+
+
+def available() -> bool:
+    """Tell whether this system has anonymous shared-memory files (Linux does)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+# -- the address of a buffer -----------------------------------------------------------------
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def address(obj: Any) -> int:
+    """Return the address of the first byte of a contiguous buffer (read-only ones too)."""
+    view = _PyBuffer()
+    _get_buffer(obj, ctypes.byref(view), 0)  # PyBUF_SIMPLE; raises on a non-buffer
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+# -- segments ----------------------------------------------------------------------------------
+
+
+def create_segment(data: memoryview) -> int:
+    """Return the descriptor of a new shared-memory file holding a copy of ``data``."""
+    fd = os.memfd_create("papy", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, data.nbytes)
+        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(fd, view[done:], done)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Registry:
+    """The driver's mapped segments by address, to pass a view of one on without a copy.
+
+    Holds no reference to the mappings: each entry (and its descriptor) goes when its
+    mapping is garbage-collected, that is when no value viewing it is left in the driver.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.starts: list[int] = []
+        self.entries: dict[int, tuple[int, int]] = {}  # start -> (end, fd)
+
+    def add(self, mm: mmap.mmap, fd: int) -> None:
+        """Keep ``fd`` open while ``mm`` (its mapping) lives."""
+        start = address(mm)
+        with self.lock:
+            bisect.insort(self.starts, start)
+            self.entries[start] = (start + len(mm), fd)
+        weakref.finalize(mm, self.forget, start, fd)
+
+    def forget(self, start: int, fd: int) -> None:
+        with self.lock:
+            entry = self.entries.get(start)
+            if entry is not None and entry[1] == fd:
+                del self.entries[start]
+                i = bisect.bisect_left(self.starts, start)
+                if i < len(self.starts) and self.starts[i] == start:
+                    del self.starts[i]
+        _close_fd(fd)
+
+    def find(self, data: memoryview) -> tuple[int, int] | None:
+        """Return ``(fd, offset)`` of the segment ``data`` lies in, or None."""
+        if not self.starts:
+            return None
+        try:
+            start = address(data)
+        except (BufferError, TypeError, ValueError):
+            return None
+        with self.lock:
+            i = bisect.bisect_right(self.starts, start) - 1
+            if i < 0:
+                return None
+            base = self.starts[i]
+            end, fd = self.entries[base]
+            if start + data.nbytes > end:
+                return None
+            return fd, start - base
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class Outgoing:
+    """The out-of-band buffers of one message: pickle's ``buffer_callback``.
+
+    A buffer under the threshold stays in the message. A larger one is found in the
+    driver's registry (sent on as it is) or written once into a new segment, which this
+    object owns until :meth:`close` (after the message and its descriptors are sent).
+    """
+
+    def __init__(self, threshold: int, registry: Registry | None = None) -> None:
+        self.threshold = threshold
+        self.registry = registry
+        self.fds: list[int] = []  # to send beside the message, in order
+        self.owned: list[int] = []  # created here: closed by close()
+        self.descs: list[Desc] = []
+        self.nbytes = 0
+        self._index: dict[int, int] = {}
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        """Return True to keep ``buffer`` in the message, False when it goes out of band."""
+        try:
+            raw = buffer.raw()
+        except BufferError:
+            return True  # not contiguous: pickle refuses it either way
+        n = raw.nbytes
+        if n < self.threshold:
+            return True
+        found = self.registry.find(raw) if self.registry is not None else None
+        if found is None:
+            fd = create_segment(raw)
+            self.owned.append(fd)
+            offset = 0
+        else:
+            fd, offset = found
+        index = self._index.get(fd)
+        if index is None:
+            index = self._index[fd] = len(self.fds)
+            self.fds.append(fd)
+        self.descs.append((index, offset, n))
+        self.nbytes += n
+        return False
+
+    def close(self) -> None:
+        """Close the segments made for this message (the receiver holds its own copy)."""
+        owned, self.owned = self.owned, []
+        for fd in owned:
+            _close_fd(fd)
+
+    def reset(self) -> None:
+        """Forget every buffer taken so far (pickling failed and starts again)."""
+        self.close()
+        self.fds, self.descs, self.nbytes, self._index = [], [], 0, {}
+
+
+def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
+    """Send descriptors right after a message (a few hundred per system call at most)."""
+    for i in range(0, len(fds), _FDS_PER_MESSAGE):
+        socket.send_fds(sock, [b"F"], list(fds[i : i + _FDS_PER_MESSAGE]))
+
+
+def recv_fds(sock: socket.socket, count: int) -> list[int]:
+    """Receive ``count`` descriptors sent by :func:`send_fds`; EOFError if the peer died."""
+    fds: list[int] = []
+    try:
+        while len(fds) < count:
+            want = min(_FDS_PER_MESSAGE, count - len(fds))
+            msg, got, _flags, _addr = socket.recv_fds(sock, 1, want)
+            if not msg:
+                raise EOFError("the peer closed its socket")
+            fds.extend(got)
+    except BaseException:
+        for fd in fds:
+            _close_fd(fd)
+        raise
+    return fds
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close received descriptors that will not be mapped (a message no longer wanted)."""
+    for fd in fds:
+        _close_fd(fd)
+
+
+def map_buffers(
+    fds: Sequence[int], descs: Sequence[Desc], registry: Registry | None
+) -> list[memoryview]:
+    """Map received segments; return the out-of-band buffers of a message, in order.
+
+    The driver (with a ``registry``) maps each segment shared and keeps its descriptor
+    while the mapping lives, to pass it on. A worker maps copy-on-write (its writes stay
+    its own, so a task run again sees its input unchanged) and closes the descriptor.
+    The descriptors are always consumed, mapped or closed.
+    """
+    views: list[memoryview] = []
+    try:
+        for fd in fds:
+            size = os.fstat(fd).st_size
+            if registry is not None:
+                mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+                registry.add(mm, fd)
+            else:
+                mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+                _close_fd(fd)
+            views.append(memoryview(mm))
+    except BaseException:
+        close_fds(fds[len(views) :])
+        raise
+    return [views[i][offset : offset + n] for i, offset, n in descs]
