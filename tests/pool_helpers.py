@@ -108,3 +108,16 @@ def crash_on_3(arr: np.ndarray) -> float:
 def slow_first_and_last(arr: np.ndarray) -> float:
     time.sleep(0.05)
     return float(arr[0] + arr[-1])
+
+
+def digest_and_value(value: Any) -> tuple[str, Any]:
+    return digest(value), value
+
+
+def pair(a: Any, b: Any) -> tuple[Any, Any]:
+    return a, b
+
+
+def sum_after(value: dict[str, Any], scribbled: float) -> tuple[float, float]:
+    """Sum the input array once another node wrote into its own view of it."""
+    return scribbled, float(value["array"].sum())

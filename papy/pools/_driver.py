@@ -73,7 +73,7 @@ class State:
         self.size = size
         self.shm_threshold = shm_threshold if _shm.available() else None
         #: the segments of results this driver holds mapped, to pass them on without a copy
-        self.registry = _shm.Registry() if self.shm_threshold is not None else None
+        self.registry = _shm.REGISTRY if self.shm_threshold is not None else None
         self.shared_bytes = 0  # bytes that crossed through shared memory, both ways
         self.ctx = ctx
         self.initializer = initializer

@@ -32,11 +32,14 @@ def _view_from(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
     return memoryview(buffer).cast("B").cast(fmt, shape)  # type: ignore[call-overload]
 
 
-class _Pickler(pickle.Pickler):
-    """pickle, with large ``bytes`` and ``memoryview`` values sent out of band too.
+class _OutOfBandPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+    """pickle's Python pickler, with large ``bytes``, ``bytearray`` and ``memoryview`` values
+    out of band too.
 
-    NumPy arrays and ``bytearray`` already reduce to a :class:`pickle.PickleBuffer` under
-    protocol 5; ``bytes`` do not, and a ``memoryview`` does not pickle at all.
+    The C pickler writes ``bytes`` and ``bytearray`` into the message whatever their size
+    (it never asks ``reducer_override`` about them) and cannot send a ``memoryview`` at
+    all; this one can. It is slower per object, so it is used only for messages that hold
+    such a value (see :func:`dumps`).
     """
 
     def __init__(self, file: io.BytesIO, out: Outgoing) -> None:
@@ -47,6 +50,8 @@ class _Pickler(pickle.Pickler):
         kind = type(obj)
         if kind is bytes and len(obj) >= self.threshold:
             return _bytes_from, (pickle.PickleBuffer(obj),)
+        if kind is bytearray and len(obj) >= self.threshold:
+            return bytearray, (pickle.PickleBuffer(obj),)
         if kind is memoryview and obj.nbytes >= self.threshold and obj.ndim and obj.c_contiguous:
             try:
                 _view_from(obj, obj.format, obj.shape)
@@ -54,6 +59,38 @@ class _Pickler(pickle.Pickler):
                 return NotImplemented
             return _view_from, (pickle.PickleBuffer(obj), obj.format, obj.shape)
         return NotImplemented
+
+
+def _holds_big_bytes(obj: Any, threshold: int, depth: int = 4) -> bool:
+    """Tell whether ``obj`` holds ``bytes`` or ``bytearray`` of ``threshold`` bytes or more
+    (looking into lists, tuples, sets, dicts and task results, ``depth`` levels deep)."""
+    kind = type(obj)
+    if kind is bytes or kind is bytearray:
+        return len(obj) >= threshold
+    if depth <= 0:
+        return False
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        return any(_holds_big_bytes(v, threshold, depth - 1) for v in obj)
+    if kind is dict:
+        return any(_holds_big_bytes(v, threshold, depth - 1) for v in obj.values())
+    if kind is TaskResult:
+        return _holds_big_bytes(obj.values, threshold, depth)
+    return False
+
+
+def _attempt(pickler: Any, obj: Any, out: Outgoing) -> bytes | None:
+    """Pickle ``obj`` with ``pickler``; None (and no segment left) if it cannot."""
+    try:
+        buf = io.BytesIO()
+        pickler(buf, out).dump(obj)
+        return buf.getvalue()
+    except Exception:
+        out.reset()
+        return None
+
+
+def _c_pickler(file: io.BytesIO, out: Outgoing) -> pickle.Pickler:
+    return pickle.Pickler(file, protocol=5, buffer_callback=out)
 
 
 def dumps(obj: Any, out: Outgoing | None = None) -> bytes:
@@ -68,12 +105,13 @@ def dumps(obj: Any, out: Outgoing | None = None) -> bytes:
             return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
             return dumps_code(obj)
-    try:
-        buf = io.BytesIO()
-        _Pickler(buf, out).dump(obj)
-        return buf.getvalue()
-    except Exception:
-        out.reset()
+    body = _attempt(_c_pickler, obj, out)  # arrays leave the message here already
+    if body is not None and (len(body) < out.threshold or not _holds_big_bytes(obj, out.threshold)):
+        return body
+    out.reset()  # large bytes, or something the C pickler refused (a memoryview?)
+    body = _attempt(_OutOfBandPickler, obj, out) or _attempt(_c_pickler, obj, out)
+    if body is not None:
+        return body
     try:
         return dumps_code(obj, buffer_callback=out)
     except BaseException:

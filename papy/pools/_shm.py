@@ -166,6 +166,11 @@ class Registry:
         return len(self.entries)
 
 
+#: this process's mapped segments: one for all its pools, as a value received by one pool
+#: may go on to another (the address space is the process's, not a pool's or a run's)
+REGISTRY = Registry()
+
+
 class Outgoing:
     """The out-of-band buffers of one message: pickle's ``buffer_callback``.
 
