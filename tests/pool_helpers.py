@@ -121,3 +121,12 @@ def pair(a: Any, b: Any) -> tuple[Any, Any]:
 def sum_after(value: dict[str, Any], scribbled: float) -> tuple[float, float]:
     """Sum the input array once another node wrote into its own view of it."""
     return scribbled, float(value["array"].sum())
+
+
+_KEPT: list[tuple[float, np.ndarray]] = []
+
+
+def keep_and_check(arr: np.ndarray) -> bool:
+    """Keep every input array (a node with a cache, say); tell whether all are unchanged."""
+    _KEPT.append((float(arr[0]), arr))
+    return all(float(a[0]) == x and float(a[-1]) == x for x, a in _KEPT)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import multiprocessing as mp
@@ -22,6 +23,7 @@ import selectors
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -38,13 +40,14 @@ from papy.pools._handles import (
     Output,
     Worker,
     finish_outputs,
+    give_back,
     signal_group,
     start_worker,
     starts,
     wire_keys,
 )
 from papy.pools._messages import dumps, encode_items, frame, loads, unframe
-from papy.pools._recovery import describe_exit, has_timeout, late_workers, rerun
+from papy.pools._recovery import describe_exit, has_timeout, init_failure, late_workers, rerun
 
 log = logging.getLogger("papy")
 
@@ -246,9 +249,14 @@ class State:
             entry = w.outbox.get()
             if entry is None:
                 return
-            if isinstance(entry, tuple):  # ("release", spec ids)
+            if isinstance(entry, tuple):  # ("release", spec ids) or ("free", segment, reuse)
+                if entry[0] == "free":
+                    reuse = [entry[1]] if entry[2] else []
+                    note: tuple[Any, ...] = (-1, reuse, [] if entry[2] else [entry[1]])
+                else:
+                    note = (None, entry[1])
                 try:
-                    w.conn.send_bytes(frame((None, entry[1]), b""))
+                    w.conn.send_bytes(frame(note, b""))
                 except (OSError, ValueError):
                     return
                 continue
@@ -375,15 +383,20 @@ class State:
                 data = w.conn.recv_bytes()
                 header, body = unframe(data)
                 if header[0] == "init-failed":
-                    self.fail_to_start(header[1], body)
+                    self.break_pool(init_failure(header[1], body))
                     return
-                job_id, unloadable, descs, nfds = header
+                job_id, unloadable, descs, nfds, segments, pinned = header
                 fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
             except (EOFError, OSError):
                 return  # the worker died mid-message: its job runs again
+            if pinned and self.registry is not None:
+                self.registry.pin(pinned)
+            back = [functools.partial(give_back, weakref.ref(w), seg) for seg in segments]
             with self.lock:
                 if not w.jobs or w.jobs[0].id != job_id:
                     _shm.close_fds(fds)
+                    for give in back:
+                        give(False)
                     continue  # a result for a job already given up on (timed out)
                 job = w.jobs.popleft()
                 w.did += 1
@@ -391,7 +404,7 @@ class State:
                 self.assign_locked()
             t0 = time.perf_counter()
             try:
-                loaded = loads(body, _shm.map_buffers(fds, descs, self.registry))
+                loaded = loads(body, _shm.map_buffers(fds, descs, self.registry, back))
             except Exception as exc:
                 result = job.task.fail_all(
                     TypeError(
@@ -408,16 +421,6 @@ class State:
             result.nbytes = len(body) + shared
             self.unpickle_s += time.perf_counter() - t0
             job.done(result)
-
-    def fail_to_start(self, text: str, body: memoryview) -> None:
-        """Break the pool: its initializer fails, so no worker can ever run a task."""
-        try:
-            cause: BaseException | None = loads(body)
-        except Exception:
-            cause = None
-        error = PoolError(f"the ProcessPool's initializer failed in a worker:\n{text}".rstrip())
-        error.__cause__ = cause
-        self.break_pool(error)
 
     def break_pool(self, error: PoolError) -> None:
         with self.lock:

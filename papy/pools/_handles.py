@@ -12,6 +12,7 @@ import queue
 import socket
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -61,6 +62,7 @@ class Worker:
         "did",
         "outputs",
         "sock",
+        "__weakref__",
     )
 
     def __init__(
@@ -213,3 +215,10 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
     if shm_threshold is not None:  # shared-memory descriptors travel on the pipe's socket
         sock = socket.socket(fileno=os.dup(parent.fileno()))
     return Worker(proc, parent, slot, [Output(out_r, "stdout"), Output(err_r, "stderr")], sock)
+
+
+def give_back(ref: weakref.ref[Worker], segment: int, reuse: bool) -> None:
+    """Tell a worker that no process maps its ``segment`` any more (or that it goes)."""
+    w = ref()
+    if w is not None and not w.dead:
+        w.outbox.put(("free", segment, reuse))

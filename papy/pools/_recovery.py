@@ -12,10 +12,11 @@ from __future__ import annotations
 import signal
 import time
 
-from papy._errors import WorkerCrashed
+from papy._errors import PoolError, WorkerCrashed
 from papy._task import TaskResult
 from papy.pools._base import Task, merge_parts
 from papy.pools._handles import Job, Worker
+from papy.pools._messages import loads
 from papy.pools._slot import read_slot
 
 
@@ -186,3 +187,17 @@ def late_workers(workers: list[Worker], slack: float) -> list[Worker]:
             job.late = (s, i, max(1, c))
             victims.append(w)
     return victims
+
+
+def init_failure(text: str, body: memoryview) -> PoolError:
+    """Return the error that breaks a pool whose ``initializer`` failed in a worker.
+
+    ``text`` is the traceback; ``body`` the pickled exception, its cause when it loads.
+    """
+    try:
+        cause: BaseException | None = loads(body)
+    except Exception:
+        cause = None
+    error = PoolError(f"the ProcessPool's initializer failed in a worker:\n{text}".rstrip())
+    error.__cause__ = cause
+    return error

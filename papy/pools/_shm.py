@@ -34,7 +34,7 @@ import pickle
 import socket
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 #: bytes from which a buffer travels through shared memory instead of the pipes (1 MiB);
@@ -97,14 +97,73 @@ def create_segment(data: memoryview) -> int:
     fd = os.memfd_create("papy", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, data.nbytes)
-        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        done = 0
-        while done < view.nbytes:
-            done += os.pwrite(fd, view[done:], done)
+        _write(fd, data)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _write(fd: int, data: memoryview) -> None:
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], done)
+
+
+class Arena:
+    """A worker's segments: those it sent, and those given back to be written again.
+
+    Fresh shared memory costs the kernel a page allocation (and later a release) per
+    4 KiB, several times the cost of the copy itself; a segment the driver gives back
+    (:meth:`release`, once no process maps it any more) is reused for a later value of
+    about its size. At most :data:`SPARE` segments and :data:`SPARE_BYTES` bytes wait
+    for reuse (the rest are freed), and none once a run ended (:meth:`drop_spares`).
+    """
+
+    SPARE = 64
+    SPARE_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        self.ids = 0
+        self.sent: dict[int, tuple[int, int]] = {}  # id -> (fd, capacity)
+        self.spare: list[tuple[int, int, int]] = []  # (id, fd, capacity)
+
+    def take(self, data: memoryview) -> tuple[int, int]:
+        """Return ``(id, fd)`` of a segment now holding a copy of ``data``."""
+        n = data.nbytes
+        for i, (seg, fd, cap) in enumerate(self.spare):
+            if n <= cap <= 2 * n:
+                del self.spare[i]
+                try:
+                    _write(fd, data)
+                except BaseException:
+                    _close_fd(fd)
+                    raise
+                self.sent[seg] = (fd, cap)
+                return seg, fd
+        fd = create_segment(data)
+        self.ids += 1
+        self.sent[self.ids] = (fd, n)
+        return self.ids, fd
+
+    def release(self, ids: Sequence[int], reuse: bool) -> None:
+        """Take back segments nobody maps any more (``reuse``), or that go for good."""
+        for seg in ids:
+            entry = self.sent.pop(seg, None)
+            if entry is None:
+                continue
+            spare_bytes = sum(cap for _, _, cap in self.spare) + entry[1]
+            if reuse and len(self.spare) < self.SPARE and spare_bytes <= self.SPARE_BYTES:
+                self.spare.append((seg, *entry))
+            else:
+                _close_fd(entry[0])
+
+    def drop_spares(self) -> None:
+        """Free the segments waiting for reuse (a run ended: the pool may stay idle)."""
+        spare, self.spare = self.spare, []
+        for _, fd, _ in spare:
+            _close_fd(fd)
 
 
 def _close_fd(fd: int) -> None:
@@ -125,16 +184,31 @@ class Registry:
         self.lock = threading.Lock()
         self.starts: list[int] = []
         self.entries: dict[int, tuple[int, int]] = {}  # start -> (end, fd)
+        self.inodes: dict[int, int] = {}  # inode -> start
+        self.pinned: set[int] = set()  # inodes a worker still maps after its task
 
-    def add(self, mm: mmap.mmap, fd: int) -> None:
-        """Keep ``fd`` open while ``mm`` (its mapping) lives."""
+    def add(self, mm: mmap.mmap, fd: int, give_back: Callable[[bool], None] | None) -> None:
+        """Keep ``fd`` open while ``mm`` (its mapping) lives.
+
+        ``give_back(reuse)`` is called when the mapping goes: ``reuse`` is true unless a
+        worker said it still maps the segment (:meth:`pin`).
+        """
         start = address(mm)
+        ino = os.fstat(fd).st_ino
         with self.lock:
             bisect.insort(self.starts, start)
             self.entries[start] = (start + len(mm), fd)
-        weakref.finalize(mm, self.forget, start, fd)
+            self.inodes[ino] = start
+        weakref.finalize(mm, self.forget, start, fd, ino, give_back)
 
-    def forget(self, start: int, fd: int) -> None:
+    def pin(self, inodes: Sequence[int]) -> None:
+        """Record that a worker keeps mapping these segments: they must not be rewritten."""
+        with self.lock:
+            self.pinned.update(i for i in inodes if i in self.inodes)
+
+    def forget(
+        self, start: int, fd: int, ino: int, give_back: Callable[[bool], None] | None
+    ) -> None:
         with self.lock:
             entry = self.entries.get(start)
             if entry is not None and entry[1] == fd:
@@ -142,7 +216,13 @@ class Registry:
                 i = bisect.bisect_left(self.starts, start)
                 if i < len(self.starts) and self.starts[i] == start:
                     del self.starts[i]
+            if self.inodes.get(ino) == start:
+                del self.inodes[ino]
+            reuse = ino not in self.pinned
+            self.pinned.discard(ino)
         _close_fd(fd)
+        if give_back is not None:
+            give_back(reuse)
 
     def find(self, data: memoryview) -> tuple[int, int] | None:
         """Return ``(fd, offset)`` of the segment ``data`` lies in, or None."""
@@ -179,10 +259,14 @@ class Outgoing:
     object owns until :meth:`close` (after the message and its descriptors are sent).
     """
 
-    def __init__(self, threshold: int, registry: Registry | None = None) -> None:
+    def __init__(
+        self, threshold: int, registry: Registry | None = None, arena: Arena | None = None
+    ) -> None:
         self.threshold = threshold
         self.registry = registry
+        self.arena = arena  # a worker's: its segments are given back to be reused
         self.fds: list[int] = []  # to send beside the message, in order
+        self.segments: list[int] = []  # arena ids of ``fds``
         self.owned: list[int] = []  # created here: closed by close()
         self.descs: list[Desc] = []
         self.nbytes = 0
@@ -198,16 +282,21 @@ class Outgoing:
         if n < self.threshold:
             return True
         found = self.registry.find(raw) if self.registry is not None else None
-        if found is None:
+        seg = 0
+        if found is not None:
+            fd, offset = found
+        elif self.arena is not None:
+            seg, fd = self.arena.take(raw)
+            offset = 0
+        else:
             fd = create_segment(raw)
             self.owned.append(fd)
             offset = 0
-        else:
-            fd, offset = found
         index = self._index.get(fd)
         if index is None:
             index = self._index[fd] = len(self.fds)
             self.fds.append(fd)
+            self.segments.append(seg)
         self.descs.append((index, offset, n))
         self.nbytes += n
         return False
@@ -221,7 +310,10 @@ class Outgoing:
     def reset(self) -> None:
         """Forget every buffer taken so far (pickling failed and starts again)."""
         self.close()
+        if self.arena is not None:
+            self.arena.release(self.segments, reuse=True)
         self.fds, self.descs, self.nbytes, self._index = [], [], 0, {}
+        self.segments = []
 
 
 def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
@@ -254,24 +346,32 @@ def close_fds(fds: Sequence[int]) -> None:
 
 
 def map_buffers(
-    fds: Sequence[int], descs: Sequence[Desc], registry: Registry | None
+    fds: Sequence[int],
+    descs: Sequence[Desc],
+    registry: Registry | None,
+    give_back: Sequence[Callable[[bool], None] | None] = (),
+    mapped: list[tuple[weakref.ref[mmap.mmap], int]] | None = None,
 ) -> list[memoryview]:
     """Map received segments; return the out-of-band buffers of a message, in order.
 
     The driver (with a ``registry``) maps each segment shared and keeps its descriptor
-    while the mapping lives, to pass it on. A worker maps copy-on-write (its writes stay
-    its own, so a task run again sees its input unchanged) and closes the descriptor.
-    The descriptors are always consumed, mapped or closed.
+    while the mapping lives, to pass it on; ``give_back[i]`` is called when the mapping of
+    segment ``i`` goes (see :meth:`Registry.add`). A worker maps copy-on-write (its writes
+    stay its own, so a task run again sees its input unchanged), closes the descriptor,
+    and notes ``(mapping, inode)`` in ``mapped`` to tell afterwards whether it still maps
+    it. The descriptors are always consumed, mapped or closed.
     """
     views: list[memoryview] = []
     try:
-        for fd in fds:
+        for i, fd in enumerate(fds):
             size = os.fstat(fd).st_size
             if registry is not None:
                 mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
-                registry.add(mm, fd)
+                registry.add(mm, fd, give_back[i] if i < len(give_back) else None)
             else:
                 mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+                if mapped is not None:
+                    mapped.append((weakref.ref(mm), os.fstat(fd).st_ino))
                 _close_fd(fd)
             views.append(memoryview(mm))
     except BaseException:

@@ -201,6 +201,7 @@ def worker_main(
         tracker.idle()  # started: from now on a death is the fault of a task, if any
     # The socket under the pipe carries the descriptors of shared-memory segments.
     sock = socket.socket(fileno=os.dup(conn.fileno())) if shm_threshold is not None else None
+    arena = _shm.Arena()
     specs: dict[str, StepSpec | BaseException] = {}
     while True:
         try:
@@ -209,6 +210,11 @@ def worker_main(
             if header[0] is None:  # ("release", spec ids): runs that ended
                 for spec_id in header[1]:
                     specs.pop(spec_id, None)
+                arena.drop_spares()
+                continue
+            if header[0] == -1:  # segments nobody maps any more: to reuse, or to free
+                arena.release(header[1], reuse=True)
+                arena.release(header[2], reuse=False)
                 continue
             job_id, spec_id, spec_blob, keys, jkeys, dirty, every_item, drop, descs, nfds = header
             fds = _shm.recv_fds(sock, nfds) if nfds and sock is not None else []
@@ -222,7 +228,8 @@ def worker_main(
             except BaseException as exc:
                 specs[spec_id] = exc
         spec = specs[spec_id]
-        out = _shm.Outgoing(shm_threshold) if shm_threshold is not None else None
+        out = _shm.Outgoing(shm_threshold, None, arena) if shm_threshold is not None else None
+        mapped: list[Any] = []  # (mapping, inode) of the task's inputs
         if isinstance(spec, BaseException):
             # The node's function cannot be loaded here (an ImportError, say): the driver
             # fails the task's items with that error; the worker itself is fine.
@@ -235,7 +242,7 @@ def worker_main(
                 tracker.every_item = bool(every_item)
                 tracker.start_job(job_id)
             try:
-                values = loads(body, _shm.map_buffers(fds, descs, None))
+                values = loads(body, _shm.map_buffers(fds, descs, None, (), mapped))
             except Exception as exc:
                 err = TypeError(
                     f"the item could not be rebuilt in the worker process "
@@ -250,9 +257,13 @@ def worker_main(
             values = data = body = None  # type: ignore[assignment]
             payload = encode_result(result, spec, keys, out)
             result = None  # type: ignore[assignment]
+        # Inputs this process still maps (a node kept a reference): the producer must not
+        # write into those segments again.
+        pinned = [ino for ref, ino in mapped if ref() is not None]
+        mapped = []
         try:
-            sent = out.descs if out is not None else []
-            conn.send_bytes(frame((job_id, unloadable, sent, len(out.fds) if out else 0), payload))
+            sent = (out.descs, len(out.fds), out.segments) if out is not None else ([], 0, [])
+            conn.send_bytes(frame((job_id, unloadable, *sent, pinned), payload))
             if out is not None and out.fds:
                 _shm.send_fds(sock, out.fds)  # type: ignore[arg-type]
         except (BrokenPipeError, OSError):
