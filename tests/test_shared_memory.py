@@ -88,10 +88,10 @@ def _wait_released(pools: list[ProcessPool], within: float = 10.0) -> list[str]:
         time.sleep(0.05)
 
 
-def _split_run(fn_a, fn_b, threshold, items=range(N)):  # type: ignore[no-untyped-def]
+def _split_run(fn_a, fn_b, threshold, items=range(N), start_method=None):  # type: ignore[no-untyped-def]
     with (
-        ProcessPool(2, shm_threshold=threshold) as p1,
-        ProcessPool(2, shm_threshold=threshold) as p2,
+        ProcessPool(2, start_method, shm_threshold=threshold) as p1,
+        ProcessPool(2, start_method, shm_threshold=threshold) as p2,
     ):
         pipe = Pipeline("split")
         a = pipe.add(fn_a, pool=p1)
@@ -117,6 +117,13 @@ def test_results_are_equal_with_and_without_shared_memory():
     )
     assert shared >= 2 * N * per_item
     assert piped == 0
+
+
+def test_workers_started_by_fork_pass_large_values_too():
+    """A forked worker inherits the driver's segments; it closes them and works the same."""
+    out, shared = _split_run(payload, digest, 1 * MiB, start_method="fork")
+    assert out == [digest(payload(x)) for x in range(N)]
+    assert shared > 0
 
 
 def test_values_reach_the_driver_and_thread_pools_whole_and_stay_valid():

@@ -211,11 +211,12 @@ class Registry:
     ) -> None:
         with self.lock:
             entry = self.entries.get(start)
-            if entry is not None and entry[1] == fd:
-                del self.entries[start]
-                i = bisect.bisect_left(self.starts, start)
-                if i < len(self.starts) and self.starts[i] == start:
-                    del self.starts[i]
+            if entry is None or entry[1] != fd:
+                return  # cleared (a forked worker): the descriptor is not this one's
+            del self.entries[start]
+            i = bisect.bisect_left(self.starts, start)
+            if i < len(self.starts) and self.starts[i] == start:
+                del self.starts[i]
             if self.inodes.get(ino) == start:
                 del self.inodes[ino]
             reuse = ino not in self.pinned
@@ -223,6 +224,14 @@ class Registry:
         _close_fd(fd)
         if give_back is not None:
             give_back(reuse)
+
+    def clear(self) -> None:
+        """Close the descriptors a forked worker inherited from its driver, and forget them."""
+        with self.lock:
+            fds = [fd for _, fd in self.entries.values()]
+            self.starts, self.entries, self.inodes, self.pinned = [], {}, {}, set()
+        for fd in fds:
+            _close_fd(fd)
 
     def find(self, data: memoryview) -> tuple[int, int] | None:
         """Return ``(fd, offset)`` of the segment ``data`` lies in, or None."""
@@ -328,7 +337,7 @@ def recv_fds(sock: socket.socket, count: int) -> list[int]:
     try:
         while len(fds) < count:
             want = min(_FDS_PER_MESSAGE, count - len(fds))
-            msg, got, _flags, _addr = socket.recv_fds(sock, 1, want)
+            msg, got, _flags, _addr = socket.recv_fds(sock, 1, want, socket.MSG_CMSG_CLOEXEC)
             if not msg:
                 raise EOFError("the peer closed its socket")
             fds.extend(got)

@@ -202,6 +202,7 @@ def worker_main(
     # The socket under the pipe carries the descriptors of shared-memory segments.
     sock = socket.socket(fileno=os.dup(conn.fileno())) if shm_threshold is not None else None
     arena = _shm.Arena()
+    _shm.REGISTRY.clear()  # inherited through ``fork``: the driver's, not this process's
     specs: dict[str, StepSpec | BaseException] = {}
     while True:
         try:
