@@ -176,30 +176,36 @@ def _close_fd(fd: int) -> None:
 class Registry:
     """The driver's mapped segments by address, to pass a view of one on without a copy.
 
-    Holds no reference to the mappings: each entry (and its descriptor) goes when its
-    mapping is garbage-collected, that is when no value viewing it is left in the driver.
+    Values view a mapping through an exporter (a ctypes array over it) that dies with the
+    last view; the entry, which holds the mapping, then goes first, and the mapping is
+    unmapped after, so an address in the registry is always mapped (mmap would unmap
+    before telling anyone, and a new mapping could take its address meanwhile).
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.starts: list[int] = []
-        self.entries: dict[int, tuple[int, int]] = {}  # start -> (end, fd)
+        self.entries: dict[int, tuple[int, int, mmap.mmap]] = {}  # start -> (end, fd, map)
         self.inodes: dict[int, int] = {}  # inode -> start
         self.pinned: set[int] = set()  # inodes a worker still maps after its task
+        self.fds: set[int] = set()  # descriptors this registry opened and must close
 
-    def add(self, mm: mmap.mmap, fd: int, give_back: Callable[[bool], None] | None) -> None:
-        """Keep ``fd`` open while ``mm`` (its mapping) lives.
+    def add(self, mm: mmap.mmap, fd: int, give_back: Callable[[bool], None] | None) -> memoryview:
+        """Keep ``fd`` open and ``mm`` mapped while a view of the returned one lives.
 
-        ``give_back(reuse)`` is called when the mapping goes: ``reuse`` is true unless a
+        ``give_back(reuse)`` is called when the last view goes: ``reuse`` is true unless a
         worker said it still maps the segment (:meth:`pin`).
         """
         start = address(mm)
         ino = os.fstat(fd).st_ino
+        exporter = (ctypes.c_char * len(mm)).from_buffer(mm)
         with self.lock:
             bisect.insort(self.starts, start)
-            self.entries[start] = (start + len(mm), fd)
+            self.entries[start] = (start + len(mm), fd, mm)
             self.inodes[ino] = start
-        weakref.finalize(mm, self.forget, start, fd, ino, give_back)
+            self.fds.add(fd)
+        weakref.finalize(exporter, self.forget, start, fd, ino, give_back)
+        return memoryview(exporter).cast("B")
 
     def pin(self, inodes: Sequence[int]) -> None:
         """Record that a worker keeps mapping these segments: they must not be rewritten."""
@@ -210,28 +216,30 @@ class Registry:
         self, start: int, fd: int, ino: int, give_back: Callable[[bool], None] | None
     ) -> None:
         with self.lock:
+            if fd not in self.fds:
+                return  # cleared (a forked worker): that number is not ours any more
+            self.fds.discard(fd)
             entry = self.entries.get(start)
-            if entry is None or entry[1] != fd:
-                return  # cleared (a forked worker): the descriptor is not this one's
-            del self.entries[start]
-            i = bisect.bisect_left(self.starts, start)
-            if i < len(self.starts) and self.starts[i] == start:
-                del self.starts[i]
+            if entry is not None and entry[1] == fd:
+                del self.entries[start]  # the mapping goes once its exporter has
+                i = bisect.bisect_left(self.starts, start)
+                if i < len(self.starts) and self.starts[i] == start:
+                    del self.starts[i]
             if self.inodes.get(ino) == start:
                 del self.inodes[ino]
             reuse = ino not in self.pinned
             self.pinned.discard(ino)
-        _close_fd(fd)
+            _close_fd(fd)  # under the lock: the number is not reused before it is forgotten
         if give_back is not None:
             give_back(reuse)
 
     def clear(self) -> None:
         """Close the descriptors a forked worker inherited from its driver, and forget them."""
         with self.lock:
-            fds = [fd for _, fd in self.entries.values()]
+            for fd in self.fds:
+                _close_fd(fd)
             self.starts, self.entries, self.inodes, self.pinned = [], {}, {}, set()
-        for fd in fds:
-            _close_fd(fd)
+            self.fds = set()
 
     def find(self, data: memoryview) -> tuple[int, int] | None:
         """Return ``(fd, offset)`` of the segment ``data`` lies in, or None."""
@@ -246,7 +254,7 @@ class Registry:
             if i < 0:
                 return None
             base = self.starts[i]
-            end, fd = self.entries[base]
+            end, fd, _ = self.entries[base]
             if start + data.nbytes > end:
                 return None
             return fd, start - base
@@ -376,13 +384,13 @@ def map_buffers(
             size = os.fstat(fd).st_size
             if registry is not None:
                 mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
-                registry.add(mm, fd, give_back[i] if i < len(give_back) else None)
+                views.append(registry.add(mm, fd, give_back[i] if i < len(give_back) else None))
             else:
                 mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
                 if mapped is not None:
                     mapped.append((weakref.ref(mm), os.fstat(fd).st_ino))
                 _close_fd(fd)
-            views.append(memoryview(mm))
+                views.append(memoryview(mm))
     except BaseException:
         close_fds(fds[len(views) :])
         raise
