@@ -25,6 +25,7 @@ A worker:
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import pickle
 import select
@@ -118,8 +119,6 @@ def _allow_children() -> None:
     for the reason that they could be orphaned. A worker cleans up its own children (its
     process group dies with it), so it marks itself non-daemonic from the inside.
     """
-    import multiprocessing
-
     multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
 
 
