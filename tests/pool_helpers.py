@@ -130,3 +130,12 @@ def keep_and_check(arr: np.ndarray) -> bool:
     """Keep every input array (a node with a cache, say); tell whether all are unchanged."""
     _KEPT.append((float(arr[0]), arr))
     return all(float(a[0]) == x and float(a[-1]) == x for x, a in _KEPT)
+
+
+def many_arrays(x: int) -> list[np.ndarray]:
+    """Return 40 arrays of 1 MiB: one result that needs 40 shared-memory segments."""
+    return [np.full(MiB // 8, float(x)) for _ in range(40)]
+
+
+def total(arrays: list[np.ndarray]) -> float:
+    return float(sum(a[0] for a in arrays))

@@ -241,6 +241,37 @@ def test_a_worker_killed_mid_run_leaves_no_segment():
     assert _dev_shm() <= before
 
 
+_FD_LIMIT = """
+import os, resource
+from papy import Failure, Pipeline, ProcessPool
+from pool_helpers import many_arrays, total
+
+if __name__ == "__main__":
+    with ProcessPool(1) as p1, ProcessPool(1) as p2:
+        pipe = Pipeline("fds")
+        a = pipe.add(many_arrays, pool=p1)
+        pipe.add(total, after=a, pool=p2)
+        assert list(pipe.map(range(2), progress=False)) == [0.0, 40.0]
+        open_now = len(os.listdir("/proc/self/fd"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 12, hard))
+        for out in pipe.map(range(3), errors="yield", progress=False):
+            print(out.describe() if isinstance(out, Failure) else out, flush=True)
+"""
+
+
+def test_a_driver_out_of_descriptors_fails_the_items_and_goes_on(tmp_path):
+    script = tmp_path / "fds.py"
+    script.write_text(_FD_LIMIT)
+    done = subprocess.run(
+        [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3
+    assert all("open files" in line for line in lines), lines
+
+
 _DRIVER = """
 import sys, time
 from pathlib import Path

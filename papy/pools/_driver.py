@@ -1,16 +1,12 @@
 """The driver side of a ProcessPool: its workers, its queue, and the threads that serve them.
 
 :class:`State` holds everything the pool's threads use, so they never keep the
-:class:`~papy.ProcessPool` object alive:
-
-- ``submit`` queues a job in the driver (``pending``); :meth:`State.assign_locked` gives
-  jobs to the least busy workers, at most :data:`PER_WORKER` each (one running, one
-  queued in its pipe). A job still in ``pending`` has not reached any worker: ``cancel``
-  withdraws it.
-- one **sender thread per worker** pickles and ships its jobs in order, so a slow reader
-  delays only its own tasks;
-- the **manager thread** receives results, copies worker output, replaces dead workers
-  (see :mod:`papy.pools._recovery`) and enforces per-item deadlines.
+:class:`~papy.ProcessPool` object alive. ``submit`` queues a job in the driver
+(``pending``, where ``cancel`` can withdraw it); :meth:`State.assign_locked` gives jobs to
+the least busy workers, :data:`PER_WORKER` each at most (one running, one in its pipe). A
+**sender thread per worker** ships its jobs in order, so a slow reader delays only its own
+tasks; the **manager thread** receives results, copies worker output, replaces dead
+workers (:mod:`papy.pools._recovery`) and enforces per-item deadlines.
 """
 
 from __future__ import annotations
@@ -95,8 +91,6 @@ class State:
         self.restarts = 0
         self.pickle_s = 0.0
         self.unpickle_s = 0.0
-
-    # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         with self.lock:
@@ -301,8 +295,7 @@ class State:
                     out.close()
                     self.shared_bytes += out.nbytes
             self.pickle_s += time.perf_counter() - t0
-            # Hold nothing while waiting: a task's callbacks reach the scheduler's run and
-            # its pool, which must be free to be collected once the run is over.
+            # Hold nothing while waiting (the run and its pool must be free to be collected)
             entry = job = task = header = body = out = None  # type: ignore[assignment]
 
     # -- the manager thread ------------------------------------------------------------------
@@ -386,12 +379,18 @@ class State:
                     self.break_pool(init_failure(header[1], body))
                     return
                 job_id, unloadable, descs, nfds, segments, pinned = header
-                fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
+                lost: OSError | None = None
+                try:
+                    fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
+                except _shm.DescriptorsLost as exc:  # the items fail, naming the cause
+                    fds, lost = [], exc
             except (EOFError, OSError):
                 return  # the worker died mid-message: its job runs again
             if pinned and self.registry is not None:
                 self.registry.pin(pinned)
             back = [functools.partial(give_back, weakref.ref(w), seg) for seg in segments]
+            for give in back if lost is not None else []:
+                give(False)  # never received: the producer frees them
             with self.lock:
                 if not w.jobs or w.jobs[0].id != job_id:
                     _shm.close_fds(fds)
@@ -404,6 +403,8 @@ class State:
                 self.assign_locked()
             t0 = time.perf_counter()
             try:
+                if lost is not None:
+                    raise lost
                 loaded = loads(body, _shm.map_buffers(fds, descs, self.registry, back))
             except Exception as exc:
                 result = job.task.fail_all(
@@ -416,9 +417,8 @@ class State:
             else:
                 result = job.task.fail_all(loaded) if unloadable else loaded
             result.crashes += job.crashes
-            shared = sum(n for _, _, n in descs)
-            self.shared_bytes += shared
-            result.nbytes = len(body) + shared
+            result.nbytes = len(body) + sum(n for _, _, n in descs)
+            self.shared_bytes += result.nbytes - len(body)
             self.unpickle_s += time.perf_counter() - t0
             job.done(result)
 

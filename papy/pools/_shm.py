@@ -333,6 +333,10 @@ class Outgoing:
         self.segments = []
 
 
+class DescriptorsLost(OSError):
+    """The kernel dropped descriptors sent to this process (its open-file limit)."""
+
+
 def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
     """Send descriptors right after a message (a few hundred per system call at most)."""
     for i in range(0, len(fds), _FDS_PER_MESSAGE):
@@ -345,10 +349,15 @@ def recv_fds(sock: socket.socket, count: int) -> list[int]:
     try:
         while len(fds) < count:
             want = min(_FDS_PER_MESSAGE, count - len(fds))
-            msg, got, _flags, _addr = socket.recv_fds(sock, 1, want, socket.MSG_CMSG_CLOEXEC)
+            msg, got, flags, _addr = socket.recv_fds(sock, 1, want, socket.MSG_CMSG_CLOEXEC)
             if not msg:
                 raise EOFError("the peer closed its socket")
             fds.extend(got)
+            if flags & socket.MSG_CTRUNC:
+                raise DescriptorsLost(
+                    "shared-memory segments could not be received: this process has too "
+                    "many open files (raise its limit, `ulimit -n`, or keep fewer large values)"
+                )
     except BaseException:
         for fd in fds:
             _close_fd(fd)
