@@ -6,6 +6,7 @@ Everything here uses real worker processes, real signals and real child programs
 from __future__ import annotations
 
 import faulthandler
+import functools
 import gc
 import os
 import random
@@ -30,8 +31,11 @@ from faults.crashers import (
     start_sleeper_and_hang,
 )
 from helpers import inc, live_descendants
+from pool_helpers import append_then_wait, logged
 
 from papy import Failure, Pipeline, PoolError, ProcessPool, RunAborted, WorkerCrashed
+from papy._task import Stage, StepSpec
+from papy.pools import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
@@ -646,3 +650,36 @@ def test_a_timeout_in_a_resumed_journaled_run_fails_only_the_late_item(tmp_path)
     good, bad = _split(out)
     assert good == [x for x in range(10) if x != 7]
     assert [(f.item, f.exc_type) for f in bad] == [(7, "TimeoutError")]
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+def _record_task(log: Path, gate: Path, key: int) -> Task:
+    fn = functools.partial(append_then_wait, log=str(log), gate=str(gate))
+    spec = StepSpec(id="cancel-record", stages=[Stage(name="record", call=fn)])
+    return Task(spec, [key], [key])
+
+
+def test_cancel_withdraws_tasks_queued_in_the_driver_and_lets_sent_ones_finish(tmp_path):
+    log, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    with ProcessPool(1) as pool:
+        running = pool.submit(_record_task(log, gate, 0))  # runs, waits for the gate
+        deadline = time.monotonic() + 30
+        while logged(str(log)) != [0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert logged(str(log)) == [0]
+        in_pipe = pool.submit(_record_task(log, gate, 1))  # sent: the worker holds two
+        queued = [pool.submit(_record_task(log, gate, k)) for k in (2, 3, 4)]
+        assert not any(f.cancelled() for f in [running, in_pipe, *queued])
+        # the pool's own cancel, and a future cancelled by its holder: both withdraw
+        assert pool.cancel([running, in_pipe, queued[0], queued[1]]) == 2
+        assert queued[2].cancel()
+        assert [f.cancelled() for f in queued] == [True, True, True]
+        assert pool.cancel(queued) == 0  # already withdrawn
+        gate.write_text("open")
+        assert running.result(timeout=30).values == [0]
+        assert in_pipe.result(timeout=30).values == [1]
+        # A task submitted after them runs after anything still queued would have.
+        assert pool.submit(_record_task(log, gate, 5)).result(timeout=30).values == [5]
+    assert logged(str(log)) == [0, 1, 5]

@@ -1,10 +1,12 @@
-"""The main loop of a ProcessPool worker process, and how functions travel to it.
+"""The main loop of a ProcessPool worker process.
 
-Messages are pickled tuples on a private pipe, one per task, so the driver always knows
-which task each worker holds: that is what lets the pool re-run exactly the batch a dead
-worker lost and pin down an item that kills its worker. (This is why the engine keeps its
-own small process pool instead of ``multiprocessing.Pool``, which hangs when a worker dies,
-or ``ProcessPoolExecutor``, which breaks the whole pool.)
+Messages are framed pickles on a private socket, one per task (see
+:mod:`papy.pools._messages`), so the driver always knows which task each worker holds:
+that is what lets the pool re-run exactly the batch a dead worker lost and pin down an item
+that kills its worker. (This is why the engine keeps its own small process pool instead of
+``multiprocessing.Pool``, which hangs when a worker dies, or ``ProcessPoolExecutor``, which
+breaks the whole pool.) Large buffers travel beside the messages in shared memory
+(:mod:`papy.pools._shm`).
 
 A worker:
 
@@ -13,345 +15,34 @@ A worker:
 - watches the driver's process from a thread and exits, with its whole group, within a
   fraction of a second of the driver's death, whatever it is running;
 - publishes which item of which stage it is running in a small shared-memory *slot*
-  (:class:`SlotTracker`), so the driver can enforce per-item timeouts and name the item
-  that killed a worker;
-- imports the user's file once (see :func:`from_file`), so node functions, the
-  initializer and module-level state share one namespace, as under ``python file.py``.
+  (:class:`~papy.pools._slot.SlotTracker`), so the driver can enforce per-item timeouts and
+  name the item that killed a worker;
+- imports the user's file once (see :func:`papy.pools._functions.from_file`), so node
+  functions, the initializer and module-level state share one namespace, as under
+  ``python file.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import io
+import multiprocessing
 import os
 import pickle
 import select
 import signal
-import struct
+import socket
 import sys
 import threading
 import time
 import traceback
-import types
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from papy._items import Failure, failure_from_exception, qualified_type
-from papy._task import StageStats, StepSpec, TaskResult, Tracker, critical, run_task
-
-# -- functions whose home is a file, not an importable module --------------------------------
-
-#: namespaces of user files, by absolute path (driver and worker alike)
-_FILES: dict[str, dict[str, Any]] = {}
-
-
-class _FileModule(types.ModuleType):
-    """A module view of a user file's namespace that no import system knows.
-
-    ``papy run file.py`` runs the file under the name ``__papy__`` and keeps no module for
-    it; registering this view lets classes defined there (a user's exception type, say)
-    be found by name when a worker sends instances back.
-    """
-
-    def __init__(self, name: str, namespace: dict[str, Any]) -> None:
-        super().__init__(name)
-        self._papy_namespace = namespace
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._papy_namespace[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _resolve(namespace: dict[str, Any], qualname: str) -> Any:
-    first, *rest = qualname.split(".")
-    obj = namespace[first]
-    for part in rest:
-        obj = getattr(obj, part)
-    return obj
-
-
-_GUARDED: bool | None = None
-
-
-def main_is_guarded() -> bool:
-    """Tell whether workers may import the driver's ``__main__`` file.
-
-    ``forkserver`` and ``spawn`` workers import the driver's script (as ``__mp_main__``)
-    before they start, which runs its top-level code again. A script that keeps its work
-    under ``if __name__ == "__main__":`` is safe to import, and its functions then share one
-    module namespace in the worker. A script without that guard would start its pipeline
-    again inside every worker, so its workers do not import it, and its functions travel
-    by value instead (each with a copy of the globals it uses), as in a REPL.
-    """
-    global _GUARDED
-    if _GUARDED is None:
-        _GUARDED = _has_main_guard(getattr(sys.modules.get("__main__"), "__file__", None))
-    return _GUARDED
-
-
-def _has_main_guard(path: str | None) -> bool:
-    if not path or not path.endswith(".py"):
-        return True  # no file to import (REPL, notebook, ``python -c``): nothing re-runs
-    try:
-        with open(path, "rb") as fh:
-            tree = ast.parse(fh.read(), path)
-    except (OSError, SyntaxError, ValueError):
-        return False
-    for node in tree.body:
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
-            names = [node.test.left, *node.test.comparators]
-            if any(isinstance(n, ast.Name) and n.id == "__name__" for n in names) and any(
-                isinstance(n, ast.Constant) and n.value == "__main__" for n in names
-            ):
-                return True
-    return False
-
-
-def file_home(obj: Any) -> tuple[str, str, str] | None:
-    """Return ``(path, module name, qualname)`` when ``obj`` should travel by its file.
-
-    That is a function or class defined at the top level of a user's file that runs as a
-    script (``__main__``) or through ``papy run`` (a module name no worker can import).
-    Functions of importable modules travel by reference as usual; lambdas, closures and
-    anything typed in a REPL or notebook (no file) travel by value.
-    """
-    mod_name = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if not isinstance(mod_name, str) or not isinstance(qualname, str) or "<" in qualname:
-        return None
-    module = sys.modules.get(mod_name)
-    if module is not None and mod_name != "__main__" and not isinstance(module, _FileModule):
-        return None
-    if mod_name == "__main__" and not main_is_guarded():
-        return None  # workers do not import an unguarded script: travel by value
-    if isinstance(obj, types.FunctionType):
-        namespace = obj.__globals__
-    elif module is not None:
-        namespace = module.__dict__
-        if isinstance(module, _FileModule):
-            namespace = module._papy_namespace
-    else:
-        return None
-    path = namespace.get("__file__")
-    if not isinstance(path, str) or not path.endswith(".py") or not os.path.isfile(path):
-        return None
-    try:
-        if _resolve(namespace, qualname) is not obj:
-            return None
-    except (KeyError, AttributeError):
-        return None
-    path = os.path.abspath(path)
-    _FILES.setdefault(path, namespace)
-    if module is None:
-        sys.modules[mod_name] = _FileModule(mod_name, namespace)
-    return path, mod_name, qualname
-
-
-def from_file(path: str, mod_name: str, qualname: str) -> Any:
-    """Return ``qualname`` from the user file at ``path``, importing the file once.
-
-    In a worker started by ``forkserver`` or ``spawn``, multiprocessing has already
-    imported the driver's ``__main__`` file (as ``__mp_main__``, so its
-    ``if __name__ == "__main__":`` block does not run): that module is reused. Any other
-    file (``papy run file.py``) is executed once under its driver-side name, with its real
-    file name so tracebacks show its lines.
-    """
-    namespace = _FILES.get(path)
-    if namespace is None:
-        main = sys.modules.get("__main__")
-        main_file = getattr(main, "__file__", None)
-        if main is not None and main_file and os.path.abspath(main_file) == path:
-            namespace = main.__dict__
-        else:
-            module = types.ModuleType(mod_name)
-            module.__file__ = path
-            namespace = module.__dict__
-            _FILES[path] = namespace
-            if mod_name not in sys.modules:
-                sys.modules[mod_name] = module
-            with open(path, "rb") as fh:
-                code = compile(fh.read(), path, "exec")
-            sys.path.insert(0, os.path.dirname(path))
-            exec(code, namespace)
-        _FILES[path] = namespace
-    return _resolve(namespace, qualname)
-
-
-def _make_pickler() -> type:
-    import cloudpickle
-
-    class FilePickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
-        """cloudpickle, except that functions and classes of a user file go by reference."""
-
-        def reducer_override(self, obj: Any) -> Any:
-            if isinstance(obj, (types.FunctionType, type)):
-                home = file_home(obj)
-                if home is not None:
-                    return (from_file, home)
-            return super().reducer_override(obj)
-
-    return FilePickler
-
-
-_PICKLER: type | None = None
-
-
-def dumps_code(obj: Any) -> bytes:
-    """Pickle functions (a step spec, an initializer) for a worker process.
-
-    Like cloudpickle, but a function defined in the user's own file travels as a reference
-    to that file, so in the worker it lives in the file's module namespace with its
-    module-level state (locks, connections, caches) instead of a private copy of it.
-    """
-    global _PICKLER
-    if _PICKLER is None:
-        _PICKLER = _make_pickler()
-    buf = io.BytesIO()
-    _PICKLER(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buf.getvalue()
-
-
-# -- items and results -----------------------------------------------------------------------
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` fast; fall back to cloudpickle for lambdas and ``__main__`` objects."""
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return dumps_code(obj)
-
-
-def unpicklable(value: Any) -> Exception | None:
-    """Return why ``value`` cannot be pickled, or None when it can."""
-    try:
-        dumps(value)
-    except Exception as exc:
-        return exc
-    return None
-
-
-def fail_unpicklable(
-    node: str, keys: Any, values: list[Any], why: Callable[[Any, Exception], str]
-) -> list[Any]:
-    """Return ``values`` with the ones that cannot be pickled replaced by Failures.
-
-    Used on both sides of a process boundary (items going out, results coming back), so
-    only the offending items fail and the message names their type.
-    """
-    out = []
-    for key, value in zip(keys, values):
-        exc = None if type(value) is Failure else unpicklable(value)
-        if exc is None:
-            out.append(value)
-        else:
-            out.append(failure_from_exception(node, key, TypeError(why(value, exc)), value))
-    return out
-
-
-def _encode_result(result: TaskResult, spec: StepSpec, keys: Any) -> bytes:
-    try:
-        return dumps(result)
-    except Exception:
-        pass
-    result.values = fail_unpicklable(
-        spec.stages[-1].name,
-        keys,
-        result.values,
-        lambda value, exc: (
-            f"the result of type {qualified_type(value)} cannot be sent back from the worker "
-            f"process ({qualified_type(exc)}: {exc}); return plain data, or use a ThreadPool"
-        ),
-    )
-    for st in result.stats:
-        if st.first_failure is not None and unpicklable(st.first_failure) is not None:
-            st.first_failure = None
-    return dumps(result)
-
-
-def frame(header: Any, body: bytes) -> bytes:
-    """Join a small header and a pickled body into one message.
-
-    The header (ids and keys) always unpickles, so a body that cannot be rebuilt on the
-    other side still tells which task and which items it was about.
-    """
-    head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
-    return struct.pack("!I", len(head)) + head + body
-
-
-def unframe(data: bytes) -> tuple[Any, memoryview]:
-    """Split a message made by :func:`frame` into its header and its body."""
-    (n,) = struct.unpack_from("!I", data)
-    view = memoryview(data)
-    return pickle.loads(view[4 : 4 + n]), view[4 + n :]
-
-
-# -- the slot: which item the worker runs, for the driver to read ----------------------------
-
-#: layout of a worker's slot (doubles): sequence, job id, stage, index, count, start time
-SLOT_SIZE = 6
-SEQ, JOB, STAGE, INDEX, COUNT, START = range(SLOT_SIZE)
-IDLE = -2.0  # INDEX when no task runs
-UNBORN = -3.0  # INDEX until the worker has started (imported, initialized)
-
-
-class SlotTracker(Tracker):
-    """Publish (job, stage, item, start time) to shared memory before each tracked item.
-
-    The driver reads it without asking the worker: ``time.monotonic()`` is system-wide on
-    Linux (CLOCK_MONOTONIC), so the start time means the same on both sides. A sequence
-    number, odd while a write is in progress, lets the reader discard a torn read.
-    Costs about a microsecond per call; the engine only calls it per item for stages with a
-    ``timeout`` or for a batch that already killed a worker once.
-    """
-
-    def __init__(self, slot: Any) -> None:
-        self.slot = slot
-
-    def begin(self, stage: int, index: int, count: int = 1) -> None:
-        """Record that item ``index`` of the task entered stage ``stage`` now."""
-        s = self.slot
-        s[SEQ] += 1.0
-        s[STAGE] = stage
-        s[INDEX] = index
-        s[COUNT] = count
-        s[START] = time.monotonic()
-        s[SEQ] += 1.0
-
-    def start_job(self, job_id: int) -> None:
-        """Record that a new task starts (no stage yet)."""
-        s = self.slot
-        s[SEQ] += 1.0
-        s[JOB] = job_id
-        s[STAGE] = -1
-        s[INDEX] = -1
-        s[COUNT] = 0
-        s[START] = time.monotonic()
-        s[SEQ] += 1.0
-
-    def idle(self) -> None:
-        """Record that no task is running."""
-        s = self.slot
-        s[SEQ] += 1.0
-        s[INDEX] = IDLE
-        s[SEQ] += 1.0
-
-
-def read_slot(slot: Any) -> tuple[int, int, int, int, float] | None:
-    """Return ``(job, stage, index, count, start)`` from a slot, or None if mid-write."""
-    seq = slot[SEQ]
-    if int(seq) % 2:
-        return None
-    values = (int(slot[JOB]), int(slot[STAGE]), int(slot[INDEX]), int(slot[COUNT]), slot[START])
-    if slot[SEQ] != seq:
-        return None
-    return values
-
-
-# -- the worker process ----------------------------------------------------------------------
+from papy._task import StageStats, StepSpec, TaskResult, critical, run_task
+from papy.pools import _shm
+from papy.pools._messages import dumps, encode_result, frame, loads, unframe
+from papy.pools._slot import SlotTracker
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -428,8 +119,6 @@ def _allow_children() -> None:
     for the reason that they could be orphaned. A worker cleans up its own children (its
     process group dies with it), so it marks itself non-daemonic from the inside.
     """
-    import multiprocessing
-
     multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
 
 
@@ -475,12 +164,14 @@ def worker_main(
     slot: Any = None,
     driver_pid: int | None = None,
     outputs: tuple[Connection, Connection] | None = None,
+    shm_threshold: int | None = None,
 ) -> None:
     """Receive tasks, run them, send results back, until the pipe closes.
 
     A failing initializer is reported to the driver once, with its traceback, and the
     worker exits with code 1: the driver then fails the run with a PoolError instead of
-    restarting workers that cannot start.
+    restarting workers that cannot start. Buffers of ``shm_threshold`` bytes or more in a
+    result go back through shared memory (None: every byte through the pipe).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -507,18 +198,28 @@ def worker_main(
     tracker = SlotTracker(slot) if slot is not None else None
     if tracker is not None:
         tracker.idle()  # started: from now on a death is the fault of a task, if any
+    # The socket under the pipe carries the descriptors of shared-memory segments.
+    sock = socket.socket(fileno=os.dup(conn.fileno())) if shm_threshold is not None else None
+    arena = _shm.Arena()
+    _shm.REGISTRY.clear()  # inherited through ``fork``: the driver's, not this process's
     specs: dict[str, StepSpec | BaseException] = {}
     while True:
         try:
             data = conn.recv_bytes()
+            header, body = unframe(data)
+            if header[0] is None:  # ("release", spec ids): runs that ended
+                for spec_id in header[1]:
+                    specs.pop(spec_id, None)
+                arena.drop_spares()
+                continue
+            if header[0] == -1:  # segments nobody maps any more: to reuse, or to free
+                arena.release(header[1], reuse=True)
+                arena.release(header[2], reuse=False)
+                continue
+            job_id, spec_id, spec_blob, keys, jkeys, dirty, every_item, drop, descs, nfds = header
+            fds = _shm.recv_fds(sock, nfds) if nfds and sock is not None else []
         except (EOFError, OSError):
             return
-        header, body = unframe(data)
-        if header[0] is None:  # ("release", spec ids): runs that ended
-            for spec_id in header[1]:
-                specs.pop(spec_id, None)
-            continue
-        job_id, spec_id, spec_blob, keys, jkeys, dirty, every_item, drop = header
         for old in drop:  # the driver's cache of this worker's functions is full
             specs.pop(old, None)
         if spec_blob is not None:
@@ -527,18 +228,21 @@ def worker_main(
             except BaseException as exc:
                 specs[spec_id] = exc
         spec = specs[spec_id]
+        out = _shm.Outgoing(shm_threshold, None, arena) if shm_threshold is not None else None
+        mapped: list[Any] = []  # (mapping, inode) of the task's inputs
         if isinstance(spec, BaseException):
             # The node's function cannot be loaded here (an ImportError, say): the driver
             # fails the task's items with that error; the worker itself is fine.
-            header_out: Any = (job_id, "unloadable")
+            _shm.close_fds(fds)
+            unloadable = True
             payload = _pickled_error(spec)
         else:
-            header_out = job_id
+            unloadable = False
             if tracker is not None:
                 tracker.every_item = bool(every_item)
                 tracker.start_job(job_id)
             try:
-                values = pickle.loads(body)
+                values = loads(body, _shm.map_buffers(fds, descs, None, (), mapped))
             except Exception as exc:
                 err = TypeError(
                     f"the item could not be rebuilt in the worker process "
@@ -549,11 +253,24 @@ def worker_main(
                 result = run_task(spec, keys, values, jkeys, dirty, tracker)
             if tracker is not None:
                 tracker.idle()
-            payload = _encode_result(result, spec, keys)
+            # Free the task's inputs (and their shared-memory mappings) before waiting.
+            values = data = body = None  # type: ignore[assignment]
+            payload = encode_result(result, spec, keys, out)
+            result = None  # type: ignore[assignment]
+        # Inputs this process still maps (a node kept a reference): the producer must not
+        # write into those segments again.
+        pinned = [ino for ref, ino in mapped if ref() is not None]
+        mapped = []
         try:
-            conn.send_bytes(frame(header_out, payload))
+            sent = (out.descs, len(out.fds), out.segments) if out is not None else ([], 0, [])
+            conn.send_bytes(frame((job_id, unloadable, *sent, pinned), payload))
+            if out is not None and out.fds:
+                _shm.send_fds(sock, out.fds)  # type: ignore[arg-type]
         except (BrokenPipeError, OSError):
             return
+        finally:
+            if out is not None:
+                out.close()
 
 
 def _pickled_error(exc: BaseException) -> bytes:

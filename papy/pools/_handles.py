@@ -1,0 +1,224 @@
+"""The driver's handles on a ProcessPool's work: a job, a worker, a worker's output stream.
+
+A :class:`Job` is a task in the pool with the callback that completes it; a :class:`Worker`
+is one worker process with its pipe, its sender thread's queue, its slot and the jobs it
+holds (one running, one queued), in the order it runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+from papy._task import TaskResult
+from papy.pools import _slot
+from papy.pools._base import Task
+from papy.pools._worker import worker_main
+
+
+class Job:
+    """A task in the pool, with what to do when it is done."""
+
+    __slots__ = ("task", "done", "fut", "crashes", "track", "late", "id")
+
+    def __init__(
+        self,
+        task: Task,
+        done: Callable[[TaskResult], None],
+        fut: Future[TaskResult],
+        crashes: int = 0,
+        track: bool = False,
+    ) -> None:
+        self.task = task
+        self.done = done
+        self.fut = fut  # the scheduler's future, failed if the pool breaks
+        self.crashes = crashes
+        self.track = track  # announce every item in the slot (to name a crash's item)
+        self.late: tuple[int, int, int] | None = None  # (stage, index, count) past its limit
+        self.id = 0
+
+
+class Worker:
+    """One worker process, as the driver sees it."""
+
+    __slots__ = (
+        "process",
+        "conn",
+        "jobs",
+        "specs",
+        "send_lock",
+        "dead",
+        "outbox",
+        "slot",
+        "did",
+        "outputs",
+        "sock",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        process: Any,
+        conn: Connection,
+        slot: Any,
+        outputs: list[Output],
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.process = process
+        self.conn = conn
+        self.sock = sock  # the socket under ``conn``: shared-memory descriptors travel on it
+        self.slot = slot
+        self.outputs = outputs
+        self.jobs: deque[Job] = deque()
+        self.specs: dict[str, None] = {}  # spec ids the worker holds, oldest first
+        self.send_lock = threading.Lock()
+        self.dead = False
+        self.did = 0  # tasks completed
+        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def close_conn(self) -> None:
+        """Close the driver's end of the worker's pipe (and the socket under it)."""
+        for end in (self.conn, self.sock):
+            try:
+                if end is not None:
+                    end.close()
+            except OSError:
+                pass
+
+
+class Output:
+    """One of a worker's output streams, copied line by line to the driver's own stream.
+
+    Complete lines only are written, each in one call, so output of workers never
+    interleaves mid-line and a live display (which redirects the driver's ``sys.stdout``)
+    prints them above itself.
+    """
+
+    __slots__ = ("conn", "name", "partial")
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name  # "stdout" or "stderr"
+        self.partial = b""
+
+    def read(self) -> bool:
+        """Copy what is available; return False at end of file."""
+        try:
+            data = os.read(self.conn.fileno(), 1 << 16)
+        except (OSError, ValueError):
+            data = b""
+        if not data:
+            self.flush()
+            return False
+        data = self.partial + data
+        end = data.rfind(b"\n") + 1
+        self.partial = data[end:]
+        if end:
+            self.write(data[:end])
+        return True
+
+    def flush(self) -> None:
+        if self.partial:
+            self.write(self.partial + b"\n")
+            self.partial = b""
+
+    def write(self, data: bytes) -> None:
+        stream = getattr(sys, self.name)
+        if self.name == "stderr" and type(sys.stdout).__name__ == "FileProxy":
+            # A live display (rich) is drawn on the terminal and proxies stdout only:
+            # route error lines through it too, so they print above the display.
+            stream = sys.stdout
+        if stream is None:
+            return
+        try:
+            stream.write(data.decode("utf-8", errors="replace"))
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def finish_outputs(w: Worker) -> None:
+    """Copy what a dead worker still had in its output pipes, then close them."""
+    for out in w.outputs:
+        try:
+            while out.conn.poll(0) and out.read():
+                pass
+        except (OSError, ValueError):
+            pass
+        out.flush()
+        out.close()
+
+
+def signal_group(pid: int | None, sig: int) -> None:
+    """Send ``sig`` to a worker's process group (the worker and what it started)."""
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, sig)
+    except OSError:
+        try:
+            os.kill(pid, sig)  # not yet its own group leader
+        except OSError:
+            pass
+
+
+def starts(fut: Future[TaskResult]) -> bool:
+    """Mark a job's future running as it goes to a worker; False if it was cancelled.
+
+    A job split after a crash, or sent again, already runs: it goes on.
+    """
+    if fut.running():
+        return True
+    try:
+        return fut.set_running_or_notify_cancel()
+    except RuntimeError:  # already done (the pool broke): nothing left to run
+        return False
+
+
+def wire_keys(keys: Any) -> Any:
+    # A range pickles in a few bytes whatever its length; keep it one.
+    return keys if isinstance(keys, range) else list(keys)
+
+
+def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None) -> Worker:
+    """Start one worker process (``ctx``: a multiprocessing context) and return its handle."""
+    parent, child = ctx.Pipe(duplex=True)
+    out_r, out_w = ctx.Pipe(duplex=False)
+    err_r, err_w = ctx.Pipe(duplex=False)
+    slot = ctx.RawArray("d", _slot.SLOT_SIZE)
+    slot[_slot.INDEX] = _slot.UNBORN
+    proc = ctx.Process(
+        target=worker_main,
+        args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold),
+        name="papy-worker",
+        daemon=True,  # multiprocessing's exit handler must never wait for a worker
+    )
+    proc.start()
+    for end in (child, out_w, err_w):
+        end.close()
+    sock = None
+    if shm_threshold is not None:  # shared-memory descriptors travel on the pipe's socket
+        sock = socket.socket(fileno=os.dup(parent.fileno()))
+    return Worker(proc, parent, slot, [Output(out_r, "stdout"), Output(err_r, "stderr")], sock)
+
+
+def give_back(ref: weakref.ref[Worker], segment: int, reuse: bool) -> None:
+    """Tell a worker that no process maps its ``segment`` any more (or that it goes)."""
+    w = ref()
+    if w is not None and not w.dead:
+        w.outbox.put(("free", segment, reuse))

@@ -1,0 +1,203 @@
+"""What a ProcessPool does after a worker died: re-run, halve, or report the item at fault.
+
+A worker that dies (a crash, or a kill for a timeout) loses the task it ran. The pool runs
+it again with every item announced in the worker's slot, so a second crash names the item;
+a batched call that dies is halved until it holds one item; that item alone is run once
+more to confirm, then reported as a :class:`~papy.WorkerCrashed` failure. Its batch-mates
+complete normally.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from papy._errors import PoolError, WorkerCrashed
+from papy._task import TaskResult
+from papy.pools._base import Task, merge_parts
+from papy.pools._handles import Job, Worker
+from papy.pools._messages import loads
+from papy.pools._slot import read_slot
+
+
+def split(job: Job, parts: list[tuple[Task, int, bool] | TaskResult]) -> list[Job]:
+    """Replace ``job`` by jobs for ``parts`` (tasks, or results already known), in order.
+
+    The original job completes when every part has; finished parts complete at once.
+    """
+    callbacks = merge_parts(len(parts), job.done)
+    jobs = []
+    finished = []
+    for part, on_done in zip(parts, callbacks):
+        if isinstance(part, TaskResult):
+            finished.append((on_done, part))
+        else:
+            task, crashes, track = part
+            jobs.append(Job(task, on_done, job.fut, crashes, track))
+    for on_done, result in finished:
+        on_done(result)
+    return jobs
+
+
+def after_death(job: Job, code: int | None, where: tuple[int, int, int] | None) -> list[Job]:
+    """Return the jobs to run again after ``job``'s worker died; report what is known.
+
+    ``where`` is (stage, item index, item count) from the worker's slot when it was
+    running a tracked item. A late item fails with ``TimeoutError`` and its batch-mates
+    run again; a crash re-runs the batch with every item tracked, then the named item
+    alone to confirm, then reports it.
+    """
+    task = job.task
+    n = len(task)
+    stages = task.spec.stages
+    if job.late is not None:
+        s, i, c = job.late
+        c = min(c, n - i)
+        limit = stages[s].timeout or task.timeout or 0.0
+        error = TimeoutError(
+            f"item exceeded the node's timeout of {limit:g} s; its worker was killed and replaced"
+        )
+        failed = fail_in(task.slice(i, i + c), error, s)
+        parts: list[tuple[Task, int, bool] | TaskResult] = []
+        if i > 0:
+            parts.append((task.slice(0, i), 0, False))
+        parts.append(failed)
+        if i + c < n:
+            parts.append((task.slice(i + c, n), 0, False))
+        return split(job, parts)
+    crashes = job.crashes + 1
+    if where is not None and where[1] < n:
+        s, i, c = where
+        c = min(c, n - i)
+        if c > 1:
+            # A batched call of c items died: one of them is the culprit, but which is
+            # unknown. Halve the call (its batch-mates outside it re-run as they are)
+            # until the call holds one item, which is then confirmed as usual.
+            half = c // 2
+            parts = []
+            if i > 0:
+                parts.append((task.slice(0, i), 0, False))
+            parts.append((task.slice(i, i + half), 0, True))
+            parts.append((task.slice(i + half, i + c), 0, True))
+            if i + c < n:
+                parts.append((task.slice(i + c, n), 0, False))
+            return split(job, parts)
+        if c >= n:
+            if crashes >= 2:
+                job.done(fail_in(task, WorkerCrashed(describe_exit(code), code), s, crashes))
+                return []
+            job.crashes, job.track = crashes, True
+            return [job]
+        parts = []
+        if i > 0:
+            parts.append((task.slice(0, i), 0, False))
+        parts.append((task.slice(i, i + c), crashes, True))
+        if i + c < n:
+            parts.append((task.slice(i + c, n), 0, False))
+        return split(job, parts)
+    if n == 1:
+        if crashes >= 2:
+            job.done(fail_in(task, WorkerCrashed(describe_exit(code), code), 0, crashes))
+            return []
+        job.crashes, job.track = crashes, True
+        return [job]
+    if not job.track:
+        job.track = True  # run it again, every item announced: the next crash names it
+        return [job]
+    half = n // 2  # died outside any tracked item: fall back to halving
+    return split(job, [(task.slice(0, half), 0, True), (task.slice(half, n), 0, True)])
+
+
+def fail_in(task: Task, exc: BaseException, stage: int, attempts: int = 1) -> TaskResult:
+    """Return ``task`` failed with ``exc`` in stage ``stage``, counted as a run counts it.
+
+    Every stage of the step counts the items in (a Failure passes through the stages
+    after the one it failed in, as it would in the worker), and stage ``stage`` counts
+    them failed, so the report and ``on_error="raise"`` see the crash or the timeout.
+    """
+    result = task.fail_all(exc, task.spec.stages[stage].name, attempts)
+    for st in result.stats:
+        st.n_in = len(task)
+    return result
+
+
+def has_timeout(task: Task) -> bool:
+    return any(s.timeout is not None for s in task.spec.stages)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "the worker process died while running this item"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the worker process was killed by {name} while running this item"
+    return f"the worker process exited with code {code} while running this item"
+
+
+def rerun(
+    lost: list[Job],
+    code: int | None,
+    unborn: bool,
+    running: tuple[int, int, int, int, float] | None,
+) -> list[Job]:
+    """Return the jobs to run again of a dead worker that held ``lost`` (running first).
+
+    ``running`` is what its slot said (job, stage, index, count, start); ``unborn`` means it
+    died before it could run anything, so no job is to blame.
+    """
+    retry: list[Job] = []
+    for i, job in enumerate(lost):
+        if i > 0 or unborn:
+            retry.append(job)  # never started: not its fault
+            continue
+        where = None
+        if running is not None and running[0] == job.id and running[2] >= 0:
+            where = (running[1], running[2], max(1, running[3]))
+        retry.extend(after_death(job, code, where))
+    return retry
+
+
+def late_workers(workers: list[Worker], slack: float) -> list[Worker]:
+    """Return the workers whose current item ran past its node's timeout (+ ``slack`` s).
+
+    Marks the job of each (``job.late``) with the stage and items at fault.
+    """
+    now = time.monotonic()
+    victims = []
+    for w in workers:
+        if w.dead or not w.jobs:
+            continue
+        running = read_slot(w.slot)
+        if running is None:
+            continue
+        job_id, s, i, c, start = running
+        if i < 0 or s < 0:
+            continue
+        job = next((j for j in w.jobs if j.id == job_id), None)
+        if job is None or job.late is not None:
+            continue
+        stages = job.task.spec.stages
+        limit = stages[s].timeout if s < len(stages) else None
+        if limit is None or stages[s].is_async:
+            continue  # no limit, or asyncio enforces it inside the task
+        if now > start + max(1, c) * limit + slack:
+            job.late = (s, i, max(1, c))
+            victims.append(w)
+    return victims
+
+
+def init_failure(text: str, body: memoryview) -> PoolError:
+    """Return the error that breaks a pool whose ``initializer`` failed in a worker.
+
+    ``text`` is the traceback; ``body`` the pickled exception, its cause when it loads.
+    """
+    try:
+        cause: BaseException | None = loads(body)
+    except Exception:
+        cause = None
+    error = PoolError(f"the ProcessPool's initializer failed in a worker:\n{text}".rstrip())
+    error.__cause__ = cause
+    return error
