@@ -8,8 +8,10 @@ once per item. This module is imported by worker processes, so it stays small an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -101,27 +103,36 @@ def _rebuild_result(
     return TaskResult(values, [StageStats(*s) for s in stats], crashes, dirty)
 
 
-class _Critical:
-    """Mark code that must not be cut short by SIGTERM (a journaled task and its commit).
+class CriticalSection:
+    """Count the threads inside code SIGTERM must not cut short: a journaled task and its commit.
 
-    A worker's SIGTERM handler checks ``depth``: outside, it exits at once; inside, it sets
-    ``deferred`` and the worker exits as soon as the section ends.
+    A worker process makes one (``papy.pools._worker.worker_main``) and passes it to
+    :func:`run_task`; its SIGTERM handler calls :meth:`defer`: outside any section the
+    worker exits at once, inside it exits as soon as the last section ends.
     """
 
-    depth = 0
-    deferred = False
+    def __init__(self) -> None:
+        self.depth = 0
+        self.deferred = False
+        self._lock = threading.Lock()
+
+    def defer(self) -> bool:
+        """Ask to exit when the open sections end; return False if none is open."""
+        if not self.depth:
+            return False
+        self.deferred = True
+        return True
 
     def __enter__(self) -> None:
-        type(self).depth += 1
+        with self._lock:
+            self.depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        cls = type(self)
-        cls.depth -= 1
-        if cls.depth == 0 and cls.deferred:
+        with self._lock:
+            self.depth -= 1
+            leave = self.depth == 0 and self.deferred
+        if leave:
             os._exit(128 + 15)
-
-
-critical = _Critical()
 
 
 def run_task(
@@ -131,6 +142,7 @@ def run_task(
     jkeys: Sequence[tuple[str, str]] | None = None,
     dirty: bool = True,
     tracker: Tracker | None = None,
+    critical: CriticalSection | None = None,
 ) -> TaskResult:
     """Run a batch through every stage of ``spec``; failures become Failure values.
 
@@ -143,10 +155,11 @@ def run_task(
     The result holds exactly one value or Failure per key, in the order of ``keys``.
     ``tracker`` (see :class:`Tracker`) hears when each timed item starts; a task whose
     tracker was abandoned raises :class:`Abandoned` instead of committing anything more.
+    A journaled task runs inside ``critical`` (a worker process's :class:`CriticalSection`).
     """
     if spec.journal is None or not jkeys:
         return _run(spec, keys, values, dirty, tracker)
-    with critical, task_guard(spec.journal.path):
+    with critical or contextlib.nullcontext(), task_guard(spec.journal.path):
         return _run_journaled(spec, keys, values, jkeys, dirty, tracker)
 
 

@@ -24,6 +24,7 @@ A worker:
 
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing
 import os
@@ -39,16 +40,15 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from papy._items import Failure, failure_from_exception, qualified_type
-from papy._task import StageStats, StepSpec, TaskResult, critical, run_task
+from papy._task import CriticalSection, StageStats, StepSpec, TaskResult, run_task
 from papy.pools import _shm
 from papy.pools._messages import dumps, encode_result, frame, loads, unframe
 from papy.pools._slot import SlotTracker
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_sigterm(critical: CriticalSection, signum: int, frame: Any) -> None:
     """Exit now, unless a journaled task is committing: then right after it (30 s at most)."""
-    if critical.depth:
-        type(critical).deferred = True
+    if critical.defer():
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(30)
         return
@@ -74,7 +74,7 @@ def _exit_group(code: int) -> None:
     os._exit(code)
 
 
-def _watch_driver(driver_pid: int) -> None:
+def _watch_driver(driver_pid: int, critical: CriticalSection) -> None:
     """Exit with the whole process group when the driver process dies.
 
     Linux's parent-death signal follows the *thread* that started a process, and a worker
@@ -105,8 +105,7 @@ def _watch_driver(driver_pid: int) -> None:
     # A journaled task commits its outputs before the worker goes (30 s at most): the
     # journal then holds exactly what was done when the driver died.
     deadline = time.monotonic() + 30
-    while critical.depth and time.monotonic() < deadline:
-        type(critical).deferred = True
+    while critical.defer() and time.monotonic() < deadline:
         time.sleep(0.02)
     _exit_group(70)
 
@@ -174,7 +173,8 @@ def worker_main(
     result go back through shared memory (None: every byte through the pipe).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    critical = CriticalSection()  # this process's journaled tasks, for SIGTERM
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, critical))
     try:
         os.setpgid(0, 0)
     except OSError:  # pragma: no cover - already a group leader
@@ -183,7 +183,7 @@ def worker_main(
     _allow_children()
     if driver_pid is not None:
         threading.Thread(
-            target=_watch_driver, args=(driver_pid,), name="papy-watch-driver", daemon=True
+            target=_watch_driver, args=(driver_pid, critical), name="papy-watch-driver", daemon=True
         ).start()
     if initializer is not None:
         try:
@@ -250,7 +250,7 @@ def worker_main(
                 )
                 result = _task_failure(spec, keys, None, err)
             else:
-                result = run_task(spec, keys, values, jkeys, dirty, tracker)
+                result = run_task(spec, keys, values, jkeys, dirty, tracker, critical)
             if tracker is not None:
                 tracker.idle()
             # Free the task's inputs (and their shared-memory mappings) before waiting.
