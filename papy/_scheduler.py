@@ -40,7 +40,7 @@ from papy._graph import Step, build_steps, scatter_stacks, topological_order
 from papy._input import DirectInput, ThreadedInput, reader_for
 from papy._interrupt import trap_signals
 from papy._items import Failure, Key, child_key, parent_key
-from papy._journal import Journal
+from papy._journal.journal import Journal
 from papy._observe import Observer, Timeline
 from papy._progress import Progress, progress_wanted
 from papy._report import FailureLog, NodeStats, Report, build_report
@@ -283,7 +283,11 @@ class Scheduler:
         stacks_out = scatter_stacks(order)
         if self._journal_path is not None:
             self.journal = Journal(
-                self._journal_path, pipe, force=self._force, retry_failed=self._retry_failed
+                self._journal_path,
+                pipe.nodes,
+                pipe.name,
+                force=self._force,
+                retry_failed=self._retry_failed,
             )
             self.journal.specs(self.steps, terminals)
             self._journal_terms = {

@@ -683,7 +683,7 @@ def journal_show(path: str, as_json: bool) -> None:
 
     Never loads a recorded value, so it is safe on a journal from anyone.
     """
-    from papy._journal import describe
+    from papy._journal.admin import describe
 
     try:
         info = describe(path)
@@ -711,7 +711,7 @@ def journal_show(path: str, as_json: bool) -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def journal_failures(path: str) -> None:
     """List the failed items: node, item identity and message (never loads a value)."""
-    from papy._journal import failures
+    from papy._journal.admin import failures
 
     try:
         rows = failures(path)
@@ -731,7 +731,7 @@ def journal_forget(path: str, node: str) -> None:
 
     The next run with this journal recomputes them (and reuses the rest).
     """
-    from papy._journal import forget
+    from papy._journal.admin import forget
 
     try:
         dropped = forget(path, node)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from papy import Failure, JournalError, Pipeline, ProcessPool, ThreadPool
-from papy._journal import content_digest
+from papy._journal.digest import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 
