@@ -593,3 +593,40 @@ def test_cached_nodes_below_a_scatter_are_reused_when_the_gather_changes(tmp_pat
             e + 1 for e in expected
         ]
     assert _calls(log) == {}
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    """The files under ``folder`` this process has open (from /proc/self/fd)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the directory's own descriptor, closed meanwhile
+        if target.startswith(str(folder)):
+            out.append(target)
+    return out
+
+
+def test_runs_on_a_thread_pool_close_every_connection_and_lock_they_open(tmp_path):
+    journal = tmp_path / "run.db"
+    with ThreadPool(4) as pool:
+        pipe = Pipeline("fds", pool=pool)
+        a = pipe.add(lambda x: x + 1, name="a", cache=True)
+        pipe.add(lambda x: x * 2, name="b", after=a)
+        out = tmp_path / "sunk.txt"
+
+        def sink(x):
+            with open(out, "a") as fh:
+                fh.write(f"{x}\n")
+
+        pipe.add(sink, name="sink", after=a)
+        before = len(os.listdir("/proc/self/fd"))
+        for run in range(50):
+            # every run records new items on several pool threads, and replays the old ones
+            got = pipe.map(range(run * 4, run * 4 + 40), journal=journal, output="b")
+            assert list(got) == [(x + 1) * 2 for x in range(run * 4, run * 4 + 40)]
+            assert _open_files_under(tmp_path) == [], run
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert pipe.last_report is not None and pipe.last_report.skipped == 36
+    assert sorted(map(int, out.read_text().split())) == list(range(1, 237))
