@@ -40,6 +40,8 @@ from papy._report import Report
 
 _CHECK_EVERY_S = 0.25
 _PRELOAD_ROWS = 1_000_000
+#: recorded values (pickles) up to this many bytes are read in one pass when resuming
+_PRELOAD_BYTES = 64 * 2**20
 _log = logging.getLogger("papy")
 
 
@@ -72,6 +74,11 @@ class Journal:
         self._replayed: set[str] = set()
         self._done: dict[str, bool] | None = None
         self._prefetched: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        #: records read with completion at the start, until replayed (see _load_done)
+        self._preloaded: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        #: items finished() last found done, whose outputs are fetched together
+        self._to_fetch: list[str] = []
+        self._fetch_at = 0
         self._closed = False
         #: node name -> why its records were dropped ("function body changed", ...)
         self.changes: dict[str, str] = {}
@@ -311,6 +318,7 @@ class Journal:
             hit = {k: self._done[k] for k in items if k in self._done}
             if self.retry_failed:
                 hit = {k: v for k, v in hit.items() if not v}
+            self._to_fetch, self._fetch_at = list(hit), 0
             return hit
         count: dict[str, int] = {}
         failed: dict[str, bool] = {}
@@ -348,6 +356,7 @@ class Journal:
         done = {k: failed[k] for k, c in count.items() if c == len(terminals)}
         if self.retry_failed:
             done = {k: v for k, v in done.items() if not v}
+        self._to_fetch, self._fetch_at = list(done), 0
         return done
 
     def _load_done(self, terminals: dict[str, bool]) -> dict[str, bool]:
@@ -356,26 +365,43 @@ class Journal:
         Resuming asks item by item; one query per item would cost more than the rest of
         the driver's work. Only for top-level terminals and up to _PRELOAD_ROWS records
         (about 100 bytes of memory each); otherwise an empty dict (ask SQLite each time).
+        When the recorded values take at most _PRELOAD_BYTES, they are read in the same
+        pass (one scan, not a lookup per item) and kept until :meth:`outputs` replays them.
         """
         if not all(terminals.values()):
             return {}
         names = list(terminals)
         marks = ",".join("?" * len(names))
-        (n,) = self.conn.execute(
-            f"SELECT COUNT(*) FROM outputs WHERE sub = '' AND node IN ({marks})", names
+        n, size = self.conn.execute(
+            f"SELECT COUNT(*), SUM(LENGTH(value)) FROM outputs WHERE sub = '' AND node IN "
+            f"({marks})",
+            names,
         ).fetchone()
         if n > _PRELOAD_ROWS:
             return {}
+        values = (size or 0) <= _PRELOAD_BYTES
         count: dict[str, int] = {}
         failed: dict[str, bool] = {}
         for terminal in names:
-            for item, bad in self.conn.execute(
-                "SELECT item, failed FROM outputs WHERE node = ? AND sub = '' AND fp = ?",
-                (terminal, self.prints[terminal].fingerprint),
-            ):
+            fp = self.prints[terminal].fingerprint
+            if values:
+                rows = self.conn.execute(
+                    "SELECT item, failed, value, mac FROM outputs WHERE node = ? AND sub = '' "
+                    "AND fp = ?",
+                    (terminal, fp),
+                )
+            else:
+                rows = self.conn.execute(
+                    "SELECT item, failed, NULL, NULL FROM outputs WHERE node = ? AND sub = '' "
+                    "AND fp = ?",
+                    (terminal, fp),
+                )
+            for item, bad, blob, mac in rows:
                 count[item] = count.get(item, 0) + 1
                 if bad:
                     failed[item] = True
+                if blob is not None:
+                    self._preloaded[(terminal, item)] = [("", fp, bad, blob, mac)]
         done = {k: failed.get(k, False) for k, c in count.items() if c == len(names)}
         return done or {"": False}  # non-empty: "loaded", even when nothing is finished
 
@@ -385,16 +411,38 @@ class Journal:
         rows = self._prefetched.pop((terminal, item), None)
         if self._prefetched and len(self._prefetched) > 4096:
             self._prefetched.clear()  # items finished at the output but not everywhere
+        if rows is None and self._preloaded:
+            rows = self._preloaded.pop((terminal, item), None)
         if rows is None:
-            rows = self.conn.execute(
-                "SELECT sub, fp, failed, value, mac FROM outputs WHERE node = ? AND item = ?",
-                (terminal, item),
-            ).fetchall()
+            self._fetch(terminal, item)
+            rows = self._prefetched.pop((terminal, item), [])
         rows.sort(key=lambda r: tuple(int(x) for x in r[0].split(".")) if r[0] else ())
         return [
             self.signer.load(self.path, terminal, item, sub, fp, bad, blob, mac)
             for sub, fp, bad, blob, mac in rows
         ]
+
+    def _fetch(self, terminal: str, item: str) -> None:
+        """Read the records of ``item`` and of the next items finished() found done.
+
+        One query for up to 500 items: replaying a finished item then costs a share of a
+        query, not one query of its own.
+        """
+        want = [item]
+        todo, at = self._to_fetch, self._fetch_at
+        while at < len(todo) and len(want) < 500:
+            k = todo[at]
+            at += 1
+            if k != item and (terminal, k) not in self._prefetched:
+                want.append(k)
+        self._fetch_at = at
+        marks = ",".join("?" * len(want))
+        for got, *row in self.conn.execute(
+            f"SELECT item, sub, fp, failed, value, mac FROM outputs WHERE node = ? AND "
+            f"item IN ({marks})",
+            (terminal, *want),
+        ):
+            self._prefetched.setdefault((terminal, got), []).append(tuple(row))
 
     # -- recording (driver side) ---------------------------------------------------------
 
@@ -425,6 +473,7 @@ class Journal:
         if self._closed:
             return
         self._closed = True
+        self._preloaded.clear()
         try:
             self.check(now=True)
             self.flush()

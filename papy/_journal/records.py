@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from papy._journal.files import INSERT_OUTPUT
 from papy._journal.sinklog import fold_pending
 from papy._journal.store import JournalSpec, store_for
 
@@ -77,4 +76,4 @@ def record(
     store = store_for(spec)
     rows = store.signer.rows(node, fp, jkeys, values)
     if rows:
-        store.write(INSERT_OUTPUT, rows)
+        store.write_outputs(rows)

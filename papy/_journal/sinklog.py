@@ -17,7 +17,7 @@ import struct
 import threading
 from typing import Any
 
-from papy._journal.files import FILE_MODE, INSERT_OUTPUT
+from papy._journal.files import FILE_MODE
 from papy._journal.secret import Row
 from papy._journal.store import JournalSpec, Store, store_for
 
@@ -51,7 +51,7 @@ class SinkLog:
     def commit(self) -> None:
         """Commit the batch's records in one transaction; remove the file."""
         if self.rows:
-            self.store.write(INSERT_OUTPUT, self.rows)
+            self.store.write_outputs(self.rows)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -157,7 +157,7 @@ def fold_pending(store: Store, everything: bool = False) -> int:
             os.close(fd)
         rows = decode_rows(b"".join(chunks))
         if rows:
-            store.write(INSERT_OUTPUT, rows)
+            store.write_outputs(rows)
             total += len(rows)
         try:
             os.unlink(full)

@@ -28,6 +28,7 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._journal.files import (
+    INSERT_OUTPUT,
     TASK_BYTE,
     WRITE_BYTE,
     connect,
@@ -176,6 +177,15 @@ class Store:
             finally:
                 lock_byte(fd, fcntl.LOCK_UN, WRITE_BYTE)
 
+    def write_outputs(self, rows: list[Any]) -> None:
+        """Commit recorded outputs in one transaction, in key order.
+
+        In key order, consecutive rows land in neighbouring pages of the table's B-tree,
+        which SQLite then reaches without a fresh descent from the root for each.
+        """
+        rows.sort(key=_row_key)
+        self.write(INSERT_OUTPUT, rows)
+
     def close(self) -> None:
         """Close every thread's connection (and the lock file, unless borrowed); idempotent."""
         with self._guard:
@@ -186,6 +196,10 @@ class Store:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+
+def _row_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return row[:3]
 
 
 def _close_handles(handles: list[Any], pid: int) -> None:
