@@ -627,6 +627,6 @@ def test_runs_on_a_thread_pool_close_every_connection_and_lock_they_open(tmp_pat
             got = pipe.map(range(run * 4, run * 4 + 40), journal=journal, output="b")
             assert list(got) == [(x + 1) * 2 for x in range(run * 4, run * 4 + 40)]
             assert _open_files_under(tmp_path) == [], run
-        assert len(os.listdir("/proc/self/fd")) == before
+        assert len(os.listdir("/proc/self/fd")) <= before  # (an earlier test may close some)
         assert pipe.last_report is not None and pipe.last_report.skipped == 36
     assert sorted(map(int, out.read_text().split())) == list(range(1, 237))
