@@ -13,13 +13,15 @@ everything downstream of it no longer match their records.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import struct
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from papy._errors import JournalError
 from papy._graph import topological_order
 from papy._node import Node
 
@@ -93,6 +95,44 @@ def _digest(v: Any, depth: int = 0) -> bytes:
 def content_digest(value: Any) -> str:
     """Return a stable hex digest of an input item's value (its identity without ``key=``)."""
     return _digest(value).hex()
+
+
+class ItemIds:
+    """The journal identities of a run's input items, given in input order.
+
+    Without ``key=``: ``c:<content digest>:<occurrences of equal items before it>``; with
+    it: ``k:<the key as JSON>``, which must be unique (JournalError otherwise).
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+        self.keys: set[str] = set()
+
+    def identify(self, values: Sequence[Any], key: Callable[[Any], Any] | None) -> list[str]:
+        """Return the journal identity of each input item, in order.
+
+        Raises JournalError when ``key`` gives two input items the same key.
+        """
+        out = []
+        if key is None:
+            seen = self.seen
+            for v in values:
+                d = content_digest(v)
+                n = seen.get(d, 0)
+                seen[d] = n + 1
+                out.append(f"c:{d}:{n}")
+            return out
+        keys = self.keys
+        for v in values:
+            k = "k:" + json.dumps(key(v), sort_keys=True, default=str)
+            if k in keys:
+                raise JournalError(
+                    f"key {k[2:]} is given to more than one input item (again by item "
+                    f"{v!r:.80}): with a journal, key= must tell every input item apart"
+                )
+            keys.add(k)
+            out.append(k)
+        return out
 
 
 # -- identity of code -------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._graph import Step
-from papy._journal.digest import REASONS, content_digest, node_prints
+from papy._journal.checkpoint import Checkpointer
+from papy._journal.digest import REASONS, ItemIds, node_prints
 from papy._journal.files import (
     FORMAT,
     SCHEMA,
@@ -68,8 +69,7 @@ class Journal:
         self._pending_complete: list[tuple[str, str]] = []
         self._last_flush = time.monotonic()
         self._last_check = time.monotonic()
-        self._seen: dict[str, int] = {}
-        self._keys_seen: set[str] = set()
+        self._ids = ItemIds()
         #: values read along with completion, for the node whose outputs are replayed
         self._replayed: set[str] = set()
         self._done: dict[str, bool] | None = None
@@ -91,11 +91,13 @@ class Journal:
         self._lock_fd = -1
         self._owned = False
         self.store: Store | None = None
+        self._checkpointer: Checkpointer | None = None
         self._lock_fd = open_lock(self.path)
         try:
             take_ownership(self.path, self._lock_fd)
             self._owned = True
             self._open(nodes, name)
+            self._checkpointer = Checkpointer(self.path)
         except BaseException:
             conn = getattr(self, "conn", None)
             if conn is not None:
@@ -141,6 +143,7 @@ class Journal:
                 self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
             )
             self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA wal_autocheckpoint = 0")  # see papy._journal.checkpoint
         except sqlite3.Error as exc:
             raise sqlite_error(path, exc) from None
         private(path)
@@ -257,30 +260,11 @@ class Journal:
                 )
 
     def identify(self, values: Sequence[Any], key: Callable[[Any], Any] | None) -> list[str]:
-        """Return the journal identity of each input item (see the module docstring).
+        """Return the journal identity of each input item (see :class:`ItemIds`).
 
         Raises JournalError when ``key`` gives two input items the same key.
         """
-        out = []
-        if key is None:
-            seen = self._seen
-            for v in values:
-                d = content_digest(v)
-                n = seen.get(d, 0)
-                seen[d] = n + 1
-                out.append(f"c:{d}:{n}")
-            return out
-        keys = self._keys_seen
-        for v in values:
-            k = "k:" + json.dumps(key(v), sort_keys=True, default=str)
-            if k in keys:
-                raise JournalError(
-                    f"key {k[2:]} is given to more than one input item (again by item "
-                    f"{v!r:.80}): with a journal, key= must tell every input item apart"
-                )
-            keys.add(k)
-            out.append(k)
-        return out
+        return self._ids.identify(values, key)
 
     def check(self, now: bool = False) -> None:
         """Stop the run (JournalError) if the journal file was removed or replaced."""
@@ -474,6 +458,8 @@ class Journal:
             return
         self._closed = True
         self._preloaded.clear()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         try:
             self.check(now=True)
             self.flush()
