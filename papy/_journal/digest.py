@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+
 from papy._errors import JournalError
 from papy._graph import topological_order
 from papy._node import Node
@@ -79,8 +81,6 @@ def _pickle_or_none(v: Any) -> bytes | None:
     except Exception:
         pass
     try:
-        import cloudpickle
-
         return bytes(cloudpickle.dumps(v, protocol=4))
     except Exception:
         return None

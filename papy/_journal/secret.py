@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+
 from papy._errors import JournalError
 from papy._items import Failure
 from papy._journal.files import FILE_MODE
@@ -97,8 +99,6 @@ def _blob(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
-        import cloudpickle
-
         return bytes(cloudpickle.dumps(value))
 
 
