@@ -630,3 +630,25 @@ def test_runs_on_a_thread_pool_close_every_connection_and_lock_they_open(tmp_pat
         assert len(os.listdir("/proc/self/fd")) <= before  # (an earlier test may close some)
         assert pipe.last_report is not None and pipe.last_report.skipped == 36
     assert sorted(map(int, out.read_text().split())) == list(range(1, 237))
+
+
+def test_process_workers_close_the_journal_of_a_run_once_it_is_gone(tmp_path):
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("fds", pool=pool)
+        pipe.add(lambda x: x + 1, name="inc")
+        for run in range(6):
+            journal = tmp_path / f"run{run}.db"
+            assert list(pipe.map(range(30), journal=journal)) == list(range(1, 31))
+            for p in tmp_path.glob(f"run{run}.db*"):
+                p.unlink()  # a journal used once, then thrown away
+        (pid,) = pool.pids()
+        held = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(tmp_path)):
+                held.append(target)
+        # the last run's connection and lock at most; none of the five before it
+        assert not [t for t in held if "run5.db" not in t], held

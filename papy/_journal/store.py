@@ -244,8 +244,8 @@ def store_for(spec: JournalSpec) -> Store:
     """Return the store a task of ``spec``'s run uses in this thread.
 
     The run's own in the driver's process; else this thread's store of that run, made on
-    first use. A store of an earlier run on the same journal is closed: one run at a time
-    uses a journal, so that run has ended.
+    first use. A store of an earlier run on the same journal is closed (one run at a time
+    uses a journal, so that run has ended), and so are those whose journal file is gone.
     """
     if spec.store is not None:
         return spec.store
@@ -258,8 +258,20 @@ def store_for(spec: JournalSpec) -> Store:
         return got
     if got is not None and got.pid == os.getpid():
         got.close()
+    for path, other in list(stores.items()):  # journals of runs that ended since, gone
+        if other.pid != os.getpid() or not _same_file(path, other.ident):
+            other.close()
+            del stores[path]
     got = stores[spec.path] = Store(spec.path, spec.ident, spec.run)
     return got
+
+
+def _same_file(path: str, ident: tuple[int, int]) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident
 
 
 class task_guard:
