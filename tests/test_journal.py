@@ -652,3 +652,18 @@ def test_process_workers_close_the_journal_of_a_run_once_it_is_gone(tmp_path):
                 held.append(target)
         # the last run's connection and lock at most; none of the five before it
         assert not [t for t in held if "run5.db" not in t], held
+
+
+def test_a_pool_forked_during_a_run_does_not_keep_the_journal_in_use(tmp_path):
+    journal = tmp_path / "run.db"
+    pool = ProcessPool(2, start_method="fork")  # not started yet
+    try:
+        pipe = Pipeline("forked", pool=pool)
+        pipe.add(lambda x: x + 1, name="inc")
+        # the pool starts inside the first run: its workers are forked while the run holds
+        # the journal's lock, and live on after it
+        assert list(pipe.map(range(5), journal=journal)) == [1, 2, 3, 4, 5]
+        assert list(pipe.map(range(7), journal=journal)) == list(range(1, 8))
+        assert pipe.last_report is not None and pipe.last_report.skipped == 5
+    finally:
+        pool.close()

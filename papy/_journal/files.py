@@ -145,3 +145,18 @@ def replaced_error(path: str) -> JournalError:
         f"the journal {path} was replaced by another file during the run: stopped, since "
         "records would go to the old file"
     )
+
+
+def check_format(conn: sqlite3.Connection, path: str) -> None:
+    """Raise JournalError unless ``conn`` is to a papy journal of this version."""
+    try:
+        meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+    except sqlite3.OperationalError:
+        meta = {}
+    if meta.get("format") != FORMAT:
+        raise JournalError(f"{path} is an SQLite file but not a papy journal; give another path")
+    if meta.get("version") != VERSION:
+        raise JournalError(
+            f"{path} was written by another version of papy (journal format "
+            f"{meta.get('version')}, this papy writes {VERSION}); use a new journal"
+        )

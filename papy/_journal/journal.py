@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import json
 import logging
+import multiprocessing.util
 import os
 import socket
 import sqlite3
@@ -26,6 +27,7 @@ from papy._journal.files import (
     FORMAT,
     SCHEMA,
     VERSION,
+    check_format,
     check_owner,
     connect,
     open_lock,
@@ -93,6 +95,9 @@ class Journal:
         self.store: Store | None = None
         self._checkpointer: Checkpointer | None = None
         self._lock_fd = open_lock(self.path)
+        # a process forked meanwhile (a pool with start_method="fork") would share the lock's
+        # open file description, and with it the run's lock, for as long as it lives
+        multiprocessing.util.register_after_fork(self, Journal._forked)
         try:
             take_ownership(self.path, self._lock_fd)
             self._owned = True
@@ -135,7 +140,7 @@ class Journal:
                     [("format", FORMAT), ("version", VERSION)],
                 )
             else:
-                self._check_format()
+                check_format(self.conn, path)
                 self.conn.execute("PRAGMA journal_mode = WAL")
             fold_pending(self.store, everything=True)  # sink batches of a run that died
             self._reconcile(nodes, name)
@@ -147,21 +152,6 @@ class Journal:
         except sqlite3.Error as exc:
             raise sqlite_error(path, exc) from None
         private(path)
-
-    def _check_format(self) -> None:
-        try:
-            meta = dict(self.conn.execute("SELECT name, value FROM meta").fetchall())
-        except sqlite3.OperationalError:
-            meta = {}
-        if meta.get("format") != FORMAT:
-            raise JournalError(
-                f"{self.path} is an SQLite file but not a papy journal; give another path"
-            )
-        if meta.get("version") != VERSION:
-            raise JournalError(
-                f"{self.path} was written by another version of papy (journal format "
-                f"{meta.get('version')}, this papy writes {VERSION}); use a new journal"
-            )
 
     def _reconcile(self, nodes: Sequence[Node], pipeline: str) -> None:
         """Compare node fingerprints with the recorded ones; drop what no longer holds."""
@@ -477,6 +467,14 @@ class Journal:
                 self.store.close()
             self.conn.close()
             self._release()
+
+    @staticmethod
+    def _forked(self: Journal) -> None:
+        """In a child forked by multiprocessing: let go of the parent's lock descriptor."""
+        fd, self._lock_fd = self._lock_fd, -1
+        self._owned = False
+        if fd >= 0:
+            os.close(fd)  # the child's copy only: the parent's lock stays
 
     def _release(self) -> None:
         fd, self._lock_fd = self._lock_fd, -1
