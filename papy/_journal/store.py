@@ -11,6 +11,8 @@ Locks are open-file-description locks (``F_OFD_SETLK``) where the system has the
 belong to one descriptor, so closing a store's descriptor never drops a lock held through
 another (POSIX ``lockf`` locks belong to the process, and closing any descriptor of the
 file drops them all); and two runs in one process exclude each other like two processes.
+Where the system lacks them, ``lockf`` is used: two runs in one process are then not told
+apart, and a worker store closed in the driver's process would drop the run's lock.
 """
 
 from __future__ import annotations
