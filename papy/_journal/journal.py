@@ -390,7 +390,8 @@ class Journal:
         if rows is None:
             self._fetch(terminal, item)
             rows = self._prefetched.pop((terminal, item), [])
-        rows.sort(key=lambda r: tuple(int(x) for x in r[0].split(".")) if r[0] else ())
+        if len(rows) > 1:
+            rows.sort(key=lambda r: tuple(int(x) for x in r[0].split(".")) if r[0] else ())
         return [
             self.signer.load(self.path, terminal, item, sub, fp, bad, blob, mac)
             for sub, fp, bad, blob, mac in rows
