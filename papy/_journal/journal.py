@@ -469,8 +469,7 @@ class Journal:
             self.conn.close()
             self._release()
 
-    @staticmethod
-    def _forked(self: Journal) -> None:
+    def _forked(self) -> None:
         """In a child forked by multiprocessing: let go of the parent's lock descriptor."""
         fd, self._lock_fd = self._lock_fd, -1
         self._owned = False
