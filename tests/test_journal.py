@@ -667,3 +667,25 @@ def test_a_pool_forked_during_a_run_does_not_keep_the_journal_in_use(tmp_path):
         assert pipe.last_report is not None and pipe.last_report.skipped == 5
     finally:
         pool.close()
+
+
+def test_tasks_running_on_after_a_run_is_stopped_close_their_connections_when_done(tmp_path):
+    journal = tmp_path / "run.db"
+
+    def slow(x):
+        time.sleep(0.2)
+        return x
+
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("stopped", pool=pool)
+        a = pipe.add(slow, name="slow", cache=True, batch=4)
+        pipe.add(lambda x: x, name="out", after=a)
+        it = pipe.map(range(40), journal=journal)
+        assert next(it) == 0
+        it.close()  # the pool's threads finish the tasks they were running, after the run
+        deadline = time.monotonic() + 30
+        while _open_files_under(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _open_files_under(tmp_path) == []
+        assert list(pipe.map(range(40), journal=journal)) == list(range(40))
+    assert _open_files_under(tmp_path) == []

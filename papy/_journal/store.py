@@ -111,6 +111,8 @@ class Store:
         self.pid = os.getpid()
         self._signer = signer
         self._conns: dict[int, sqlite3.Connection] = {}
+        #: threads running a task of the run (their connection is closed when it ends)
+        self._busy: set[int] = set()
         self._guard = threading.Lock()
         self._writing = threading.Lock()
         self._fd = lock_fd if lock_fd is not None else -1
@@ -174,8 +176,10 @@ class Store:
         """
         if conn is None:
             conn = self.conn()
-        fd = self.lock_fd()
-        with self._writing:
+        with self._writing:  # close() waits for a commit under way
+            if self._closed:
+                raise JournalError(f"the run on {self.path} has ended; its journal is closed")
+            fd = self.lock_fd()
             lock_byte(fd, fcntl.LOCK_EX, WRITE_BYTE)
             try:
                 write(conn, sql, rows, self.path)
@@ -191,11 +195,42 @@ class Store:
         rows.sort(key=_row_key)
         self.write(INSERT_OUTPUT, rows)
 
-    def close(self) -> None:
-        """Close every thread's connection (and the lock file, unless borrowed); idempotent."""
+    def enter(self) -> None:
+        """Note that this thread runs a task of the run (see :meth:`close`)."""
         with self._guard:
+            self._busy.add(threading.get_ident())
+
+    def leave(self) -> None:
+        """Note that this thread's task ended; after :meth:`close`, close its connection."""
+        tid = threading.get_ident()
+        with self._guard:
+            self._busy.discard(tid)
+            conn = self._conns.pop(tid, None) if self._closed else None
+            last = self._closed and not self._busy
+        if conn is not None:
+            conn.close()
+        if last:
+            self._final()
+
+    def close(self) -> None:
+        """Close every thread's connection (and the lock file, unless borrowed); idempotent.
+
+        Waits for a commit under way. A thread still running a task of the run (a task a
+        pool let run on after the run was stopped) keeps its connection until the task
+        ends (:meth:`leave`): closing a connection another thread is using is unsafe.
+        """
+        with self._writing, self._guard:
             self._closed = True
-        self._final()
+            idle = [tid for tid in self._conns if tid not in self._busy]
+            conns = [self._conns.pop(tid) for tid in idle]
+            last = not self._busy
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        if last:
+            self._final()
 
     @property
     def closed(self) -> bool:
@@ -286,9 +321,11 @@ class task_guard:
     def __init__(self, spec: JournalSpec) -> None:
         self.spec = spec
         self.fd: int | None = None
+        self.store: Store | None = None
 
     def __enter__(self) -> None:
-        store = store_for(self.spec)
+        store = self.store = store_for(self.spec)
+        store.enter()
         if store.owner:
             return
         fd = store.lock_fd()
@@ -305,3 +342,6 @@ class task_guard:
             except OSError:
                 pass
             self.fd = None
+        if self.store is not None:
+            self.store.leave()
+            self.store = None
