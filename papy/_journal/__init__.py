@@ -35,11 +35,12 @@ run's whole life and names its owner; a second run fails at once with the owner'
 host. On close, the write-ahead log is checkpointed into the main file, so ``run.db`` alone
 is the whole journal.
 
-**Modules.** This file imports nothing, so importing one module loads only what it needs. Worker
-side, imported by :mod:`papy._task` (layer below the pools): ``files`` (format, modes,
-owners, errors), ``secret`` (the user's key, record HMACs), ``store`` (one run's
-connections and locks, ``task_guard``), ``sinklog`` (a sink batch in progress, folding a
-crashed one), ``records`` (``lookup``/``record``). Driver side: ``digest`` (item and code
-identity), ``ownership`` (the run's lock), ``journal`` (:class:`Journal`), ``admin``
-(``papy journal show/failures/forget``).
+**Modules.** This file imports nothing, so importing one module loads only what it
+needs. Worker side, imported by :mod:`papy._task` (below the pools; it imports only
+``papy._errors`` and ``papy._items``): ``files`` (format, modes, owners, errors),
+``secret`` (the user's key, record HMACs), ``store`` (one run's connections and locks,
+``task_guard``), ``sinklog`` (a sink batch in progress, folding a crashed one),
+``records`` (``lookup``/``record``). Driver side: ``digest`` (item and code identity),
+``ownership`` (the run's lock), ``checkpoint`` (folding the write-ahead log in while a run
+goes), ``journal`` (:class:`Journal`), ``admin`` (``papy journal show/failures/forget``).
 """
