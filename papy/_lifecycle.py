@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._errors import PoolError
-from papy._journal import Journal
+from papy._journal.journal import Journal
 from papy._plan import Graph, Plan, compile_plan
 from papy._rundir import check_workdir, make_run_dir
 from papy.pools.process import ProcessPool
@@ -79,7 +79,8 @@ class RunScope:
         if self._journal_path is not None:
             self.journal = Journal(
                 self._journal_path,
-                self.graph,  # type: ignore[arg-type]
+                self.graph.nodes,
+                self.graph.name,
                 force=self._force,
                 retry_failed=self._retry_failed,
             )

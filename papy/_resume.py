@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from papy._items import Failure, Key
-from papy._journal import Journal
+from papy._journal.journal import Journal
 from papy._plan import Plan
 
 

@@ -31,7 +31,9 @@ from papy._apply import (
     run_async_stage,
 )
 from papy._items import Failure, Key, child_key, failure_from_exception
-from papy._journal import JournalSpec, SinkLog, lookup, record, task_guard
+from papy._journal.records import lookup, record
+from papy._journal.sinklog import SinkLog
+from papy._journal.store import JournalSpec, task_guard
 from papy._rundir import set_current as set_run_dir
 
 __all__ = [
@@ -159,7 +161,7 @@ def run_task(
     """
     if spec.journal is None or not jkeys:
         return _run(spec, keys, values, dirty, tracker)
-    with critical or contextlib.nullcontext(), task_guard(spec.journal.path):
+    with critical or contextlib.nullcontext(), task_guard(spec.journal):
         return _run_journaled(spec, keys, values, jkeys, dirty, tracker)
 
 

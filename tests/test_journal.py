@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from papy import Failure, JournalError, Pipeline, ProcessPool, ThreadPool
-from papy._journal import content_digest
+from papy._journal.digest import content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -593,3 +593,99 @@ def test_cached_nodes_below_a_scatter_are_reused_when_the_gather_changes(tmp_pat
             e + 1 for e in expected
         ]
     assert _calls(log) == {}
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    """The files under ``folder`` this process has open (from /proc/self/fd)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the directory's own descriptor, closed meanwhile
+        if target.startswith(str(folder)):
+            out.append(target)
+    return out
+
+
+def test_runs_on_a_thread_pool_close_every_connection_and_lock_they_open(tmp_path):
+    journal = tmp_path / "run.db"
+    with ThreadPool(4) as pool:
+        pipe = Pipeline("fds", pool=pool)
+        a = pipe.add(lambda x: x + 1, name="a", cache=True)
+        pipe.add(lambda x: x * 2, name="b", after=a)
+        out = tmp_path / "sunk.txt"
+
+        def sink(x):
+            with open(out, "a") as fh:
+                fh.write(f"{x}\n")
+
+        pipe.add(sink, name="sink", after=a)
+        before = len(os.listdir("/proc/self/fd"))
+        for run in range(50):
+            # every run records new items on several pool threads, and replays the old ones
+            got = pipe.map(range(run * 4, run * 4 + 40), journal=journal, output="b")
+            assert list(got) == [(x + 1) * 2 for x in range(run * 4, run * 4 + 40)]
+            assert _open_files_under(tmp_path) == [], run
+        assert len(os.listdir("/proc/self/fd")) <= before  # (an earlier test may close some)
+        assert pipe.last_report is not None and pipe.last_report.skipped == 36
+    assert sorted(map(int, out.read_text().split())) == list(range(1, 237))
+
+
+def test_process_workers_close_the_journal_of_a_run_once_it_is_gone(tmp_path):
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("fds", pool=pool)
+        pipe.add(lambda x: x + 1, name="inc")
+        for run in range(6):
+            journal = tmp_path / f"run{run}.db"
+            assert list(pipe.map(range(30), journal=journal)) == list(range(1, 31))
+            for p in tmp_path.glob(f"run{run}.db*"):
+                p.unlink()  # a journal used once, then thrown away
+        (pid,) = pool.pids()
+        held = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(tmp_path)):
+                held.append(target)
+        # the last run's connection and lock at most; none of the five before it
+        assert not [t for t in held if "run5.db" not in t], held
+
+
+def test_a_pool_forked_during_a_run_does_not_keep_the_journal_in_use(tmp_path):
+    journal = tmp_path / "run.db"
+    pool = ProcessPool(2, start_method="fork")  # not started yet
+    try:
+        pipe = Pipeline("forked", pool=pool)
+        pipe.add(lambda x: x + 1, name="inc")
+        # the pool starts inside the first run: its workers are forked while the run holds
+        # the journal's lock, and live on after it
+        assert list(pipe.map(range(5), journal=journal)) == [1, 2, 3, 4, 5]
+        assert list(pipe.map(range(7), journal=journal)) == list(range(1, 8))
+        assert pipe.last_report is not None and pipe.last_report.skipped == 5
+    finally:
+        pool.close()
+
+
+def test_tasks_running_on_after_a_run_is_stopped_close_their_connections_when_done(tmp_path):
+    journal = tmp_path / "run.db"
+
+    def slow(x):
+        time.sleep(0.2)
+        return x
+
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("stopped", pool=pool)
+        a = pipe.add(slow, name="slow", cache=True, batch=4)
+        pipe.add(lambda x: x, name="out", after=a)
+        it = pipe.map(range(40), journal=journal)
+        assert next(it) == 0
+        it.close()  # the pool's threads finish the tasks they were running, after the run
+        deadline = time.monotonic() + 30
+        while _open_files_under(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _open_files_under(tmp_path) == []
+        assert list(pipe.map(range(40), journal=journal)) == list(range(40))
+    assert _open_files_under(tmp_path) == []

@@ -179,15 +179,11 @@ def test_the_key_file_must_be_private(tmp_path, own_config):
     _journal_with_records(tmp_path / "run.db")
     secret = own_config / "papy" / "secret"
     secret.chmod(0o644)
-    from papy import _journal
-
-    _journal._secrets.clear()
-    try:
+    try:  # each run reads the key anew: nothing to clear
         with pytest.raises(JournalError, match="can be read by other users"):
             _journal_with_records(tmp_path / "other.db")
     finally:
         secret.chmod(0o600)
-        _journal._secrets.clear()
 
 
 # -- the HTML report escapes what it shows -----------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import click
 
 from papy._errors import PapyError
-from papy._journal import describe, failures, forget
+from papy._journal.admin import describe, failures, forget
 
 _JOURNAL_EXAMPLES = """
 \b

@@ -1,0 +1,166 @@
+"""A sink batch in progress: one record per item on disk at once, folded in after a crash.
+
+Each record of a sink batch goes to a private append-only file next to the journal
+(``run.db.pending-<host>-<pid>-<thread>``, mode 0600) with one ``write``, and the batch is
+committed to SQLite in one transaction at the end, after which the file is removed. If the
+process dies mid-batch, whoever runs the batch's items next (the pool's re-run, or the next
+run) first folds the file into the journal (:func:`fold_pending`), so the items the sink
+already did are not done again. The format is plain length-prefixed fields, never a pickle,
+so reading a file is safe before its records are authenticated.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+from papy._journal.files import FILE_MODE
+from papy._journal.secret import Row
+from papy._journal.store import JournalSpec, Store, store_for
+
+PENDING = ".pending-"
+_ROW_HEAD = struct.Struct("!9I")  # total length, then the lengths of the 8 fields
+
+
+class SinkLog:
+    """The records of a sink batch in progress, one per item, as soon as the item is done."""
+
+    def __init__(self, spec: JournalSpec, node: str, fp: str) -> None:
+        self.spec = spec
+        self.node = node
+        self.fp = fp
+        self.store = store_for(spec)
+        self.rows: list[Row] = []
+        self.fd: int | None = None
+        self.file = (
+            f"{spec.path}{PENDING}{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+        )
+
+    def add(self, jkey: tuple[str, str], value: Any) -> None:
+        """Write one item's record to the file at once."""
+        (row,) = self.store.signer.rows(self.node, self.fp, (jkey,), (value,))
+        self.rows.append(row)
+        if self.fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
+            self.fd = os.open(self.file, flags | os.O_CLOEXEC, FILE_MODE)
+        os.write(self.fd, encode_row(row))
+
+    def commit(self) -> None:
+        """Commit the batch's records in one transaction; remove the file."""
+        if self.rows:
+            self.store.write_outputs(self.rows)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            os.unlink(self.file)
+
+
+def encode_row(row: Row) -> bytes:
+    """Return a record as length-prefixed fields (see :func:`decode_rows`)."""
+    node, item, sub, fp, bad, message, blob, mac = row
+    fields = (
+        node.encode(),
+        item.encode(),
+        sub.encode(),
+        fp.encode(),
+        b"1" if bad else b"0",
+        b"\xff" if message is None else message.encode("utf-8", "replace"),
+        blob,
+        mac,
+    )
+    sizes = [len(f) for f in fields]
+    return _ROW_HEAD.pack(sum(sizes) + 32, *sizes) + b"".join(fields)
+
+
+def decode_rows(data: bytes) -> list[Row]:
+    """Parse a pending file; a record cut short by a crash (the last) is dropped."""
+    rows: list[Row] = []
+    pos = 0
+    head = _ROW_HEAD.size
+    while pos + head <= len(data):
+        total, *sizes = _ROW_HEAD.unpack_from(data, pos)
+        if pos + 4 + total > len(data) or sum(sizes) + 32 != total:
+            break
+        at = pos + head
+        fields = []
+        for k in sizes:
+            fields.append(data[at : at + k])
+            at += k
+        pos = at
+        node, item, sub, fp, bad, message, blob, mac = fields
+        rows.append(
+            (
+                node.decode(),
+                item.decode(),
+                sub.decode(),
+                fp.decode(),
+                int(bad == b"1"),
+                None if message == b"\xff" else message.decode(),
+                blob,
+                mac,
+            )
+        )
+    return rows
+
+
+def _alive(host: str, pid: int) -> bool:
+    if host != socket.gethostname():
+        return True  # cannot tell: leave it to a run that owns the journal
+    if pid == os.getpid():
+        return True  # another thread of this process, busy with its own batch
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fold_pending(store: Store, everything: bool = False) -> int:
+    """Commit the records of sink batches whose process died; return how many.
+
+    ``everything``: also those of live-looking processes (only the run's owner, at start,
+    when no other run can be writing). Files of other users are ignored.
+    """
+    path = store.path
+    folder, base = os.path.split(path)
+    prefix = base + PENDING
+    try:
+        names = [n for n in os.listdir(folder or ".") if n.startswith(prefix)]
+    except OSError:
+        return 0
+    total = 0
+    for name in names:
+        parts = name[len(prefix) :].rsplit("-", 2)
+        host, pid = parts[0], parts[1] if len(parts) == 3 else "0"
+        if not everything and (not pid.isdigit() or _alive(host, int(pid))):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # someone else folded it meanwhile
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(fd)
+        rows = decode_rows(b"".join(chunks))
+        if rows:
+            store.write_outputs(rows)
+            total += len(rows)
+        try:
+            os.unlink(full)
+        except FileNotFoundError:
+            pass
+    return total
