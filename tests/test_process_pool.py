@@ -687,3 +687,42 @@ def test_cancel_withdraws_tasks_not_started_even_in_a_workers_pipe(tmp_path):
         assert [f.result(timeout=30).values for f in after] == [[5], [6], [7]]
         assert pool.restarts == 0
     assert logged(str(log)) == [0, 5, 6, 7]
+
+
+def _wait_logged(log: Path, expected: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while logged(str(log)) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logged(str(log)) == expected
+
+
+def test_a_crash_reruns_the_running_task_not_the_withdrawn_one_nor_blames_the_waiting_one(
+    tmp_path,
+):
+    log, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    with ProcessPool(1) as pool:
+        running = pool.submit(_record_task(log, gate, 0))
+        _wait_logged(log, [0])
+        in_pipe = pool.submit(_record_task(log, gate, 1))  # the worker's second task
+        assert pool.cancel([in_pipe]) == 1
+        waiting = pool.submit(_record_task(log, gate, 2))  # takes the withdrawn one's place
+        os.kill(pool.pids()[0], signal.SIGKILL)  # the worker dies running task 0
+        _wait_logged(log, [0, 0])  # task 0 runs again on the new worker, items announced
+        gate.write_text("open")
+        first = running.result(timeout=30)
+        assert first.values == [0] and first.crashes == 1
+        assert waiting.result(timeout=30).values == [2]
+        assert in_pipe.cancelled()
+        # A task in the pipe of a worker that dies is sent again, blamed for nothing.
+        gate.unlink()
+        again = pool.submit(_record_task(log, gate, 0))
+        _wait_logged(log, [0, 0, 2, 0])
+        behind = pool.submit(_record_task(log, gate, 3))
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        _wait_logged(log, [0, 0, 2, 0, 0])
+        gate.write_text("open")
+        assert again.result(timeout=30).crashes == 1
+        third = behind.result(timeout=30)
+        assert third.values == [3] and third.crashes == 0
+        assert pool.restarts == 2
+    assert logged(str(log)) == [0, 0, 2, 0, 0, 3]

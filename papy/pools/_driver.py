@@ -2,8 +2,9 @@
 
 :class:`State` holds everything the pool's threads use, so they never keep the
 :class:`~papy.ProcessPool` object alive. ``submit`` queues a job in the driver
-(``pending``, where ``cancel`` can withdraw it); :meth:`State.assign_locked` gives jobs to
-the least busy workers, :data:`PER_WORKER` each at most (one running, one in its pipe). A
+(``pending``); :meth:`State.assign_locked` gives jobs to the least busy workers,
+:data:`PER_WORKER` each at most (one running, one in its pipe); ``cancel`` withdraws a job
+not started, in either place (the worker claims each job in its slot first). A
 **sender thread per worker** ships its jobs in order, so a slow reader delays only its own
 tasks; the **manager thread** receives results, copies worker output, replaces dead
 workers (:mod:`papy.pools._recovery`) and enforces per-item deadlines.
