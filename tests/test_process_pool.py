@@ -726,3 +726,16 @@ def test_a_crash_reruns_the_running_task_not_the_withdrawn_one_nor_blames_the_wa
         assert third.values == [3] and third.crashes == 0
         assert pool.restarts == 2
     assert logged(str(log)) == [0, 0, 2, 0, 0, 3]
+
+
+def test_a_future_its_holder_cancels_is_withdrawn_from_the_workers_pipe(tmp_path):
+    log, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    with ProcessPool(1) as pool:
+        running = pool.submit(_record_task(log, gate, 0))
+        _wait_logged(log, [0])
+        in_pipe = pool.submit(_record_task(log, gate, 1))  # the worker's second task
+        assert in_pipe.cancel()  # not through the pool: the worker must skip it all the same
+        gate.write_text("open")
+        assert running.result(timeout=30).values == [0]
+        assert pool.submit(_record_task(log, gate, 2)).result(timeout=30).values == [2]
+    assert logged(str(log)) == [0, 2]

@@ -39,6 +39,7 @@ from papy.pools._handles import (
     fail_closed,
     finish_outputs,
     give_back,
+    on_cancel,
     signal_group,
     start_worker,
     stop_workers,
@@ -165,7 +166,9 @@ class State:
                 self.spec_blobs[spec.id] = blob
                 while len(self.spec_blobs) > SPEC_CACHE:
                     self.spec_blobs.pop(next(iter(self.spec_blobs)), None)
-        self.enqueue([Job(task, done, fut)])
+        job = Job(task, done, fut)  # a future its holder cancels is withdrawn too:
+        fut.add_done_callback(functools.partial(on_cancel, weakref.ref(self), weakref.ref(job)))
+        self.enqueue([job])
         return fut
 
     def enqueue(self, jobs: list[Job], front: bool = False) -> None:
@@ -173,10 +176,7 @@ class State:
         with self.lock:
             if self.closed:  # a submit or a re-run racing close(): never left pending
                 raise fail_closed(jobs)
-            if front:
-                self.pending.extendleft(reversed(jobs))
-            else:
-                self.pending.extend(jobs)
+            self.pending.extendleft(reversed(jobs)) if front else self.pending.extend(jobs)
             self.assign_locked()
 
     def assign_locked(self) -> None:
@@ -209,8 +209,10 @@ class State:
         withdrawn = 0
         with self.lock:
             for job in self.pending:
-                if id(job.fut) in wanted and not job.fut.done() and job.fut.cancel():
-                    withdrawn += 1
+                if id(job.fut) in wanted and not job.fut.done():
+                    job.withdrawn = True  # first: on_cancel then leaves it alone
+                    job.withdrawn = job.fut.cancel()
+                    withdrawn += job.withdrawn
             self.pending = deque(j for j in self.pending if not j.fut.cancelled())
             for w in self.pool:
                 withdrawn += withdraw_held(w, wanted)

@@ -31,7 +31,17 @@ from papy.pools._worker import worker_main
 class Job:
     """A task in the pool, with what to do when it is done."""
 
-    __slots__ = ("task", "done", "fut", "crashes", "track", "late", "id", "withdrawn")
+    __slots__ = (
+        "task",
+        "done",
+        "fut",
+        "crashes",
+        "track",
+        "late",
+        "id",
+        "withdrawn",
+        "__weakref__",  # on_cancel holds its job weakly
+    )
 
     def __init__(
         self,
@@ -243,7 +253,12 @@ def withdraw_held(w: Worker, wanted: set[int]) -> int:
     withdrawn = 0
     for job in w.jobs:
         fut = job.fut
-        if id(fut) not in wanted or job.withdrawn or fut.done() or fut.running():
+        if id(fut) not in wanted or job.withdrawn:
+            continue
+        if fut.cancelled() and w.claim_lock is not None:  # by its holder: withdraw it too
+            job.withdrawn = not w.dead and _slot.withdraw(w.slot, w.claim_lock, job.id)
+            continue
+        if fut.done() or fut.running():
             continue
         if w.dead or w.claim_lock is None or not _slot.withdraw(w.slot, w.claim_lock, job.id):
             starts(fut)
@@ -251,6 +266,23 @@ def withdraw_held(w: Worker, wanted: set[int]) -> int:
         job.withdrawn = True
         withdrawn += fut.cancel()
     return withdrawn
+
+
+def on_cancel(state: weakref.ref[Any], job: weakref.ref[Job], fut: Future[TaskResult]) -> None:
+    """Done-callback of a job's future: a future its holder cancelled is withdrawn too.
+
+    ``state`` is the pool's :class:`~papy.pools._driver.State`. A job queued in the driver
+    is skipped when its turn comes; one in a worker's pipe is withdrawn through the claim
+    protocol unless the worker took it up already (its result is then dropped).
+    ``State.cancel`` marks its jobs withdrawn before cancelling them, so this never waits
+    for the lock ``cancel`` holds.
+    """
+    s, j = state(), job()
+    if s is None or j is None or j.withdrawn or not fut.cancelled():
+        return
+    with s.lock:
+        for w in s.pool:
+            withdraw_held(w, {id(fut)})
 
 
 def wire_keys(keys: Any) -> Any:
