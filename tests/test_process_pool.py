@@ -661,7 +661,7 @@ def _record_task(log: Path, gate: Path, key: int) -> Task:
     return Task(spec, [key], [key])
 
 
-def test_cancel_withdraws_tasks_queued_in_the_driver_and_lets_sent_ones_finish(tmp_path):
+def test_cancel_withdraws_tasks_not_started_even_in_a_workers_pipe(tmp_path):
     log, gate = tmp_path / "ran.txt", tmp_path / "gate"
     with ProcessPool(1) as pool:
         running = pool.submit(_record_task(log, gate, 0))  # runs, waits for the gate
@@ -672,14 +672,70 @@ def test_cancel_withdraws_tasks_queued_in_the_driver_and_lets_sent_ones_finish(t
         in_pipe = pool.submit(_record_task(log, gate, 1))  # sent: the worker holds two
         queued = [pool.submit(_record_task(log, gate, k)) for k in (2, 3, 4)]
         assert not any(f.cancelled() for f in [running, in_pipe, *queued])
-        # the pool's own cancel, and a future cancelled by its holder: both withdraw
-        assert pool.cancel([running, in_pipe, queued[0], queued[1]]) == 2
+        # the pool's own cancel, and a future cancelled by its holder: both withdraw; the
+        # task waiting in the worker's pipe is withdrawn too (the worker never claims it)
+        assert pool.cancel([running, in_pipe, queued[0], queued[1]]) == 3
+        assert in_pipe.cancelled() and not running.cancelled()
         assert queued[2].cancel()
         assert [f.cancelled() for f in queued] == [True, True, True]
-        assert pool.cancel(queued) == 0  # already withdrawn
+        assert pool.cancel([in_pipe, *queued]) == 0  # already withdrawn
         gate.write_text("open")
         assert running.result(timeout=30).values == [0]
-        assert in_pipe.result(timeout=30).values == [1]
-        # A task submitted after them runs after anything still queued would have.
-        assert pool.submit(_record_task(log, gate, 5)).result(timeout=30).values == [5]
-    assert logged(str(log)) == [0, 1, 5]
+        # Tasks submitted after them run after anything withdrawn would have; the worker's
+        # answer to the withdrawn task frees its place (two tasks in flight again).
+        after = [pool.submit(_record_task(log, gate, k)) for k in (5, 6, 7)]
+        assert [f.result(timeout=30).values for f in after] == [[5], [6], [7]]
+        assert pool.restarts == 0
+    assert logged(str(log)) == [0, 5, 6, 7]
+
+
+def _wait_logged(log: Path, expected: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while logged(str(log)) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logged(str(log)) == expected
+
+
+def test_a_crash_reruns_the_running_task_not_the_withdrawn_one_nor_blames_the_waiting_one(
+    tmp_path,
+):
+    log, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    with ProcessPool(1) as pool:
+        running = pool.submit(_record_task(log, gate, 0))
+        _wait_logged(log, [0])
+        in_pipe = pool.submit(_record_task(log, gate, 1))  # the worker's second task
+        assert pool.cancel([in_pipe]) == 1
+        waiting = pool.submit(_record_task(log, gate, 2))  # takes the withdrawn one's place
+        os.kill(pool.pids()[0], signal.SIGKILL)  # the worker dies running task 0
+        _wait_logged(log, [0, 0])  # task 0 runs again on the new worker, items announced
+        gate.write_text("open")
+        first = running.result(timeout=30)
+        assert first.values == [0] and first.crashes == 1
+        assert waiting.result(timeout=30).values == [2]
+        assert in_pipe.cancelled()
+        # A task in the pipe of a worker that dies is sent again, blamed for nothing.
+        gate.unlink()
+        again = pool.submit(_record_task(log, gate, 0))
+        _wait_logged(log, [0, 0, 2, 0])
+        behind = pool.submit(_record_task(log, gate, 3))
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        _wait_logged(log, [0, 0, 2, 0, 0])
+        gate.write_text("open")
+        assert again.result(timeout=30).crashes == 1
+        third = behind.result(timeout=30)
+        assert third.values == [3] and third.crashes == 0
+        assert pool.restarts == 2
+    assert logged(str(log)) == [0, 0, 2, 0, 0, 3]
+
+
+def test_a_future_its_holder_cancels_is_withdrawn_from_the_workers_pipe(tmp_path):
+    log, gate = tmp_path / "ran.txt", tmp_path / "gate"
+    with ProcessPool(1) as pool:
+        running = pool.submit(_record_task(log, gate, 0))
+        _wait_logged(log, [0])
+        in_pipe = pool.submit(_record_task(log, gate, 1))  # the worker's second task
+        assert in_pipe.cancel()  # not through the pool: the worker must skip it all the same
+        gate.write_text("open")
+        assert running.result(timeout=30).values == [0]
+        assert pool.submit(_record_task(log, gate, 2)).result(timeout=30).values == [2]
+    assert logged(str(log)) == [0, 2]

@@ -2,8 +2,9 @@
 
 :class:`State` holds everything the pool's threads use, so they never keep the
 :class:`~papy.ProcessPool` object alive. ``submit`` queues a job in the driver
-(``pending``, where ``cancel`` can withdraw it); :meth:`State.assign_locked` gives jobs to
-the least busy workers, :data:`PER_WORKER` each at most (one running, one in its pipe). A
+(``pending``); :meth:`State.assign_locked` gives jobs to the least busy workers,
+:data:`PER_WORKER` each at most (one running, one in its pipe); ``cancel`` withdraws a job
+not started, in either place (the worker claims each job in its slot first). A
 **sender thread per worker** ships its jobs in order, so a slow reader delays only its own
 tasks; the **manager thread** receives results, copies worker output, replaces dead
 workers (:mod:`papy.pools._recovery`) and enforces per-item deadlines.
@@ -28,22 +29,25 @@ from typing import Any
 from papy._errors import PoolError
 from papy._items import qualified_type
 from papy._task import TaskResult
-from papy.pools import _shm, _slot
+from papy.pools import _recovery, _shm, _slot
 from papy.pools._base import Task
 from papy.pools._functions import dumps_code
 from papy.pools._handles import (
     Job,
     Output,
     Worker,
+    fail_closed,
     finish_outputs,
     give_back,
+    on_cancel,
     signal_group,
     start_worker,
-    starts,
+    stop_workers,
     wire_keys,
+    withdraw_held,
 )
 from papy.pools._messages import dumps, encode_items, frame, loads, unframe
-from papy.pools._recovery import describe_exit, has_timeout, init_failure, late_workers, rerun
+from papy.pools._recovery import describe_exit, has_timeout, late_workers, rerun
 
 log = logging.getLogger("papy")
 
@@ -112,7 +116,7 @@ class State:
                 return
             self.closed = True
             workers = list(self.pool)
-            jobs = [j for w in workers for j in w.jobs] + list(self.pending)
+            jobs = [j for w in workers for j in w.jobs if not j.withdrawn] + list(self.pending)
             self.pending.clear()
             for w in workers:
                 w.jobs.clear()
@@ -120,21 +124,8 @@ class State:
         self.wake()
         if self.manager is not None and self.manager is not threading.current_thread():
             self.manager.join(timeout=5)
-        # Workers hold no state worth saving: stop them (and whatever they started) now.
-        for w in workers:
-            w.close_conn()
-            signal_group(w.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 2.0
-        for w in workers:
-            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for w in workers:
-            signal_group(w.process.pid, signal.SIGKILL)
-            if w.process.is_alive():
-                w.process.join(timeout=1.0)
-            finish_outputs(w)
-        error = PoolError("the pool was closed before the task finished")
-        for job in jobs:
-            job.done(job.task.fail_all(error))
+        stop_workers(workers)  # they hold no state worth saving
+        fail_closed(jobs)
         for conn in (self.wake_r, self.wake_w):
             try:
                 conn.close()
@@ -148,7 +139,7 @@ class State:
     # -- submitting --------------------------------------------------------------------------
 
     def submit(self, task: Task) -> Future[TaskResult]:
-        fut: Future[TaskResult] = Future()  # running once sent to a worker (see _starts)
+        fut: Future[TaskResult] = Future()  # pending until answered (see cancel)
         if self.broken is not None:
             fut.set_exception(self.broken)
             return fut
@@ -175,15 +166,17 @@ class State:
                 self.spec_blobs[spec.id] = blob
                 while len(self.spec_blobs) > SPEC_CACHE:
                     self.spec_blobs.pop(next(iter(self.spec_blobs)), None)
-        self.enqueue([Job(task, done, fut)])
+        job = Job(task, done, fut)  # a future its holder cancels is withdrawn too:
+        fut.add_done_callback(functools.partial(on_cancel, weakref.ref(self), weakref.ref(job)))
+        self.enqueue([job])
         return fut
 
     def enqueue(self, jobs: list[Job], front: bool = False) -> None:
+        """Queue ``jobs`` for the workers; PoolError (and the jobs failed) once closed."""
         with self.lock:
-            if front:
-                self.pending.extendleft(reversed(jobs))
-            else:
-                self.pending.extend(jobs)
+            if self.closed:  # a submit or a re-run racing close(): never left pending
+                raise fail_closed(jobs)
+            self.pending.extendleft(reversed(jobs)) if front else self.pending.extend(jobs)
             self.assign_locked()
 
     def assign_locked(self) -> None:
@@ -200,7 +193,7 @@ class State:
             if worker is None or len(worker.jobs) >= PER_WORKER:
                 break
             job = self.pending.popleft()
-            if not starts(job.fut):
+            if job.fut.done():
                 continue  # cancelled while queued here: its items never run
             job.id = next(self.ids)
             worker.jobs.append(job)
@@ -210,14 +203,19 @@ class State:
             self.wake()  # the manager must start watching deadlines
 
     def cancel(self, futures: Iterable[Future[TaskResult]]) -> int:
-        """Withdraw the queued jobs of ``futures`` that no worker has received yet."""
+        """Withdraw the jobs of ``futures`` that have not started, queued here or in a worker
+        (through its slot's claim protocol, :func:`~papy.pools._handles.withdraw_held`)."""
         wanted = {id(f) for f in futures}
         withdrawn = 0
         with self.lock:
             for job in self.pending:
-                if id(job.fut) in wanted and not job.fut.done() and job.fut.cancel():
-                    withdrawn += 1
+                if id(job.fut) in wanted and not job.fut.done():
+                    job.withdrawn = True  # first: on_cancel then leaves it alone
+                    job.withdrawn = job.fut.cancel()
+                    withdrawn += job.withdrawn
             self.pending = deque(j for j in self.pending if not j.fut.cancelled())
+            for w in self.pool:
+                withdrawn += withdraw_held(w, wanted)
         return withdrawn
 
     def release(self, spec_ids: Iterable[str]) -> None:
@@ -376,7 +374,7 @@ class State:
                 data = w.conn.recv_bytes()
                 header, body = unframe(data)
                 if header[0] == "init-failed":
-                    self.break_pool(init_failure(header[1], body))
+                    self.break_pool(_recovery.init_failure(header[1], body))
                     return
                 job_id, unloadable, descs, nfds, segments, pinned = header
                 lost: OSError | None = None
@@ -398,6 +396,9 @@ class State:
                         give(False)
                     continue  # a result for a job already given up on (timed out)
                 job = w.jobs.popleft()
+                if unloadable is None:  # withdrawn: the worker never ran it
+                    self.assign_locked()
+                    continue
                 w.did += 1
                 self.start_failures = 0
                 self.assign_locked()
@@ -449,6 +450,7 @@ class State:
         code = w.process.exitcode
         signal_group(w.process.pid, signal.SIGKILL)  # processes its node started
         running = _slot.read_slot(w.slot)
+        seen = int(w.slot[_slot.SEEN])
         unborn = w.slot[_slot.INDEX] == _slot.UNBORN
         with self.lock:
             if w.dead:
@@ -456,7 +458,7 @@ class State:
             with w.send_lock:
                 w.dead = True
             w.outbox.put(None)
-            lost = list(w.jobs)
+            lost = [j for j in w.jobs if not j.withdrawn]  # withdrawn: cancelled, never run
             w.jobs.clear()
             self.unwatch(w)
             self.pool.remove(w)
@@ -476,19 +478,13 @@ class State:
                 self.restarts += 1
         finish_outputs(w)
         w.close_conn()
+        if self.closed:  # close() did not see these jobs: fail them here
+            fail_closed(lost)
         if self.closed or (self.broken is not None and not lost):
             return
         if not replace and self.broken is None:
-            self.break_pool(
-                PoolError(
-                    f"ProcessPool workers exit before they can start "
-                    f"({describe_exit(code).replace(' while running this item', '')}, "
-                    f"{self.start_failures} times in a row); see the worker's stderr. With "
-                    f"the {self.ctx.get_start_method()!r} start method a worker first "
-                    "imports the main script (one with an 'if __name__ == \"__main__\":' "
-                    "block): its top-level code must run without error there"
-                )
-            )
+            method = self.ctx.get_start_method()
+            self.break_pool(_recovery.start_failure(code, self.start_failures, method))
             return
         log.warning(
             "worker %s: %s; replaced (%d task(s) to re-run)",
@@ -496,4 +492,7 @@ class State:
             "was killed for a timeout" if lost and lost[0].late else describe_exit(code),
             len(lost),
         )
-        self.enqueue(rerun(lost, code, unborn, running), front=True)
+        try:
+            self.enqueue(rerun(lost, code, unborn, running, seen), front=True)
+        except PoolError:
+            pass  # closed meanwhile: enqueue failed the jobs

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import Connection
 from typing import Any
 
+from papy._errors import PoolError
 from papy._task import TaskResult
 from papy.pools import _slot
 from papy.pools._base import Task
@@ -28,7 +31,17 @@ from papy.pools._worker import worker_main
 class Job:
     """A task in the pool, with what to do when it is done."""
 
-    __slots__ = ("task", "done", "fut", "crashes", "track", "late", "id")
+    __slots__ = (
+        "task",
+        "done",
+        "fut",
+        "crashes",
+        "track",
+        "late",
+        "id",
+        "withdrawn",
+        "__weakref__",  # on_cancel holds its job weakly
+    )
 
     def __init__(
         self,
@@ -45,6 +58,7 @@ class Job:
         self.track = track  # announce every item in the slot (to name a crash's item)
         self.late: tuple[int, int, int] | None = None  # (stage, index, count) past its limit
         self.id = 0
+        self.withdrawn = False  # withdrawn from its worker by cancel(): it never runs
 
 
 class Worker:
@@ -59,6 +73,7 @@ class Worker:
         "dead",
         "outbox",
         "slot",
+        "claim_lock",
         "did",
         "outputs",
         "sock",
@@ -72,11 +87,14 @@ class Worker:
         slot: Any,
         outputs: list[Output],
         sock: socket.socket | None = None,
+        claim_lock: Any = None,
     ) -> None:
         self.process = process
         self.conn = conn
         self.sock = sock  # the socket under ``conn``: shared-memory descriptors travel on it
         self.slot = slot
+        #: guards the slot's claim fields (see :func:`papy.pools._slot.withdraw`)
+        self.claim_lock = claim_lock
         self.outputs = outputs
         self.jobs: deque[Job] = deque()
         self.specs: dict[str, None] = {}  # spec ids the worker holds, oldest first
@@ -178,9 +196,11 @@ def signal_group(pid: int | None, sig: int) -> None:
 
 
 def starts(fut: Future[TaskResult]) -> bool:
-    """Mark a job's future running as it goes to a worker; False if it was cancelled.
+    """Mark a job's future running once its task is known to have started; False if it
+    was cancelled.
 
-    A job split after a crash, or sent again, already runs: it goes on.
+    A future stays pending while its task waits in the driver or in a worker's pipe (so
+    :func:`withdraw_held` can still cancel it); a task that started cannot be withdrawn.
     """
     if fut.running():
         return True
@@ -188,6 +208,81 @@ def starts(fut: Future[TaskResult]) -> bool:
         return fut.set_running_or_notify_cancel()
     except RuntimeError:  # already done (the pool broke): nothing left to run
         return False
+
+
+def fail_closed(jobs: list[Job]) -> PoolError:
+    """Fail the futures of ``jobs`` (not done yet) because the pool closed; return the error."""
+    error = PoolError("the pool was closed before the task finished")
+    for job in jobs:
+        fail(job.fut, error)
+    return error
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    """Stop ``workers`` and whatever they started: SIGTERM, 2 s at most, then SIGKILL."""
+    for w in workers:
+        w.close_conn()
+        signal_group(w.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 2.0
+    for w in workers:
+        w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        signal_group(w.process.pid, signal.SIGKILL)
+        if w.process.is_alive():
+            w.process.join(timeout=1.0)
+        finish_outputs(w)
+
+
+def fail(fut: Future[TaskResult], error: BaseException) -> None:
+    """Fail ``fut`` with ``error`` unless it is done already (answered, failed, cancelled)."""
+    try:
+        if not fut.done():
+            fut.set_exception(error)
+    except InvalidStateError:
+        pass  # answered meanwhile
+
+
+def withdraw_held(w: Worker, wanted: set[int]) -> int:
+    """Withdraw the jobs of ``w`` whose futures' ids are in ``wanted`` and have not started.
+
+    Called under the pool's lock. A withdrawn job stays in ``w.jobs`` (marked) until the
+    worker answers it with a "withdrawn" message, so the jobs a worker holds, their order
+    and crash recovery stay as they were; its future is cancelled now. A job the worker
+    already took up is marked running and finishes as usual. Returns how many were withdrawn.
+    """
+    withdrawn = 0
+    for job in w.jobs:
+        fut = job.fut
+        if id(fut) not in wanted or job.withdrawn:
+            continue
+        if fut.cancelled() and w.claim_lock is not None:  # by its holder: withdraw it too
+            job.withdrawn = not w.dead and _slot.withdraw(w.slot, w.claim_lock, job.id)
+            continue
+        if fut.done() or fut.running():
+            continue
+        if w.dead or w.claim_lock is None or not _slot.withdraw(w.slot, w.claim_lock, job.id):
+            starts(fut)
+            continue
+        job.withdrawn = True
+        withdrawn += fut.cancel()
+    return withdrawn
+
+
+def on_cancel(state: weakref.ref[Any], job: weakref.ref[Job], fut: Future[TaskResult]) -> None:
+    """Done-callback of a job's future: a future its holder cancelled is withdrawn too.
+
+    ``state`` is the pool's :class:`~papy.pools._driver.State`. A job queued in the driver
+    is skipped when its turn comes; one in a worker's pipe is withdrawn through the claim
+    protocol unless the worker took it up already (its result is then dropped).
+    ``State.cancel`` marks its jobs withdrawn before cancelling them, so this never waits
+    for the lock ``cancel`` holds.
+    """
+    s, j = state(), job()
+    if s is None or j is None or j.withdrawn or not fut.cancelled():
+        return
+    with s.lock:
+        for w in s.pool:
+            withdraw_held(w, {id(fut)})
 
 
 def wire_keys(keys: Any) -> Any:
@@ -202,9 +297,11 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
     err_r, err_w = ctx.Pipe(duplex=False)
     slot = ctx.RawArray("d", _slot.SLOT_SIZE)
     slot[_slot.INDEX] = _slot.UNBORN
+    slot[_slot.SEEN] = slot[_slot.W0] = slot[_slot.W1] = -1.0  # job ids start at 0
+    lock = ctx.Lock()  # the slot's claim lock, shared by the driver and this worker
     proc = ctx.Process(
         target=worker_main,
-        args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold),
+        args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold, lock),
         name="papy-worker",
         daemon=True,  # multiprocessing's exit handler must never wait for a worker
     )
@@ -214,7 +311,8 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
     sock = None
     if shm_threshold is not None:  # shared-memory descriptors travel on the pipe's socket
         sock = socket.socket(fileno=os.dup(parent.fileno()))
-    return Worker(proc, parent, slot, [Output(out_r, "stdout"), Output(err_r, "stderr")], sock)
+    outputs = [Output(out_r, "stdout"), Output(err_r, "stderr")]
+    return Worker(proc, parent, slot, outputs, sock, lock)
 
 
 def give_back(ref: weakref.ref[Worker], segment: int, reuse: bool) -> None:

@@ -15,7 +15,7 @@ import time
 from papy._errors import PoolError, WorkerCrashed
 from papy._task import TaskResult
 from papy.pools._base import Task, merge_parts
-from papy.pools._handles import Job, Worker
+from papy.pools._handles import Job, Worker, starts
 from papy.pools._messages import loads
 from papy.pools._slot import read_slot
 
@@ -142,17 +142,23 @@ def rerun(
     code: int | None,
     unborn: bool,
     running: tuple[int, int, int, int, float] | None,
+    seen: int,
 ) -> list[Job]:
-    """Return the jobs to run again of a dead worker that held ``lost`` (running first).
+    """Return the jobs to run again of a dead worker that held ``lost`` (in order).
 
-    ``running`` is what its slot said (job, stage, index, count, start); ``unborn`` means it
-    died before it could run anything, so no job is to blame.
+    ``running`` is what its slot said (job, stage, index, count, start), ``seen`` the last
+    job it took up; ``unborn`` means it died before it could run anything, so no job is to
+    blame. A job it never took up is sent again unchanged, its future still pending (so
+    ``cancel`` can withdraw it); the one it ran is marked running and re-run or reported.
     """
     retry: list[Job] = []
-    for i, job in enumerate(lost):
-        if i > 0 or unborn:
+    blamed = False
+    for job in lost:
+        if unborn or blamed or job.id > seen:
             retry.append(job)  # never started: not its fault
             continue
+        blamed = True
+        starts(job.fut)
         where = None
         if running is not None and running[0] == job.id and running[2] >= 0:
             where = (running[1], running[2], max(1, running[3]))
@@ -187,6 +193,18 @@ def late_workers(workers: list[Worker], slack: float) -> list[Worker]:
             job.late = (s, i, max(1, c))
             victims.append(w)
     return victims
+
+
+def start_failure(code: int | None, times: int, method: str) -> PoolError:
+    """Return the error that breaks a pool whose workers die ``times`` in a row at start."""
+    return PoolError(
+        f"ProcessPool workers exit before they can start "
+        f"({describe_exit(code).replace(' while running this item', '')}, "
+        f"{times} times in a row); see the worker's stderr. With "
+        f"the {method!r} start method a worker first "
+        "imports the main script (one with an 'if __name__ == \"__main__\":' "
+        "block): its top-level code must run without error there"
+    )
 
 
 def init_failure(text: str, body: memoryview) -> PoolError:

@@ -11,9 +11,12 @@ from typing import Any
 
 from papy._task import Tracker
 
-#: layout of a worker's slot (doubles): sequence, job id, stage, index, count, start time
-SLOT_SIZE = 6
-SEQ, JOB, STAGE, INDEX, COUNT, START = range(SLOT_SIZE)
+#: layout of a worker's slot (doubles): sequence, job id, stage, index, count, start time;
+#: then the claim protocol's fields: the last job the worker took up (``SEEN``) and two
+#: jobs the driver withdrew (``WITHDRAWN``), written only under the slot's lock
+SLOT_SIZE = 9
+SEQ, JOB, STAGE, INDEX, COUNT, START, SEEN, W0, W1 = range(SLOT_SIZE)
+WITHDRAWN = (W0, W1)
 IDLE = -2.0  # INDEX when no task runs
 UNBORN = -3.0  # INDEX until the worker has started (imported, initialized)
 
@@ -28,8 +31,23 @@ class SlotTracker(Tracker):
     ``timeout`` or for a batch that already killed a worker once.
     """
 
-    def __init__(self, slot: Any) -> None:
+    def __init__(self, slot: Any, lock: Any = None) -> None:
         self.slot = slot
+        self.lock = lock  # the slot's claim lock, shared with the driver
+
+    def claim(self, job_id: int) -> bool:
+        """Take up job ``job_id`` before starting it; False if the driver withdrew it.
+
+        Under the slot's lock, so the driver's :func:`withdraw` and this never both win:
+        a job either starts here or is withdrawn there.
+        """
+        s = self.slot
+        if self.lock is None:
+            s[SEEN] = job_id
+            return True
+        with self.lock:
+            s[SEEN] = job_id
+            return all(s[i] != job_id for i in WITHDRAWN)
 
     def begin(self, stage: int, index: int, count: int = 1) -> None:
         """Record that item ``index`` of the task entered stage ``stage`` now."""
@@ -69,3 +87,27 @@ def read_slot(slot: Any) -> tuple[int, int, int, int, float] | None:
     if slot[SEQ] != seq:
         return None
     return values
+
+
+def withdraw(slot: Any, lock: Any, job_id: int, wait: float = 1.0) -> bool:
+    """Withdraw job ``job_id`` sent to the slot's worker; False if it started already.
+
+    Jobs reach a worker in increasing ids and it takes them up in order, so ``job_id`` has
+    not started while it is above ``SEEN``. An entry of ``WITHDRAWN`` at or below ``SEEN``
+    is spent; a worker holds two jobs at most, so one entry is always free. A lock not
+    had within ``wait`` seconds (a worker killed while holding it) withdraws nothing: the
+    job then runs, or is run again, as usual.
+    """
+    if not lock.acquire(timeout=wait):
+        return False
+    try:
+        seen = slot[SEEN]
+        if seen >= job_id:
+            return False
+        free = next((i for i in WITHDRAWN if slot[i] <= seen), None)
+        if free is None:  # pragma: no cover - more than two jobs held by one worker
+            return False
+        slot[free] = job_id
+        return True
+    finally:
+        lock.release()

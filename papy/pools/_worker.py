@@ -164,8 +164,13 @@ def worker_main(
     driver_pid: int | None = None,
     outputs: tuple[Connection, Connection] | None = None,
     shm_threshold: int | None = None,
+    claim_lock: Any = None,
 ) -> None:
     """Receive tasks, run them, send results back, until the pipe closes.
+
+    Before starting a task the worker claims it in its slot, under ``claim_lock`` (shared
+    with the driver): a task the driver withdrew meanwhile is answered with an empty
+    "withdrawn" message (``unloadable`` is None) and never runs.
 
     A failing initializer is reported to the driver once, with its traceback, and the
     worker exits with code 1: the driver then fails the run with a PoolError instead of
@@ -195,7 +200,7 @@ def worker_main(
             except OSError:
                 pass
             os._exit(1)
-    tracker = SlotTracker(slot) if slot is not None else None
+    tracker = SlotTracker(slot, claim_lock) if slot is not None else None
     if tracker is not None:
         tracker.idle()  # started: from now on a death is the fault of a task, if any
     # The socket under the pipe carries the descriptors of shared-memory segments.
@@ -228,6 +233,13 @@ def worker_main(
             except BaseException as exc:
                 specs[spec_id] = exc
         spec = specs[spec_id]
+        if tracker is not None and not tracker.claim(job_id):
+            _shm.close_fds(fds)  # withdrawn by the driver: answer, never run it
+            try:
+                conn.send_bytes(frame((job_id, None, [], 0, [], []), b""))
+            except OSError:
+                return
+            continue
         out = _shm.Outgoing(shm_threshold, None, arena) if shm_threshold is not None else None
         mapped: list[Any] = []  # (mapping, inode) of the task's inputs
         if isinstance(spec, BaseException):

@@ -11,7 +11,9 @@ Worker lifecycle:
 - **Run.** Each worker has a private pipe, its own sender thread (so a large task sent to
   one worker never waits on another), and holds at most two tasks (one running, one
   queued), so the pool always knows what a worker was doing when it died. A shared-memory
-  slot per worker tells which item of which node it is running, and since when.
+  slot per worker tells which item of which node it is running, and since when, and which
+  task it took up last (the worker claims each task there before starting it, so
+  ``cancel`` can withdraw one still waiting in its pipe).
 - **Timeouts.** An item of a node with ``timeout=T`` that runs longer than ``T`` seconds
   from its own start (``k*T`` for a call of a ``batched=True`` node on ``k`` items) fails
   with ``TimeoutError``; the driver notices within :data:`TIMEOUT_GRACE` seconds, kills the
@@ -184,11 +186,13 @@ class ProcessPool(Pool):
             self._finalizer()
 
     def cancel(self, futures: Iterable[Future[TaskResult]]) -> int:
-        """Withdraw the given tasks still queued in the driver; return how many were withdrawn.
+        """Withdraw the given tasks that have not started; return how many were withdrawn.
 
-        A task is queued in the driver until a worker has room for it (each worker holds
-        one running task and one in its pipe); a withdrawn task's future is cancelled and
-        its items never run. Tasks already sent to a worker complete as usual.
+        A task waits in the driver until a worker has room for it, then in the worker's
+        pipe (each worker holds one running task and one waiting); both are withdrawn:
+        the future is cancelled and the items never run. The worker claims a task in its
+        slot, under a lock it shares with the driver, before starting it, so a task is
+        either withdrawn or run, never both. Tasks already running complete as usual.
         """
         futures = list(futures)
         if self._state is None:
