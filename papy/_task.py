@@ -265,7 +265,11 @@ def _add_stats(mine: StageStats, theirs: StageStats) -> None:
         mine.first_failure = theirs.first_failure
 
 
-_SLICE_BYTES = 8 * 2**20  # intermediate values a fused task may hold at once
+# Intermediate values a fused task holds at once. Below the C allocator's trim threshold
+# (glibc: twice the largest block it has mmapped, 2 MiB for 1 MiB arrays), so the memory
+# freed after a slice is reused by the next one instead of being returned to the system
+# and faulted in again page by page.
+_SLICE_BYTES = 2**20
 
 
 def _run(
@@ -280,20 +284,21 @@ def _run(
     Stage after stage over a slice keeps per-node timing cheap; slicing keeps the
     intermediate values of a fused chain small (a batch of 600 items whose first stage
     makes a 1 MB array each would otherwise hold 600 MB). The slice size follows the size
-    of the first intermediate value. Batched and async stages need the whole batch.
+    of the first item's intermediate values (about ``_SLICE_BYTES`` per slice). Batched and
+    async stages need the whole batch.
     """
     set_run_dir(spec.run_dir, spec.private)
     stages = spec.stages
     if spec.group is not None:
         return _run_group(spec, spec.group, keys, values, dirty, tracker)
-    if len(stages) == 1 or any(s.batched or s.is_async for s in stages) or len(values) <= 8:
+    if len(stages) == 1 or any(s.batched or s.is_async for s in stages) or len(values) <= 1:
         return _run_slice(stages, keys, values, dirty, tracker=tracker)
     sizes: list[int] = []
-    first = _run_slice(stages, keys[:8], values[:8], dirty, sizes, tracker)
+    first = _run_slice(stages, keys[:1], values[:1], dirty, sizes, tracker)
     size = max(sizes, default=0)
     step = max(1, min(len(values), _SLICE_BYTES // max(1, size)))
     result = first
-    for start in range(8, len(values), step):
+    for start in range(1, len(values), step):
         result.extend(
             _run_slice(
                 stages,
