@@ -85,14 +85,26 @@ class StepQueue:
         self.in_tasks -= n
         values = result.values
         busy = 0.0
+        # Failures a pool made outside the stages (an item or a result that could not
+        # cross a process boundary) are in the values but not in the stages' figures.
+        seen: dict[str, list[Failure]] = {}
+        if result.dirty and result.stats:
+            names = {node.name for node in step.nodes}
+            for v in values:
+                if type(v) is Failure and v.node in names:
+                    seen.setdefault(v.node, []).append(v)
         for node, st in zip(step.nodes, result.stats):
-            stats[node.name].record(st.n_in, st.n_failed, st.busy)
+            mine = seen.get(node.name, [])
+            n_failed = max(st.n_failed, len(mine))
+            stats[node.name].record(st.n_in, n_failed, st.busy)
             busy += st.busy
-            if st.n_failed and node.on_error == "raise":
-                raise RunAborted(
-                    st.first_failure
-                    or next(v for v in values if type(v) is Failure and v.node == node.name)
+            if n_failed and node.on_error == "raise":
+                first = st.first_failure or next(
+                    (v for v in values if type(v) is Failure and v.node == node.name),
+                    next((v for v in values if type(v) is Failure), None),
                 )
+                if first is not None:
+                    raise RunAborted(first)
         if not result.stats:
             failed = [v for v in values if type(v) is Failure]
             stats[step.head.name].record(n, len(failed), 0.0)

@@ -739,3 +739,43 @@ def test_a_future_its_holder_cancels_is_withdrawn_from_the_workers_pipe(tmp_path
         assert running.result(timeout=30).values == [0]
         assert pool.submit(_record_task(log, gate, 2)).result(timeout=30).values == [2]
     assert logged(str(log)) == [0, 2]
+
+
+class _Unpicklable:
+    def __reduce__(self) -> object:
+        raise TypeError("this object does not travel")
+
+
+def _make_bad(x: int) -> object:
+    return _Unpicklable() if x == 3 else x
+
+
+def test_an_item_that_cannot_travel_counts_and_stops_an_on_error_raise_run() -> None:
+    """A Failure a pool makes at its boundary counts like any other failure of the node."""
+    from papy import RunAborted
+
+    items = [0, 1, 2, _Unpicklable(), 4]
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("boundary", pool=pool)
+        pipe.add(abs_or_same, name="send")
+        out = list(pipe.map(items, errors="yield"))
+        assert [type(v).__name__ for v in out].count("Failure") == 1
+        report = pipe.last_report
+        assert report is not None and report.nodes["send"].failed == 1
+        strict = Pipeline("boundary-raise", pool=pool)
+        strict.add(abs_or_same, name="send", on_error="raise")
+        with pytest.raises(RunAborted):
+            list(strict.map(items))
+        back = Pipeline("result-raise", pool=pool)
+        back.add(_make_bad, name="make", on_error="raise")
+        with pytest.raises(RunAborted):
+            list(back.map(range(6)))
+        counted = Pipeline("result-count", pool=pool)
+        counted.add(_make_bad, name="make")
+        list(counted.map(range(6), errors="skip"))
+        assert counted.last_report is not None
+        assert counted.last_report.nodes["make"].failed == 1
+
+
+def abs_or_same(x: object) -> object:
+    return x

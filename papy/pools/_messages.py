@@ -190,6 +190,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Any, out: Outgoing |
             f"process ({qualified_type(exc)}: {exc}); return plain data, or use a ThreadPool"
         ),
     )
+    result.dirty = True  # the driver must see (and count) the Failures made here
     for st in result.stats:
         if st.first_failure is not None and unpicklable(st.first_failure) is not None:
             st.first_failure = None
