@@ -41,7 +41,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) system slurm
-	$(BIN)/python -m pytest
+	PAPY_REQUIRE_ALL=1 $(BIN)/python -m pytest
 
 test: lint typecheck pytest
 

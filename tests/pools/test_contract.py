@@ -35,6 +35,10 @@ from papy.pools._base import Pool, Task
 from papy.pools.dask import DaskPool
 
 KINDS = ["inline", "thread", "process", "dask"]
+#: pools whose workers are other processes: only they can outlive a worker's death
+OUT_OF_PROCESS = ["process", "dask"]
+#: pools that queue tasks (an InlinePool runs each inside submit())
+QUEUEING = ["thread", "process", "dask"]
 #: pools whose items and results cross a process boundary (pickled)
 PICKLING = {"process", "dask"}
 #: seconds any single wait in this module may take before the test fails (loaded machine)
@@ -343,14 +347,11 @@ def test_an_unpicklable_output_fails_that_item_only(kind: str, pool: Pool) -> No
 # -- worker crash ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", OUT_OF_PROCESS)
 def test_a_worker_crash_fails_only_the_crashing_item(
     kind: str, pool: Pool, request: pytest.FixtureRequest
 ) -> None:
-    if kind in ("inline", "thread"):
-        pytest.skip(
-            f"the {kind} pool runs items in this process: os._exit in an item ends the driver "
-            "itself, there is no separate worker whose death the pool could survive"
-        )
+    # Inline and thread pools run items in this process: os._exit there ends the driver.
     step = spec(stage("crashy", crash_on, 2))
     result = result_of(pool.submit(task(step, [0, 1], [1, 2])))
     assert result.values[0] == 10
@@ -389,11 +390,10 @@ def test_an_item_past_its_timeout_fails_alone(kind: str, pool: Pool, tmp_path: P
     check_failure(values[1], "sleepy", 1, "TimeoutError")
 
 
+@pytest.mark.parametrize("kind", QUEUEING)
 def test_time_waiting_for_a_worker_does_not_count_against_a_timeout(
     kind: str, pool: Pool, tmp_path: Path
 ) -> None:
-    if not pool.enforces_timeout:
-        pytest.skip("an InlinePool enforces no timeout (a pipeline refuses a timed node on it)")
     _, gate, running, _, _ = _fill(pool, tmp_path, queued=0)
     step = spec(stage("timed", plus_one, timeout=0.5))
     try:
@@ -495,11 +495,10 @@ def _fill(
     return log, gate, running, waiting, step
 
 
+@pytest.mark.parametrize("kind", QUEUEING)
 def test_close_fails_every_unfinished_task_with_pool_error(
     kind: str, pool: Pool, tmp_path: Path
 ) -> None:
-    if kind == "inline":
-        pytest.skip("an InlinePool finishes each task inside submit(): none is ever unfinished")
     log, gate, running, waiting, _ = _fill(pool, tmp_path, queued=3)
     try:
         pool.close()
@@ -545,11 +544,10 @@ def test_submit_racing_close_never_leaves_a_future_pending(pool: Pool) -> None:
 # -- cancel ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", QUEUEING)
 def test_cancel_withdraws_queued_tasks_and_lets_running_ones_finish(
     kind: str, pool: Pool, tmp_path: Path
 ) -> None:
-    if kind == "inline":
-        pytest.skip("an InlinePool runs each task inside submit(): no task is ever queued")
     log, gate, running, waiting, step = _fill(pool, tmp_path, queued=3)
     try:
         withdrawn = pool.cancel(running + waiting)
@@ -620,3 +618,18 @@ def test_concurrent_submits_from_several_threads_all_complete(pool: Pool) -> Non
                     check_failure(v, "picky", (t, b, i), "ValueError")
                 else:
                     assert v == x + 2
+
+
+@pytest.mark.parametrize("kind", ["inline"])
+def test_an_inline_pool_answers_inside_submit_so_nothing_waits(kind: str, pool: Pool) -> None:
+    """What the queueing cases above mean for an InlinePool: every future is done at once,
+    so close() finds nothing unfinished, cancel() withdraws nothing, and timed nodes are
+    refused before any work (it enforces no timeout)."""
+    step = spec(stage("inline", plus_one))
+    futures = [pool.submit(task(step, [i], [i])) for i in range(3)]
+    assert all(f.done() for f in futures)
+    assert pool.cancel(futures) == 0
+    assert [result_of(f).values for f in futures] == [[1], [2], [3]]
+    assert pool.enforces_timeout is False
+    pool.close()
+    assert all(not f.cancelled() and f.exception() is None for f in futures)
