@@ -134,16 +134,21 @@ def unpicklable(value: Any) -> Exception | None:
 
 
 def fail_unpicklable(
-    node: str, keys: Any, values: list[Any], why: Callable[[Any, Exception], str]
+    node: str,
+    keys: Any,
+    values: list[Any],
+    why: Callable[[Any, Exception], str],
+    check: Callable[[Any], Exception | None] = unpicklable,
 ) -> list[Any]:
     """Return ``values`` with the ones that cannot be pickled replaced by Failures.
 
     Used on both sides of a process boundary (items going out, results coming back), so
-    only the offending items fail and the message names their type.
+    only the offending items fail and the message names their type. ``check`` says why a
+    value cannot travel (default: this module's pickler; the Dask pool passes cloudpickle).
     """
     out = []
     for key, value in zip(keys, values):
-        exc = None if type(value) is Failure else unpicklable(value)
+        exc = None if type(value) is Failure else check(value)
         if exc is None:
             out.append(value)
         else:

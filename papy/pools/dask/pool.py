@@ -28,12 +28,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-import cloudpickle
-
 from papy._errors import PoolError, WorkerCrashed
-from papy._items import Failure, failure_from_exception, qualified_type
+from papy._items import Failure, qualified_type
 from papy._task import StepSpec, TaskResult
 from papy.pools._base import Pool, Task, merge_parts
+from papy.pools._messages import fail_unpicklable
 from papy.pools.dask.cluster import (
     ClusterWatch,
     check_queue,
@@ -43,7 +42,7 @@ from papy.pools.dask.cluster import (
     worker_threads,
 )
 from papy.pools.dask.inflight import Sent, marks, withdrawable
-from papy.pools.dask.shipping import can_import, dumps
+from papy.pools.dask.shipping import can_import, cloud_unpicklable, dumps
 from papy.pools.dask.state import Shared, Submitted, counting, fail, on_shared
 
 log = logging.getLogger("papy")
@@ -374,21 +373,17 @@ class DaskPool(Pool):
 
         Returns None when every item pickles (the task failed to go for another reason).
         """
-        node = task.first_stage()
-        values: list[Any] = []
-        bad = False
-        for key, value in zip(task.keys, task.values):
-            if type(value) is not Failure:
-                try:
-                    cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as exc:
-                    why = TypeError(
-                        f"the item of type {qualified_type(value)} cannot be sent to a Dask "
-                        f"worker ({qualified_type(exc)}: {exc}); use a ThreadPool for this node"
-                    )
-                    value = failure_from_exception(node, key, why, value)
-                    bad = True
-            values.append(value)
+        values = fail_unpicklable(
+            task.first_stage(),
+            task.keys,
+            task.values,
+            lambda value, exc: (
+                f"the item of type {qualified_type(value)} cannot be sent to a Dask "
+                f"worker ({qualified_type(exc)}: {exc}); use a ThreadPool for this node"
+            ),
+            check=cloud_unpicklable,
+        )
+        bad = any(a is not b for a, b in zip(values, task.values))
         if not bad:
             return None
         return Task(task.spec, task.keys, values, task.timeout, task.jkeys, dirty=True)

@@ -17,6 +17,7 @@ import importlib.util
 import io
 import logging
 import os
+import pickle
 import site
 import sys
 import sysconfig
@@ -142,3 +143,12 @@ def dumps(obj: Any, shipped: set[str], importable: Callable[[str], bool] | None 
                 module = sys.modules.get(name)
                 if module is not None:
                     cloudpickle.unregister_pickle_by_value(module)
+
+
+def cloud_unpicklable(value: Any) -> Exception | None:
+    """Return why cloudpickle cannot pickle ``value``, or None when it can."""
+    try:
+        cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return exc
+    return None

@@ -32,6 +32,8 @@ from distributed import WorkerPlugin, get_worker
 
 from papy._items import Failure, Key, failure_from_exception, qualified_type
 from papy._task import StepSpec, TaskResult, Tracker, run_task
+from papy.pools._messages import fail_unpicklable
+from papy.pools.dask.shipping import cloud_unpicklable
 
 #: Seconds between two looks of a timed task's watchdog at its current item: a late item
 #: fails within its node's timeout plus this.
@@ -172,24 +174,23 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Sequence[Key]) -> by
         return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         pass
-    last = spec.stages[-1].name
     st = result.stats[-1] if result.stats else None
-    values = []
-    for key, value in zip(keys, result.values):
-        if type(value) is not Failure:
-            try:
-                cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:
-                why = TypeError(
-                    f"the result of type {qualified_type(value)} cannot be sent back from "
-                    f"the Dask worker ({qualified_type(exc)}: {exc}); return plain data, "
-                    "or use a ThreadPool for this node"
-                )
-                value = failure_from_exception(last, key, why, value)
-                if st is not None:
-                    st.n_failed += 1
-                    st.first_failure = st.first_failure or value
-        values.append(value)
+    values = fail_unpicklable(
+        spec.stages[-1].name,
+        keys,
+        result.values,
+        lambda value, exc: (
+            f"the result of type {qualified_type(value)} cannot be sent back from "
+            f"the Dask worker ({qualified_type(exc)}: {exc}); return plain data, "
+            "or use a ThreadPool for this node"
+        ),
+        check=cloud_unpicklable,
+    )
+    if st is not None:
+        for old, new in zip(result.values, values):
+            if new is not old:
+                st.n_failed += 1
+                st.first_failure = st.first_failure or new
     result.values = values
     for stats in result.stats:
         if stats.first_failure is not None:
