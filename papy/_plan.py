@@ -278,7 +278,7 @@ def _groups(steps: Sequence[Step], keep: set[str]) -> dict[int, Step]:
     """
     out: dict[int, Step] = {}
     for s in steps:
-        if not s.tail.scatter or not s.pool.fuses:
+        if not s.tail.scatter or not s.pool.fuses or not s.pool.groups_scatter:
             continue
         chain: list[Node] = list(s.nodes)
         cur, gather_step = s, None

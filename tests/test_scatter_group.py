@@ -7,6 +7,7 @@ plain way so their sub-items spread over the workers.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -18,14 +19,14 @@ from papy import Failure, Pipeline, ProcessPool, ThreadPool
 def split(x: int) -> list[tuple[int, int, int]]:
     if x % 11 == 7:
         raise ValueError(f"cannot split {x}")
-    return [(x, os.getpid(), j) for j in range(x % 4)]
+    return [(x, threading.get_ident(), j) for j in range(x % 4)]
 
 
 def work(sub: tuple[int, int, int]) -> tuple[int, int, int]:
     x, pid, j = sub
     if (x + j) % 13 == 5:
         raise KeyError(sub)
-    return (x * 10 + j, pid, os.getpid())
+    return (x * 10 + j, pid, threading.get_ident())
 
 
 def total(subs: list[tuple[int, int, int]]) -> tuple[int, bool]:
@@ -63,7 +64,7 @@ def test_results_and_failures_are_the_plain_ones(kind: type) -> None:
 
 
 def test_sub_items_stay_in_their_worker_while_enough_items_wait() -> None:
-    with ProcessPool(2) as pool:
+    with ThreadPool(2) as pool:
         pipe = _pipe(pool)
         out = list(pipe.map(range(200), errors="skip"))
     same = [together for _, together in out]
@@ -86,6 +87,9 @@ def test_a_crash_in_a_sub_item_fails_only_its_item() -> None:
         out = list(pipe.map(range(60), errors="yield"))
     bad = [x for x, v in enumerate(out) if isinstance(v, Failure)]
     assert 22 in bad
+    # The crash names the sub-item and the node, as the plain evaluation does.
+    crashed = out[22]
+    assert (crashed.node, crashed.item, crashed.exc_type) == ("crash", (22, 1), "papy.WorkerCrashed")
     assert [None if isinstance(v, Failure) else v[0] for v in out] == [
         None if x == 22 else expected(x) for x in range(60)
     ]

@@ -234,6 +234,10 @@ class Pool(abc.ABC):
     workers: int
     #: Whether a node on this pool should be fused with a following node on the same pool.
     fuses: bool = True
+    #: Whether a scatter, its 1:1 nodes and its gather may run as one task. False where a
+    #: worker can die (process and Dask pools): crash recovery finds the culprit among a
+    #: task's items, so a sub-item's crash would be blamed on its whole item.
+    groups_scatter: bool = True
     #: A short, human name for reports and drawings (``processx4``).
     kind: str = "pool"
     #: Tasks per worker the scheduler keeps in flight (one running, the rest queued).

@@ -136,6 +136,7 @@ class ProcessPool(Pool):
     """
 
     kind = "process"
+    groups_scatter = False  # a sub-item's crash must name the sub-item (see Pool)
     target_task_s = 0.05
     item_timeouts = True  # the worker's slot times every item from its own start
 
