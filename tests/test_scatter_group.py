@@ -89,7 +89,11 @@ def test_a_crash_in_a_sub_item_fails_only_its_item() -> None:
     assert 22 in bad
     # The crash names the sub-item and the node, as the plain evaluation does.
     crashed = out[22]
-    assert (crashed.node, crashed.item, crashed.exc_type) == ("crash", (22, 1), "papy.WorkerCrashed")
+    assert (crashed.node, crashed.item, crashed.exc_type) == (
+        "crash",
+        (22, 1),
+        "papy.WorkerCrashed",
+    )
     assert [None if isinstance(v, Failure) else v[0] for v in out] == [
         None if x == 22 else expected(x) for x in range(60)
     ]
