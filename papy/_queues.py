@@ -8,6 +8,7 @@ contiguous run of keys stays a ``range`` (cheap to ship to a worker).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ class StepQueue:
         self.group_batch = BatchSize(group) if group is not None else None
         self.pool = step.pool
         self.inbox: deque[tuple[Sequence[Key], list[Any], bool]] = deque()
+        self._since: deque[float] = deque()  # when each inbox chunk arrived (monotonic s)
         self._offset = 0  # items of inbox[0] already taken
         self.ready = 0
         self.outstanding = 0
@@ -116,7 +118,18 @@ class StepQueue:
         """Queue items for this step; ``dirty`` says they may include Failure values."""
         if keys:
             self.inbox.append((keys, values, dirty))
+            self._since.append(time.monotonic())
             self.ready += len(keys)
+
+    def waiting_since(self) -> float:
+        """Return when the first waiting item arrived (``time.monotonic()`` seconds).
+
+        The inbox must not be empty. A partial batch whose first item has waited a task's
+        target time goes to its pool like a full one, so a cheap step (a join, a sink's
+        formatting) behind busy siblings never holds its items until a full batch of
+        thousands has gathered.
+        """
+        return self._since[0]
 
     def oldest(self) -> int:
         """Return the input position of the first waiting item (the inbox must not be empty)."""
@@ -138,6 +151,7 @@ class StepQueue:
             self.ready -= n
             return keys[start : start + n], values[start : start + n], dirty
         inbox.popleft()
+        self._since.popleft()
         self._offset = 0
         if start:
             keys, values = keys[start:], values[start:]
@@ -154,6 +168,7 @@ class StepQueue:
                 k2, v2 = k2[:want], v2[:want]
             else:
                 inbox.popleft()
+                self._since.popleft()
             key_parts.append(k2)
             value_parts.append(v2)
             got += len(k2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -114,6 +115,7 @@ class Scheduler:
         )
         self._started = 0.0
         self._tick_s = 0.1
+        self._next_due = math.inf  # when a held partial batch falls due (monotonic s)
 
     @property
     def name(self) -> str:
@@ -321,11 +323,16 @@ class Scheduler:
         A pool shared by several steps serves the step whose oldest waiting item was
         admitted first (ties go downstream, which drains the pipeline and keeps memory
         low), so sibling branches advance together and a join or a sink sees a steady
-        stream from the start. Full batches go first; a partial batch only to a pool with
-        an idle worker.
+        stream from the start. Full batches go first, and partial batches whose first item
+        has waited the pool's ``target_task_s`` (a cheap join behind busy siblings would
+        otherwise hold its items until thousands gather); other partial batches only to a
+        pool with an idle worker. ``_next_due`` is when the next held partial batch falls
+        due, so the wait wakes up for it.
         """
         pool_out = self._pool_out
         queues = self._dispatch_order
+        now = time.monotonic()
+        next_due = math.inf
         for partial in (False, True):
             while True:
                 best: StepQueue | None = None
@@ -338,7 +345,10 @@ class Scheduler:
                     if out >= pool.workers * pool.prefetch:
                         continue
                     if q.ready < q.lane()[1].value and (not partial or out >= pool.workers):
-                        continue
+                        due = q.waiting_since() + pool.target_task_s
+                        if due > now:
+                            next_due = min(next_due, due)
+                            continue
                     age = q.oldest()
                     if best is None or age < best_age:
                         best, best_age = q, age
@@ -347,6 +357,7 @@ class Scheduler:
                 step, batch = best.lane()
                 keys, values, dirty = best.take(min(batch.value, best.ready))
                 self._submit(best, step, keys, values, dirty)
+        self._next_due = next_due
 
     def _submit(
         self, q: StepQueue, step: Step, keys: Sequence[Key], values: list[Any], dirty: bool
@@ -393,8 +404,9 @@ class Scheduler:
                     f"a bug, please report it (admitted={self.admitted}, {counts})"
                 )
         t0 = time.perf_counter()
+        timeout = min(self._tick_s, max(0.0, self._next_due - time.monotonic()))
         try:
-            item = self._queue.get(timeout=self._tick_s)
+            item = self._queue.get(timeout=timeout)
         except queue.Empty:
             item = None
         waited = time.perf_counter() - t0
