@@ -47,6 +47,7 @@ worker, as under ``python file.py``); items and results use pickle.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing as mp
 import multiprocessing.spawn as mp_spawn
 import multiprocessing.util  # its exit handler must be registered before ours
@@ -62,6 +63,7 @@ from papy.pools import _functions
 from papy.pools._base import Pool, Task
 from papy.pools._driver import TIMEOUT_GRACE, State
 from papy.pools._functions import dumps_code
+from papy.pools._heap import HEAP_KEEP, prepare_worker
 from papy.pools._shm import SHM_THRESHOLD
 
 __all__ = ["SHM_THRESHOLD", "TIMEOUT_GRACE", "ProcessPool"]
@@ -133,6 +135,13 @@ class ProcessPool(Pool):
     ``memoryview``) travels between processes through shared memory instead of the pipes;
     ``None`` sends every byte through the pipes. Values received from workers are then
     views over shared memory that stay valid as long as they are referenced.
+
+    ``heap_keep`` (bytes, default :data:`~papy.pools._heap.HEAP_KEEP`, 64 MiB) is how much
+    freed memory each worker keeps for its next allocations instead of giving it back to
+    the system at once (glibc only; ``None`` leaves the C library's own behaviour): a node
+    that makes large arrays batch after batch then reuses their pages instead of faulting
+    fresh ones in (see :mod:`papy.pools._heap`). A worker's resident memory may stay up to
+    that much above what it holds, never above its own peak.
     """
 
     kind = "process"
@@ -147,6 +156,7 @@ class ProcessPool(Pool):
         *,
         initializer: Callable[[], Any] | None = None,
         shm_threshold: int | None = SHM_THRESHOLD,
+        heap_keep: int | None = HEAP_KEEP,
     ) -> None:
         super().__init__()
         if workers is not None and workers < 1:
@@ -159,6 +169,9 @@ class ProcessPool(Pool):
         if shm_threshold is not None and shm_threshold < 1:
             raise ValueError(f"shm_threshold must be at least 1 byte or None, got {shm_threshold}")
         self.shm_threshold = shm_threshold
+        if heap_keep is not None and heap_keep < 0:
+            raise ValueError(f"heap_keep must be a number of bytes or None, got {heap_keep}")
+        self.heap_keep = heap_keep
         self._initializer = initializer
         self._state: State | None = None
         self._finalizer: weakref.finalize | None = None
@@ -169,7 +182,9 @@ class ProcessPool(Pool):
         return self._state.restarts if self._state is not None else 0
 
     def _start(self) -> None:
-        init = dumps_code(self._initializer) if self._initializer is not None else None
+        init = None
+        if self._initializer is not None or self.heap_keep:
+            init = dumps_code(functools.partial(prepare_worker, self.heap_keep, self._initializer))
         state = State(self.workers, self._ctx, init, self.shm_threshold)
         state.start()
         _OPEN.add(state)

@@ -70,7 +70,7 @@ class DaskPool(Pool):
 
     kind = "dask"
     groups_scatter = False  # a sub-item's crash must name the sub-item (see Pool)
-    target_task_s = 0.05  # Dask costs a few milliseconds per task: ship bigger batches
+    target_task_s = 0.2  # Dask costs a few milliseconds per task: ship bigger batches
     prefetch = 3  # tasks per worker thread in flight, to hide the scheduler's latency
     item_timeouts = True  # the workers time each item from its own start
 
