@@ -38,6 +38,7 @@ from papy.pools._handles import (
     Worker,
     fail_closed,
     finish_outputs,
+    free_note,
     give_back,
     on_cancel,
     signal_group,
@@ -237,14 +238,14 @@ class State:
         A worker busy writing a large result stops reading its pipe; a sender per worker
         means a slow reader delays only its own tasks, never another worker's.
         """
+        backlog: list[Any] = []  # an entry taken while gathering "free" notes
         while True:
-            entry = w.outbox.get()
+            entry = backlog.pop() if backlog else w.outbox.get()
             if entry is None:
                 return
             if isinstance(entry, tuple):  # ("release", spec ids) or ("free", segment, reuse)
-                if entry[0] == "free":
-                    reuse = [entry[1]] if entry[2] else []
-                    note: tuple[Any, ...] = (-1, reuse, [] if entry[2] else [entry[1]])
+                if entry[0] == "free":  # with those queued behind it: one message
+                    note, backlog = free_note(entry, w.outbox)
                 else:
                     note = (None, entry[1])
                 try:

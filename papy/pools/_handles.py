@@ -320,3 +320,25 @@ def give_back(ref: weakref.ref[Worker], segment: int, reuse: bool) -> None:
     w = ref()
     if w is not None and not w.dead:
         w.outbox.put(("free", segment, reuse))
+
+
+def free_note(
+    entry: tuple[str, int, bool], outbox: queue.SimpleQueue[Any]
+) -> tuple[tuple[Any, ...], list[Any]]:
+    """Gather a ``("free", segment, reuse)`` entry and the ones queued right behind it.
+
+    Returns the worker's message ``(-1, segments to reuse, segments to free)`` (one
+    message for a task's worth of segments, not one each) and the entry that ended the
+    run, if one was taken off the outbox (a list of zero or one entry).
+    """
+    reuse: list[int] = []
+    forget: list[int] = []
+    while True:
+        (reuse if entry[2] else forget).append(entry[1])
+        try:
+            nxt = outbox.get_nowait()
+        except queue.Empty:
+            return (-1, reuse, forget), []
+        if not (isinstance(nxt, tuple) and nxt[0] == "free"):
+            return (-1, reuse, forget), [nxt]
+        entry = nxt

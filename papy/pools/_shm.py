@@ -190,15 +190,17 @@ class Registry:
         self.pinned: set[int] = set()  # inodes a worker still maps after its task
         self.fds: set[int] = set()  # descriptors this registry opened and must close
 
-    def add(self, mm: mmap.mmap, fd: int, give_back: Callable[[bool], None] | None) -> memoryview:
-        """Keep ``fd`` open and ``mm`` mapped while a view of the returned one lives.
+    def add(
+        self, mm: mmap.mmap, fd: int, ino: int, give_back: Callable[[bool], None] | None
+    ) -> memoryview:
+        """Keep ``fd`` (of inode ``ino``) open and ``mm`` mapped while a view of the
+        returned one lives.
 
         ``give_back(reuse)`` is called when the last view goes: ``reuse`` is true unless a
         worker said it still maps the segment (:meth:`pin`).
         """
-        start = address(mm)
-        ino = os.fstat(fd).st_ino
         exporter = (ctypes.c_char * len(mm)).from_buffer(mm)
+        start = ctypes.addressof(exporter)  # the mapping's first byte
         with self.lock:
             bisect.insort(self.starts, start)
             self.entries[start] = (start + len(mm), fd, mm)
@@ -390,14 +392,15 @@ def map_buffers(
     views: list[memoryview] = []
     try:
         for i, fd in enumerate(fds):
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
             if registry is not None:
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
-                views.append(registry.add(mm, fd, give_back[i] if i < len(give_back) else None))
+                mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_WRITE)
+                back = give_back[i] if i < len(give_back) else None
+                views.append(registry.add(mm, fd, st.st_ino, back))
             else:
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+                mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_COPY)
                 if mapped is not None:
-                    mapped.append((weakref.ref(mm), os.fstat(fd).st_ino))
+                    mapped.append((weakref.ref(mm), st.st_ino))
                 _close_fd(fd)
                 views.append(memoryview(mm))
     except BaseException:
