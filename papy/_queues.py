@@ -2,14 +2,18 @@
 
 Items arrive in chunks (a batch of outputs of a parent step, a run of input items) and are
 kept as those chunks, so cutting a large chunk into batches copies each item once, and a
-contiguous run of keys stays a ``range`` (cheap to ship to a worker).
+contiguous run of keys stays a ``range`` (cheap to ship to a worker). Chunks wait in a heap
+ordered by the input position of their first item, not by arrival: a parent's tasks may
+finish out of order (a small batch behind a slow task in one worker, a large one done on
+another), and the items admitted first must still go first, or an ordered output and a
+join wait on them while the pool works on items thousands of positions later.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +52,10 @@ class StepQueue:
         self.group = group
         self.group_batch = BatchSize(group) if group is not None else None
         self.pool = step.pool
-        self.inbox: deque[tuple[Sequence[Key], list[Any], bool]] = deque()
-        self._since: deque[float] = deque()  # when each inbox chunk arrived (monotonic s)
-        self._offset = 0  # items of inbox[0] already taken
+        #: waiting chunks, a heap of [position of the first item, arrival number, keys,
+        #: values, dirty, arrival time (monotonic s), items already taken]
+        self.inbox: list[list[Any]] = []
+        self._arrivals = itertools.count()
         self.ready = 0
         self.outstanding = 0
         self.in_tasks = 0
@@ -117,63 +122,58 @@ class StepQueue:
     def push(self, keys: Sequence[Key], values: list[Any], dirty: bool = True) -> None:
         """Queue items for this step; ``dirty`` says they may include Failure values."""
         if keys:
-            self.inbox.append((keys, values, dirty))
-            self._since.append(time.monotonic())
+            k = keys[0]
+            position = k if isinstance(k, int) else k[0]
+            chunk = [position, next(self._arrivals), keys, values, dirty, time.monotonic(), 0]
+            heapq.heappush(self.inbox, chunk)
             self.ready += len(keys)
 
     def waiting_since(self) -> float:
-        """Return when the first waiting item arrived (``time.monotonic()`` seconds).
+        """Return when the first waiting chunk arrived (``time.monotonic()`` seconds).
 
         The inbox must not be empty. A partial batch whose first item has waited a task's
         target time goes to its pool like a full one, so a cheap step (a join, a sink's
         formatting) behind busy siblings never holds its items until a full batch of
         thousands has gathered.
         """
-        return self._since[0]
+        return float(self.inbox[0][5])
 
     def oldest(self) -> int:
         """Return the input position of the first waiting item (the inbox must not be empty)."""
-        key = self.inbox[0][0][self._offset]
+        chunk = self.inbox[0]
+        key = chunk[2][chunk[6]]
         return key if isinstance(key, int) else key[0]
 
     def take(self, n: int) -> tuple[Sequence[Key], list[Any], bool]:
-        """Cut the next ``n`` waiting items (fewer if fewer wait) off the inbox.
+        """Cut the next ``n`` waiting items (fewer if fewer wait) off the inbox, oldest first.
 
-        The first chunk is consumed from an offset, so cutting a big chunk into batches
-        copies each item once, not once per batch.
+        A chunk is consumed from an offset, so cutting a big chunk into batches copies each
+        item once, not once per batch.
         """
         inbox = self.inbox
-        keys, values, dirty = inbox[0]
-        start = self._offset
-        avail = len(keys) - start
-        if avail > n:
-            self._offset = start + n
-            self.ready -= n
-            return keys[start : start + n], values[start : start + n], dirty
-        inbox.popleft()
-        self._since.popleft()
-        self._offset = 0
-        if start:
-            keys, values = keys[start:], values[start:]
-        if len(keys) >= n or not inbox:
-            self.ready -= len(keys)
-            return keys, values, dirty
-        # Gather several chunks; join them once at the end (joining as we go is quadratic).
-        key_parts, value_parts, got = [keys], [values], len(keys)
+        key_parts: list[Sequence[Key]] = []
+        value_parts: list[list[Any]] = []
+        dirty = False
+        got = 0
         while got < n and inbox:
-            k2, v2, d2 = inbox[0]
+            chunk = inbox[0]
+            keys, values, start = chunk[2], chunk[3], chunk[6]
+            dirty = dirty or chunk[4]
             want = n - got
-            if len(k2) > want:
-                self._offset = want
-                k2, v2 = k2[:want], v2[:want]
+            if len(keys) - start > want:
+                chunk[6] = start + want
+                keys, values = keys[start : start + want], values[start : start + want]
             else:
-                inbox.popleft()
-                self._since.popleft()
-            key_parts.append(k2)
-            value_parts.append(v2)
-            got += len(k2)
-            dirty = dirty or d2
+                heapq.heappop(inbox)
+                if start:
+                    keys, values = keys[start:], values[start:]
+            key_parts.append(keys)
+            value_parts.append(values)
+            got += len(keys)
         self.ready -= got
+        if len(key_parts) == 1:
+            return key_parts[0], value_parts[0], dirty
+        # Join several chunks once at the end (joining as we go is quadratic).
         return join_keys(key_parts), list(itertools.chain.from_iterable(value_parts)), dirty
 
 

@@ -78,3 +78,11 @@ def test_a_failing_initializer_still_stops_the_run_with_its_error() -> None:
 def test_heap_keep_must_be_a_size() -> None:
     with pytest.raises(ValueError, match="heap_keep"):
         ProcessPool(1, heap_keep=-1)
+    for wrong in (256e6, "64", True, float("nan")):
+        with pytest.raises(TypeError, match="heap_keep"):
+            ProcessPool(1, heap_keep=wrong)  # type: ignore[arg-type]
+
+
+@glibc
+def test_heap_keep_zero_gives_freed_memory_back_at_once() -> None:
+    assert _faults(ProcessPool(1, heap_keep=0)) > 5_000

@@ -1,12 +1,20 @@
-"""Oldest items first: sibling branches on one pool advance together, and a cheap join
-behind them delivers a steady stream instead of holding its items for a full batch."""
+"""Oldest items first: sibling branches on one pool advance together, a cheap join behind
+them delivers a steady stream instead of holding its items for a full batch, and a step
+takes the items admitted first even when its parent's tasks finish out of order."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from typing import Any
 
-from papy import Pipeline, ThreadPool
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from papy import Pipeline, ProcessPool, ThreadPool
+from papy._plan import compile_plan
+from papy._queues import StepQueue
 
 N = 600
 
@@ -70,3 +78,103 @@ def test_siblings_sharing_a_pool_advance_together() -> None:
     assert progress.calls == {"a": N, "b": N, "c": N}
     # Sibling a is 3x cheaper than c; served by age, it may not run far ahead of c.
     assert progress.lag < N // 4, progress.lag
+
+
+def _queue() -> StepQueue:
+    pipe = Pipeline("one", pool=ThreadPool(1))
+    pipe.add(lambda x: x, name="a")
+    plan = compile_plan(pipe, {"a": pipe.pool})  # type: ignore[arg-type, dict-item]
+    return StepQueue(plan.steps[0])
+
+
+def test_a_queue_takes_the_oldest_items_first_whatever_order_they_arrived_in() -> None:
+    q = _queue()
+    q.push(range(3329, 7425), list(range(3329, 7425)))  # a parent's later task, done first
+    keys, _, _ = q.take(10)
+    assert keys == range(3329, 3339)
+    q.push(range(4, 3329), list(range(4, 3329)))  # its earlier, smaller task, done later
+    assert q.oldest() == 4
+    keys, values, _ = q.take(1)
+    assert list(keys) == [4] and values == [4]
+    keys, _, _ = q.take(10_000)
+    assert list(keys) == [*range(5, 3329), *range(3339, 7425)]
+    assert q.ready == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=12),
+    order=st.randoms(use_true_random=False),
+    takes=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+)
+def test_every_item_is_taken_once_and_each_batch_starts_at_the_oldest(
+    sizes: list[int], order: random.Random, takes: list[int]
+) -> None:
+    # Chunks of consecutive keys (a parent's tasks), pushed in a random order between takes.
+    chunks: list[range] = []
+    start = 0
+    for n in sizes:
+        chunks.append(range(start, start + n))
+        start += n
+    order.shuffle(chunks)
+    q = _queue()
+    waiting: set[int] = set()
+    taken: list[Any] = []
+    for i, size in enumerate(takes * 2):
+        if chunks and (i % 2 == 0 or not waiting):
+            c = chunks.pop()
+            q.push(c, [k * 10 for k in c])
+            waiting.update(c)
+        if not waiting:
+            continue
+        assert q.oldest() == min(waiting)
+        got, values, _ = q.take(size)
+        keys = list(got)
+        assert keys[0] == min(waiting)
+        assert values == [k * 10 for k in keys]
+        assert len(keys) == min(size, len(waiting))
+        waiting.difference_update(keys)
+        taken.extend(keys)
+        assert q.ready == len(waiting)
+    while chunks:
+        c = chunks.pop()
+        q.push(c, [k * 10 for k in c])
+        waiting.update(c)
+    if waiting:
+        taken.extend(q.take(len(waiting))[0])
+    assert sorted(taken) == list(range(start))
+
+
+def slow(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+def cheap(x: int) -> int:
+    return x + 1
+
+
+def pair(a: int, b: int) -> int:
+    return a * 1000 + b
+
+
+def test_an_ordered_output_keeps_flowing_when_a_parents_tasks_finish_out_of_order() -> None:
+    # A cheap source feeding a slow node and a cheap one joined after them, on one process
+    # pool, from an endless input: the source's tasks finish out of order, and the slow
+    # node must still take the items admitted first, or the fourth output waits for
+    # thousands of later items (it stalled here for about 100 s).
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("out-of-order", pool=pool)
+        s = pipe.add(cheap, name="s")
+        a = pipe.add(slow, after=s, name="slow")
+        b = pipe.add(cheap, after=s, name="c1")
+        pipe.add(pair, after=[a, b], name="j")
+        for trial in range(12):
+            k = 3 + trial % 5
+            it = pipe.map(iter(range(10**6)), progress=False)
+            t0 = time.monotonic()
+            got = [v for _, v in zip(range(k), it)]
+            it.close()
+            assert got == [pair(x + 1, x + 2) for x in range(k)]
+            took = time.monotonic() - t0
+            assert took < 30, f"trial {trial}: {k} outputs took {took:.0f} s"

@@ -136,12 +136,15 @@ class ProcessPool(Pool):
     ``None`` sends every byte through the pipes. Values received from workers are then
     views over shared memory that stay valid as long as they are referenced.
 
-    ``heap_keep`` (bytes, default :data:`~papy.pools._heap.HEAP_KEEP`, 64 MiB) is how much
-    freed memory each worker keeps for its next allocations instead of giving it back to
-    the system at once (glibc only; ``None`` leaves the C library's own behaviour): a node
+    ``heap_keep`` (an int of bytes, default :data:`~papy.pools._heap.HEAP_KEEP`, 64 MiB;
+    glibc only) is how much freed memory a worker's heap may hold before the worker gives
+    it back to the system, and allocations below half of it come from the heap: a node
     that makes large arrays batch after batch then reuses their pages instead of faulting
-    fresh ones in (see :mod:`papy.pools._heap`). A worker's resident memory may stay up to
-    that much above what it holds, never above its own peak.
+    fresh ones in (see :mod:`papy.pools._heap`). ``None`` leaves the C library's own
+    behaviour; 0 gives freed memory back at once. Each thread that allocates may have a
+    heap of its own, so a worker whose node runs many threads may hold that much per
+    thread; never more than the worker once used at its peak. Raises TypeError for a
+    value that is not an int, ValueError for a negative one.
     """
 
     kind = "process"
@@ -169,9 +172,7 @@ class ProcessPool(Pool):
         if shm_threshold is not None and shm_threshold < 1:
             raise ValueError(f"shm_threshold must be at least 1 byte or None, got {shm_threshold}")
         self.shm_threshold = shm_threshold
-        if heap_keep is not None and heap_keep < 0:
-            raise ValueError(f"heap_keep must be a number of bytes or None, got {heap_keep}")
-        self.heap_keep = heap_keep
+        self.heap_keep = _bytes_or_none("heap_keep", heap_keep)
         self._initializer = initializer
         self._state: State | None = None
         self._finalizer: weakref.finalize | None = None
@@ -183,7 +184,7 @@ class ProcessPool(Pool):
 
     def _start(self) -> None:
         init = None
-        if self._initializer is not None or self.heap_keep:
+        if self._initializer is not None or self.heap_keep is not None:
             init = dumps_code(functools.partial(prepare_worker, self.heap_keep, self._initializer))
         state = State(self.workers, self._ctx, init, self.shm_threshold)
         state.start()
@@ -237,3 +238,14 @@ class ProcessPool(Pool):
 
 if sys.platform == "win32":  # pragma: no cover
     raise ImportError("papy.pools.process needs a POSIX system")
+
+
+def _bytes_or_none(name: str, value: object) -> int | None:
+    """Return ``value``, a size in bytes (an int, not a bool) or None; raise otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int number of bytes or None, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be at least 0 bytes or None, got {value}")
+    return value
