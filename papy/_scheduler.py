@@ -46,7 +46,7 @@ from papy._progress import Progress, progress_wanted
 from papy._queues import StepQueue, charge_wait, counts, in_flight
 from papy._report import FailureLog, NodeStats, Report, build_report, driver_time
 from papy._resume import Resume
-from papy._sizing import Buffer, size_of
+from papy._sizing import Buffer
 from papy._task import TaskResult
 from papy._terminals import Terminals, deliver
 from papy.pools._base import Pool, Task
@@ -450,9 +450,7 @@ class Scheduler:
         busy = q.task_done(step, result, len(keys), self.stats)
         buffer = self.buffer
         if values and buffer.auto:
-            buffer.sample_output(
-                result.nbytes // len(values) if result.nbytes else size_of(values[0])
-            )
+            buffer.sample_task(values, result.nbytes)
         target = q.pool.target_task_s
         if self._exhausted:
             target /= 4  # the input is all in: smaller last tasks even out the workers' ends

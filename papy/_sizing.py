@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,9 @@ class Buffer:
         self._in_bytes = 0  # largest input item seen (bytes, as pickled)
         self._out_bytes = 0  # largest output per item seen (bytes)
         self._sized = False
+        self._measured = 0  # finished tasks whose outputs were not pickled
+        self._measure_s = 0.0  # seconds spent pickling outputs to measure them
+        self._started = time.perf_counter()
 
     def sample_input(self, item: Any) -> None:
         """Measure one input item (one per chunk admitted)."""
@@ -103,6 +107,28 @@ class Buffer:
         if size > self._in_bytes:
             self._in_bytes = size
             self._fit()
+
+    def sample_task(self, values: Sequence[Any], nbytes: int) -> None:
+        """Take the outputs of a finished task: ``nbytes`` bytes pickled in all, or 0 when
+        nothing was pickled (a thread pool's task).
+
+        Then one output is measured by pickling it (:func:`size_of`), for the first 4
+        tasks and after that for one task in 8 while measuring has taken under 1% of the
+        run's time: a thread pool whose node returns a 100,000-entry dict spent 35 ms a
+        task pickling outputs to measure them.
+        """
+        if nbytes:
+            self.sample_output(nbytes // len(values))
+            return
+        self._measured += 1
+        if self._measured > 4 and (
+            self._measured % 8 or self._measure_s > 0.01 * (time.perf_counter() - self._started)
+        ):
+            return
+        t0 = time.perf_counter()
+        size = size_of(values[0])
+        self._measure_s += time.perf_counter() - t0
+        self.sample_output(size)
 
     def sample_output(self, per_item: int) -> None:
         """Take the bytes per output item of a finished task."""

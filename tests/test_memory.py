@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 from helpers import double, inc
 
-from papy import Pipeline, ProcessPool
+from papy import Pipeline, ProcessPool, ThreadPool
 
 
 def test_ten_million_item_generator_runs_with_bounded_in_flight_items():
@@ -64,3 +64,47 @@ def test_default_buffer_shrinks_for_large_items_between_pools():
             max_in_flight = max(max_in_flight, produced - consumed)
     assert consumed == 600
     assert max_in_flight <= 300  # 256 MiB of 1 MiB items, not the 16,384 of small items
+
+
+class Counted:
+    """A large output (a 1 MiB list once pickled) that counts how often it is pickled."""
+
+    pickled = 0
+
+    def __init__(self) -> None:
+        self.payload = [b"x" * 1024] * 1024
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        Counted.pickled += 1
+        return (Counted, ())
+
+
+def make_counted(i: int) -> Counted:
+    return Counted()
+
+
+def test_thread_pool_outputs_are_measured_by_sampling_and_still_bound_the_buffer():
+    # A thread pool pickles nothing, so the buffer measures outputs by pickling one: every
+    # task's cost 35 ms for a 100,000-entry dict. It samples now, and still sees the size.
+    produced = 0
+    consumed = 0
+    max_in_flight = 0
+
+    def source():
+        nonlocal produced
+        for i in range(1200):
+            produced += 1
+            yield i
+
+    Counted.pickled = 0
+    with ThreadPool(2) as a, ThreadPool(1) as b:  # two pools: the Counted values cross
+        pipe = Pipeline("large-thread-outputs")  # no buffer given
+        made = pipe.add(make_counted, pool=a, batch=1)
+        pipe.add(lambda c: len(c.payload), after=made, pool=b, batch=1)
+        for out in pipe.map(source()):
+            assert out == 1024
+            consumed += 1
+            max_in_flight = max(max_in_flight, produced - consumed)
+    assert consumed == 1200
+    assert 1 <= Counted.pickled <= 4 + 1200 // 8, Counted.pickled
+    assert max_in_flight <= 600  # about 256 MiB of 1 MiB outputs, not 16,384 items
