@@ -95,40 +95,46 @@ class Buffer:
         self._in_bytes = 0  # largest input item seen (bytes, as pickled)
         self._out_bytes = 0  # largest output per item seen (bytes)
         self._sized = False
-        self._measured = 0  # finished tasks whose outputs were not pickled
-        self._measure_s = 0.0  # seconds spent pickling outputs to measure them
+        self._seen = {"inputs": 0, "outputs": 0}  # chunks and unpickled tasks seen
+        self._measure_s = 0.0  # seconds spent pickling items to measure them
         self._started = time.perf_counter()
 
     def sample_input(self, item: Any) -> None:
-        """Measure one input item (one per chunk admitted)."""
-        if not self.auto:
-            return
-        size = size_of(item)
-        if size > self._in_bytes:
-            self._in_bytes = size
-            self._fit()
+        """Measure one input item of a chunk admitted (when :meth:`_due`)."""
+        if self.auto and self._due("inputs"):
+            self._take_input(self._measure(item))
 
     def sample_task(self, values: Sequence[Any], nbytes: int) -> None:
         """Take the outputs of a finished task: ``nbytes`` bytes pickled in all, or 0 when
-        nothing was pickled (a thread pool's task).
-
-        Then one output is measured by pickling it (:func:`size_of`), for the first 4
-        tasks and after that for one task in 8 while measuring has taken under 1% of the
-        run's time: a thread pool whose node returns a 100,000-entry dict spent 35 ms a
-        task pickling outputs to measure them.
-        """
+        nothing was pickled (a thread pool's task): then one output is measured, when
+        :meth:`_due`."""
         if nbytes:
             self.sample_output(nbytes // len(values))
-            return
-        self._measured += 1
-        if self._measured > 4 and (
-            self._measured % 8 or self._measure_s > 0.01 * (time.perf_counter() - self._started)
-        ):
-            return
+        elif self._due("outputs"):
+            self.sample_output(self._measure(values[0]))
+
+    def _due(self, what: str) -> bool:
+        """Tell whether to measure the next input chunk or task output by pickling an item.
+
+        The first 4 of each, then one in 8 while measuring has taken under 1% of the run's
+        time: a thread pool whose node returns a 100,000-entry dict spent 35 ms a task
+        pickling outputs to measure them.
+        """
+        n = self._seen[what] = self._seen[what] + 1
+        if n <= 4:
+            return True
+        return n % 8 == 0 and self._measure_s <= 0.01 * (time.perf_counter() - self._started)
+
+    def _measure(self, item: Any) -> int:
         t0 = time.perf_counter()
-        size = size_of(values[0])
+        size = size_of(item)
         self._measure_s += time.perf_counter() - t0
-        self.sample_output(size)
+        return size
+
+    def _take_input(self, size: int) -> None:
+        if size > self._in_bytes:
+            self._in_bytes = size
+            self._fit()
 
     def sample_output(self, per_item: int) -> None:
         """Take the bytes per output item of a finished task."""

@@ -108,3 +108,27 @@ def test_thread_pool_outputs_are_measured_by_sampling_and_still_bound_the_buffer
     assert consumed == 1200
     assert 1 <= Counted.pickled <= 4 + 1200 // 8, Counted.pickled
     assert max_in_flight <= 600  # about 256 MiB of 1 MiB outputs, not 16,384 items
+
+
+def test_large_inputs_are_measured_by_sampling_and_bound_the_buffer():
+    produced = 0
+    consumed = 0
+    max_in_flight = 0
+
+    def source():
+        nonlocal produced
+        for _ in range(1200):
+            produced += 1
+            yield Counted()
+
+    Counted.pickled = 0
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("large-inputs", pool=pool)  # no buffer given
+        pipe.add(lambda c: len(c.payload), batch=1)
+        for out in pipe.map(source()):
+            assert out == 1024
+            consumed += 1
+            max_in_flight = max(max_in_flight, produced - consumed)
+    assert consumed == 1200
+    assert 1 <= Counted.pickled <= 4 + 1200 // 8, Counted.pickled
+    assert max_in_flight <= 600  # about 256 MiB of 1 MiB inputs, not 16,384 items
