@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -175,6 +176,50 @@ class StepQueue:
             return key_parts[0], value_parts[0], dirty
         # Join several chunks once at the end (joining as we go is quadratic).
         return join_keys(key_parts), list(itertools.chain.from_iterable(value_parts)), dirty
+
+
+def pick_batch(
+    queues: Sequence[StepQueue],
+    pool_out: dict[int, int],
+    partial: bool,
+    now: float,
+    exhausted: bool,
+) -> tuple[StepQueue | None, int, float]:
+    """Choose the queue whose batch goes to its pool next; return it, the batch's size in
+    items, and when the next batch held back falls due (``time.monotonic()`` seconds).
+
+    ``queues`` in dispatch order (downstream first, so ties drain the pipeline);
+    ``pool_out``: tasks in flight per ``id(pool)``. A queue is eligible when its pool has
+    room (``workers * prefetch`` tasks) and it holds a full batch, or ``partial`` is set and
+    its pool has an idle worker, or its first item has waited the pool's
+    ``target_task_s``; among those, the one whose oldest item was admitted first wins.
+    Once the input is all in (``exhausted``) a batch that goes holds at most a
+    ``2 * workers``-th of what waits (guided scheduling): three 278-item tasks handed to
+    two workers at once kept one busy twice as long as the other.
+    """
+    best: StepQueue | None = None
+    best_age = best_size = 0
+    next_due = math.inf
+    for q in queues:
+        if not q.ready:
+            continue
+        pool = q.pool
+        out = pool_out[id(pool)]
+        if out >= pool.workers * pool.prefetch:
+            continue
+        size = q.lane()[1].value
+        if q.ready < size and (not partial or out >= pool.workers):
+            due = q.waiting_since() + pool.target_task_s
+            if due > now:
+                next_due = min(next_due, due)
+                continue
+        size = min(size, q.ready)
+        if exhausted:
+            size = min(size, -(-q.ready // (2 * pool.workers)))
+        age = q.oldest()
+        if best is None or age < best_age:
+            best, best_age, best_size = q, age, size
+    return best, best_size, next_due
 
 
 def in_flight(queues: Sequence[StepQueue], stats: dict[str, NodeStats]) -> dict[str, int]:

@@ -43,7 +43,7 @@ from papy._node import Node
 from papy._observe import Observer, RunLog, Timeline
 from papy._plan import Graph, Step
 from papy._progress import Progress, progress_wanted
-from papy._queues import StepQueue, charge_wait, counts, in_flight
+from papy._queues import StepQueue, charge_wait, counts, in_flight, pick_batch
 from papy._report import FailureLog, NodeStats, Report, build_report, driver_time
 from papy._resume import Resume
 from papy._sizing import Buffer
@@ -329,34 +329,18 @@ class Scheduler:
         pool with an idle worker. ``_next_due`` is when the next held partial batch falls
         due, so the wait wakes up for it.
         """
-        pool_out = self._pool_out
-        queues = self._dispatch_order
         now = time.monotonic()
         next_due = math.inf
         for partial in (False, True):
             while True:
-                best: StepQueue | None = None
-                best_age = 0
-                for q in queues:
-                    if not q.ready:
-                        continue
-                    pool = q.pool
-                    out = pool_out[id(pool)]
-                    if out >= pool.workers * pool.prefetch:
-                        continue
-                    if q.ready < q.lane()[1].value and (not partial or out >= pool.workers):
-                        due = q.waiting_since() + pool.target_task_s
-                        if due > now:
-                            next_due = min(next_due, due)
-                            continue
-                    age = q.oldest()
-                    if best is None or age < best_age:
-                        best, best_age = q, age
+                best, size, due = pick_batch(
+                    self._dispatch_order, self._pool_out, partial, now, self._exhausted
+                )
+                next_due = min(next_due, due)
                 if best is None:
                     break
-                step, batch = best.lane()
-                keys, values, dirty = best.take(min(batch.value, best.ready))
-                self._submit(best, step, keys, values, dirty)
+                keys, values, dirty = best.take(size)
+                self._submit(best, best.lane()[0], keys, values, dirty)
         self._next_due = next_due
 
     def _submit(

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from papy import Pipeline, ProcessPool, ThreadPool
 from papy._plan import compile_plan
-from papy._queues import StepQueue
+from papy._queues import StepQueue, pick_batch
 
 N = 600
 
@@ -178,3 +178,25 @@ def test_an_ordered_output_keeps_flowing_when_a_parents_tasks_finish_out_of_orde
             assert got == [pair(x + 1, x + 2) for x in range(k)]
             took = time.monotonic() - t0
             assert took < 30, f"trial {trial}: {k} outputs took {took:.0f} s"
+
+
+def test_once_the_input_is_all_in_batches_shrink_with_what_waits() -> None:
+    # Guided scheduling: three 278-item tasks handed to two workers at once kept one of
+    # them busy twice as long as the other at the end of a run.
+    q = _queue()  # one step on a ThreadPool(1)
+    q.batch.value = 278
+    q.push(range(996), list(range(996)))
+    out = {id(q.pool): 0}
+    best, size, _ = pick_batch([q], out, False, time.monotonic(), exhausted=False)
+    assert best is q and size == 278
+    sizes = []
+    while q.ready:
+        waiting = q.ready
+        best, size, _ = pick_batch([q], out, True, time.monotonic(), exhausted=True)
+        assert best is q
+        assert size == min(278, -(-waiting // 2))  # at most half of what waits (1 worker)
+        sizes.append(size)
+        q.take(size)
+    assert sizes[:3] == [278, 278, 220]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+    assert sum(sizes) == 996
