@@ -154,7 +154,7 @@ class Scheduler:
         self._sources = [self.queues[i] for i in plan.sources]
         self._dispatch_order = list(reversed(self.queues))  # ties: downstream first
         self._pool_out: dict[int, int] = {id(p): 0 for p in plan.pools}
-        self.buffer = Buffer(self._buffer_given, plan.pools)
+        self.buffer = Buffer(self._buffer_given, plan.pools, len(plan.steps))
         for s in plan.steps:
             label = s.pool.describe()
             for n in s.nodes:
@@ -434,7 +434,7 @@ class Scheduler:
         busy = q.task_done(step, result, len(keys), self.stats)
         buffer = self.buffer
         if values and buffer.auto:
-            buffer.sample_task(values, result.nbytes)
+            buffer.sample_task(values, result.nbytes, q.step.index)
         target = q.pool.target_task_s
         if self._exhausted:
             target /= 4  # the input is all in: smaller last tasks even out the workers' ends

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -30,17 +31,25 @@ TASK_BYTES = 8 * 2**20  # and batches of large items stay about this size
 MAX_BATCH = 8_192
 
 
+def _cheap_size(value: Any) -> int | None:
+    """Return the bytes of an array, bytes or string without pickling it, else None."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    return None
+
+
 def size_of(value: Any) -> int:
     """Return about how many bytes ``value`` holds: its pickle's length, or its shallow size.
 
     Pickling measures nested data (a list of arrays) that ``sys.getsizeof`` does not; it is
     done for one item per chunk, so its cost is a small share of the run.
     """
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(value, (bytes, bytearray, str)):
-        return len(value)
+    cheap = _cheap_size(value)
+    if cheap is not None:
+        return cheap
     try:
         return len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     except Exception:
@@ -84,13 +93,16 @@ class Buffer:
     ``TASK_BYTES`` per task.
     """
 
-    def __init__(self, given: int | None, pools: Sequence[Pool]) -> None:
+    def __init__(self, given: int | None, pools: Sequence[Pool], steps: int = 1) -> None:
         self.auto = given is None
         self.max = given or DEFAULT_BUFFER
         self.floor = max(4, sum(p.workers * p.prefetch for p in pools))
-        # Small until the first results show how large items are: 16 tasks' worth per
-        # worker slot is enough to start every worker without admitting in bulk.
-        self.limit = min(self.max, 16 * self.floor) if self.auto else self.max
+        # Small until every step's first results show how large items are: 16 tasks'
+        # worth per worker slot is enough to start every worker without admitting in bulk.
+        self.start = min(self.max, 16 * self.floor)
+        self.limit = self.start if self.auto else self.max
+        self._steps = steps  # steps whose outputs must be seen before the buffer opens
+        self._reported: set[int] = set()
         self.item_bytes = 0
         self._in_bytes = 0  # largest input item seen (bytes, as pickled)
         self._out_bytes = 0  # largest output per item seen (bytes)
@@ -104,14 +116,25 @@ class Buffer:
         if self.auto and self._due("inputs"):
             self._take_input(self._measure(item))
 
-    def sample_task(self, values: Sequence[Any], nbytes: int) -> None:
-        """Take the outputs of a finished task: ``nbytes`` bytes pickled in all, or 0 when
-        nothing was pickled (a thread pool's task): then one output is measured, when
-        :meth:`_due`."""
+    def sample_task(self, values: Sequence[Any], nbytes: int, step: int = 0) -> None:
+        """Take the outputs of a finished task of ``step``: ``nbytes`` bytes pickled in
+        all, or 0 when nothing was pickled (a thread pool's task).
+
+        Then one output, drawn at random, is measured: its ``nbytes`` or length when it
+        has one (an array, bytes, a string), or else by pickling it when :meth:`_due`.
+        """
+        if step not in self._reported:
+            self._reported.add(step)
+            self._sized = False  # fit again even if no size grew: the buffer may open
         if nbytes:
             self.sample_output(nbytes // len(values))
+            return
+        value = values[random.randrange(len(values))]
+        cheap = _cheap_size(value)
+        if cheap is not None:
+            self.sample_output(cheap)
         elif self._due("outputs"):
-            self.sample_output(self._measure(values[0]))
+            self.sample_output(self._measure(value))
 
     def _due(self, what: str) -> bool:
         """Tell whether to measure the next input chunk or task output by pickling an item.
@@ -162,5 +185,10 @@ class Buffer:
         if not self.auto:
             return
         per_item = max(1, self._in_bytes + self._out_bytes)
-        self.limit = min(self.max, max(self.floor, MEMORY_BUDGET // per_item))
+        limit = min(self.max, max(self.floor, MEMORY_BUDGET // per_item))
+        if len(self._reported) < self._steps:
+            # A step not heard from yet may make large outputs of small inputs (file names
+            # in, arrays out): stay at the cautious start until every step has reported.
+            limit = min(limit, self.start)
+        self.limit = limit
         log.debug("buffer set to %d items (%d bytes per item)", self.limit, per_item)

@@ -132,3 +132,33 @@ def test_large_inputs_are_measured_by_sampling_and_bound_the_buffer():
     assert consumed == 1200
     assert 1 <= Counted.pickled <= 4 + 1200 // 8, Counted.pickled
     assert max_in_flight <= 600  # about 256 MiB of 1 MiB inputs, not 16,384 items
+
+
+def passthrough(i: int) -> int:
+    return i
+
+
+def test_the_buffer_opens_only_once_every_step_has_shown_its_output_size():
+    # Small inputs, a first step with small outputs and a second making 1 MiB of each
+    # item: the first step's sizes used to open the buffer to 16,384 items before the
+    # second step's first result was in.
+    produced = 0
+    consumed = 0
+    max_in_flight = 0
+
+    def source():
+        nonlocal produced
+        for i in range(3000):
+            produced += 1
+            yield i
+
+    with ThreadPool(2) as a, ProcessPool(2) as b:
+        pipe = Pipeline("small-then-large")  # no buffer given
+        first = pipe.add(passthrough, pool=a)
+        pipe.add(make_block, after=first, pool=b)
+        for out in pipe.map(source()):
+            assert len(out) == 2**20
+            consumed += 1
+            max_in_flight = max(max_in_flight, produced - consumed)
+    assert consumed == 3000
+    assert max_in_flight <= 600, max_in_flight  # about 256 MiB of 1 MiB outputs
