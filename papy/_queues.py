@@ -183,7 +183,6 @@ def pick_batch(
     pool_out: dict[int, int],
     partial: bool,
     now: float,
-    exhausted: bool,
 ) -> tuple[StepQueue | None, int, float]:
     """Choose the queue whose batch goes to its pool next; return it, the batch's size in
     items, and when the next batch held back falls due (``time.monotonic()`` seconds).
@@ -193,9 +192,6 @@ def pick_batch(
     room (``workers * prefetch`` tasks) and it holds a full batch, or ``partial`` is set and
     its pool has an idle worker, or its first item has waited the pool's
     ``target_task_s``; among those, the one whose oldest item was admitted first wins.
-    Once the input is all in (``exhausted``) a batch that goes holds at most a
-    ``2 * workers``-th of what waits (guided scheduling): three 278-item tasks handed to
-    two workers at once kept one busy twice as long as the other.
     """
     best: StepQueue | None = None
     best_age = best_size = 0
@@ -214,8 +210,6 @@ def pick_batch(
                 next_due = min(next_due, due)
                 continue
         size = min(size, q.ready)
-        if exhausted:
-            size = min(size, -(-q.ready // (2 * pool.workers)))
         age = q.oldest()
         if best is None or age < best_age:
             best, best_age, best_size = q, age, size

@@ -333,9 +333,7 @@ class Scheduler:
         next_due = math.inf
         for partial in (False, True):
             while True:
-                best, size, due = pick_batch(
-                    self._dispatch_order, self._pool_out, partial, now, self._exhausted
-                )
+                best, size, due = pick_batch(self._dispatch_order, self._pool_out, partial, now)
                 next_due = min(next_due, due)
                 if best is None:
                     break

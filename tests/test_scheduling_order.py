@@ -180,23 +180,21 @@ def test_an_ordered_output_keeps_flowing_when_a_parents_tasks_finish_out_of_orde
             assert took < 30, f"trial {trial}: {k} outputs took {took:.0f} s"
 
 
-def test_once_the_input_is_all_in_batches_shrink_with_what_waits() -> None:
-    # Guided scheduling: three 278-item tasks handed to two workers at once kept one of
-    # them busy twice as long as the other at the end of a run.
-    q = _queue()  # one step on a ThreadPool(1)
-    q.batch.value = 278
-    q.push(range(996), list(range(996)))
-    out = {id(q.pool): 0}
-    best, size, _ = pick_batch([q], out, False, time.monotonic(), exhausted=False)
-    assert best is q and size == 278
-    sizes = []
-    while q.ready:
-        waiting = q.ready
-        best, size, _ = pick_batch([q], out, True, time.monotonic(), exhausted=True)
-        assert best is q
-        assert size == min(278, -(-waiting // 2))  # at most half of what waits (1 worker)
-        sizes.append(size)
-        q.take(size)
-    assert sizes[:3] == [278, 278, 220]
-    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
-    assert sum(sizes) == 996
+def test_a_partial_batch_waits_for_an_idle_worker_or_its_due_time() -> None:
+    q = _queue()  # one step on a ThreadPool(1): one worker, two task slots
+    q.batch.value = 100
+    q.push(range(10), list(range(10)))
+    since = q.waiting_since()
+    due_at = since + q.pool.target_task_s
+    busy = {id(q.pool): 1}  # the one worker has a task: a slot is free, no worker idle
+    best, _, due = pick_batch([q], busy, True, since)
+    assert best is None and due == due_at  # held, and the scheduler wakes up then
+    best, size, _ = pick_batch([q], busy, True, due_at + 0.001)
+    assert best is q and size == 10  # waited a task's time: it goes
+    idle = {id(q.pool): 0}
+    best, size, _ = pick_batch([q], idle, True, since)
+    assert best is q and size == 10  # an idle worker takes it at once
+    best, _, _ = pick_batch([q], idle, False, since)
+    assert best is None  # but full batches go first
+    full = {id(q.pool): 2}
+    assert pick_batch([q], full, True, due_at + 1)[0] is None  # no free slot at all
