@@ -154,7 +154,7 @@ class Scheduler:
         self._sources = [self.queues[i] for i in plan.sources]
         self._dispatch_order = list(reversed(self.queues))  # ties: downstream first
         self._pool_out: dict[int, int] = {id(p): 0 for p in plan.pools}
-        self.buffer = Buffer(self._buffer_given, plan.pools, len(plan.steps))
+        self.buffer = Buffer(self._buffer_given, plan.pools, (n.name for n in plan.order))
         for s in plan.steps:
             label = s.pool.describe()
             for n in s.nodes:
@@ -337,8 +337,9 @@ class Scheduler:
                 next_due = min(next_due, due)
                 if best is None:
                     break
+                step = best.lane()[0]  # before take(): the lane depends on what waits
                 keys, values, dirty = best.take(size)
-                self._submit(best, best.lane()[0], keys, values, dirty)
+                self._submit(best, step, keys, values, dirty)
         self._next_due = next_due
 
     def _submit(
@@ -432,7 +433,7 @@ class Scheduler:
         busy = q.task_done(step, result, len(keys), self.stats)
         buffer = self.buffer
         if values and buffer.auto:
-            buffer.sample_task(values, result.nbytes, q.step.index)
+            buffer.sample_task(values, result.nbytes, (n.name for n in step.nodes))
         target = q.pool.target_task_s
         if self._exhausted:
             target /= 4  # the input is all in: smaller last tasks even out the workers' ends

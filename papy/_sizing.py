@@ -16,7 +16,7 @@ import pickle
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -93,16 +93,15 @@ class Buffer:
     ``TASK_BYTES`` per task.
     """
 
-    def __init__(self, given: int | None, pools: Sequence[Pool], steps: int = 1) -> None:
+    def __init__(self, given: int | None, pools: Sequence[Pool], nodes: Iterable[str] = ()) -> None:
         self.auto = given is None
         self.max = given or DEFAULT_BUFFER
         self.floor = max(4, sum(p.workers * p.prefetch for p in pools))
-        # Small until every step's first results show how large items are: 16 tasks'
+        # Small until every node's first results show how large items are: 16 tasks'
         # worth per worker slot is enough to start every worker without admitting in bulk.
         self.start = min(self.max, 16 * self.floor)
         self.limit = self.start if self.auto else self.max
-        self._steps = steps  # steps whose outputs must be seen before the buffer opens
-        self._reported: set[int] = set()
+        self._unreported = set(nodes)  # nodes to hear from before the buffer opens
         self.item_bytes = 0
         self._in_bytes = 0  # largest input item seen (bytes, as pickled)
         self._out_bytes = 0  # largest output per item seen (bytes)
@@ -116,16 +115,17 @@ class Buffer:
         if self.auto and self._due("inputs"):
             self._take_input(self._measure(item))
 
-    def sample_task(self, values: Sequence[Any], nbytes: int, step: int = 0) -> None:
-        """Take the outputs of a finished task of ``step``: ``nbytes`` bytes pickled in
-        all, or 0 when nothing was pickled (a thread pool's task).
+    def sample_task(self, values: Sequence[Any], nbytes: int, nodes: Iterable[str] = ()) -> None:
+        """Take the outputs of a finished task that ran ``nodes`` (names): ``nbytes``
+        bytes pickled in all, or 0 when nothing was pickled (a thread pool's task).
 
         Then one output, drawn at random, is measured: its ``nbytes`` or length when it
         has one (an array, bytes, a string), or else by pickling it when :meth:`_due`.
         """
-        if step not in self._reported:
-            self._reported.add(step)
-            self._sized = False  # fit again even if no size grew: the buffer may open
+        if self._unreported:
+            self._unreported.difference_update(nodes)
+            if not self._unreported:
+                self._fit()  # every node has reported: the buffer may open now
         if nbytes:
             self.sample_output(nbytes // len(values))
             return
@@ -186,9 +186,9 @@ class Buffer:
             return
         per_item = max(1, self._in_bytes + self._out_bytes)
         limit = min(self.max, max(self.floor, MEMORY_BUDGET // per_item))
-        if len(self._reported) < self._steps:
-            # A step not heard from yet may make large outputs of small inputs (file names
-            # in, arrays out): stay at the cautious start until every step has reported.
+        if self._unreported:
+            # A node not heard from yet may make large outputs of small inputs (file names
+            # in, arrays out): stay at the cautious start until every node has reported.
             limit = min(limit, self.start)
         self.limit = limit
         log.debug("buffer set to %d items (%d bytes per item)", self.limit, per_item)

@@ -14,12 +14,15 @@ import glob as _glob
 import json
 import os
 import pickle
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from papy._rundir import open_private, run_dir
+
+_HEADER_LOCK = threading.Lock()  # see load_item
 
 __all__ = [
     "csv_rows",
@@ -159,7 +162,16 @@ def load_item(path: str | Path, *, mmap: bool = False, remove: bool = False) -> 
     if path.suffix == ".npy":
         import numpy as np
 
-        obj: Any = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        # NumPy parses the file's header with ast.literal_eval, and CPython 3.11's parser
+        # is not safe in several threads at once ("SystemError: AST constructor recursion
+        # depth mismatch", seen with two threads of a ThreadPool loading items). Only the
+        # header is read under the lock: the data is mapped, and copied outside it.
+        with _HEADER_LOCK:
+            try:
+                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError:  # an empty array cannot be mapped
+                mapped = np.load(path, allow_pickle=False)
+        obj: Any = mapped if mmap or not isinstance(mapped, np.memmap) else np.array(mapped)
     elif path.suffix == ".bin":
         obj = path.read_bytes()
     else:
