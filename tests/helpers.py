@@ -69,16 +69,11 @@ def live_descendants(pid: int | None = None) -> list:
 
 
 def unavailable(reason: str) -> None:
-    """Skip a test whose machine lacks what it needs; under `make test` or CI, fail instead.
+    """Fail a test whose machine lacks what it needs, saying what is missing.
 
-    `make test` installs and starts every tool the tests use (and sets
-    ``PAPY_REQUIRE_ALL=1``), so there a missing tool is a broken set-up, never a reason to
-    leave a feature untested. Only a bare `pytest` on a machine without them skips.
+    `make test` installs and starts every tool the tests use, so a missing tool is a
+    broken set-up, never a reason to leave a feature untested: there is no skip.
     """
-    import os
-
     import pytest
 
-    if os.environ.get("CI") or os.environ.get("PAPY_REQUIRE_ALL"):
-        pytest.fail(f"`make test` must be able to run this test: {reason}")
-    pytest.skip(reason)
+    pytest.fail(f"this test needs what `make test` sets up: {reason}")

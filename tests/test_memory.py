@@ -43,25 +43,34 @@ def make_block(i):
     return bytes(2**20)  # 1 MiB per item
 
 
-def test_default_buffer_shrinks_for_large_items_between_pools():
-    produced = 0
-    consumed = 0
-    max_in_flight = 0
+def run_counting(pipe, items, check) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Run ``pipe`` over ``items``, checking each output; return (outputs, the most input
+    items read and not yet delivered at any time)."""
+    produced = consumed = most = 0
 
-    def source():
+    def source():  # type: ignore[no-untyped-def]
         nonlocal produced
-        for i in range(600):
+        for item in items:
             produced += 1
-            yield i
+            yield item
 
+    for out in pipe.map(source()):
+        check(out)
+        consumed += 1
+        most = max(most, produced - consumed)
+    return consumed, most
+
+
+def length_of_one_mib(out: int) -> None:
+    assert out == 2**20
+
+
+def test_default_buffer_shrinks_for_large_items_between_pools():
     with ProcessPool(2) as a, ProcessPool(1) as b:
         pipe = Pipeline("big-items")  # no buffer given
         made = pipe.add(make_block, pool=a)
         pipe.add(len, after=made, pool=b)
-        for out in pipe.map(source()):
-            assert out == 2**20
-            consumed += 1
-            max_in_flight = max(max_in_flight, produced - consumed)
+        consumed, max_in_flight = run_counting(pipe, range(600), length_of_one_mib)
     assert consumed == 600
     assert max_in_flight <= 300  # 256 MiB of 1 MiB items, not the 16,384 of small items
 
@@ -83,52 +92,31 @@ def make_counted(i: int) -> Counted:
     return Counted()
 
 
+def payload_of_1024(out: int) -> None:
+    assert out == 1024
+
+
 def test_thread_pool_outputs_are_measured_by_sampling_and_still_bound_the_buffer():
     # A thread pool pickles nothing, so the buffer measures outputs by pickling one: every
     # task's cost 35 ms for a 100,000-entry dict. It samples now, and still sees the size.
-    produced = 0
-    consumed = 0
-    max_in_flight = 0
-
-    def source():
-        nonlocal produced
-        for i in range(1200):
-            produced += 1
-            yield i
-
     Counted.pickled = 0
     with ThreadPool(2) as a, ThreadPool(1) as b:  # two pools: the Counted values cross
         pipe = Pipeline("large-thread-outputs")  # no buffer given
         made = pipe.add(make_counted, pool=a, batch=1)
         pipe.add(lambda c: len(c.payload), after=made, pool=b, batch=1)
-        for out in pipe.map(source()):
-            assert out == 1024
-            consumed += 1
-            max_in_flight = max(max_in_flight, produced - consumed)
+        consumed, max_in_flight = run_counting(pipe, range(1200), payload_of_1024)
     assert consumed == 1200
     assert 1 <= Counted.pickled <= 4 + 1200 // 8, Counted.pickled
     assert max_in_flight <= 600  # about 256 MiB of 1 MiB outputs, not 16,384 items
 
 
 def test_large_inputs_are_measured_by_sampling_and_bound_the_buffer():
-    produced = 0
-    consumed = 0
-    max_in_flight = 0
-
-    def source():
-        nonlocal produced
-        for _ in range(1200):
-            produced += 1
-            yield Counted()
-
     Counted.pickled = 0
     with ThreadPool(2) as pool:
         pipe = Pipeline("large-inputs", pool=pool)  # no buffer given
         pipe.add(lambda c: len(c.payload), batch=1)
-        for out in pipe.map(source()):
-            assert out == 1024
-            consumed += 1
-            max_in_flight = max(max_in_flight, produced - consumed)
+        items = (Counted() for _ in range(1200))
+        consumed, max_in_flight = run_counting(pipe, items, payload_of_1024)
     assert consumed == 1200
     assert 1 <= Counted.pickled <= 4 + 1200 // 8, Counted.pickled
     assert max_in_flight <= 600  # about 256 MiB of 1 MiB inputs, not 16,384 items
@@ -138,27 +126,18 @@ def passthrough(i: int) -> int:
     return i
 
 
+def one_mib(out: bytes) -> None:
+    assert len(out) == 2**20
+
+
 def test_the_buffer_opens_only_once_every_step_has_shown_its_output_size():
     # Small inputs, a first step with small outputs and a second making 1 MiB of each
     # item: the first step's sizes used to open the buffer to 16,384 items before the
     # second step's first result was in.
-    produced = 0
-    consumed = 0
-    max_in_flight = 0
-
-    def source():
-        nonlocal produced
-        for i in range(3000):
-            produced += 1
-            yield i
-
     with ThreadPool(2) as a, ProcessPool(2) as b:
         pipe = Pipeline("small-then-large")  # no buffer given
         first = pipe.add(passthrough, pool=a)
         pipe.add(make_block, after=first, pool=b)
-        for out in pipe.map(source()):
-            assert len(out) == 2**20
-            consumed += 1
-            max_in_flight = max(max_in_flight, produced - consumed)
+        consumed, max_in_flight = run_counting(pipe, range(3000), one_mib)
     assert consumed == 3000
     assert max_in_flight <= 600, max_in_flight  # about 256 MiB of 1 MiB outputs

@@ -7,13 +7,19 @@ import time
 from collections import Counter
 
 import pytest
+from helpers import unavailable
 
 from integration.cluster import Hosts, have_netns, start_scheduler, start_worker, wait_for_workers
 from papy import Failure, Pipeline
 from papy.pools.dask import DaskPool
 
 _why_not = have_netns()
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"network namespaces: {_why_not}")
+
+
+@pytest.fixture(autouse=True)
+def _needs_netns() -> None:
+    if _why_not is not None:
+        unavailable(f"network namespaces: {_why_not}")
 
 
 def slow_square(x: int) -> tuple[int, str]:

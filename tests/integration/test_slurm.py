@@ -27,9 +27,14 @@ from papy import Failure, Pipeline, PoolError, ThreadPool
 from papy.pools.dask import DaskPool, jobqueue_cluster
 
 _why_not = slurm_mod.why_not()
-if _why_not is not None and os.environ.get("CI"):
-    raise RuntimeError(f"CI must run the SLURM tests: {_why_not}")
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"SLURM: {_why_not}")
+
+
+@pytest.fixture(autouse=True)
+def _needs_slurm() -> None:
+    if _why_not is not None:
+        unavailable(f"SLURM: {_why_not}")
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
