@@ -429,8 +429,8 @@ class Scheduler:
         if len(result.values) != len(keys):
             result = Task(step.spec, keys, [None] * len(keys)).miscounted(q.pool, result.values)
             log.error("%s", result.values[0].message)
-        values = result.values
         busy = q.task_done(step, result, len(keys), self.stats)
+        values, result.values = result.values, []  # the pool's thread may hold the result
         buffer = self.buffer
         if values and buffer.auto:
             buffer.sample_task(values, result.nbytes, (n.name for n in step.nodes))

@@ -28,9 +28,11 @@ from pool_helpers import (
     digest_and_value,
     first_and_last,
     keep_and_check,
+    many_arrays,
     payload,
     scribble_and_sum,
     sum_after,
+    total,
     view_len,
 )
 
@@ -220,6 +222,20 @@ def test_a_normal_run_frees_every_segment():
         del kept
         assert _wait_released([p1, p2]) == []
     assert _dev_shm() <= before
+
+
+@pytest.mark.parametrize("consumer", ["process", "thread"])
+def test_the_driver_holds_no_segment_once_a_run_has_returned(consumer):
+    """No waiting and no garbage collection: the pools drop a task's inputs before they
+    report its result, so the last item's segments are gone when the run's last output
+    is (a run after it gets every descriptor back)."""
+    with ProcessPool(1) as p1, (ProcessPool(1) if consumer == "process" else ThreadPool(1)) as p2:
+        pipe = Pipeline("returned")
+        a = pipe.add(many_arrays, pool=p1)
+        pipe.add(total, after=a, pool=p2)
+        for _ in range(25):
+            assert list(pipe.map(range(2), progress=False)) == [0.0, 40.0]
+            assert _segments(os.getpid()) == []
 
 
 def test_a_worker_killed_mid_run_leaves_no_segment():

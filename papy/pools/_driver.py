@@ -5,9 +5,10 @@
 (``pending``); :meth:`State.assign_locked` gives jobs to the least busy workers,
 :data:`PER_WORKER` each at most (one running, one in its pipe); ``cancel`` withdraws a job
 not started, in either place (the worker claims each job in its slot first). A
-**sender thread per worker** ships its jobs in order, so a slow reader delays only its own
-tasks; the **manager thread** receives results, copies worker output, replaces dead
-workers (:mod:`papy.pools._recovery`) and enforces per-item deadlines.
+**sender thread per worker** (:mod:`papy.pools._sender`) ships its jobs in order, so a
+slow reader delays only its own tasks; the **manager thread** receives results, copies
+worker output, replaces dead workers (:mod:`papy.pools._recovery`) and enforces per-item
+deadlines. A result is delivered only once nothing in the pool holds its task any more.
 """
 
 from __future__ import annotations
@@ -38,17 +39,16 @@ from papy.pools._handles import (
     Worker,
     fail_closed,
     finish_outputs,
-    free_note,
     give_back,
     on_cancel,
     signal_group,
     start_worker,
     stop_workers,
-    wire_keys,
     withdraw_held,
 )
-from papy.pools._messages import dumps, encode_items, frame, loads, unframe
+from papy.pools._messages import loads, unframe
 from papy.pools._recovery import describe_exit, has_timeout, late_workers, rerun
+from papy.pools._sender import SPEC_CACHE, send_loop
 
 log = logging.getLogger("papy")
 
@@ -59,9 +59,9 @@ PER_WORKER = 2  # tasks a worker holds at once: one running, one queued in its p
 TIMEOUT_GRACE = 0.25
 TICK = 0.05  # seconds between deadline checks while a timed node runs
 START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
-#: node functions a worker (and the driver, pickled) keeps at most; older ones are dropped
-#: and sent again if still needed, so a long-lived pool serving many runs stays small
-SPEC_CACHE = 32
+#: seconds a result waits at most for its task's sender thread to drop the task (it has
+#: sent it whole, so it needs only the GIL back); past it the result goes anyway
+SENT_WAIT_S = 1.0
 
 
 class State:
@@ -107,7 +107,7 @@ class State:
     def spawn(self) -> Worker:
         w = start_worker(self.ctx, self.initializer, self.shm_threshold)
         threading.Thread(
-            target=self.send_loop, args=(w,), name="papy-process-pool-send", daemon=True
+            target=send_loop, args=(self, w), name="papy-process-pool-send", daemon=True
         ).start()
         return w
 
@@ -232,71 +232,6 @@ class State:
                 if held:
                     w.outbox.put(("release", held))
 
-    def send_loop(self, w: Worker) -> None:
-        """Ship jobs to one worker, in order, so no other thread blocks on its pipe.
-
-        A worker busy writing a large result stops reading its pipe; a sender per worker
-        means a slow reader delays only its own tasks, never another worker's.
-        """
-        backlog: list[Any] = []  # an entry taken while gathering "free" notes
-        while True:
-            entry = backlog.pop() if backlog else w.outbox.get()
-            if entry is None:
-                return
-            if isinstance(entry, tuple):  # ("release", spec ids) or ("free", segment, reuse)
-                if entry[0] == "free":  # with those queued behind it: one message
-                    note, backlog = free_note(entry, w.outbox)
-                else:
-                    note = (None, entry[1])
-                try:
-                    w.conn.send_bytes(frame(note, b""))
-                except (OSError, ValueError):
-                    return
-                continue
-            job: Job = entry
-            task = job.task
-            spec_id = task.spec.id
-            t0 = time.perf_counter()
-            out = _shm.Outgoing(self.shm_threshold, self.registry) if self.shm_threshold else None
-            try:
-                body = encode_items(task, out)
-            except Exception as exc:  # pragma: no cover - encode isolates bad items itself
-                body = dumps(job.task.fail_all(exc).values)
-            with w.send_lock:
-                if w.dead:
-                    if out is not None:
-                        out.close()
-                    return  # the manager re-queues the jobs of dead workers
-                drop = []
-                if spec_id in w.specs:
-                    blob = None
-                    del w.specs[spec_id]  # most recently used goes last
-                else:
-                    blob = self.spec_blobs.get(spec_id)
-                    if blob is None:  # dropped from the driver's cache meanwhile
-                        blob = dumps_code(task.spec)
-                    while len(w.specs) >= SPEC_CACHE:
-                        oldest = next(iter(w.specs))
-                        del w.specs[oldest]
-                        drop.append(oldest)
-                w.specs[spec_id] = None
-                keys = wire_keys(task.keys)
-                descs, fds = (out.descs, out.fds) if out is not None else ([], [])
-                header = (job.id, spec_id, blob, keys, task.jkeys, task.dirty, job.track, drop)
-            try:
-                w.conn.send_bytes(frame((*header, descs, len(fds)), body))
-                if fds and w.sock is not None:
-                    _shm.send_fds(w.sock, fds)
-            except (OSError, ValueError):
-                return  # the worker died; its sentinel fires and the manager re-queues
-            finally:
-                if out is not None:
-                    out.close()
-                    self.shared_bytes += out.nbytes
-            self.pickle_s += time.perf_counter() - t0
-            # Hold nothing while waiting (the run and its pool must be free to be collected)
-            entry = job = task = header = body = out = None  # type: ignore[assignment]
-
     # -- the manager thread ------------------------------------------------------------------
 
     def wake(self) -> None:
@@ -368,61 +303,75 @@ class State:
 
     def drain(self, w: Worker) -> None:
         """Read every message the worker has sent."""
-        while True:
+        while self.receive(w):
+            pass
+
+    def receive(self, w: Worker) -> bool:
+        """Read and deliver one message; False when none waits (or the worker is gone).
+
+        One message per call, so that nothing of it (the task, its inputs, its result)
+        is still referenced here once its result is delivered: this thread next waits in
+        ``poll()`` without the GIL, and the run may meanwhile finish and count what the
+        driver still maps.
+        """
+        try:
+            if not w.conn.poll():
+                return False
+            data = w.conn.recv_bytes()
+            header, body = unframe(data)
+            if header[0] == "init-failed":
+                self.break_pool(_recovery.init_failure(header[1], body))
+                return False
+            job_id, unloadable, descs, nfds, segments, pinned = header
+            lost: OSError | None = None
             try:
-                if not w.conn.poll():
-                    return
-                data = w.conn.recv_bytes()
-                header, body = unframe(data)
-                if header[0] == "init-failed":
-                    self.break_pool(_recovery.init_failure(header[1], body))
-                    return
-                job_id, unloadable, descs, nfds, segments, pinned = header
-                lost: OSError | None = None
-                try:
-                    fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
-                except _shm.DescriptorsLost as exc:  # the items fail, naming the cause
-                    fds, lost = [], exc
-            except (EOFError, OSError):
-                return  # the worker died mid-message: its job runs again
-            if pinned and self.registry is not None:
-                self.registry.pin(pinned)
-            back = [functools.partial(give_back, weakref.ref(w), seg) for seg in segments]
-            for give in back if lost is not None else []:
-                give(False)  # never received: the producer frees them
-            with self.lock:
-                if not w.jobs or w.jobs[0].id != job_id:
-                    _shm.close_fds(fds)
-                    for give in back:
-                        give(False)
-                    continue  # a result for a job already given up on (timed out)
-                job = w.jobs.popleft()
-                if unloadable is None:  # withdrawn: the worker never ran it
-                    self.assign_locked()
-                    continue
-                w.did += 1
-                self.start_failures = 0
+                fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
+            except _shm.DescriptorsLost as exc:  # the items fail, naming the cause
+                fds, lost = [], exc
+        except (EOFError, OSError):
+            return False  # the worker died mid-message: its job runs again
+        if pinned and self.registry is not None:
+            self.registry.pin(pinned)
+        back = [functools.partial(give_back, weakref.ref(w), seg) for seg in segments]
+        for give in back if lost is not None else []:
+            give(False)  # never received: the producer frees them
+        with self.lock:
+            if not w.jobs or w.jobs[0].id != job_id:
+                _shm.close_fds(fds)
+                for give in back:
+                    give(False)
+                return True  # a result for a job already given up on (timed out)
+            job = w.jobs.popleft()
+            if unloadable is None:  # withdrawn: the worker never ran it
                 self.assign_locked()
-            t0 = time.perf_counter()
-            try:
-                if lost is not None:
-                    raise lost
-                loaded = loads(body, _shm.map_buffers(fds, descs, self.registry, back))
-            except Exception as exc:
-                result = job.task.fail_all(
-                    TypeError(
-                        "a result could not be rebuilt in the driver "
-                        f"({qualified_type(exc)}: {exc})"
-                    ),
-                    job.task.last_stage(),
-                )
-            else:
-                result = job.task.fail_all(loaded) if unloadable else loaded
-            result.crashes += job.crashes
-            result.nbytes = len(body) + sum(n for _, _, n in descs)
-            self.shared_bytes += result.nbytes - len(body)
-            self.unpickle_s += time.perf_counter() - t0
-            job.done(result)
+                return True
+            w.did += 1
+            self.start_failures = 0
+            self.assign_locked()
+        t0 = time.perf_counter()
+        loaded: Any = None
+        try:
+            if lost is not None:
+                raise lost
+            loaded = loads(body, _shm.map_buffers(fds, descs, self.registry, back))
+        except Exception as exc:
+            result = job.task.fail_all(
+                TypeError(
+                    f"a result could not be rebuilt in the driver ({qualified_type(exc)}: {exc})"
+                ),
+                job.task.last_stage(),
+            )
+        else:
+            result = job.task.fail_all(loaded) if unloadable else loaded
+        result.crashes += job.crashes
+        result.nbytes = len(body) + sum(n for _, _, n in descs)
+        self.shared_bytes += result.nbytes - len(body)
+        self.unpickle_s += time.perf_counter() - t0
+        finish, sent = job.done, job.sent
+        del job, loaded, data, body  # the task's inputs go before its result is delivered:
+        sent.wait(SENT_WAIT_S)  # its sender may not have dropped them yet (no GIL since)
+        finish(result)
+        return True
 
     def break_pool(self, error: PoolError) -> None:
         with self.lock:

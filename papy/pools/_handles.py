@@ -40,6 +40,7 @@ class Job:
         "late",
         "id",
         "withdrawn",
+        "sent",
         "__weakref__",  # on_cancel holds its job weakly
     )
 
@@ -59,6 +60,9 @@ class Job:
         self.late: tuple[int, int, int] | None = None  # (stage, index, count) past its limit
         self.id = 0
         self.withdrawn = False  # withdrawn from its worker by cancel(): it never runs
+        #: set once the sender thread holds nothing of the task any more (see
+        #: ``Manager.receive``); cleared while it is being sent
+        self.sent = threading.Event()
 
 
 class Worker:

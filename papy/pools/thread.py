@@ -80,7 +80,7 @@ class _Running:
     __slots__ = ("task", "future", "rerun", "clock", "lock", "finished")
 
     def __init__(self, task: Task, future: Future[TaskResult], rerun: bool = False) -> None:
-        self.task = task
+        self.task: Task | None = task  # None once finished: its inputs are not held after
         self.future = future
         self.rerun = rerun  # the future is already running: a late item's batch-mates
         self.clock = _ItemClock()
@@ -209,6 +209,7 @@ def _run_one(state: _State, running: _Running) -> bool:
             return False
         state.running.add(running)
     task = running.task
+    assert task is not None  # only a finished task has none
     timed = any(s.timeout is not None for s in task.spec.stages)
     if timed:
         _watch(state, running)
@@ -230,10 +231,12 @@ def _run_one(state: _State, running: _Running) -> bool:
         with state.cond:
             state.cpu_s += cpu
             state.tasks_done += 1
+    task = None
     with running.lock:
         if running.finished:
             return False  # abandoned: a replacement thread already took its place
         running.finished = True
+        running.task = None  # the run has the result: nothing here holds the inputs any more
     with state.cond:
         state.running.discard(running)
         state.timed.discard(running)
@@ -269,7 +272,10 @@ def _watch_loop(state: _State) -> None:
             stage, index, count, since = running.clock.now
             if index < 0:
                 continue
-            limit = running.task.spec.stages[stage].timeout
+            task = running.task
+            if task is None:
+                continue  # finished meanwhile
+            limit = task.spec.stages[stage].timeout
             if limit is None or now - since <= limit * max(1, count):
                 continue
             _abandon(state, running, stage, index, count)
@@ -287,6 +293,7 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
         state.timed.discard(running)
         state.running.discard(running)
     task = running.task
+    assert task is not None  # finished only here, or by its thread (which then returned)
     node = task.spec.stages[stage].name
     limit = task.spec.stages[stage].timeout or 0.0
     log.warning(
