@@ -229,7 +229,8 @@ def test_the_driver_holds_no_segment_once_a_run_has_returned(consumer):
     """No waiting and no garbage collection: the pools drop a task's inputs before they
     report its result, so the last item's segments are gone when the run's last output
     is (a run after it gets every descriptor back)."""
-    with ProcessPool(1) as p1, (ProcessPool(1) if consumer == "process" else ThreadPool(1)) as p2:
+    p2 = ProcessPool(1) if consumer == "process" else ThreadPool(1)
+    with ProcessPool(1) as p1, p2:
         pipe = Pipeline("returned")
         a = pipe.add(many_arrays, pool=p1)
         pipe.add(total, after=a, pool=p2)
