@@ -84,6 +84,10 @@ class Failure:
     ``exception`` is the original exception object when it could be carried back from the
     worker (same type and message); ``exc_type``, ``message`` and ``traceback`` are always
     set, as text, so a Failure prints well even when the exception itself could not travel.
+    ``input_repr`` is ``repr()`` of the item's input to ``node`` (at most 200 characters),
+    or empty when that input was never seen by whoever made the Failure: a worker that
+    died or overran its timeout in a node after the first of a task that ran several, a
+    result that could not be sent back, a pool that returned the wrong number of results.
     """
 
     node: str
@@ -193,10 +197,26 @@ def qualified_type(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+class _NoInput:
+    """The input of a failed item where it is not known (see ``Failure.input_repr``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_INPUT"
+
+    def __reduce__(self) -> str:
+        return "NO_INPUT"  # one object in every process
+
+
+NO_INPUT: Any = _NoInput()
+
+
 def failure_from_exception(
-    node: str, key: Key, exc: BaseException, value: Any = None, attempts: int = 1
+    node: str, key: Key, exc: BaseException, value: Any = NO_INPUT, attempts: int = 1
 ) -> Failure:
-    """Build a Failure from an exception caught while running ``node`` on item ``key``."""
+    """Build a Failure from an exception caught while running ``node`` on item ``key``;
+    ``value`` is the item's input to ``node``, if known (:data:`NO_INPUT` if not)."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return Failure(
         node=node,
@@ -204,7 +224,7 @@ def failure_from_exception(
         exc_type=qualified_type(exc),
         message=str(exc),
         traceback=tb,
-        input_repr=short_repr(value),
+        input_repr="" if value is NO_INPUT else short_repr(value),
         exception=exc,
         attempts=attempts,
     )

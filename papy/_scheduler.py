@@ -37,7 +37,7 @@ from papy._errors import PapyError, PoolError, RunAborted
 from papy._html import HtmlReport
 from papy._input import DirectInput, ThreadedInput, reader_for
 from papy._interrupt import trap_signals
-from papy._items import Failure, ItemState, Key, child_key
+from papy._items import NO_INPUT, Failure, ItemState, Key, child_key
 from papy._lifecycle import RunScope
 from papy._node import Node
 from papy._observe import Observer, RunLog, Timeline
@@ -427,7 +427,7 @@ class Scheduler:
                 f"pool {q.pool!r} failed running node {step.head.name!r}: {exc}"
             ) from exc
         if len(result.values) != len(keys):
-            result = Task(step.spec, keys, [None] * len(keys)).miscounted(q.pool, result.values)
+            result = Task(step.spec, keys, [NO_INPUT] * len(keys)).miscounted(q.pool, result.values)
             log.error("%s", result.values[0].message)
         busy = q.task_done(step, result, len(keys), self.stats)
         values, result.values = result.values, []  # the pool's thread may hold the result

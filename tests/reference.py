@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from papy._items import short_repr
+
 #: a node's ``timeout=`` in the fuzzed graphs (seconds), and how long a slow item sleeps:
 #: far enough past the limit that a late detection cannot pass for an item on time
 TIMEOUT_S = 0.5
@@ -153,11 +155,13 @@ def batched_fn(p: Params, items: list[Any]) -> list[Any]:
 
 
 class Fail(NamedTuple):
-    """An expected Failure: the node that failed, the item's key, the exception's name."""
+    """An expected Failure: the node that failed, the item's key, the exception's name, and
+    the item's input to that node as ``Failure.input_repr`` shows it."""
 
     node: str
     item: Any
     exc_type: str
+    input_repr: str
 
 
 @dataclass
@@ -231,7 +235,8 @@ def evaluate(graph: dict[str, Any], inputs: Sequence[Any]) -> Expected:
                 else:
                     fault, value = plan(p, args)
                     if fault is not None:
-                        result = Fail(p.name, papy_key(k), exc_type_of(fault))
+                        given = args if len(after) > 1 else args[0]  # a join's is a tuple
+                        result = Fail(p.name, papy_key(k), exc_type_of(fault), short_repr(given))
                         exp.failed[p.name] += 1
                     else:
                         result = value

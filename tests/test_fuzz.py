@@ -367,20 +367,36 @@ class Source:
             raise FuzzInputError(f"bad record at position {self.error_at}")
 
 
+#: Failures a pool makes (not the node): for a node after the first of a fused task the
+#: pool does not hold the item's input, so ``input_repr`` is then empty (never another one)
+POOL_MADE = frozenset({"papy.WorkerCrashed", "TimeoutError"})
+
+
 def canon(v: Any) -> str:
-    """Return a comparable text for an output: a value's repr, or a Failure's identity."""
-    if isinstance(v, Failure):
-        return repr(("FAILURE", v.node, v.item, v.exc_type))
-    if isinstance(v, Fail):
-        return repr(("FAILURE", v.node, v.item, v.exc_type))
+    """Return a comparable text for an output: a value's repr, or a Failure's identity
+    (with its input, checked apart for the Failures a pool makes: see ``POOL_MADE``)."""
+    if isinstance(v, (Failure, Fail)):
+        given = "?" if v.exc_type in POOL_MADE else v.input_repr
+        return repr(("FAILURE", v.node, v.item, v.exc_type, given))
     return repr(("VALUE", v))
+
+
+def check_pool_made_inputs(got: list[Any], want: list[Any]) -> None:
+    """A pool-made Failure shows the item's input to its node, or none: never another."""
+    wanted = {(w.node, repr(w.item)): w.input_repr for w in want if isinstance(w, Fail)}
+    for v in got:
+        if isinstance(v, Failure) and v.exc_type in POOL_MADE:
+            expected = wanted[(v.node, repr(v.item))]
+            assert v.input_repr in ("", expected), (
+                f"{v.exc_type} Failure of node {v.node!r}, item {v.item!r} shows input "
+                f"{v.input_repr!r}; that node's input was {expected!r}"
+            )
 
 
 def compare_outputs(got: list[Any], want: list[Any], ordered: bool) -> None:
     g, w = [canon(v) for v in got], [canon(v) for v in want]
-    if ordered and g == w:
-        return
-    if not ordered and Counter(g) == Counter(w):
+    if (ordered and g == w) or (not ordered and Counter(g) == Counter(w)):
+        check_pool_made_inputs(got, want)
         return
     missing = list((Counter(w) - Counter(g)).elements())
     extra = list((Counter(g) - Counter(w)).elements())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 
 import pytest
 from helpers import add, add3, double, explode, fail_on_7, inc, minus3
@@ -16,6 +17,7 @@ from papy import (
     ThreadPool,
     imap,
 )
+from papy._task import TaskResult
 
 
 def test_chain_gives_composed_result_in_input_order(pool):
@@ -406,3 +408,32 @@ def test_map_returns_an_iterator_with_the_report_and_close():
     assert stopped.report is not None
     with pipe.map(range(3)) as ctx:
         assert list(ctx) == [1, 2, 3]
+
+
+class _DropsOne(ThreadPool):
+    """A broken custom pool: its results miss the last value of every task."""
+
+    def _submit(self, task):  # type: ignore[no-untyped-def]
+        inner = super()._submit(task)
+        out: Future = Future()
+
+        def drop(f: Future) -> None:
+            r = f.result()
+            out.set_result(TaskResult(r.values[:-1], r.stats, dirty=True))
+
+        inner.add_done_callback(drop)
+        return out
+
+
+def test_a_pool_returning_the_wrong_number_of_results_fails_the_task_and_names_it():
+    with _DropsOne(2) as pool:
+        pipe = Pipeline("miscount", pool=pool)
+        pipe.add(inc, name="plus_one", batch=4)
+        out = list(pipe.map(range(8), errors="yield", progress=False))
+    assert len(out) == 8  # none trusted, none lost
+    assert all(isinstance(o, Failure) for o in out), out
+    assert [o.item for o in out] == list(range(8))
+    for o in out:
+        assert o.node == "plus_one" and o.exc_type == "papy.PoolError"
+        assert "returned 3 results for 4 items" in o.message
+        assert o.input_repr == ""  # the outputs are not trusted, and the inputs not held

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from papy._errors import PoolError
-from papy._items import Failure, Key, failure_from_exception
+from papy._items import NO_INPUT, Failure, Key, failure_from_exception
 from papy._task import StageStats, StepSpec, TaskResult
 
 
@@ -74,15 +74,17 @@ class Task:
 
         The failures are counted in the statistics of node ``node`` (default: the step's
         first), so a crash or a timeout shows in the report and stops a run whose node has
-        ``on_error="raise"``, like any other failure.
+        ``on_error="raise"``, like any other failure. The task holds its first node's
+        inputs only: a Failure named after a later node has no ``input_repr``.
         """
         name = node or self.first_stage()
+        known = name == self.first_stage()
         values = []
         first: Failure | None = None
         fresh = 0
         for k, v in zip(self.keys, self.values):
             if type(v) is not Failure:
-                v = failure_from_exception(name, k, exc, v, attempts)
+                v = failure_from_exception(name, k, exc, v if known else NO_INPUT, attempts)
                 fresh += 1
                 first = first or v
             values.append(v)
@@ -106,7 +108,7 @@ class Task:
             f"pool {label} returned {len(got)} results for {len(self)} items "
             f"of node {node!r}; none of them can be trusted"
         )
-        return Task(self.spec, self.keys, [None] * len(self)).fail_all(error, node)
+        return Task(self.spec, self.keys, [NO_INPUT] * len(self)).fail_all(error, node)
 
 
 def merge_parts(n: int, done: Callable[[TaskResult], None]) -> list[Callable[[TaskResult], None]]:

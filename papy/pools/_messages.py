@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from papy._items import Failure, failure_from_exception, qualified_type
+from papy._items import NO_INPUT, Failure, failure_from_exception, qualified_type
 from papy._task import StepSpec, TaskResult
 from papy.pools._base import Task
 from papy.pools._functions import dumps_code
@@ -139,12 +139,15 @@ def fail_unpicklable(
     values: list[Any],
     why: Callable[[Any, Exception], str],
     check: Callable[[Any], Exception | None] = unpicklable,
+    inputs: bool = True,
 ) -> list[Any]:
     """Return ``values`` with the ones that cannot be pickled replaced by Failures.
 
     Used on both sides of a process boundary (items going out, results coming back), so
     only the offending items fail and the message names their type. ``check`` says why a
     value cannot travel (default: this module's pickler; the Dask pool passes cloudpickle).
+    ``inputs`` tells whether the values are the node's inputs (items going out) or its
+    outputs (results, whose Failures then have no ``input_repr``).
     """
     out = []
     for key, value in zip(keys, values):
@@ -152,7 +155,8 @@ def fail_unpicklable(
         if exc is None:
             out.append(value)
         else:
-            out.append(failure_from_exception(node, key, TypeError(why(value, exc)), value))
+            given = value if inputs else NO_INPUT
+            out.append(failure_from_exception(node, key, TypeError(why(value, exc)), given))
     return out
 
 
@@ -194,6 +198,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Any, out: Outgoing |
             f"the result of type {qualified_type(value)} cannot be sent back from the worker "
             f"process ({qualified_type(exc)}: {exc}); return plain data, or use a ThreadPool"
         ),
+        inputs=False,
     )
     result.dirty = True  # the driver must see (and count) the Failures made here
     for st in result.stats:

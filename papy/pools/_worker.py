@@ -39,7 +39,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from papy._items import Failure, failure_from_exception, qualified_type
+from papy._items import NO_INPUT, Failure, failure_from_exception, qualified_type
 from papy._task import CriticalSection, StageStats, StepSpec, TaskResult, run_task
 from papy.pools import _shm
 from papy.pools._messages import dumps, encode_result, frame, loads, unframe
@@ -125,7 +125,7 @@ def _task_failure(spec: StepSpec, keys: Any, values: Any, exc: BaseException) ->
     """Return a result in which every item failed in the first stage with ``exc``."""
     name = spec.stages[0].name
     n = len(keys)
-    vals = values if isinstance(values, list) and len(values) == n else [None] * n
+    vals = values if isinstance(values, list) and len(values) == n else [NO_INPUT] * n
     out = [
         v if type(v) is Failure else failure_from_exception(name, k, exc, v)
         for k, v in zip(keys, vals)

@@ -43,7 +43,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from papy._errors import PoolError
-from papy._items import Failure, failure_from_exception
+from papy._items import NO_INPUT, Failure, failure_from_exception
 from papy._task import TaskResult, Tracker, run_task
 from papy.pools._base import Pool, Task
 
@@ -315,7 +315,8 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
             f"item exceeded the node's timeout of {limit:g} s "
             "(thread abandoned; it may still be running)"
         )
-        values[i] = failure_from_exception(node, task.keys[i], error, values[i])
+        given = values[i] if stage == 0 else NO_INPUT  # a later node's input is not held
+        values[i] = failure_from_exception(node, task.keys[i], error, given)
     retry = Task(task.spec, task.keys, values, task.timeout, task.jkeys, dirty=True)
     # The same future completes when the re-run does: the scheduler sees one task.
     try:

@@ -329,6 +329,7 @@ def test_an_unpicklable_input_fails_that_item_only(kind: str, pool: Pool) -> Non
     if kind in PICKLING:
         check_failure(result.values[1], "picky", 1, "TypeError")
         assert "lock" in result.values[1].message
+        assert result.values[1].input_repr == repr(lock)  # the item the node was given
     else:  # pools in this process never pickle an item: the function gets the object
         assert result.values[1] is lock
 
@@ -340,6 +341,9 @@ def test_an_unpicklable_output_fails_that_item_only(kind: str, pool: Pool) -> No
     if kind in PICKLING:
         check_failure(result.values[1], "locker", 1, "TypeError")
         assert "lock" in result.values[1].message
+        # "locker"'s input (3) stayed in the worker: no input is shown, never the output
+        # or the task's first input (2)
+        assert result.values[1].input_repr == ""
     else:
         assert type(result.values[1]) is type(threading.Lock())
 
@@ -356,10 +360,33 @@ def test_a_worker_crash_fails_only_the_crashing_item(
     result = result_of(pool.submit(task(step, [0, 1], [1, 2])))
     assert result.values[0] == 10
     check_failure(result.values[1], "crashy", 1, "WorkerCrashed")
+    assert result.values[1].input_repr == "2"
     # The pool is still usable, with its size.
     again = result_of(pool.submit(task(step, [5, 6], [3, 4])))
     assert again.values == [30, 40]
     if kind == "dask":  # let the nannies bring the killed workers back for the next tests
+        from integration.cluster import wait_for_workers
+
+        wait_for_workers(request.getfixturevalue("dask_cluster"), 2)
+
+
+@pytest.mark.parametrize("kind", OUT_OF_PROCESS)
+def test_a_crash_in_a_later_node_shows_no_other_nodes_input(
+    kind: str, pool: Pool, request: pytest.FixtureRequest
+) -> None:
+    # The worker died in "crashy" on item 1, whose input there (3) died with it. A
+    # ProcessPool reads the node from the worker's slot: the Failure names "crashy" and
+    # shows no input rather than the task's (2). A Dask worker leaves no such trace: the
+    # Failure names the task's first node, with that node's input (docs/pools.md).
+    step = spec(stage("inc", plus_one), stage("crashy", crash_on, 3))
+    result = result_of(pool.submit(task(step, [0, 1], [1, 2])))
+    assert result.values[0] == 20
+    if kind == "process":
+        check_failure(result.values[1], "crashy", 1, "WorkerCrashed")
+        assert result.values[1].input_repr == ""
+    else:
+        check_failure(result.values[1], "inc", 1, "WorkerCrashed")
+        assert result.values[1].input_repr == "2"
         from integration.cluster import wait_for_workers
 
         wait_for_workers(request.getfixturevalue("dask_cluster"), 2)

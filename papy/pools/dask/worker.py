@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 from distributed import WorkerPlugin, get_worker
 
-from papy._items import Failure, Key, failure_from_exception, qualified_type
+from papy._items import NO_INPUT, Failure, Key, failure_from_exception, qualified_type
 from papy._task import StepSpec, TaskResult, Tracker, run_task
 from papy.pools._messages import fail_unpicklable
 from papy.pools.dask.shipping import cloud_unpicklable
@@ -185,6 +185,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Sequence[Key]) -> by
             "or use a ThreadPool for this node"
         ),
         check=cloud_unpicklable,
+        inputs=False,
     )
     if st is not None:
         for old, new in zip(result.values, values):
@@ -283,7 +284,8 @@ def run_timed(
                 f"item exceeded the node's timeout of {limit:g} s on the Dask worker (its "
                 "call was abandoned; it may still be running there)"
             )
-            values[i] = failure_from_exception(node, keys[i], error, values[i])
+            given = values[i] if stage == 0 else NO_INPUT  # a later node's input is not held
+            values[i] = failure_from_exception(node, keys[i], error, given)
             late.append((stage, values[i]))
         dirty = True  # the re-run must skip the late items
 
