@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,28 @@ class FuzzError(Exception):
 
 class FuzzInputError(Exception):
     """Raised by a fuzzed input iterator part-way, like a reader hitting a bad record."""
+
+
+class Unpicklable:
+    """An input value that cannot be pickled (like a lock or an open socket in an item)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __repr__(self) -> str:
+        return f"Unpicklable({self.tag!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an Unpicklable cannot be pickled")
+
+
+def picklable(value: Any) -> bool:
+    """Tell whether ``value`` pickles (an Unpicklable may be nested in lists and dicts)."""
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 #: raising fault kinds and the exception class each raises
@@ -228,10 +251,15 @@ def evaluate(graph: dict[str, Any], inputs: Sequence[Any]) -> Expected:
             ins.append(inp)
             out: dict[tuple[int, ...], Any] = {}
             p = params[i]
+            sends = not after and pool_of(graph, node) == "process"  # an input is pickled
             for k, args in inp.items():
                 exp.items_in[p.name] += 1
                 if isinstance(args, Fail):
                     result: Any = args
+                elif sends and not picklable(args[0]):
+                    # the item cannot be sent to the node's worker: it fails there, unrun
+                    result = Fail(p.name, papy_key(k), "TypeError", short_repr(args[0]))
+                    exp.failed[p.name] += 1
                 else:
                     fault, value = plan(p, args)
                     if fault is not None:
@@ -250,6 +278,12 @@ def evaluate(graph: dict[str, Any], inputs: Sequence[Any]) -> Expected:
             outs.append(out)
         exp.outputs.append(list(outs[graph["output"]].values()))
     return exp
+
+
+def pool_of(graph: dict[str, Any], node: dict[str, Any]) -> str:
+    """Return the kind of pool a node runs on (the pipeline's, pool 0, by default)."""
+    index = node.get("pool")
+    return str(graph["pools"][index if index is not None else 0][0])
 
 
 def scatter_of(nodes: list[dict[str, Any]], i: int) -> int:

@@ -27,6 +27,11 @@ The contract checked, for every graph, pool and setting:
   scatter given one produces just that Failure, in place of its sub-items.
 - ``run()`` reports, per node, every item that reached it (Failures passing through
   included) and, as ``failed``, the items whose Failure names that node.
+- An input item that cannot be pickled (alone or nested in lists and dicts) fails with
+  ``TypeError`` at each first node on a process pool, naming that node and showing the
+  item as its input; thread and inline pools give it to the node as is.
+- A Failure's ``input_repr`` is the item's input to the node it names; one a pool made
+  (a crash, a timeout) may instead be empty, where the pool never held that input.
 - When the input iterator raises part-way, every output of the items read before the
   error is delivered (to ``map()``'s caller and to ``run()``'s sinks), then the input's
   own exception is raised.
@@ -85,6 +90,7 @@ ALL_FAULTS = frozenset(
         "input_error",  # the input iterator raises part-way
         "inline_timeout",  # timeout= on an InlinePool node must be a GraphError
         "on_error",  # a node with on_error="raise" fails: the run stops with RunAborted
+        "unpicklable",  # an input item that cannot be pickled (fails at a process pool)
     }
 )
 #: fault kinds the engine is expected to handle today; a kind left out is not generated
@@ -121,13 +127,24 @@ POOL_KINDS = [("inline", 1), ("thread", 1), ("thread", 3), ("process", 1), ("pro
 
 # -- generating graphs ----------------------------------------------------------------------
 
-values = st.recursive(
-    st.none() | st.integers(-2, 3) | st.text(alphabet="ab", max_size=2),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text("ab", max_size=2), inner, max_size=2)
-    ),
-    max_leaves=4,
-)
+
+def _values(unpicklable: bool) -> st.SearchStrategy[Any]:
+    """Plain data, nested; with ``unpicklable``, also values that cannot be pickled."""
+    leaves = st.none() | st.integers(-2, 3) | st.text(alphabet="ab", max_size=2)
+    if unpicklable:
+        leaves |= st.builds(reference.Unpicklable, st.sampled_from("ab"))
+    return st.recursive(
+        leaves,
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(st.text("ab", max_size=2), inner, max_size=2)
+        ),
+        max_leaves=4,
+    )
+
+
+#: input items: plain data, and items that cannot be pickled (alone or nested)
+input_values = _values("unpicklable" in ENABLED_FAULTS)
 
 
 @st.composite
@@ -209,7 +226,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
         )
         stacks.append(stack)
         fans.append(fan)
-    inputs = draw(st.lists(values, min_size=1, max_size=8))
+    inputs = draw(st.lists(input_values, min_size=1, max_size=8))
     input_error_at = None
     if "input_error" in ENABLED_FAULTS:
         input_error_at = draw(st.none() | st.integers(0, len(inputs)))
@@ -258,6 +275,8 @@ def faults_used(graph: dict[str, Any]) -> set[str]:
         used.add("input_error")
     if any(n["on_error"] for n in graph["nodes"]):
         used.add("on_error")
+    if not all(reference.picklable(x) for x in graph["inputs"]):
+        used.add("unpicklable")
     return used
 
 
@@ -472,7 +491,7 @@ def check(graph: dict[str, Any]) -> None:
     if in_test:
         for i, n in enumerate(nodes):
             if want.failed[f"n{i}"]:
-                event(f"items fail with {n['fault'][0]}")
+                event(f"items fail with {n['fault'][0] if n['fault'] else 'unpicklable'}")
         note(f"expected outputs: {[canon(v) for v in want_outputs]}")
     before = {c.pid for c in worker_children()}
     pools = [make_pool(kind, workers) for kind, workers in graph["pools"]]
