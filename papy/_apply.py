@@ -117,12 +117,39 @@ class Stage:
 
 @dataclass
 class StageStats:
-    """What one stage did in one task."""
+    """What one stage did in one task.
+
+    ``by_type`` counts the stage's failed items per exception type (``Failure.exc_type``);
+    its counts add up to ``n_failed``. Count a failure with :meth:`failed`.
+    """
 
     n_in: int = 0
     n_failed: int = 0
     busy: float = 0.0
     first_failure: Failure | None = None
+    by_type: dict[str, int] | None = None  # None until an item fails
+
+    def failed(self, f: Failure, n: int = 1) -> None:
+        """Count ``n`` failed items like ``f`` (the first one seen is kept)."""
+        self.n_failed += n
+        if self.first_failure is None:
+            self.first_failure = f
+        if self.by_type is None:
+            self.by_type = {}
+        self.by_type[f.exc_type] = self.by_type.get(f.exc_type, 0) + n
+
+    def add(self, other: StageStats) -> None:
+        """Add the figures of another part of the same stage's work."""
+        self.n_in += other.n_in
+        self.n_failed += other.n_failed
+        self.busy += other.busy
+        if self.first_failure is None:
+            self.first_failure = other.first_failure
+        if other.by_type:
+            if self.by_type is None:
+                self.by_type = {}
+            for exc, n in other.by_type.items():
+                self.by_type[exc] = self.by_type.get(exc, 0) + n
 
 
 def _retry(stage: Stage, exc: BaseException, attempts: int) -> bool:
@@ -275,9 +302,7 @@ def map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageSta
         i = len(out)
         f = failure_from_exception(stage.name, keys[i], exc, values[i])
         out.append(f)
-        st.n_failed += 1
-        if st.first_failure is None:
-            st.first_failure = f
+        st.failed(f)
         if len(out) == n:
             return out
 

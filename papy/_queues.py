@@ -15,6 +15,7 @@ import heapq
 import itertools
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,10 @@ class StepQueue:
         for node, st in zip(step.nodes, result.stats):
             mine = seen.get(node.name, [])
             n_failed = max(st.n_failed, len(mine))
-            stats[node.name].record(st.n_in, n_failed, st.busy)
+            by_type = st.by_type
+            if len(mine) > st.n_failed:  # some made outside the stage: count those instead
+                by_type = dict(Counter(f.exc_type for f in mine))
+            stats[node.name].record(st.n_in, n_failed, st.busy, by_type)
             busy += st.busy
             if n_failed and node.on_error == "raise":
                 first = st.first_failure or next(
@@ -115,7 +119,8 @@ class StepQueue:
                     raise RunAborted(first)
         if not result.stats:
             failed = [v for v in values if type(v) is Failure]
-            stats[step.head.name].record(n, len(failed), 0.0)
+            by_type = dict(Counter(f.exc_type for f in failed))
+            stats[step.head.name].record(n, len(failed), 0.0, by_type)
             if failed and any(node.on_error == "raise" for node in step.nodes):
                 raise RunAborted(failed[0])
         return busy

@@ -40,11 +40,17 @@ class NodeStats:
     wait_input_s: float = 0.0
     wait_room_s: float = 0.0
     wait_pool_s: float = 0.0
+    #: failed items per exception type (they add up to ``failed``)
+    failed_by_type: dict[str, int] = field(default_factory=dict)
 
-    def record(self, n_in: int, n_failed: int, busy: float) -> None:
-        """Add one finished task's figures."""
+    def record(
+        self, n_in: int, n_failed: int, busy: float, by_type: dict[str, int] | None = None
+    ) -> None:
+        """Add one finished task's figures (``by_type``: its failures per exception type)."""
         self.items_in += n_in
         self.failed += n_failed
+        for exc, n in (by_type or {}).items():
+            self.failed_by_type[exc] = self.failed_by_type.get(exc, 0) + n
         self.busy_s += busy
         self.tasks += 1
         if n_in and len(self.batch_item_s) < 100_000:
@@ -65,24 +71,29 @@ def driver_time(profile: dict[str, float], pools: Sequence[object]) -> dict[str,
 
 
 class FailureLog:
-    """Keep the first :data:`FAILURES_KEPT` failures of a run and count all of them.
+    """Keep the first :data:`FAILURES_KEPT` failures that reached the run's sinks, and the
+    first of each (node, exception type); count those replayed from a journal.
 
-    Counts are per (node, exception type). A failure reaching several sinks is one failure
-    (it is recognised by node and item).
+    A failure reaching several sinks is one failure (it is recognised by node and item).
+    How many items failed where is counted by the scheduler (``NodeStats``), since a
+    gather folds its failed sub-items into one and a sink sees only that one.
     """
 
     def __init__(self, fns: Iterable[Any] = (), limit: int = FAILURES_KEPT) -> None:
         self.limit = limit
         self.first: list[Failure] = []
-        self.counts: dict[str, dict[str, int]] = {}
+        #: failures an earlier run recorded and this one replayed from the journal, per
+        #: node and exception type (this run's own are counted per node by the scheduler)
+        self.replayed: dict[str, dict[str, int]] = {}
         self._seen: set[tuple[str, Key]] = set()
         #: the first failure of each (node, exception type), kept even past ``limit``
         self.group_first: dict[tuple[str, str], Failure] = {}
         self._fns = list(fns)
         self._resolver: FrameResolver | None = None
 
-    def add(self, values: list[Any]) -> None:
-        """Record the Failure values among ``values`` (other values are ignored).
+    def add(self, values: list[Any], replayed: bool = False) -> None:
+        """Record the Failure values among ``values`` (other values are ignored);
+        ``replayed``: they come from the journal of an earlier run.
 
         Failures whose traceback lost its file names in transit (functions shipped by
         value) are replaced, in ``values``, by copies that name them again.
@@ -98,8 +109,9 @@ class FailureLog:
             if ident in self._seen:
                 continue
             self._seen.add(ident)
-            per_node = self.counts.setdefault(v.node, {})
-            per_node[v.exc_type] = per_node.get(v.exc_type, 0) + 1
+            if replayed:
+                per_node = self.replayed.setdefault(v.node, {})
+                per_node[v.exc_type] = per_node.get(v.exc_type, 0) + 1
             self.group_first.setdefault((v.node, v.exc_type), v)
             if len(self.first) < self.limit:
                 self.first.append(v)
@@ -146,7 +158,9 @@ class Report:
     show_driver: bool = field(default=False, compare=False, repr=False)
     #: the first 100 items to fail in the run (by time), ordered by item key
     failures: list[Failure] = field(default_factory=list, compare=False, repr=False)
-    #: how many items failed, per node and exception type: ``{node: {exc_type: count}}``
+    #: how many items failed, per node and exception type: ``{node: {exc_type: count}}``;
+    #: a node's counts add up to ``nodes[node].failed`` (plus failures replayed from a
+    #: journal), sub-items a gather folded into one included
     failure_counts: dict[str, dict[str, int]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -340,9 +354,23 @@ def build_report(
         driver or {},
         show_driver,
         sorted(log.first, key=_by_item),
-        {node: dict(per) for node, per in log.counts.items()},
+        failure_counts(stats, log.replayed),
         list(log.group_first.values()),
     )
+
+
+def failure_counts(
+    stats: dict[str, NodeStats], replayed: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Return failed items per node and exception type: where they failed in this run
+    (sub-items a gather later folded into one included), plus those replayed from the
+    journal. A node's counts add up to its ``failed`` (replayed ones aside)."""
+    counts = {name: dict(s.failed_by_type) for name, s in stats.items() if s.failed_by_type}
+    for node, per in replayed.items():
+        mine = counts.setdefault(node, {})
+        for exc, n in per.items():
+            mine[exc] = mine.get(exc, 0) + n
+    return counts
 
 
 def _by_item(f: Failure) -> tuple[int, ...]:

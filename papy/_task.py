@@ -80,7 +80,7 @@ class TaskResult:
     def __reduce__(self) -> tuple[Any, ...]:
         # Plain tuples pickle several times faster than dataclass instances; a result
         # crosses a pipe once per task, so this is on the hot path.
-        stats = [(s.n_in, s.n_failed, s.busy, s.first_failure) for s in self.stats]
+        stats = [(s.n_in, s.n_failed, s.busy, s.first_failure, s.by_type) for s in self.stats]
         return (_rebuild_result, (self.values, stats, self.crashes, self.dirty))
 
     def extend(self, other: TaskResult) -> None:
@@ -90,11 +90,7 @@ class TaskResult:
             self.stats = other.stats
         else:
             for mine, theirs in zip(self.stats, other.stats):
-                mine.n_in += theirs.n_in
-                mine.n_failed += theirs.n_failed
-                mine.busy += theirs.busy
-                if mine.first_failure is None:
-                    mine.first_failure = theirs.first_failure
+                mine.add(theirs)
         self.crashes += other.crashes
         self.dirty = self.dirty or other.dirty
 
@@ -218,9 +214,7 @@ def _run_journaled(
                             tracker.begin(j, i)  # type: ignore[union-attr]
                         v = apply_one(stage, keys[i], v)
                         if type(v) is Failure:
-                            st.n_failed += 1
-                            if st.first_failure is None:
-                                st.first_failure = v
+                            st.failed(v)
                 else:
                     part = _run_slice(
                         [stage], [keys[i]], [v], True, tracker=tracker, offset=i, first=j
@@ -258,11 +252,7 @@ def _run_journaled(
 
 
 def _add_stats(mine: StageStats, theirs: StageStats) -> None:
-    mine.n_in += theirs.n_in
-    mine.n_failed += theirs.n_failed
-    mine.busy += theirs.busy
-    if mine.first_failure is None:
-        mine.first_failure = theirs.first_failure
+    mine.add(theirs)
 
 
 # Intermediate values a fused task holds at once. Below the C allocator's trim threshold
@@ -425,9 +415,7 @@ def _run_slice(
                         raise
                     f = failure_from_exception(stage.name, keys[i], exc, v)
                     append(f)
-                    st.n_failed += 1
-                    if st.first_failure is None:
-                        st.first_failure = f
+                    st.failed(f)
             values = out
         if tracked:
             tracker.begin(s, -1, 0)  # type: ignore[union-attr]  # the stage's items are done
@@ -444,6 +432,4 @@ def _run_slice(
 def _count_failures(stage: Stage, values: list[Any], st: StageStats) -> None:
     for v in values:
         if type(v) is Failure and v.node == stage.name:
-            st.n_failed += 1
-            if st.first_failure is None:
-                st.first_failure = v
+            st.failed(v)

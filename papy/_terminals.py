@@ -79,7 +79,7 @@ class Terminals:
         Every other terminal finished it then, so they count as done now.
         """
         self.failed += sum(1 for v in values if type(v) is Failure)
-        self.failure_log.add(values)
+        self.failure_log.add(values, replayed=True)
         for _ in range(self.n - 1):
             self.position_done(p)
         self.out.put(keys, values, [p])

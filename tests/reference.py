@@ -197,6 +197,15 @@ class Expected:
     items_in: dict[str, int] = field(default_factory=dict)
     #: per node name: items whose Failure names this node
     failed: dict[str, int] = field(default_factory=dict)
+    #: per node name with failures: how many per exception type (``Failure.exc_type``)
+    failure_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def fail(self, f: Fail) -> Fail:
+        """Count an item that fails at ``f.node``."""
+        self.failed[f.node] += 1
+        per = self.failure_counts.setdefault(f.node, {})
+        per[f.exc_type] = per.get(f.exc_type, 0) + 1
+        return f
 
 
 def papy_key(k: tuple[int, ...]) -> Any:
@@ -258,14 +267,14 @@ def evaluate(graph: dict[str, Any], inputs: Sequence[Any]) -> Expected:
                     result: Any = args
                 elif sends and not picklable(args[0]):
                     # the item cannot be sent to the node's worker: it fails there, unrun
-                    result = Fail(p.name, papy_key(k), "TypeError", short_repr(args[0]))
-                    exp.failed[p.name] += 1
+                    result = exp.fail(Fail(p.name, papy_key(k), "TypeError", short_repr(args[0])))
                 else:
                     fault, value = plan(p, args)
                     if fault is not None:
                         given = args if len(after) > 1 else args[0]  # a join's is a tuple
-                        result = Fail(p.name, papy_key(k), exc_type_of(fault), short_repr(given))
-                        exp.failed[p.name] += 1
+                        result = exp.fail(
+                            Fail(p.name, papy_key(k), exc_type_of(fault), short_repr(given))
+                        )
                     else:
                         result = value
                 if p.scatter is None:

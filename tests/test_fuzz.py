@@ -432,6 +432,9 @@ def compare_report(report: Any, want: reference.Expected, read: int, what: str) 
     got_failed = {name: n.failed for name, n in report.nodes.items()}
     assert got_in == want.items_in, f"{what}: items_in {got_in} != reference {want.items_in}"
     assert got_failed == want.failed, f"{what}: failed {got_failed} != reference {want.failed}"
+    assert report.failure_counts == want.failure_counts, (
+        f"{what}: failure_counts {report.failure_counts} != reference {want.failure_counts}"
+    )
 
 
 #: multiprocessing's own helpers: one forkserver and one resource tracker per interpreter,
@@ -571,6 +574,19 @@ def exercise(pipe: Pipeline, graph: dict[str, Any], want: reference.Expected) ->
 
 # Counterexamples the fuzzer found, kept as regressions (see each comment for what was wrong).
 REGRESSIONS: list[dict[str, Any]] = [
+    # Sub-items failing below a scatter and gathered: report.failure_counts counted the
+    # Failures reaching a sink (one per gathered item), not the items that failed (the
+    # node's `failed`).
+    {
+        "pools": [["thread", 2]],
+        "nodes": [
+            {"scatter": [3, 5]},
+            {"after": [0], "fault": ["ValueError", 2, 0]},
+            {"after": [1], "gather": True},
+        ],
+        "inputs": [1, 2, 3],
+        "output": 2,
+    },
     # A worker crash inside a batch of 2: the crashed item was missing from the node's
     # report (1 in / 0 failed for 2 in / 1 failed).
     {

@@ -88,8 +88,12 @@ def test_retry_failed_reruns_only_failures(tmp_path):
     pipe.add(flaky)
     out = list(pipe.map(range(10), journal=journal, errors="yield"))
     assert [o.item for o in out if isinstance(o, Failure)] == [3, 7]
+    assert pipe.last_report.failure_counts == {"flaky": {"ValueError": 2}}
     again = list(pipe.map(range(10), journal=journal, errors="yield"))
     assert [o.item for o in again if isinstance(o, Failure)] == [3, 7]  # replayed as failures
+    report = pipe.last_report
+    assert report.skipped == 10 and report.nodes["flaky"].failed == 0  # nothing ran again
+    assert report.failure_counts == {"flaky": {"ValueError": 2}}  # the replayed ones
     broken.write_text("")
     fixed = list(pipe.map(range(10), journal=journal, retry_failed=True))
     assert fixed == list(range(10))

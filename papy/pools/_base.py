@@ -88,12 +88,13 @@ class Task:
                 fresh += 1
                 first = first or v
             values.append(v)
-        stats = [
-            StageStats(n_in=fresh, n_failed=fresh, first_failure=first)
-            if s.name == name
-            else StageStats()
-            for s in self.spec.stages
-        ]
+        stats = []
+        for s in self.spec.stages:
+            st = StageStats()
+            if s.name == name and first is not None:
+                st.n_in = fresh
+                st.failed(first, fresh)  # all with the same exception
+            stats.append(st)
         return TaskResult(values, stats, dirty=True)
 
     def miscounted(self, pool: object, got: Sequence[Any]) -> TaskResult:

@@ -132,8 +132,8 @@ def _task_failure(spec: StepSpec, keys: Any, values: Any, exc: BaseException) ->
     ]
     failed = [f for f, v in zip(out, vals) if type(v) is not Failure]
     stats = [StageStats(n_in=n) for _ in spec.stages]
-    stats[0].n_failed = len(failed)
-    stats[0].first_failure = failed[0] if failed else None
+    for f in failed:
+        stats[0].failed(f)
     return TaskResult(out, stats, dirty=True)
 
 

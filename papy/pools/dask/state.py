@@ -44,8 +44,8 @@ def counting(
         if result.stats and failures:
             st = result.stats[0]
             st.n_in += len(failures)
-            st.n_failed += len(failures)
-            st.first_failure = st.first_failure or failures[0]
+            for f in failures:
+                st.failed(f)
         done(result)
 
     return counted

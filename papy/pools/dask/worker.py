@@ -190,8 +190,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Sequence[Key]) -> by
     if st is not None:
         for old, new in zip(result.values, values):
             if new is not old:
-                st.n_failed += 1
-                st.first_failure = st.first_failure or new
+                st.failed(new)
     result.values = values
     for stats in result.stats:
         if stats.first_failure is not None:
@@ -270,8 +269,7 @@ def run_timed(
             for stage, failure in late:
                 st = result.stats[stage]
                 st.n_in += 1
-                st.n_failed += 1
-                st.first_failure = st.first_failure or failure
+                st.failed(failure)
             return result
         stage, index, count = overran
         node = spec.stages[stage].name
