@@ -371,23 +371,24 @@ def test_a_worker_crash_fails_only_the_crashing_item(
 
 
 @pytest.mark.parametrize("kind", OUT_OF_PROCESS)
-def test_a_crash_in_a_later_node_shows_no_other_nodes_input(
+def test_a_crash_in_a_later_node_names_it_and_no_other_nodes_input(
     kind: str, pool: Pool, request: pytest.FixtureRequest
 ) -> None:
-    # The worker died in "crashy" on item 1, whose input there (3) died with it. A
-    # ProcessPool reads the node from the worker's slot: the Failure names "crashy" and
-    # shows no input rather than the task's (2). A Dask worker leaves no such trace: the
-    # Failure names the task's first node, with that node's input (docs/pools.md).
+    # The worker died in "crashy" (the second node of the task) on item 1. A ProcessPool
+    # reads the node from the worker's slot; the item's input there (3) died with the
+    # worker, so the Failure shows none rather than the task's (2). A DaskPool runs the
+    # item again node by node, so it knows both.
     step = spec(stage("inc", plus_one), stage("crashy", crash_on, 3))
     result = result_of(pool.submit(task(step, [0, 1], [1, 2])))
     assert result.values[0] == 20
-    if kind == "process":
-        check_failure(result.values[1], "crashy", 1, "WorkerCrashed")
-        assert result.values[1].input_repr == ""
-    else:
-        check_failure(result.values[1], "inc", 1, "WorkerCrashed")
-        assert result.values[1].input_repr == "2"
+    check_failure(result.values[1], "crashy", 1, "WorkerCrashed")
+    assert result.values[1].input_repr == ("" if kind == "process" else "3")
+    if kind == "dask":
         from integration.cluster import wait_for_workers
+
+        assert isinstance(pool, DaskPool)
+        pool.release([step.id])  # the steps it ran one node at a time go with the step
+        assert pool.cache_sizes()["driver"] == 0
 
         wait_for_workers(request.getfixturevalue("dask_cluster"), 2)
 

@@ -42,6 +42,7 @@ from papy.pools.dask.cluster import (
     worker_threads,
 )
 from papy.pools.dask.inflight import Sent, marks, withdrawable
+from papy.pools.dask.isolate import derived_from, node_by_node, splittable
 from papy.pools.dask.shipping import can_import, cloud_unpicklable, dumps
 from papy.pools.dask.state import Shared, Submitted, counting, fail, on_shared
 
@@ -205,7 +206,9 @@ class DaskPool(Pool):
     def release(self, spec_ids: Sequence[str]) -> None:
         """Forget the steps of a run that ended, here and in every worker's cache."""
         with self._shared.lock:
-            held = [i for i in spec_ids if self._shared.specs.pop(i, None) is not None]
+            ids = set(spec_ids)
+            ids.update(i for i in self._shared.specs if derived_from(i, ids))
+            held = [i for i in ids if self._shared.specs.pop(i, None) is not None]
         if not held or not self._shared.registered or self.closed:
             return
         try:
@@ -430,6 +433,11 @@ class DaskPool(Pool):
         task, done = sent.task, sent.done
         n = len(task)
         log.warning("Dask workers died running a task of %d item(s): %s", n, exc)
+        if n == 1 and splittable(task):  # which of its nodes kills them?
+            with self._shared.lock:
+                self._shared.split.add(sent.out)
+            node_by_node(task, lambda t, d: self._send(t, d, sent.out), done)
+            return
         if n == 1:
             done(
                 task.fail_all(
