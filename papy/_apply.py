@@ -161,9 +161,12 @@ def _timeout_error(stage: Stage) -> TimeoutError:
     return TimeoutError(f"item exceeded the node's timeout of {stage.timeout:g} s")
 
 
-def apply_one(stage: Stage, key: Key, value: Any) -> Any:
-    """Run one item through one stage with retries and timeout; return value or Failure."""
-    attempts = 0
+def apply_one(stage: Stage, key: Key, value: Any, tried: int = 0) -> Any:
+    """Run one item through one stage with retries and timeout; return value or Failure.
+
+    ``tried``: attempts already made on the item (a ``batched=True`` call of it alone).
+    """
+    attempts = tried
     while True:
         attempts += 1
         try:
@@ -239,13 +242,17 @@ def apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list[
     except BaseException as exc:
         if reraise(exc):
             raise
+        # A call of one item was its first attempt: retried if ``retries`` allows, as any
+        # item is. Otherwise find the culprits: run the good items one by one, so one bad
+        # item does not fail the whole batch.
+        tried = 0
         if len(good) == 1:
-            i = good[0]
-            result = list(values)
-            result[i] = failure_from_exception(stage.name, keys[i], exc, values[i])
-            return result
-        # Find the culprits: run the good items one by one so one bad item does not fail
-        # the whole batch.
+            if not (isinstance(exc, Exception) and _retry(stage, exc, 1)):
+                i = good[0]
+                result = list(values)
+                result[i] = failure_from_exception(stage.name, keys[i], exc, values[i])
+                return result
+            tried = 1
         single = Stage(
             name=stage.name,
             call=lambda x: _single_batched(stage, x),
@@ -254,7 +261,10 @@ def apply_batched(stage: Stage, keys: Sequence[Key], values: list[Any]) -> list[
             retries=stage.retries,
             retry_on=stage.retry_on,
         )
-        return [v if type(v) is Failure else apply_one(single, k, v) for k, v in zip(keys, values)]
+        return [
+            v if type(v) is Failure else apply_one(single, k, v, tried)
+            for k, v in zip(keys, values)
+        ]
     result = list(values)
     for i, out in zip(good, outs):
         result[i] = list(out) if stage.scatter else out

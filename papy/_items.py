@@ -212,6 +212,14 @@ class _NoInput:
 NO_INPUT: Any = _NoInput()
 
 
+def _message(exc: BaseException) -> str:
+    """Return ``str(exc)``; never raises (an exception's own ``__str__`` may)."""
+    try:
+        return str(exc)
+    except Exception as broken:
+        return f"<unprintable {type(exc).__name__} (str failed: {broken!r})>"
+
+
 def failure_from_exception(
     node: str, key: Key, exc: BaseException, value: Any = NO_INPUT, attempts: int = 1
 ) -> Failure:
@@ -222,7 +230,7 @@ def failure_from_exception(
         node=node,
         item=key,
         exc_type=qualified_type(exc),
-        message=str(exc),
+        message=_message(exc),
         traceback=tb,
         input_repr="" if value is NO_INPUT else short_repr(value),
         exception=exc,

@@ -153,6 +153,60 @@ def test_retries_succeed_on_the_second_try(tmp_path, kind):
     assert len(list(tmp_path.iterdir())) == 40  # two attempts per item, no more
 
 
+@pytest.mark.parametrize("batch", [1, 3])  # a call of one item, and a last short call
+def test_a_batched_node_retries_an_item_called_alone(tmp_path, batch):
+    flaky = flaky_once(str(tmp_path))
+
+    def batched(xs):
+        return [flaky(x) for x in xs]
+
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("retry-batched", pool=pool)
+        pipe.add(batched, batched=True, batch=batch, retries=1, retry_on=ConnectionError)
+        assert list(pipe.map(range(4))) == list(range(4))
+
+
+def test_a_batched_node_gives_up_after_its_retries():
+    def always(xs):
+        raise ConnectionError("down")
+
+    with ThreadPool(1) as pool:
+        pipe = Pipeline("give-up", pool=pool)
+        pipe.add(always, batched=True, batch=1, retries=2, retry_on=ConnectionError)
+        out = list(pipe.map(range(3), errors="yield"))
+    assert [(o.item, o.exc_type, o.attempts) for o in out] == [
+        (i, "ConnectionError", 3) for i in range(3)
+    ]
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str broke")
+
+
+def _raise_bad_str(x: int) -> int:
+    if x == 1:
+        raise _BadStr()
+    return x
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_an_exception_that_cannot_be_printed_fails_only_its_item(kind):
+    pool = ThreadPool(2) if kind == "thread" else ProcessPool(2)
+    with ThreadPool(1) as first, pool:
+        pipe = Pipeline("bad-str")
+        a = pipe.add(inc, pool=first, name="src")
+        pipe.add(_raise_bad_str, after=a, pool=pool, name="f")
+        out = list(pipe.map(range(4), errors="yield"))
+    good, failures = _split(out)
+    assert good == [2, 3, 4]
+    (f,) = failures
+    assert (f.node, f.item, f.input_repr) == ("f", 0, "1")
+    assert f.exc_type.endswith("_BadStr") and "str broke" in f.message
+    if kind == "process":
+        assert pool.restarts == 0  # the worker did not die building the Failure
+
+
 def test_retry_on_filter_does_not_retry_other_errors(tmp_path):
     pipe = Pipeline("no-retry", pool=ThreadPool(2))
     pipe.add(flaky_once(str(tmp_path)), name="flaky", retries=3, retry_on=KeyError)
