@@ -143,7 +143,10 @@ class Report:
 
     pipeline: str
     wall_s: float
+    #: input items the run read
     items: int
+    #: input items of which a Failure reached a sink (once each, however many of its
+    #: sub-items or sinks failed); ``failure_counts`` counts failures per node
     failed: int
     nodes: dict[str, NodeReport]
     bottleneck: str | None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from papy._errors import ItemFailed
-from papy._items import Failure, Key
+from papy._items import Failure, Key, position
 from papy._plan import Plan, Terminal
 from papy._report import FailureLog
 from papy._tables import ReorderBuffer, TerminalTable
@@ -26,8 +26,9 @@ class Terminals:
     finished a position (the journal marks it complete); ``on_retire(position)`` when a
     position left the run. Both are for journaled runs; without them the hot path makes
     no call per item.
-    ``failed`` counts Failures that reached a terminal, ``failure_log`` keeps them for the
-    report.
+    ``failed`` counts the input items of which a Failure reached a terminal (once each,
+    however many sub-items or sinks it failed in); ``failure_log`` keeps the Failures for
+    the report.
     """
 
     def __init__(
@@ -45,8 +46,13 @@ class Terminals:
         self._on_finish = on_finish
         self._on_retire = on_retire
         self.failure_log = failure_log
-        self.failed = 0
+        self._failed: set[int] = set()  # input positions with a Failure delivered
         self.retired = 0
+
+    @property
+    def failed(self) -> int:
+        """Return how many input items had a Failure delivered so far."""
+        return len(self._failed)
 
     @property
     def finishing(self) -> int:
@@ -56,7 +62,7 @@ class Terminals:
     def arrive(self, t: Terminal, keys: Sequence[Key], values: list[Any], dirty: bool) -> None:
         """Take outputs of terminal ``t`` (``dirty``: they may hold Failures)."""
         if dirty and Failure in set(map(type, values)):
-            self.failed += sum(1 for v in values if type(v) is Failure)
+            self._failed.update(position(v.item) for v in values if type(v) is Failure)
             self.failure_log.add(values)
         if t.top_level:
             if t.is_output:
@@ -78,7 +84,7 @@ class Terminals:
 
         Every other terminal finished it then, so they count as done now.
         """
-        self.failed += sum(1 for v in values if type(v) is Failure)
+        self._failed.update(position(v.item) for v in values if type(v) is Failure)
         self.failure_log.add(values, replayed=True)
         for _ in range(self.n - 1):
             self.position_done(p)

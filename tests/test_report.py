@@ -298,3 +298,27 @@ def test_the_failure_that_aborted_a_run_is_in_its_report():
     assert [(f.node, f.item, f.exc_type) for f in report.failures] == [("knn", 2, "ValueError")]
     assert report.failure_counts == {"knn": {"ValueError": 1}}
     pipe.pool.close()
+
+
+def _fail_0_and_1(x: int) -> int:
+    if x < 2:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def test_failed_counts_input_items_once_whatever_sinks_and_sub_items_they_fail_in():
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("sinks", pool=pool)
+        src = pipe.add(_fail_0_and_1, name="src")
+        for name in ("s1", "s2", "s3"):  # three sinks get each Failure
+            pipe.add(lambda x: x, after=src, name=name)
+        report = pipe.run(range(4))
+        assert (report.items, report.failed) == (4, 2)
+        assert "4 items" in report.table() and "2 failed" in report.table()
+
+        pipe = Pipeline("subs", pool=pool)
+        split = pipe.add(lambda x: [x, x + 1, x + 2], scatter=True, name="split")
+        pipe.add(_fail_0_and_1, after=split, name="sub")  # item 0: 2 sub-items fail
+        report = pipe.run(range(3))
+        assert report.nodes["sub"].failed == 3  # sub-items 0, 1 of item 0; 0 of item 1
+        assert (report.items, report.failed) == (3, 2)
