@@ -15,6 +15,9 @@ from papy._items import Failure, Key
 from papy._journal.journal import Journal
 from papy._plan import Plan
 
+#: a skipped item: (position, output keys, output values, other terminals' Failures)
+Replay = tuple[int, list[Key], list[Any], list[Failure]]
+
 
 class Resume:
     """Keep the journal identity of every position in flight (see the module docstring)."""
@@ -31,12 +34,14 @@ class Resume:
 
     def split(
         self, keys: Sequence[int], chunk: list[Any]
-    ) -> tuple[Sequence[int], list[Any], list[tuple[int, list[Key], list[Any]]]]:
-        """Return the items to run (keys, values) and the replays (position, keys, values).
+    ) -> tuple[Sequence[int], list[Any], list[Replay]]:
+        """Return the items to run (keys, values) and the replays.
 
-        A replay holds the output node's recorded outputs of a skipped item (none when the
-        run has no output node, as in ``Pipeline.run``). Raises JournalError when ``key``
-        gives two items one identity.
+        A replay ``(position, keys, values, failures)`` holds the output node's recorded
+        outputs of a skipped item (none when the run has no output node, as in
+        ``Pipeline.run``) and, if it failed somewhere, the Failures the other terminals
+        recorded for it (so the run's report counts them). Raises JournalError when
+        ``key`` gives two items one identity.
         """
         jkeys = self.journal.identify(chunk, self._key)
         done = self.journal.finished(jkeys, self._terms)
@@ -45,8 +50,9 @@ class Resume:
             return keys, chunk, []
         run_keys: list[int] = []
         run_values: list[Any] = []
-        replays: list[tuple[int, list[Key], list[Any]]] = []
+        replays: list[Replay] = []
         out = self._plan.output
+        others = [t for t in self._terms if out is None or t != out.name]
         for p, jk, value in zip(keys, jkeys, chunk):
             if jk not in done:
                 self._jkey_of[p] = jk
@@ -54,16 +60,17 @@ class Resume:
                 run_values.append(value)
                 continue
             self.skipped += 1
+            failures = self.journal.failures(jk, others) if done[jk] else []
             if out is None:
-                replays.append((p, [], []))
+                replays.append((p, [], [], failures))
                 continue
             values = self.journal.outputs(out.name, jk)
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
             if self._plan.stacks[out.name]:
-                replays.append((p, [(p, i) for i in range(len(values))], values))
+                replays.append((p, [(p, i) for i in range(len(values))], values, failures))
             else:
-                replays.append((p, [p], values))
+                replays.append((p, [p], values, failures))
         return run_keys, run_values, replays
 
     def jkeys(self, keys: Sequence[Key]) -> list[tuple[str, str]]:

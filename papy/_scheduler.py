@@ -293,7 +293,8 @@ class Scheduler:
                 self.admitted += len(chunk)
                 if self.resume is not None:
                     keys, chunk, replays = self.resume.split(keys, chunk)
-                    for p, keys_out, values in replays:
+                    for p, keys_out, values, failures in replays:
+                        self.terminals.replayed_failures(failures)
                         if self.output is None:
                             self.terminals.skip()  # run(): nothing to yield
                         else:

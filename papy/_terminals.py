@@ -79,6 +79,12 @@ class Terminals:
         if self._tables[t.index].expect(p, n):
             self._finish(t, p)
 
+    def replayed_failures(self, failures: list[Failure]) -> None:
+        """Count the Failures terminals recorded for an item an earlier run finished."""
+        if failures:
+            self._failed.update(position(f.item) for f in failures)
+            self.failure_log.add(failures, replayed=True)
+
     def replay(self, p: int, keys: list[Key], values: list[Any]) -> None:
         """File the recorded outputs of position ``p``, which an earlier run finished.
 

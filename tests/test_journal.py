@@ -693,3 +693,41 @@ def test_tasks_running_on_after_a_run_is_stopped_close_their_connections_when_do
         assert _open_files_under(tmp_path) == []
         assert list(pipe.map(range(40), journal=journal)) == list(range(40))
     assert _open_files_under(tmp_path) == []
+
+
+def _fails_on_1_and_3(x: int) -> int:
+    if x in (1, 3):
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def _fails_on_2(x: int) -> int:
+    if x == 2:
+        raise KeyError(x)
+    return x
+
+
+def test_a_resumed_run_reports_the_failures_it_replays_at_every_sink(tmp_path):
+    journal = tmp_path / "run.db"
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("resume-failures", pool=pool)
+        pipe.add(_fails_on_1_and_3, name="work")
+        for attempt in range(2):  # the second run skips every item
+            report = pipe.run(range(5), journal=journal)
+            assert report.skipped == 5 * attempt
+            assert (report.items, report.failed) == (5, 2)
+            assert report.failure_counts == {"work": {"ValueError": 2}}
+            assert [(f.node, f.item) for f in report.failures] == [("work", 1), ("work", 3)]
+
+        journal = tmp_path / "sinks.db"  # two sinks; map() yields one of them
+        pipe = Pipeline("two-sinks", pool=pool)
+        src = pipe.add(lambda x: x, name="src")
+        pipe.add(_fails_on_1_and_3, after=src, name="sa")
+        pipe.add(_fails_on_2, after=src, name="sb")
+        for attempt in range(2):
+            out = list(pipe.map(range(4), output="sa", errors="yield", journal=journal))
+            assert [o.item for o in out if isinstance(o, Failure)] == [1, 3]
+            report = pipe.last_report
+            assert report.skipped == 4 * attempt
+            assert report.failed == 3  # items 1 and 3 at sa, 2 at sb
+            assert report.failure_counts == {"sa": {"ValueError": 2}, "sb": {"KeyError": 1}}

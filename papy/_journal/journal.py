@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import multiprocessing.util
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -21,7 +19,7 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._journal.checkpoint import Checkpointer
-from papy._journal.digest import REASONS, ItemIds, node_prints
+from papy._journal.digest import ItemIds, node_prints
 from papy._journal.files import (
     FORMAT,
     SCHEMA,
@@ -34,6 +32,7 @@ from papy._journal.files import (
     sqlite_error,
 )
 from papy._journal.ownership import create_file, private, release_ownership, take_ownership
+from papy._journal.reconcile import reconcile
 from papy._journal.secret import Signer
 from papy._journal.sinklog import fold_pending
 from papy._journal.store import JournalSpec, Store
@@ -142,7 +141,7 @@ class Journal:
                 check_format(self.conn, path)
                 self.conn.execute("PRAGMA journal_mode = WAL")
             fold_pending(self.store, everything=True)  # sink batches of a run that died
-            self._reconcile(nodes, name)
+            self.changes = reconcile(self.conn, self.prints, nodes, name, self.force)
             self.resuming = (
                 self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
             )
@@ -151,79 +150,6 @@ class Journal:
         except sqlite3.Error as exc:
             raise sqlite_error(path, exc) from None
         private(path)
-
-    def _reconcile(self, nodes: Sequence[Node], pipeline: str) -> None:
-        """Compare node fingerprints with the recorded ones; drop what no longer holds."""
-        old = {
-            name: (fp, json.loads(parts))
-            for name, fp, parts in self.conn.execute("SELECT name, fingerprint, parts FROM nodes")
-        }
-        changed: dict[str, str] = {}
-        for name, pr in self.prints.items():
-            if name not in old or old[name][0] == pr.fingerprint:
-                continue
-            why: list[str] = [
-                text for part, text in REASONS.items() if old[name][1].get(part) != pr.parts[part]
-            ]
-            if not why:
-                ups = [p for p in pr.parents if p in changed]
-                why = [f"upstream node {ups[0]!r} changed" if ups else "upstream nodes changed"]
-            changed[name] = ", ".join(why)
-        gone = [name for name in old if name not in self.prints]
-        terminals = {n.name for n in nodes if n.is_sink}
-        cached = {n.name for n in nodes if getattr(n, "cache", False)}
-        rows = [
-            (
-                name,
-                pr.fingerprint,
-                json.dumps(pr.parts, sort_keys=True),
-                json.dumps(pr.parents),
-                int(name in cached),
-                int(name in terminals),
-            )
-            for name, pr in self.prints.items()
-        ]
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            if self.force:
-                for name in changed:  # keep the records: the caller vouches for them
-                    self.conn.execute(
-                        "UPDATE outputs SET fp = ? WHERE node = ?",
-                        (self.prints[name].fingerprint, name),
-                    )
-            else:
-                for name in [*changed, *gone]:
-                    self.conn.execute("DELETE FROM outputs WHERE node = ?", (name,))
-                    self.conn.execute("DELETE FROM complete WHERE node = ?", (name,))
-                for name in gone:
-                    self.conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
-            self.conn.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)", rows)
-            if not self.force:  # records of another version of a node (folded in, say)
-                self.conn.execute(
-                    "DELETE FROM outputs WHERE fp != "
-                    "(SELECT fingerprint FROM nodes WHERE nodes.name = outputs.node)"
-                )
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [
-                    ("pipeline", pipeline),
-                    ("last_run", time.strftime("%Y-%m-%d %H:%M:%S")),
-                    ("last_host", socket.gethostname()),
-                ],
-            )
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.changes = changed
-        if changed and not self.force:
-            for name, reason in changed.items():
-                _log.warning("journal: node %r: %s; recomputing it", name, reason)
-        if self.force and changed:
-            _log.warning(
-                "journal: nodes changed (%s) but force=True keeps their records",
-                "; ".join(f"{k!r}: {v}" for k, v in changed.items()),
-            )
 
     # -- wiring the run ------------------------------------------------------------------
 
@@ -422,6 +348,24 @@ class Journal:
             (terminal, *want),
         ):
             self._prefetched.setdefault((terminal, got), []).append(tuple(row))
+
+    def failures(self, item: str, terminals: Sequence[str]) -> list[Any]:
+        """Return the Failures ``terminals`` recorded for an input item (sub-items too),
+        with the nodes' current fingerprints: what a skipped item failed with there."""
+        if not terminals:
+            return []
+        prints = {t: self.prints[t].fingerprint for t in terminals}
+        marks = ",".join("?" * len(prints))
+        rows = self.conn.execute(
+            f"SELECT node, sub, fp, failed, value, mac FROM outputs WHERE item = ? AND "
+            f"failed = 1 AND node IN ({marks}) ORDER BY node, sub",
+            (item, *prints),
+        ).fetchall()
+        return [
+            self.signer.load(self.path, node, item, sub, fp, bad, blob, mac)
+            for node, sub, fp, bad, blob, mac in rows
+            if fp == prints[node]
+        ]
 
     # -- recording (driver side) ---------------------------------------------------------
 

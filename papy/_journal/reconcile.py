@@ -1,0 +1,105 @@
+"""Reconciling a journal with the pipeline that opens it: which nodes' records still hold.
+
+Each node's fingerprint covers its code, its settings and its ancestors'
+(:mod:`papy._journal.digest`). A node whose fingerprint changed since the journal recorded
+it is recomputed: its records (and those of nodes gone from the pipeline) are dropped, and
+the reason is logged and kept for the run's report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import Sequence
+
+from papy._journal.digest import REASONS, NodePrint
+from papy._node import Node
+
+_log = logging.getLogger("papy")
+
+
+def reconcile(
+    conn: sqlite3.Connection,
+    prints: dict[str, NodePrint],
+    nodes: Sequence[Node],
+    pipeline: str,
+    force: bool,
+) -> dict[str, str]:
+    """Compare node fingerprints with the recorded ones; drop what no longer holds.
+
+    Returns the nodes whose records no longer hold, with why. ``force`` keeps their
+    records (moved to the new fingerprints): the caller vouches for them.
+    """
+    old = {
+        name: (fp, json.loads(parts))
+        for name, fp, parts in conn.execute("SELECT name, fingerprint, parts FROM nodes")
+    }
+    changed: dict[str, str] = {}
+    for name, pr in prints.items():
+        if name not in old or old[name][0] == pr.fingerprint:
+            continue
+        why: list[str] = [
+            text for part, text in REASONS.items() if old[name][1].get(part) != pr.parts[part]
+        ]
+        if not why:
+            ups = [p for p in pr.parents if p in changed]
+            why = [f"upstream node {ups[0]!r} changed" if ups else "upstream nodes changed"]
+        changed[name] = ", ".join(why)
+    gone = [name for name in old if name not in prints]
+    terminals = {n.name for n in nodes if n.is_sink}
+    cached = {n.name for n in nodes if getattr(n, "cache", False)}
+    rows = [
+        (
+            name,
+            pr.fingerprint,
+            json.dumps(pr.parts, sort_keys=True),
+            json.dumps(pr.parents),
+            int(name in cached),
+            int(name in terminals),
+        )
+        for name, pr in prints.items()
+    ]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if force:
+            for name in changed:  # keep the records: the caller vouches for them
+                conn.execute(
+                    "UPDATE outputs SET fp = ? WHERE node = ?",
+                    (prints[name].fingerprint, name),
+                )
+        else:
+            for name in [*changed, *gone]:
+                conn.execute("DELETE FROM outputs WHERE node = ?", (name,))
+                conn.execute("DELETE FROM complete WHERE node = ?", (name,))
+            for name in gone:
+                conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        conn.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)", rows)
+        if not force:  # records of another version of a node (folded in, say)
+            conn.execute(
+                "DELETE FROM outputs WHERE fp != "
+                "(SELECT fingerprint FROM nodes WHERE nodes.name = outputs.node)"
+            )
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [
+                ("pipeline", pipeline),
+                ("last_run", time.strftime("%Y-%m-%d %H:%M:%S")),
+                ("last_host", socket.gethostname()),
+            ],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if changed and not force:
+        for name, reason in changed.items():
+            _log.warning("journal: node %r: %s; recomputing it", name, reason)
+    if force and changed:
+        _log.warning(
+            "journal: nodes changed (%s) but force=True keeps their records",
+            "; ".join(f"{k!r}: {v}" for k, v in changed.items()),
+        )
+    return changed
