@@ -120,7 +120,8 @@ class StageStats:
     """What one stage did in one task.
 
     ``by_type`` counts the stage's failed items per exception type (``Failure.exc_type``);
-    its counts add up to ``n_failed``. Count a failure with :meth:`failed`.
+    its counts add up to ``n_failed``; ``firsts`` keeps the first Failure of each type.
+    Count a failure with :meth:`failed`.
     """
 
     n_in: int = 0
@@ -128,15 +129,24 @@ class StageStats:
     busy: float = 0.0
     first_failure: Failure | None = None
     by_type: dict[str, int] | None = None  # None until an item fails
+    firsts: dict[str, Failure] | None = None
 
     def failed(self, f: Failure, n: int = 1) -> None:
         """Count ``n`` failed items like ``f`` (the first one seen is kept)."""
         self.n_failed += n
         if self.first_failure is None:
             self.first_failure = f
-        if self.by_type is None:
-            self.by_type = {}
+        if self.by_type is None or self.firsts is None:
+            self.by_type, self.firsts = {}, {}
         self.by_type[f.exc_type] = self.by_type.get(f.exc_type, 0) + n
+        self.firsts.setdefault(f.exc_type, f)
+
+    def keep_firsts(self, sendable: Callable[[Failure], bool]) -> None:
+        """Forget the kept Failures that cannot travel (their counts stay)."""
+        if self.first_failure is not None and not sendable(self.first_failure):
+            self.first_failure = None
+        if self.firsts:
+            self.firsts = {k: f for k, f in self.firsts.items() if sendable(f)}
 
     def add(self, other: StageStats) -> None:
         """Add the figures of another part of the same stage's work."""
@@ -150,6 +160,11 @@ class StageStats:
                 self.by_type = {}
             for exc, n in other.by_type.items():
                 self.by_type[exc] = self.by_type.get(exc, 0) + n
+        if other.firsts:
+            if self.firsts is None:
+                self.firsts = {}
+            for exc, f in other.firsts.items():
+                self.firsts.setdefault(exc, f)
 
 
 def _retry(stage: Stage, exc: BaseException, attempts: int) -> bool:

@@ -105,10 +105,13 @@ class StepQueue:
         for node, st in zip(step.nodes, result.stats):
             mine = seen.get(node.name, [])
             n_failed = max(st.n_failed, len(mine))
-            by_type = st.by_type
+            by_type, firsts = st.by_type, st.firsts
             if len(mine) > st.n_failed:  # some made outside the stage: count those instead
                 by_type = dict(Counter(f.exc_type for f in mine))
-            stats[node.name].record(st.n_in, n_failed, st.busy, by_type)
+                firsts = {}
+                for f in mine:
+                    firsts.setdefault(f.exc_type, f)
+            stats[node.name].record(st.n_in, n_failed, st.busy, by_type, firsts)
             busy += st.busy
             if n_failed and node.on_error == "raise":
                 first = st.first_failure or next(
@@ -120,7 +123,10 @@ class StepQueue:
         if not result.stats:
             failed = [v for v in values if type(v) is Failure]
             by_type = dict(Counter(f.exc_type for f in failed))
-            stats[step.head.name].record(n, len(failed), 0.0, by_type)
+            first_of: dict[str, Failure] = {}
+            for f in failed:
+                first_of.setdefault(f.exc_type, f)
+            stats[step.head.name].record(n, len(failed), 0.0, by_type, first_of)
             if failed and any(node.on_error == "raise" for node in step.nodes):
                 raise RunAborted(failed[0])
         return busy

@@ -42,15 +42,25 @@ class NodeStats:
     wait_pool_s: float = 0.0
     #: failed items per exception type (they add up to ``failed``)
     failed_by_type: dict[str, int] = field(default_factory=dict)
+    #: the first Failure of each exception type seen (when it could travel)
+    first_by_type: dict[str, Failure] = field(default_factory=dict)
 
     def record(
-        self, n_in: int, n_failed: int, busy: float, by_type: dict[str, int] | None = None
+        self,
+        n_in: int,
+        n_failed: int,
+        busy: float,
+        by_type: dict[str, int] | None = None,
+        firsts: dict[str, Failure] | None = None,
     ) -> None:
-        """Add one finished task's figures (``by_type``: its failures per exception type)."""
+        """Add one finished task's figures (``by_type``: its failures per exception type,
+        ``firsts``: the first Failure of each)."""
         self.items_in += n_in
         self.failed += n_failed
         for exc, n in (by_type or {}).items():
             self.failed_by_type[exc] = self.failed_by_type.get(exc, 0) + n
+        for exc, f in (firsts or {}).items():
+            self.first_by_type.setdefault(exc, f)
         self.busy_s += busy
         self.tasks += 1
         if n_in and len(self.batch_item_s) < 100_000:
@@ -91,6 +101,14 @@ class FailureLog:
         self._fns = list(fns)
         self._resolver: FrameResolver | None = None
 
+    def resolve(self, f: Failure) -> Failure:
+        """Return ``f`` with the file names its traceback lost in transit put back."""
+        if "<dynamic-code>" not in f.traceback:
+            return f
+        if self._resolver is None:
+            self._resolver = FrameResolver(self._fns)
+        return self._resolver.fix_failure(f)
+
     def add(self, values: list[Any], replayed: bool = False) -> None:
         """Record the Failure values among ``values`` (other values are ignored);
         ``replayed``: they come from the journal of an earlier run.
@@ -102,9 +120,7 @@ class FailureLog:
             if type(v) is not Failure:
                 continue
             if "<dynamic-code>" in v.traceback:
-                if self._resolver is None:
-                    self._resolver = FrameResolver(self._fns)
-                v = values[i] = self._resolver.fix_failure(v)
+                v = values[i] = self.resolve(v)
             ident = (v.node, v.item)
             if ident in self._seen:
                 continue
@@ -358,7 +374,7 @@ def build_report(
         show_driver,
         sorted(log.first, key=_by_item),
         failure_counts(stats, log.replayed),
-        list(log.group_first.values()),
+        first_failures(stats, log),
     )
 
 
@@ -374,6 +390,18 @@ def failure_counts(
         for exc, n in per.items():
             mine[exc] = mine.get(exc, 0) + n
     return counts
+
+
+def first_failures(stats: dict[str, NodeStats], log: FailureLog) -> list[Failure]:
+    """Return the first Failure of each (node, exception type): the one that reached a
+    sink first, else the first the node made (a gather or a join may have kept another
+    of the item's Failures)."""
+    out = dict(log.group_first)
+    for name, s in stats.items():
+        for exc, f in s.first_by_type.items():
+            if (name, exc) not in out:
+                out[(name, exc)] = log.resolve(f)
+    return list(out.values())
 
 
 def _by_item(f: Failure) -> tuple[int, ...]:

@@ -80,7 +80,9 @@ class TaskResult:
     def __reduce__(self) -> tuple[Any, ...]:
         # Plain tuples pickle several times faster than dataclass instances; a result
         # crosses a pipe once per task, so this is on the hot path.
-        stats = [(s.n_in, s.n_failed, s.busy, s.first_failure, s.by_type) for s in self.stats]
+        stats = [
+            (s.n_in, s.n_failed, s.busy, s.first_failure, s.by_type, s.firsts) for s in self.stats
+        ]
         return (_rebuild_result, (self.values, stats, self.crashes, self.dirty))
 
     def extend(self, other: TaskResult) -> None:

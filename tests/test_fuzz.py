@@ -435,6 +435,8 @@ def compare_report(report: Any, want: reference.Expected, read: int, what: str) 
     assert report.failure_counts == want.failure_counts, (
         f"{what}: failure_counts {report.failure_counts} != reference {want.failure_counts}"
     )
+    lost = [(node, exc) for node, exc, _, first in report.failure_groups() if first is None]
+    assert not lost, f"{what}: failure groups without a first Failure: {lost}"
 
 
 #: multiprocessing's own helpers: one forkserver and one resource tracker per interpreter,

@@ -322,3 +322,27 @@ def test_failed_counts_input_items_once_whatever_sinks_and_sub_items_they_fail_i
         report = pipe.run(range(3))
         assert report.nodes["sub"].failed == 3  # sub-items 0, 1 of item 0; 0 of item 1
         assert (report.items, report.failed) == (3, 2)
+
+
+def _sub_fails(s: int) -> int:
+    if s == 10:
+        raise ValueError("v10")
+    if s == 11:
+        raise KeyError("k11")
+    return s
+
+
+def test_every_failure_group_has_its_first_failure_even_when_a_gather_kept_another():
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("groups", pool=pool)
+        split = pipe.add(lambda x: [10 * x, 10 * x + 1], scatter=True, name="split")
+        w = pipe.add(_sub_fails, after=split, name="w")
+        pipe.add(sum, after=w, gather=True, name="total")
+        report = pipe.run(range(3))  # item 1: sub-item 0 ValueError, sub-item 1 KeyError
+    groups = {(node, exc): (n, first) for node, exc, n, first in report.failure_groups()}
+    assert set(groups) == {("w", "ValueError"), ("w", "KeyError")}
+    for (node, exc), (n, first) in groups.items():
+        assert n == 1 and first is not None, (node, exc)
+        assert (first.node, first.exc_type) == (node, exc)
+    assert groups[("w", "KeyError")][1].item == (1, 1)
+    assert groups[("w", "KeyError")][1].message == "'k11'"

@@ -202,8 +202,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Any, out: Outgoing |
     )
     result.dirty = True  # the driver must see (and count) the Failures made here
     for st in result.stats:
-        if st.first_failure is not None and unpicklable(st.first_failure) is not None:
-            st.first_failure = None
+        st.keep_firsts(lambda f: unpicklable(f) is None)
     return dumps(result, out)
 
 

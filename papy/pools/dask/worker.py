@@ -193,11 +193,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Sequence[Key]) -> by
                 st.failed(new)
     result.values = values
     for stats in result.stats:
-        if stats.first_failure is not None:
-            try:
-                cloudpickle.dumps(stats.first_failure)
-            except Exception:
-                stats.first_failure = None
+        stats.keep_firsts(lambda f: cloud_unpicklable(f) is None)
     return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
 
 
