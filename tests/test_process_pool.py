@@ -463,9 +463,10 @@ def test_many_runs_on_one_pool_leave_no_trace():
             one_run(i)
         gc.collect()
         workers = [psutil.Process(p) for p in pool.pids()]
+        threads = set(threading.enumerate())  # new ones count (others' may end meanwhile)
         before = (
             len(live_descendants()),
-            threading.active_count(),
+            0,
             me.num_fds(),
             [w.memory_info().rss for w in workers],
         )
@@ -475,7 +476,7 @@ def test_many_runs_on_one_pool_leave_no_trace():
         time.sleep(0.2)
         after = (
             len(live_descendants()),
-            threading.active_count(),
+            len(set(threading.enumerate()) - threads),
             me.num_fds(),
             [w.memory_info().rss for w in workers],
         )

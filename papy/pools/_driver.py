@@ -47,7 +47,7 @@ from papy.pools._handles import (
     withdraw_held,
 )
 from papy.pools._messages import loads, unframe
-from papy.pools._recovery import describe_exit, has_timeout, late_workers, rerun
+from papy.pools._recovery import describe_exit, has_timeout, late_workers, rerun, split
 from papy.pools._sender import SPEC_CACHE, send_loop
 
 log = logging.getLogger("papy")
@@ -362,6 +362,15 @@ class State:
                 job.task.last_stage(),
             )
         else:
+            if unloadable == "items" and len(job.task) > 1:  # which items? halve and see
+                task, half = job.task, len(job.task) // 2
+                halves = [(task.slice(0, half), job.crashes, job.track)]
+                halves.append((task.slice(half, len(task)), job.crashes, job.track))
+                try:
+                    self.enqueue(split(job, halves), front=True)  # type: ignore[arg-type]
+                except PoolError:
+                    pass  # closed meanwhile: the halves failed with it
+                return True
             result = job.task.fail_all(loaded) if unloadable else loaded
         result.crashes += job.crashes
         result.nbytes = len(body) + sum(n for _, _, n in descs)

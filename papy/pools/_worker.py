@@ -39,8 +39,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from papy._items import NO_INPUT, Failure, failure_from_exception, qualified_type
-from papy._task import CriticalSection, StageStats, StepSpec, TaskResult, run_task
+from papy._items import qualified_type
+from papy._task import CriticalSection, StepSpec, run_task
 from papy.pools import _shm
 from papy.pools._messages import dumps, encode_result, frame, loads, unframe
 from papy.pools._slot import SlotTracker
@@ -121,22 +121,6 @@ def _allow_children() -> None:
     multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
 
 
-def _task_failure(spec: StepSpec, keys: Any, values: Any, exc: BaseException) -> TaskResult:
-    """Return a result in which every item failed in the first stage with ``exc``."""
-    name = spec.stages[0].name
-    n = len(keys)
-    vals = values if isinstance(values, list) and len(values) == n else [NO_INPUT] * n
-    out = [
-        v if type(v) is Failure else failure_from_exception(name, k, exc, v)
-        for k, v in zip(keys, vals)
-    ]
-    failed = [f for f, v in zip(out, vals) if type(v) is not Failure]
-    stats = [StageStats(n_in=n) for _ in spec.stages]
-    for f in failed:
-        stats[0].failed(f)
-    return TaskResult(out, stats, dirty=True)
-
-
 def _redirect_output(outputs: tuple[Connection, Connection] | None) -> None:
     """Send this process's stdout and stderr (file descriptors 1 and 2) to the driver.
 
@@ -170,7 +154,10 @@ def worker_main(
 
     Before starting a task the worker claims it in its slot, under ``claim_lock`` (shared
     with the driver): a task the driver withdrew meanwhile is answered with an empty
-    "withdrawn" message (``unloadable`` is None) and never runs.
+    "withdrawn" message (``unloadable`` is None) and never runs. ``unloadable`` is True
+    when the node's function cannot be loaded here, ``"items"`` when the task's items
+    cannot be rebuilt (nothing ran: the driver halves the batch to find which), and the
+    payload is then the error.
 
     A failing initializer is reported to the driver once, with its traceback, and the
     worker exits with code 1: the driver then fails the run with a PoolError instead of
@@ -246,7 +233,7 @@ def worker_main(
             # The node's function cannot be loaded here (an ImportError, say): the driver
             # fails the task's items with that error; the worker itself is fine.
             _shm.close_fds(fds)
-            unloadable = True
+            unloadable: bool | str = True
             payload = _pickled_error(spec)
         else:
             unloadable = False
@@ -256,19 +243,24 @@ def worker_main(
             try:
                 values = loads(body, _shm.map_buffers(fds, descs, None, (), mapped))
             except Exception as exc:
-                err = TypeError(
-                    f"the item could not be rebuilt in the worker process "
-                    f"({qualified_type(exc)}: {exc}); is its type importable there?"
+                # Nothing ran. Alone, the item fails with this; in a batch, the driver
+                # sends the halves again to find which items cannot be rebuilt.
+                unloadable = "items"
+                payload = _pickled_error(
+                    TypeError(
+                        f"the item could not be rebuilt in the worker process "
+                        f"({qualified_type(exc)}: {exc}); is its type importable there?"
+                    )
                 )
-                result = _task_failure(spec, keys, None, err)
+                values = data = body = None  # type: ignore[assignment]
             else:
                 result = run_task(spec, keys, values, jkeys, dirty, tracker, critical)
+                # Free the task's inputs (and their shared-memory mappings) before waiting.
+                values = data = body = None  # type: ignore[assignment]
+                payload = encode_result(result, spec, keys, out)
+                result = None  # type: ignore[assignment]
             if tracker is not None:
                 tracker.idle()
-            # Free the task's inputs (and their shared-memory mappings) before waiting.
-            values = data = body = None  # type: ignore[assignment]
-            payload = encode_result(result, spec, keys, out)
-            result = None  # type: ignore[assignment]
         # Inputs this process still maps (a node kept a reference): the producer must not
         # write into those segments again.
         pinned = [ino for ref, ino in mapped if ref() is not None]

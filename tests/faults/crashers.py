@@ -140,3 +140,22 @@ GUARD = threading.Lock()  # a module-level lock, as in a logging handler or a cl
 def under_guard(x: int) -> int:
     with GUARD:
         return x
+
+
+def _rebuild_in(v: int, pid: int) -> DriverOnly:
+    if os.getpid() != pid:
+        raise ValueError(f"cannot rebuild {v} outside process {pid}")
+    return DriverOnly(v, pid)
+
+
+class DriverOnly:
+    """An item that pickles, but can be rebuilt only in the process that made it."""
+
+    def __init__(self, v: int, pid: int) -> None:
+        self.v, self.pid = v, pid
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_in, (self.v, self.pid))
+
+    def __repr__(self) -> str:
+        return f"DriverOnly({self.v})"

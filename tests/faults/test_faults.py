@@ -21,6 +21,7 @@ import pytest
 from helpers import explode, fail_on_7, inc, live_descendants
 
 from faults.crashers import (
+    DriverOnly,
     cpu_ms,
     exit_on,
     flaky_once,
@@ -236,6 +237,24 @@ def test_unpicklable_item_fails_that_item_naming_node_and_type(process_pool):
     (f,) = failures
     assert f.item == 2 and f.node == "consume"
     assert "_thread.lock" in f.message and "cannot be sent to a worker" in f.message
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_an_item_that_cannot_be_rebuilt_in_the_worker_fails_alone(process_pool, batch):
+    # The batch of 4 cannot be rebuilt as a whole: nothing ran, so its halves are sent
+    # again until the item at fault is alone; its batch-mates run once.
+    items = [0, DriverOnly(1, os.getpid()), 2, 3, DriverOnly(4, os.getpid()), 5]
+    pipe = Pipeline("rebuild", pool=process_pool)
+    pipe.add(lambda x: x * 10, name="times_ten", batch=batch)
+    out = list(pipe.map(items, errors="yield"))
+    good, failures = _split(out)
+    assert good == [0, 20, 30, 50]
+    assert [(f.node, f.item, f.exc_type, f.input_repr) for f in failures] == [
+        ("times_ten", 1, "TypeError", "DriverOnly(1)"),
+        ("times_ten", 4, "TypeError", "DriverOnly(4)"),
+    ]
+    assert "could not be rebuilt in the worker" in failures[0].message
+    assert pipe.last_report.nodes["times_ten"].failed == 2
 
 
 def test_exception_inside_a_scatter_and_inside_a_gather(pool):
