@@ -212,7 +212,12 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
                 try:
                     coro = stage.call(*value) if stage.join else stage.call(value)
                     if stage.timeout is not None:
-                        out = await asyncio.wait_for(coro, stage.timeout)
+                        # wait_for runs it as a Task of its own, and asyncio re-raises a
+                        # Task's KeyboardInterrupt or SystemExit out of the event loop:
+                        # carried out as a value, it fails this item like any exception.
+                        out = await asyncio.wait_for(_carried(coro), stage.timeout)
+                        if type(out) is _Raised:
+                            raise out.exc
                     else:
                         out = await coro
                     return list(out) if stage.scatter else out
@@ -230,6 +235,22 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
         return list(await asyncio.gather(*(one(sem, k, v) for k, v in zip(keys, values))))
 
     return asyncio.run(main())
+
+
+class _Raised:
+    """What a coroutine raised that asyncio would not leave to its awaiter."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _carried(coro: Any) -> Any:
+    try:
+        return await coro
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return _Raised(exc)
 
 
 def _count_error(stage: Stage, got: int, want: int) -> ValueError:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from papy import Failure, Pipeline, ThreadPool
+import pytest
+
+from papy import Failure, Pipeline, ProcessPool, ThreadPool
 
 
 async def fetch(x):
@@ -62,3 +64,31 @@ def test_async_failures_timeouts_and_retries():
     assert isinstance(out[3], Failure) and out[3].exc_type == "TimeoutError"
     assert isinstance(out[5], Failure) and out[5].message == "five"
     assert attempts[4] == 2
+
+
+async def interrupting(x):
+    await asyncio.sleep(0)
+    if x == 1:
+        raise KeyboardInterrupt("k1")
+    if x == 2:
+        raise SystemExit(2)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_an_async_node_raising_keyboard_interrupt_fails_only_that_item(kind, timeout):
+    # With a timeout, the coroutine runs in a Task of its own, whose KeyboardInterrupt
+    # asyncio re-raises out of the event loop: it stopped the run (threads) or killed the
+    # worker (processes).
+    with ThreadPool(2) if kind == "thread" else ProcessPool(2) as pool:
+        pipe = Pipeline("async-interrupt", pool=pool)
+        pipe.add(interrupting, timeout=timeout)
+        out = list(pipe.map(range(4), errors="yield"))
+    assert out[0] == 0 and out[3] == 3
+    assert [(f.item, f.exc_type, f.input_repr) for f in out[1:3]] == [
+        (1, "KeyboardInterrupt", "1"),
+        (2, "SystemExit", "2"),
+    ]
+    if kind == "process":
+        assert pool.restarts == 0

@@ -241,3 +241,82 @@ def test_close_with_running_tasks_fails_them_and_logs_no_callback_error(
         dask_log.removeHandler(handler)
     assert [r.getMessage() for r in records] == []
     wait_for_workers(one, 1)
+
+
+async def interrupting(x: int) -> int:
+    if x == 1:
+        raise KeyboardInterrupt("k1")
+    return x
+
+
+def test_an_async_node_with_a_timeout_raising_keyboard_interrupt_fails_its_item(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    # asyncio re-raised it out of the worker's event loop: the Dask task failed again and
+    # again, workers died, and the run never ended.
+    one, _ = clusters
+    with DaskPool(one.address) as pool:
+        pipe = Pipeline("async-interrupt")
+        pipe.add(interrupting, pool=pool, timeout=5.0)
+        out = list(pipe.map(range(3), errors="yield"))
+        report = pipe.last_report
+    assert out[0] == 0 and out[2] == 2
+    assert isinstance(out[1], Failure)
+    assert (out[1].node, out[1].item, out[1].exc_type) == ("interrupting", 1, "KeyboardInterrupt")
+    assert report is not None and report.failed == 1
+
+
+def lock_on_2(x: int) -> Any:
+    import threading
+
+    return threading.Lock() if x == 2 else x
+
+
+def test_failures_made_on_a_dask_worker_are_counted_once_and_reported(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    # A late item was counted twice (failed 2 of 2 items); an output that cannot come
+    # back was yielded as a Failure but missing from report.failed and report.failures.
+    _, two = clusters
+    with DaskPool(two.address) as pool:
+        pipe = Pipeline("counted")
+        pipe.add(nap, pool=pool, timeout=2.0)
+        list(pipe.map(range(2), errors="yield"))
+        report = pipe.last_report
+        assert report is not None
+        assert (report.nodes["nap"].items_in, report.nodes["nap"].failed) == (2, 1)
+        assert report.failure_counts == {"nap": {"TimeoutError": 1}}
+
+        pipe = Pipeline("unsendable")
+        pipe.add(lock_on_2, pool=pool)
+        out = list(pipe.map(range(4), errors="yield"))
+        report = pipe.last_report
+        assert report is not None
+        assert [o.item for o in out if isinstance(o, Failure)] == [2]
+        assert (report.failed, [f.item for f in report.failures]) == (1, [2])
+        assert report.failure_counts == {"lock_on_2": {"TypeError": 1}}
+
+
+def split_in_two(x: int) -> list[int]:
+    return [x, x]
+
+
+def test_an_item_that_cannot_reach_a_dask_worker_is_counted_once(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    # It was counted by the pool and again by the node's stage (twice below a scatter).
+    import threading
+
+    from papy import ThreadPool
+
+    one, _ = clusters
+    with DaskPool(one.address) as pool, ThreadPool(1) as threads:
+        pipe = Pipeline("unsent")
+        made = pipe.add(lambda x: threading.Lock() if x == 1 else x, pool=threads, name="mk")
+        pipe.add(split_in_two, after=made, pool=pool, scatter=True, name="sp")
+        out = list(pipe.map(range(4), errors="yield"))
+        report = pipe.last_report
+    assert [o.item for o in out if isinstance(o, Failure)] == [1]
+    assert report is not None
+    assert (report.nodes["sp"].items_in, report.nodes["sp"].failed) == (4, 1)
+    assert report.failure_counts == {"sp": {"TypeError": 1}}

@@ -29,7 +29,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from papy._errors import PoolError, WorkerCrashed
-from papy._items import Failure, qualified_type
+from papy._items import qualified_type
 from papy._task import StepSpec, TaskResult
 from papy.pools._base import Pool, Task, merge_parts
 from papy.pools._messages import fail_unpicklable
@@ -44,7 +44,7 @@ from papy.pools.dask.cluster import (
 from papy.pools.dask.inflight import Sent, marks, withdrawable
 from papy.pools.dask.isolate import derived_from, node_by_node, splittable
 from papy.pools.dask.shipping import can_import, cloud_unpicklable, dumps
-from papy.pools.dask.state import Shared, Submitted, counting, fail, on_shared
+from papy.pools.dask.state import Shared, Submitted, fail, on_shared
 
 log = logging.getLogger("papy")
 
@@ -312,12 +312,8 @@ class DaskPool(Pool):
             if cleaned is None:
                 self._fail_out(out, PoolError(f"could not submit to Dask: {exc}"))
                 return
-            fresh = [
-                v
-                for u, v in zip(task.values, cleaned.values)
-                if type(u) is not Failure and type(v) is Failure
-            ]
-            task, done = cleaned, counting(done, fresh)
+            # Its stages (or the scheduler, from the values) count those Failures.
+            task = cleaned
             try:
                 dfut = self._submit_to_dask(task)
             except Exception as again:

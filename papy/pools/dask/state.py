@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from papy._errors import PoolError
-from papy._items import Failure
 from papy._task import TaskResult
 from papy.pools.dask.cluster import ClusterWatch
 from papy.pools.dask.inflight import Sent
@@ -28,27 +26,6 @@ def fail(out: Future[TaskResult], error: BaseException) -> None:
         out.set_exception(error)
     except InvalidStateError:
         pass
-
-
-def counting(
-    done: Callable[[TaskResult], None], failures: list[Failure]
-) -> Callable[[TaskResult], None]:
-    """Wrap ``done`` to count ``failures`` (items that could not travel) in the first stage.
-
-    They fail before any function runs on the worker, which counts them as failed
-    upstream; counted here, a node with ``on_error="raise"`` stops on them like on any
-    other failure of its items.
-    """
-
-    def counted(result: TaskResult) -> None:
-        if result.stats and failures:
-            st = result.stats[0]
-            st.n_in += len(failures)
-            for f in failures:
-                st.failed(f)
-        done(result)
-
-    return counted
 
 
 class Shared:

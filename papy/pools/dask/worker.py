@@ -192,6 +192,7 @@ def encode_result(result: TaskResult, spec: StepSpec, keys: Sequence[Key]) -> by
             if new is not old:
                 st.failed(new)
     result.values = values
+    result.dirty = True  # the driver must see (and deliver as failed) the Failures made here
     for stats in result.stats:
         stats.keep_firsts(lambda f: cloud_unpicklable(f) is None)
     return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
@@ -226,7 +227,6 @@ def run_timed(
     journal; its call goes on in the background on the worker until it returns), that
     item becomes a ``TimeoutError`` Failure, and the task runs again for its batch-mates.
     """
-    late: list[tuple[int, Failure]] = []
     while True:
         clock = ItemClock()
         box: list[Any] = []
@@ -261,11 +261,7 @@ def run_timed(
             out = box[0]
             if isinstance(out, BaseException):
                 raise out
-            result: TaskResult = out
-            for stage, failure in late:
-                st = result.stats[stage]
-                st.n_in += 1
-                st.failed(failure)
+            result: TaskResult = out  # its stages count the late items they were given
             return result
         stage, index, count = overran
         node = spec.stages[stage].name
@@ -280,7 +276,6 @@ def run_timed(
             )
             given = values[i] if stage == 0 else NO_INPUT  # a later node's input is not held
             values[i] = failure_from_exception(node, keys[i], error, given)
-            late.append((stage, values[i]))
         dirty = True  # the re-run must skip the late items
 
 
