@@ -8,12 +8,16 @@ report finished positions here so the journal can mark them complete.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from papy._items import Failure, Key
+from papy._errors import JournalError
+from papy._items import Failure, Key, qualified_type
 from papy._journal.journal import Journal
 from papy._plan import Plan
+
+log = logging.getLogger("papy")
 
 #: a skipped item: (position, output keys, output values, other terminals' Failures)
 Replay = tuple[int, list[Key], list[Any], list[Failure]]
@@ -59,12 +63,26 @@ class Resume:
                 run_keys.append(p)
                 run_values.append(value)
                 continue
+            try:
+                failures = self.journal.failures(jk, others) if done[jk] else []
+                values = self.journal.outputs(out.name, jk) if out is not None else []
+            except JournalError:
+                raise  # not authentic: never unpickled
+            except Exception as exc:  # a record's class changed or moved since: run it again
+                log.warning(
+                    "journal: a record of item %r cannot be loaded (%s: %s); running it again",
+                    jk,
+                    qualified_type(exc),
+                    exc,
+                )
+                self._jkey_of[p] = jk
+                run_keys.append(p)
+                run_values.append(value)
+                continue
             self.skipped += 1
-            failures = self.journal.failures(jk, others) if done[jk] else []
             if out is None:
                 replays.append((p, [], [], failures))
                 continue
-            values = self.journal.outputs(out.name, jk)
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
             if self._plan.stacks[out.name]:

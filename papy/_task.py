@@ -31,7 +31,7 @@ from papy._apply import (
     run_async_stage,
 )
 from papy._items import Failure, Key, child_key, failure_from_exception
-from papy._journal.records import lookup, record
+from papy._journal.records import lookup, record, unrecordable
 from papy._journal.sinklog import SinkLog
 from papy._journal.store import JournalSpec, task_guard
 from papy._rundir import set_current as set_run_dir
@@ -195,7 +195,9 @@ def _run_journaled(
         _check_abandoned(tracker)
         if recorded_at:
             name, fp = recorded_at[last]
-            record(journal, jkeys, result.values, name, fp)
+            for f in record(journal, jkeys, result.values, name, fp, keys):
+                result.stats[last].failed(f)  # an output that cannot be recorded
+                result.dirty = True
         return result
     set_run_dir(spec.run_dir, spec.private)
     stats: list[StageStats] = []
@@ -223,9 +225,11 @@ def _run_journaled(
                     )
                     v = part.values[0]
                     _add_stats(st, part.stats[0])
-                current[i] = v
                 _check_abandoned(tracker)
-                log.add(jkeys[i], v)
+                recorded = log.add(jkeys[i], v, lambda _, exc: unrecordable(name, keys[i], v, exc))
+                if recorded is not v:  # an output that cannot be recorded: it failed
+                    st.failed(recorded)
+                current[i] = recorded
             if timed:
                 tracker.begin(j, -1, 0)  # type: ignore[union-attr]
             if plain:
@@ -245,10 +249,14 @@ def _run_journaled(
             for i, v in zip(todo, part.values):
                 current[i] = v
             _check_abandoned(tracker)
+            _add_stats(st, part.stats[0])
             if j in recorded_at:
                 name, fp = recorded_at[j]
-                record(journal, [jkeys[i] for i in todo], part.values, name, fp)
-            _add_stats(st, part.stats[0])
+                got = [keys[i] for i in todo]
+                for f in record(journal, [jkeys[i] for i in todo], part.values, name, fp, got):
+                    st.failed(f)  # an output that cannot be recorded
+                for i, v in zip(todo, part.values):
+                    current[i] = v
         stats.append(st)
     return TaskResult(current, stats, dirty=True)
 

@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -731,3 +732,67 @@ def test_a_resumed_run_reports_the_failures_it_replays_at_every_sink(tmp_path):
             assert report.skipped == 4 * attempt
             assert report.failed == 3  # items 1 and 3 at sa, 2 at sb
             assert report.failure_counts == {"sa": {"ValueError": 2}, "sb": {"KeyError": 1}}
+
+
+def _lock_on_1(x: int) -> Any:
+    import threading
+
+    return threading.Lock() if x == 1 else x
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("cache", [False, True])  # the recorded node is a sink, or cached
+def test_an_output_that_cannot_be_recorded_fails_its_item_not_the_run(tmp_path, kind, cache):
+    journal = tmp_path / "run.db"
+    with ThreadPool(2) if kind == "thread" else ProcessPool(2) as pool:
+        pipe = Pipeline("unrecordable", pool=pool)
+        made = pipe.add(_lock_on_1, name="mk", cache=cache)
+        if cache:
+            pipe.add(lambda v: "lock" if not isinstance(v, int) else v, after=made, name="tail")
+        for attempt in range(2):  # the second run replays what the first recorded
+            out = list(pipe.map(range(3), errors="yield", journal=journal))
+            assert out[0] == 0 and out[2] == 2
+            assert isinstance(out[1], Failure)
+            assert (out[1].node, out[1].item, out[1].exc_type) == ("mk", 1, "TypeError")
+            assert "cannot be recorded in the journal" in out[1].message
+            report = pipe.last_report
+            assert report.failure_counts == {"mk": {"TypeError": 1}}
+            if attempt == 0:
+                assert report.nodes["mk"].failed == 1
+
+
+class _Rec:
+    """A record whose class changed since it was recorded: it cannot be loaded back."""
+
+    broken = False
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if _Rec.broken and state["x"] == 1:
+            raise AttributeError("_Rec has no field x any more")
+        self.__dict__.update(state)
+
+
+def test_a_cached_record_that_cannot_be_loaded_is_computed_again(tmp_path):
+    journal = tmp_path / "run.db"
+    calls = tmp_path / "calls"
+    calls.write_text("")
+
+    def make(x: int) -> _Rec:
+        with open(calls, "a") as fh:
+            fh.write(f"{x}\n")
+        return _Rec(x)
+
+    with ThreadPool(2) as pool:
+        for version in (1, 2):  # a changed consumer: the cached records are read
+            pipe = Pipeline("cache-load", pool=pool)
+            rec = pipe.add(make, name="make", cache=True)
+            pipe.add(eval(f"lambda r: r.x * {version}"), after=rec, name="use")
+            _Rec.broken = version == 2
+            try:
+                assert list(pipe.map(range(3), journal=journal)) == [0, version, 2 * version]
+            finally:
+                _Rec.broken = False
+    assert sorted(calls.read_text().split()) == ["0", "1", "1", "2"]  # item 1 again only

@@ -6,11 +6,16 @@ record is signed (HMAC) when written and authenticated before it is unpickled.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+from papy._errors import JournalError
+from papy._items import Failure, Key, failure_from_exception, qualified_type
 from papy._journal.sinklog import fold_pending
 from papy._journal.store import JournalSpec, store_for
+
+log = logging.getLogger("papy")
 
 
 def lookup(spec: JournalSpec, jkeys: Sequence[tuple[str, str]]) -> dict[int, dict[int, Any]]:
@@ -48,7 +53,19 @@ def lookup(spec: JournalSpec, jkeys: Sequence[tuple[str, str]]) -> dict[int, dic
             hit = found.get((name, item, sub))
             if hit is None or hit[0] != fp or (spec.retry_failed and hit[1]):
                 continue
-            hits[i] = signer.load(spec.path, name, item, sub, hit[0], hit[1], hit[2], hit[3])
+            try:
+                hits[i] = signer.load(spec.path, name, item, sub, hit[0], hit[1], hit[2], hit[3])
+            except JournalError:
+                raise  # not authentic: never unpickled
+            except Exception as exc:  # its class changed or moved since: compute it again
+                log.warning(
+                    "journal: the record of node %r for item %r cannot be loaded (%s: %s); "
+                    "computing it again",
+                    name,
+                    item,
+                    qualified_type(exc),
+                    exc,
+                )
         if hits:
             out[idx] = hits
     return out
@@ -65,15 +82,35 @@ def recorded(spec: JournalSpec, jkeys: Sequence[tuple[str, str]]) -> dict[int, A
 def record(
     spec: JournalSpec,
     jkeys: Sequence[tuple[str, str]],
-    values: Sequence[Any],
-    node: str | None = None,
-    fp: str | None = None,
-) -> None:
-    """Commit one node's outputs for a batch, in one transaction (HMAC on every record)."""
-    if node is None:
-        _, node, fp = max(spec.nodes)
-    assert fp is not None
+    values: list[Any],
+    node: str,
+    fp: str,
+    keys: Sequence[Key],
+) -> list[Failure]:
+    """Commit one node's outputs for a batch, in one transaction (HMAC on every record).
+
+    An output that cannot be pickled is replaced, in ``values``, by a ``TypeError``
+    Failure of ``node`` (``keys``: the items' keys), which is what is recorded; returns
+    those new Failures (the caller counts them).
+    """
     store = store_for(spec)
-    rows = store.signer.rows(node, fp, jkeys, values)
+    made: list[Failure] = []
+
+    def fail(i: int, exc: Exception) -> Failure:
+        made.append(unrecordable(node, keys[i], values[i], exc))
+        return made[-1]
+
+    rows = store.signer.rows(node, fp, jkeys, values, fail)
     if rows:
         store.write_outputs(rows)
+    return made
+
+
+def unrecordable(node: str, key: Key, value: Any, exc: Exception) -> Failure:
+    """Return the Failure of an output of ``node`` that cannot be recorded in the journal."""
+    error = TypeError(
+        f"the output of type {qualified_type(value)} cannot be recorded in the journal "
+        f"({qualified_type(exc)}: {exc}); return plain data from a node whose outputs are "
+        "recorded (a sink, or cache=True)"
+    )
+    return failure_from_exception(node, key, error)

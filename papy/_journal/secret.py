@@ -13,6 +13,7 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +128,20 @@ class Signer:
         h.update(blob)
         return h.digest()
 
-    def rows(self, node: str, fp: str, jkeys: Any, values: Any) -> list[Row]:
+    def rows(
+        self,
+        node: str,
+        fp: str,
+        jkeys: Any,
+        values: Any,
+        fail: Callable[[int, Exception], Failure] | None = None,
+    ) -> list[Row]:
         """Return the signed rows of one node's outputs ``values`` for items ``jkeys``.
 
         ``jkeys`` are (item, sub-item) pairs. Each value is pickled once; a Failure also
-        keeps its text (for ``papy journal failures``, which never unpickles).
+        keeps its text (for ``papy journal failures``, which never unpickles). A value
+        that cannot be pickled is replaced, in ``values`` (a list), by ``fail(index,
+        error)`` and recorded as that Failure; without ``fail`` the error is raised.
         """
         base = self._base
         dumps = pickle.dumps
@@ -150,7 +160,14 @@ class Signer:
                 try:
                     blob = dumps(value, protocol=proto)
                 except Exception:
-                    blob = _blob(value)
+                    try:
+                        blob = _blob(value)
+                    except Exception as exc:
+                        if fail is None:
+                            raise
+                        i = len(out)
+                        value = values[i] = fail(i, exc)
+                        bad, message, blob = 1, failure_text(value), _blob(value)
             h = base.copy()
             h.update(f"{head}{item}\0{sub}{tail}{bad}\0".encode())
             h.update(blob)

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from papy._journal.files import FILE_MODE
@@ -39,14 +40,17 @@ class SinkLog:
             f"{spec.path}{PENDING}{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
         )
 
-    def add(self, jkey: tuple[str, str], value: Any) -> None:
-        """Write one item's record to the file at once."""
-        (row,) = self.store.signer.rows(self.node, self.fp, (jkey,), (value,))
+    def add(self, jkey: tuple[str, str], value: Any, fail: Callable[[int, Exception], Any]) -> Any:
+        """Write one item's record to the file at once; return what was recorded: the
+        value, or ``fail(0, error)`` when it cannot be pickled."""
+        values = [value]
+        (row,) = self.store.signer.rows(self.node, self.fp, (jkey,), values, fail)
         self.rows.append(row)
         if self.fd is None:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
             self.fd = os.open(self.file, flags | os.O_CLOEXEC, FILE_MODE)
         os.write(self.fd, encode_row(row))
+        return values[0]
 
     def commit(self) -> None:
         """Commit the batch's records in one transaction; remove the file."""
