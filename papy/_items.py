@@ -85,7 +85,9 @@ class Failure:
     worker (same type and message); ``exc_type``, ``message`` and ``traceback`` are always
     set, as text, so a Failure prints well even when the exception itself could not travel.
     ``input_repr`` is ``repr()`` of the item's input to ``node`` (at most 200 characters),
-    or empty when that input was never seen by whoever made the Failure: a worker that
+    taken when the node failed (a node that changed its input in place shows the changed
+    value: taking it before every call would cost every item a ``repr``), or empty when
+    that input was never seen by whoever made the Failure: a worker that
     died or overran its timeout in a node after the first of a task that ran several, a
     result that could not be sent back, a pool that returned the wrong number of results.
     """
