@@ -45,8 +45,10 @@ def trap_signals() -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     with _lock:
+        # A run starting in the main thread: no interrupt is unwinding there any more (an
+        # earlier one was caught, maybe outside a run whose iterator is still open).
+        _pending.clear()
         if _active == 0:
-            _pending.clear()
             for sig, default in (
                 (signal.SIGINT, signal.default_int_handler),
                 (signal.SIGTERM, signal.SIG_DFL),

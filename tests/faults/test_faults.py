@@ -31,6 +31,7 @@ from faults.crashers import (
 )
 from papy import (
     Failure,
+    InlinePool,
     Pipeline,
     ProcessPool,
     RunAborted,
@@ -421,3 +422,28 @@ def test_crashes_are_logged_under_the_papy_logger(caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "papy"]
     assert any("exited with code 3" in m and "replaced" in m for m in messages)
     assert any("run of 'logged' finished: 5 items, 1 failed" in m for m in messages)
+
+
+def _interrupts_on_1(x: int) -> int:
+    if x == 1:
+        raise KeyboardInterrupt("the node's own")
+    return x
+
+
+def test_a_ctrl_c_caught_outside_an_open_run_does_not_make_later_node_interrupts_real():
+    # Ctrl-C arrives in the caller's loop body (not inside the run), the caller catches
+    # it and keeps the iterator (a REPL or a notebook does): a later run's node raising
+    # KeyboardInterrupt itself was taken for a real Ctrl-C and stopped that run.
+    first = Pipeline("first", pool=InlinePool())
+    first.add(inc)
+    it = first.map(range(100))
+    with pytest.raises(KeyboardInterrupt):
+        for _ in it:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the signal is handled here, in the caller's frame
+    later = Pipeline("later", pool=InlinePool())
+    later.add(_interrupts_on_1, name="ki")
+    out = list(later.map(range(3), errors="yield"))
+    assert out[0] == 0 and out[2] == 2
+    assert isinstance(out[1], Failure) and out[1].exc_type == "KeyboardInterrupt"
+    it.close()
