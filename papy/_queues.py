@@ -15,6 +15,7 @@ import heapq
 import itertools
 import math
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -284,3 +285,11 @@ def counts(
         ItemState.FINISHED: finishing,
         ItemState.RETIRED: retired,
     }
+
+
+def completed(inbox: weakref.ref[Any], *entry: Any) -> None:
+    """Queue a finished task's ``(step queue, step, keys, future)`` in ``inbox``, the
+    scheduler's queue, if the run still has it (a run that ended drops late results)."""
+    q = inbox()
+    if q is not None:
+        q.put(entry)

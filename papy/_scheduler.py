@@ -24,10 +24,12 @@ and tear-down (``_lifecycle``) live in their own modules; the item states are na
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import queue
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -43,7 +45,7 @@ from papy._node import Node
 from papy._observe import Observer, RunLog, Timeline
 from papy._plan import Graph, Step
 from papy._progress import Progress, progress_wanted
-from papy._queues import StepQueue, charge_wait, counts, in_flight, pick_batch
+from papy._queues import StepQueue, charge_wait, completed, counts, in_flight, pick_batch
 from papy._report import FailureLog, NodeStats, Report, build_report, driver_time
 from papy._resume import Resume
 from papy._sizing import Buffer
@@ -188,6 +190,8 @@ class Scheduler:
                 raise
             log.error("cleaning up after the run of %r failed: %r", self.name, exc)
         finally:
+            while not self._queue.empty():  # results of tasks the run no longer waits for
+                self._queue.get_nowait()
             self._report_run(error)
 
     def _report_run(self, error: BaseException | None) -> None:
@@ -265,6 +269,7 @@ class Scheduler:
                 self._teardown(error)
             finally:
                 restore()
+                error = None  # exception -> traceback -> this frame: a cycle holding the run
 
     def _admit(self) -> None:
         """Take input while the buffer has room and the sources want more.
@@ -353,8 +358,8 @@ class Scheduler:
         q.in_tasks += len(keys)
         fut = q.pool.submit(task)
         self._running[fut] = q.pool
-        done = self._queue
-        fut.add_done_callback(lambda f: done.put((q, step, keys, f)))
+        inbox = weakref.ref(self._queue)  # weakly: queue, entry, future, callback: a cycle
+        fut.add_done_callback(functools.partial(completed, inbox, q, step, keys))
 
     # -- what observers read ---------------------------------------------------------------
 

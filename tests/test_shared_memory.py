@@ -239,6 +239,28 @@ def test_the_driver_holds_no_segment_once_a_run_has_returned(consumer):
             assert _segments(os.getpid()) == []
 
 
+def test_a_run_left_early_holds_no_segment_once_closed():
+    # No garbage collection: a run left by `break` was kept by reference cycles (its
+    # iterator's frame and exception; its finished tasks' futures and its queue) with
+    # the segments of its items in flight, until the collector happened to run.
+    gc.disable()
+    try:
+        with ProcessPool(2) as p1, ProcessPool(2) as p2:
+            pipe = Pipeline("left")
+            a = pipe.add(big_array, pool=p1)
+            pipe.add(total, after=pipe.add(lambda x: [x], after=a, pool=p2), pool=p2)
+            for _ in range(3):
+                it = pipe.map(range(40), progress=False)
+                for i, _out in enumerate(it):
+                    if i == 2:
+                        break
+                del it
+                assert len(list(pipe.map(range(4), progress=False))) == 4
+                assert _segments(os.getpid()) == []
+    finally:
+        gc.enable()
+
+
 def test_a_worker_killed_mid_run_leaves_no_segment():
     before = _dev_shm()
     with ProcessPool(2) as p1, ProcessPool(2) as p2:
