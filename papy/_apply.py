@@ -199,10 +199,18 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
     """Run an ``async def`` stage over a batch with at most ``concurrency`` items at once.
 
     ``timeout`` is enforced per item with ``asyncio.wait_for``, from the item's own start.
+    A ``KeyboardInterrupt`` or ``SystemExit`` that asyncio lets out of the event loop (from
+    a task or callback an item started) cannot be told apart by item: the items not done
+    then run again one by one, and the one that raises it alone fails with it.
     """
     import asyncio
 
-    async def one(sem: asyncio.Semaphore, key: Key, value: Any) -> Any:
+    done: dict[int, Any] = {}
+
+    async def one(sem: asyncio.Semaphore, i: int, key: Key, value: Any) -> None:
+        done[i] = await attempt(sem, key, value)
+
+    async def attempt(sem: asyncio.Semaphore, key: Key, value: Any) -> Any:
         if type(value) is Failure:
             return value
         attempts = 0
@@ -222,7 +230,7 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
                         out = await coro
                     return list(out) if stage.scatter else out
                 except BaseException as exc:
-                    if reraise(exc):
+                    if reraise(exc) or _cancelled(asyncio, exc):
                         raise
                     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
                         exc = _timeout_error(stage)
@@ -230,11 +238,30 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
                         continue
                     return failure_from_exception(stage.name, key, exc, value, attempts)
 
-    async def main() -> list[Any]:
+    async def main() -> None:
         sem = asyncio.Semaphore(stage.concurrency)
-        return list(await asyncio.gather(*(one(sem, k, v) for k, v in zip(keys, values))))
+        await asyncio.gather(*(one(sem, i, k, v) for i, (k, v) in enumerate(zip(keys, values))))
 
-    return asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if reraise(exc):
+            raise
+        left = [i for i in range(len(keys)) if i not in done]
+        if len(keys) == 1:
+            return [failure_from_exception(stage.name, keys[0], exc, values[0])]
+        for i in left:  # alone, each item's own escape is its own
+            done[i] = run_async_stage(stage, [keys[i]], [values[i]])[0]
+    return [done[i] for i in range(len(keys))]
+
+
+def _cancelled(asyncio: Any, exc: BaseException) -> bool:
+    """Tell whether ``exc`` is the cancellation of this item's task (the event loop is
+    being shut down after an escape), not a ``CancelledError`` the node raised itself."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _Raised:

@@ -92,3 +92,35 @@ def test_an_async_node_raising_keyboard_interrupt_fails_only_that_item(kind, tim
     ]
     if kind == "process":
         assert pool.restarts == 0
+
+
+async def _child_raises(x):
+    await asyncio.sleep(0.01)
+    if x == 2:
+        raise KeyboardInterrupt("child")
+    if x == 5:
+        asyncio.get_running_loop().call_soon(_exit)  # a callback of the loop's own
+        await asyncio.sleep(0.05)
+    return x * 10
+
+
+def _exit():
+    raise SystemExit(5)
+
+
+async def spawning(x):
+    (out,) = await asyncio.gather(asyncio.ensure_future(_child_raises(x)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_an_interrupt_escaping_from_a_task_an_item_started_fails_only_that_item(kind):
+    # asyncio lets KeyboardInterrupt and SystemExit of any task or callback out of its
+    # event loop: the batch ran again item by item to find whose it was.
+    with ThreadPool(2) if kind == "thread" else ProcessPool(2) as pool:
+        pipe = Pipeline("escape", pool=pool)
+        pipe.add(spawning, batch=8, concurrency=8)
+        out = list(pipe.map(range(8), errors="yield"))
+    failures = [(o.item, o.exc_type) for o in out if isinstance(o, Failure)]
+    assert failures == [(2, "KeyboardInterrupt"), (5, "SystemExit")]
+    assert [o for o in out if not isinstance(o, Failure)] == [0, 10, 30, 40, 60, 70]

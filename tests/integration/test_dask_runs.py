@@ -13,6 +13,7 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from integration.cluster import Cluster, start_scheduler, start_worker, wait_for_workers
@@ -320,3 +321,29 @@ def test_an_item_that_cannot_reach_a_dask_worker_is_counted_once(
     assert report is not None
     assert (report.nodes["sp"].items_in, report.nodes["sp"].failed) == (4, 1)
     assert report.failure_counts == {"sp": {"TypeError": 1}}
+
+
+def test_a_run_on_a_cluster_that_lost_every_worker_fails_within_start_timeout(
+    tmp_path: Path,
+) -> None:
+    # A pool given an address had no watch: with every worker gone (a node killing them
+    # again and again can exhaust a cluster's nannies), the run waited for ever.
+    cluster = start_scheduler(tmp_path)
+    try:
+        start_worker(cluster, "only")
+        wait_for_workers(cluster, 1)
+        with DaskPool(cluster.address, start_timeout=3.0) as pool:
+            pipe = Pipeline("orphaned")
+            pipe.add(keep, pool=pool)
+            assert list(pipe.map(range(3))) == [0, 1, 2]
+            for nanny in cluster.workers:  # the worker and its nanny, for good
+                for p in [*psutil.Process(nanny.pid).children(recursive=True)]:
+                    p.kill()
+                nanny.kill()
+                nanny.wait()
+            t0 = time.monotonic()
+            with pytest.raises(PoolError, match="no worker for 3 s"):
+                list(pipe.map(range(3)))
+            assert time.monotonic() - t0 < 30
+    finally:
+        cluster.stop()

@@ -303,8 +303,20 @@ class ClusterWatch:
             self.scaled.append(n)
         log.info("DaskPool asks %r for %d job(s)", self.cluster, n)
 
+    def watch_only(self) -> None:
+        """Only watch (a cluster PaPy does not size: an address, a Client): fail the run
+        when work has waited ``start_timeout`` seconds with no worker at all."""
+        self._thread = threading.Thread(target=self._watch, name="papy-dask-watch", daemon=True)
+        self._thread.start()
+
     def no_worker_message(self) -> str:
         """Say that no worker joined, with the jobs' state in the queue when known."""
+        if self.cluster is None:
+            return (
+                f"the Dask cluster has had no worker for {self.start_timeout:g} s while work "
+                "waited (DaskPool start_timeout): its workers died or left (a node that "
+                "kills its worker, again and again, can exhaust a cluster's nannies)"
+            )
         return (
             f"no worker of {type(self.cluster).__name__} joined within "
             f"{self.start_timeout:g} s (DaskPool start_timeout){queue_state(self.cluster)}; "

@@ -167,7 +167,7 @@ class DaskPool(Pool):
                 self._shared.own_client = True
             self.client.register_plugin(worker.StepCache(self._cache_name), name=self._cache_name)
             self._shared.registered = True
-            if self._shared.cluster is not None:
+            if self._shared.cluster is not None or self._parent is None:
                 self._watch_cluster()
         except BaseException:
             self._shared.release()  # the pool never started: release the client (and jobs)
@@ -180,13 +180,14 @@ class DaskPool(Pool):
 
     def _watch_cluster(self) -> None:
         """Start watching the Cluster object (sizing its jobs); wait for a first worker."""
-        if self.adapt is not None:
-            self.workers = self.adapt[1] * threads_per_job(self._shared.cluster)
+        adapt = self.adapt if self._shared.cluster is not None else None
+        if adapt is not None:
+            self.workers = adapt[1] * threads_per_job(self._shared.cluster)
         live = self._shared.live  # the watch thread must not hold the pool itself
         self._shared.watch = ClusterWatch(
             self._shared.cluster,
             self.client,
-            adapt=self.adapt,
+            adapt=adapt,
             idle_timeout=self.idle_timeout,
             start_timeout=self.start_timeout,
             prefetch=self.prefetch,
@@ -194,7 +195,10 @@ class DaskPool(Pool):
             fail=self._shared.fail_waiting,
             scaled=self.scaled,
         )
-        self._shared.watch.begin()
+        if self._shared.cluster is None:
+            self._shared.watch.watch_only()  # an address or a Client: nothing to size
+        else:
+            self._shared.watch.begin()
 
     def _fail_waiting(self, exc: PoolError) -> None:
         """Stop the run: every task still waiting for this pool fails with ``exc``."""
