@@ -210,26 +210,30 @@ def _run_journaled(
             plain = not (stage.batched or stage.is_async)
             t0 = time.perf_counter()
             timed = tracker is not None and (tracker.every_item or stage.timeout is not None)
-            for i in todo:  # each item's record is written as soon as its side effect is done
-                v = current[i]
-                if plain:
-                    if type(v) is not Failure:
-                        if timed:
-                            tracker.begin(j, i)  # type: ignore[union-attr]
-                        v = apply_one(stage, keys[i], v)
-                        if type(v) is Failure:
-                            st.failed(v)
-                else:
-                    part = _run_slice(
-                        [stage], [keys[i]], [v], True, tracker=tracker, offset=i, first=j
-                    )
-                    v = part.values[0]
-                    _add_stats(st, part.stats[0])
-                _check_abandoned(tracker)
-                recorded = log.add(jkeys[i], v, lambda _, exc: unrecordable(name, keys[i], v, exc))
-                if recorded is not v:  # an output that cannot be recorded: it failed
-                    st.failed(recorded)
-                current[i] = recorded
+            try:
+                for i in todo:  # each item's record is written as soon as its side effect is done
+                    v = current[i]
+                    if plain:
+                        if type(v) is not Failure:
+                            if timed:
+                                tracker.begin(j, i)  # type: ignore[union-attr]
+                            v = apply_one(stage, keys[i], v)
+                            if type(v) is Failure:
+                                st.failed(v)
+                    else:
+                        part = _run_slice(
+                            [stage], [keys[i]], [v], True, tracker=tracker, offset=i, first=j
+                        )
+                        v = part.values[0]
+                        _add_stats(st, part.stats[0])
+                    _check_abandoned(tracker)
+                    recorded = log.add(jkeys[i], v, lambda _, e: unrecordable(name, keys[i], v, e))
+                    if recorded is not v:  # an output that cannot be recorded: it failed
+                        st.failed(recorded)
+                    current[i] = recorded
+            except BaseException:
+                log.close()  # cut short: the file stays for the next run to fold in
+                raise
             if timed:
                 tracker.begin(j, -1, 0)  # type: ignore[union-attr]
             if plain:

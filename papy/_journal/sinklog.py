@@ -53,13 +53,26 @@ class SinkLog:
         return values[0]
 
     def commit(self) -> None:
-        """Commit the batch's records in one transaction; remove the file."""
-        if self.rows:
-            self.store.write_outputs(self.rows)
+        """Commit the batch's records in one transaction; remove the file.
+
+        If the commit fails (the run's journal was closed meanwhile), the file is kept for
+        the next run to fold in (:func:`fold_pending`), and closed.
+        """
+        try:
+            if self.rows:
+                self.store.write_outputs(self.rows)
+        except BaseException:
+            self.close()
+            raise
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            self.close()
             os.unlink(self.file)
+
+    def close(self) -> None:
+        """Close the file, keeping it (a batch cut short: the next run folds it in)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def encode_row(row: Row) -> bytes:
