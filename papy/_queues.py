@@ -16,10 +16,10 @@ import itertools
 import math
 import time
 import weakref
-from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from papy._apply import StageStats
 from papy._errors import RunAborted
 from papy._items import Failure, ItemState
 from papy._sizing import BatchSize
@@ -105,14 +105,10 @@ class StepQueue:
                     seen.setdefault(v.node, []).append(v)
         for node, st in zip(step.nodes, result.stats):
             mine = seen.get(node.name, [])
-            n_failed = max(st.n_failed, len(mine))
-            by_type, firsts = st.by_type, st.firsts
-            if len(mine) > st.n_failed:  # some made outside the stage: count those instead
-                by_type = dict(Counter(f.exc_type for f in mine))
-                firsts = {}
-                for f in mine:
-                    firsts.setdefault(f.exc_type, f)
-            stats[node.name].record(st.n_in, n_failed, st.busy, by_type, firsts)
+            # some made outside the stage: count those instead
+            c = st if len(mine) <= st.n_failed else _counted(mine)
+            n_failed = c.n_failed
+            stats[node.name].record(st.n_in, n_failed, st.busy, c.by_type, c.firsts)
             busy += st.busy
             if n_failed and node.on_error == "raise":
                 first = st.first_failure or next(
@@ -123,11 +119,8 @@ class StepQueue:
                     raise RunAborted(first)
         if not result.stats:
             failed = [v for v in values if type(v) is Failure]
-            by_type = dict(Counter(f.exc_type for f in failed))
-            first_of: dict[str, Failure] = {}
-            for f in failed:
-                first_of.setdefault(f.exc_type, f)
-            stats[step.head.name].record(n, len(failed), 0.0, by_type, first_of)
+            c = _counted(failed)
+            stats[step.head.name].record(n, c.n_failed, 0.0, c.by_type, c.firsts)
             if failed and any(node.on_error == "raise" for node in step.nodes):
                 raise RunAborted(failed[0])
         return busy
@@ -293,3 +286,11 @@ def completed(inbox: weakref.ref[Any], *entry: Any) -> None:
     q = inbox()
     if q is not None:
         q.put(entry)
+
+
+def _counted(failures: list[Failure]) -> StageStats:
+    """Return the figures of ``failures`` made outside any stage, counted as a stage's."""
+    st = StageStats()
+    for f in failures:
+        st.failed(f)
+    return st

@@ -225,7 +225,7 @@ def _run_journaled(
                             [stage], [keys[i]], [v], True, tracker=tracker, offset=i, first=j
                         )
                         v = part.values[0]
-                        _add_stats(st, part.stats[0])
+                        st.add(part.stats[0])
                     _check_abandoned(tracker)
                     recorded = log.add(jkeys[i], v, lambda _, e: unrecordable(name, keys[i], v, e))
                     if recorded is not v:  # an output that cannot be recorded: it failed
@@ -253,7 +253,7 @@ def _run_journaled(
             for i, v in zip(todo, part.values):
                 current[i] = v
             _check_abandoned(tracker)
-            _add_stats(st, part.stats[0])
+            st.add(part.stats[0])
             if j in recorded_at:
                 name, fp = recorded_at[j]
                 got = [keys[i] for i in todo]
@@ -263,10 +263,6 @@ def _run_journaled(
                     current[i] = v
         stats.append(st)
     return TaskResult(current, stats, dirty=True)
-
-
-def _add_stats(mine: StageStats, theirs: StageStats) -> None:
-    mine.add(theirs)
 
 
 # Intermediate values a fused task holds at once. Below the C allocator's trim threshold
