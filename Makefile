@@ -67,6 +67,7 @@ fuzz: $(STAMP)
 	@end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 60 )); round=0; \
 	while [ $$(date +%s) -lt $$end ]; do \
 	  round=$$((round + 1)); echo "fuzz round $$round"; \
-	  PAPY_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -x -q -p no:cacheprovider \
+	  PAPY_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py tests/test_fuzz_journal.py \
+	    -x -q -p no:cacheprovider \
 	    --hypothesis-show-statistics || exit 1; \
 	done

@@ -234,6 +234,8 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
                         raise
                     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
                         exc = _timeout_error(stage)
+                    elif _coroutine_stop(exc):  # what the node raised, as for a plain node
+                        exc = exc.__cause__  # type: ignore[assignment]
                     if isinstance(exc, Exception) and _retry(stage, exc, attempts):
                         continue
                     return failure_from_exception(stage.name, key, exc, value, attempts)
@@ -253,6 +255,16 @@ def run_async_stage(stage: Stage, keys: Sequence[Key], values: list[Any]) -> lis
         for i in left:  # alone, each item's own escape is its own
             done[i] = run_async_stage(stage, [keys[i]], [values[i]])[0]
     return [done[i] for i in range(len(keys))]
+
+
+def _coroutine_stop(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is Python's RuntimeError for a ``StopIteration`` raised inside a
+    coroutine (PEP 479), which carries the node's own exception as its ``__cause__``."""
+    return (
+        type(exc) is RuntimeError
+        and isinstance(exc.__cause__, StopIteration)
+        and str(exc) == "coroutine raised StopIteration"
+    )
 
 
 def _cancelled(asyncio: Any, exc: BaseException) -> bool:

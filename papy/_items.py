@@ -57,6 +57,20 @@ def position(key: Key) -> int:
     return key if isinstance(key, int) else key[0]
 
 
+def at_position(value: Any, p: int) -> Any:
+    """Return ``value``, or a Failure moved to input position ``p`` if it names another.
+
+    A journal record is known by the item's identity, not its position: a Failure recorded
+    when the item was at position 5 names item 5 (or ``(5, i)`` below a scatter); replayed
+    in a run where the item is at position 2, it must name 2 (``(2, i)``), not the item
+    that now sits at 5.
+    """
+    if type(value) is not Failure or position(value.item) == p:
+        return value
+    item = value.item
+    return dataclasses.replace(value, item=p if isinstance(item, int) else (p, *item[1:]))
+
+
 def child_key(key: Key, index: int) -> tuple[int, ...]:
     """Return the key of the ``index``-th sub-item scattered from ``key``."""
     return (key, index) if isinstance(key, int) else (*key, index)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from papy._errors import JournalError
-from papy._items import Failure, Key, qualified_type
+from papy._items import Failure, Key, at_position, parent_key, position, qualified_type
 from papy._journal.journal import Journal
 from papy._plan import Plan
 
@@ -33,6 +33,7 @@ class Resume:
         self._jkey_of: dict[int, str] = {}
         # A terminal's records settle an item only if it is top-level and not a scatter.
         self._terms = {t.node.name: not t.stack and not t.node.scatter for t in plan.terminals}
+        self._scatters = {t.node.name for t in plan.terminals if t.node.scatter}
         #: items an earlier run finished, skipped in this one
         self.skipped = 0
 
@@ -80,11 +81,13 @@ class Resume:
                 run_values.append(value)
                 continue
             self.skipped += 1
+            failures = [at_position(f, p) for f in failures]  # recorded at another position?
             if out is None:
                 replays.append((p, [], [], failures))
                 continue
             if out.scatter:
                 values = [x for v in values for x in ([v] if type(v) is Failure else v)]
+            values = [at_position(v, p) for v in values]
             if self._plan.stacks[out.name]:
                 replays.append((p, [(p, i) for i in range(len(values))], values, failures))
             else:
@@ -97,11 +100,25 @@ class Resume:
         Raises JournalError when the journal file was removed or replaced during the run.
         """
         self.journal.check()
+        return self._jkeys(keys)
+
+    def _jkeys(self, keys: Sequence[Key]) -> list[tuple[str, str]]:
         jkey_of = self._jkey_of
         return [
             (jkey_of[k], "") if isinstance(k, int) else (jkey_of[k[0]], ".".join(map(str, k[1:])))
             for k in keys
         ]
+
+    def failed(self, terminal: str, keys: Sequence[Key], failures: list[Failure]) -> None:
+        """Record Failures that reached ``terminal`` at ``keys`` (its keys for the items,
+        which for a Failure from above a scatter is not the Failure's own ``item``); see
+        :meth:`Journal.record_failures`."""
+        if terminal in self._scatters:  # recorded per input item: a list, or its Failure
+            keys = [parent_key(k) for k in keys]
+        keep = [(k, f) for k, f in zip(keys, failures) if position(k) in self._jkey_of]
+        if keep:
+            jkeys = self._jkeys([k for k, _ in keep])
+            self.journal.record_failures(terminal, jkeys, [f for _, f in keep])
 
     def finished(self, terminal: str, p: int) -> None:
         """Mark position ``p`` complete at ``terminal`` in the journal."""

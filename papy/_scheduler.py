@@ -151,6 +151,7 @@ class Scheduler:
             self.failure_log,
             on_finish=self.resume.finished if self.resume else None,
             on_retire=self.resume.retired if self.resume else None,
+            on_failed=self.resume.failed if self.resume else None,
         )
         self.queues = [StepQueue(s, plan.groups.get(s.index)) for s in plan.steps]
         self._sources = [self.queues[i] for i in plan.sources]

@@ -30,7 +30,7 @@ from papy._apply import (
     reraise,
     run_async_stage,
 )
-from papy._items import Failure, Key, child_key, failure_from_exception
+from papy._items import Failure, Key, at_position, child_key, failure_from_exception, position
 from papy._journal.records import lookup, record, unrecordable
 from papy._journal.sinklog import SinkLog
 from papy._journal.store import JournalSpec, task_guard
@@ -188,7 +188,7 @@ def _run_journaled(
     for idx in sorted(hits):
         for i, v in hits[idx].items():
             start[i] = idx + 1
-            current[i] = v
+            current[i] = at_position(v, position(keys[i]))  # recorded at another position?
     per_item_sink = journal.sink and last in recorded_at
     if not hits and not per_item_sink and set(recorded_at) <= {last}:
         result = _run(spec, keys, values, dirty, tracker)  # the common case: record the tail

@@ -24,8 +24,9 @@ class Terminals:
 
     ``on_finish(terminal_name, position)`` is called when a terminal below a scatter
     finished a position (the journal marks it complete); ``on_retire(position)`` when a
-    position left the run. Both are for journaled runs; without them the hot path makes
-    no call per item.
+    position left the run; ``on_failed(terminal_name, keys, failures)`` when Failures
+    arrived (the journal records those no worker recorded). All three are for journaled
+    runs; without them the hot path makes no call per item.
     ``failed`` counts the input items of which a Failure reached a terminal (once each,
     however many sub-items or sinks it failed in); ``failure_log`` keeps the Failures for
     the report.
@@ -37,6 +38,7 @@ class Terminals:
         failure_log: FailureLog,
         on_finish: Callable[[str, int], None] | None = None,
         on_retire: Callable[[int], None] | None = None,
+        on_failed: Callable[[str, list[Key], list[Failure]], None] | None = None,
     ) -> None:
         self.n = len(plan.terminals)
         output = plan.output
@@ -45,6 +47,7 @@ class Terminals:
         self._done_count: dict[int, int] = {}  # position -> terminals that finished it
         self._on_finish = on_finish
         self._on_retire = on_retire
+        self._on_failed = on_failed
         self.failure_log = failure_log
         self._failed: set[int] = set()  # input positions with a Failure delivered
         self.retired = 0
@@ -64,6 +67,9 @@ class Terminals:
         if dirty and Failure in set(map(type, values)):
             self._failed.update(position(v.item) for v in values if type(v) is Failure)
             self.failure_log.add(values)
+            if self._on_failed is not None:  # the journal keeps the ones no worker recorded
+                pairs = [(k, v) for k, v in zip(keys, values) if type(v) is Failure]
+                self._on_failed(t.node.name, [k for k, _ in pairs], [v for _, v in pairs])
         if t.top_level:
             if t.is_output:
                 self.out.put(keys, values, keys)  # type: ignore[arg-type]

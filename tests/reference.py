@@ -158,6 +158,19 @@ def node_fn(p: Params, *args: Any) -> Any:
     return out
 
 
+async def async_node_fn(p: Params, *args: Any) -> Any:
+    """:func:`node_fn` as an ``async def`` node: a slow item awaits, the others yield once."""
+    import asyncio
+
+    fault, out = plan(p, args)
+    if fault == "timeout":
+        await asyncio.sleep(SLOW_S)
+    elif fault is not None:
+        _act(p, fault)
+    await asyncio.sleep(0)
+    return out
+
+
 def batched_fn(p: Params, items: list[Any]) -> list[Any]:
     """Run a fuzzed ``batched=True`` node on a list of items; one output per item.
 

@@ -2,8 +2,9 @@
 
 Hypothesis generates a graph description (plain data, so a counterexample can be pasted
 back as an ``@example``), builds the pipeline from it on real pools (inline, threads,
-processes, shared between nodes or not) with real faults, and compares what PaPy delivers
-with a serial, recursive evaluation of the same graph in ``tests/reference.py``.
+processes, shared between nodes or not; plain, ``batched=True`` and ``async def`` nodes)
+with real faults, and compares what PaPy delivers with a serial, recursive evaluation of
+the same graph in ``tests/reference.py``.
 
 The contract checked, for every graph, pool and setting:
 
@@ -183,6 +184,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
             stack = (*stack, i)
             fan *= max(scatter)
         batched = len(after) <= 1 and draw(st.integers(0, 3)) == 0
+        is_async = not batched and draw(st.integers(0, 4)) == 0
         pool = draw(st.none() | st.integers(0, len(pools) - 1))
         kind = pools[pool if pool is not None else 0][0]
         timeout_ok = (
@@ -212,6 +214,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
                 "scatter": scatter,
                 "gather": gather,
                 "batched": batched,
+                "async": is_async,
                 "pool": pool,
                 "batch": draw(st.none() | st.integers(1, 4)),
                 "ordered": draw(st.booleans()),
@@ -245,6 +248,7 @@ NODE_DEFAULTS: dict[str, Any] = {
     "scatter": None,
     "gather": False,
     "batched": False,
+    "async": False,
     "pool": None,
     "batch": None,
     "ordered": True,
@@ -297,6 +301,7 @@ def graph_features(graph: dict[str, Any]) -> list[str]:
         "large scatter": any(n["scatter"] and max(n["scatter"]) >= 40 for n in nodes),
         "scatter nested 3 deep": max(depth, default=0) >= 3,
         "batched": any(n["batched"] for n in nodes),
+        "async": any(n["async"] for n in nodes),
         "unordered output": not nodes[graph["output"]]["ordered"],
         "pool shared by nodes": len({pool_kind_index(n) for n in nodes}) < len(nodes),
         "several pools": len({pool_kind_index(n) for n in nodes}) > 1,
@@ -330,7 +335,11 @@ def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
     pipe = Pipeline("fuzz", pool=pools[0], buffer=graph["buffer"])
     for i, node in enumerate(graph["nodes"]):
         params = reference.node_params(i, node)
-        fn = reference.batched_fn if node["batched"] else reference.node_fn
+        fn: Any = reference.node_fn
+        if node["batched"]:
+            fn = reference.batched_fn
+        elif node["async"]:
+            fn = reference.async_node_fn
         pipe.add(
             functools.partial(fn, params),
             name=params.name,
@@ -343,6 +352,7 @@ def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
             batched=node["batched"],
             timeout=TIMEOUT_S if node["timeout"] else None,
             on_error="raise" if node["on_error"] else "continue",
+            cache=bool(node.get("cache")),
         )
     return pipe
 
@@ -533,13 +543,18 @@ def check(graph: dict[str, Any]) -> None:
         else:
             exercise(pipe, graph, want)
 
-    deadline = time.monotonic() + 10
+    left = wait_for_children_gone(before)
+    assert not left, f"child processes left after the pools closed: {left}"
+
+
+def wait_for_children_gone(before: set[int], seconds: float = 10) -> list[psutil.Process]:
+    """Return the child processes not in ``before`` still alive after up to ``seconds``."""
+    deadline = time.monotonic() + seconds
     while True:
         left = [c for c in worker_children() if c.pid not in before]
         if not left or time.monotonic() > deadline:
-            break
+            return left
         time.sleep(0.05)
-    assert not left, f"child processes left after the pools closed: {left}"
 
 
 def exercise(pipe: Pipeline, graph: dict[str, Any], want: reference.Expected) -> None:
@@ -576,6 +591,14 @@ def exercise(pipe: Pipeline, graph: dict[str, Any], want: reference.Expected) ->
 
 # Counterexamples the fuzzer found, kept as regressions (see each comment for what was wrong).
 REGRESSIONS: list[dict[str, Any]] = [
+    # StopIteration raised in an async def node: Python turns it into a RuntimeError
+    # ("coroutine raised StopIteration"), which the Failure named instead of what the
+    # node raised (a plain node's Failure says StopIteration).
+    {
+        "pools": [["process", 1]],
+        "nodes": [{"async": True, "fault": ["StopIteration", 2, 0]}],
+        "inputs": [0, 1, 2, 3],
+    },
     # Sub-items failing below a scatter and gathered: report.failure_counts counted the
     # Failures reaching a sink (one per gathered item), not the items that failed (the
     # node's `failed`).

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS complete (
 """
 #: the statement every recorded output goes through (workers, pending files)
 INSERT_OUTPUT = "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+#: a record the driver writes for an item a worker may have recorded first: the worker's stays
+KEEP_OUTPUT = "INSERT OR IGNORE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 FILE_MODE = 0o600
 #: byte ranges of the lock file: the run's owner holds 0 exclusively; a worker holds 2
 #: shared while it runs a journaled task, so a new run waits for a dead run's last commits;

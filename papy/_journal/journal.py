@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from papy._errors import JournalError
+from papy._items import Failure
 from papy._journal.checkpoint import Checkpointer
 from papy._journal.digest import ItemIds, node_prints
 from papy._journal.files import (
     FORMAT,
+    KEEP_OUTPUT,
     SCHEMA,
     VERSION,
     check_format,
@@ -67,6 +69,7 @@ class Journal:
         self.force = force
         self._lock = threading.Lock()
         self._pending_complete: list[tuple[str, str]] = []
+        self._pending_failures: list[tuple[Any, ...]] = []
         self._last_flush = time.monotonic()
         self._last_check = time.monotonic()
         self._ids = ItemIds()
@@ -375,9 +378,30 @@ class Journal:
         if len(self._pending_complete) >= 256 or time.monotonic() - self._last_flush > 0.2:
             self.flush()
 
+    def record_failures(
+        self, terminal: str, jkeys: Sequence[tuple[str, str]], failures: list[Failure]
+    ) -> None:
+        """Record Failures that reached ``terminal``, unless a worker recorded that item.
+
+        A worker records a terminal's outputs, Failures included, as it makes them; the
+        Failures made outside the node (its worker crashed or ran past ``timeout=``, the
+        item could not be sent to it, its pool broke) are recorded here, so the item is
+        finished like any failed one: replayed, not run again, by the next run
+        (``retry_failed=True`` runs it again). ``jkeys``: (item, sub-item) pairs.
+        """
+        rows = self.signer.rows(terminal, self.prints[terminal].fingerprint, jkeys, failures)
+        with self._lock:
+            self._pending_failures.extend(rows)
+        if len(self._pending_failures) >= 256 or time.monotonic() - self._last_flush > 0.2:
+            self.flush()
+
     def flush(self) -> None:
         """Write what is pending, in one transaction."""
         with self._lock:
+            if self._pending_failures:
+                assert self.store is not None
+                rows, self._pending_failures = self._pending_failures, []
+                self.store.write(KEEP_OUTPUT, rows, conn=self.conn)
             if self._pending_complete:
                 assert self.store is not None
                 self.store.write(
