@@ -121,7 +121,9 @@ class StageStats:
 
     ``by_type`` counts the stage's failed items per exception type (``Failure.exc_type``);
     its counts add up to ``n_failed``; ``firsts`` keeps the first Failure of each type.
-    Count a failure with :meth:`failed`.
+    ``replayed`` of ``n_failed`` are Failures a journal's records gave back (a ``cache=True``
+    node's), not made by this run: they never stop a run (``on_error="raise"``), and
+    ``first_failure`` is never one of them. Count a failure with :meth:`failed`.
     """
 
     n_in: int = 0
@@ -130,11 +132,14 @@ class StageStats:
     first_failure: Failure | None = None
     by_type: dict[str, int] | None = None  # None until an item fails
     firsts: dict[str, Failure] | None = None
+    replayed: int = 0
 
-    def failed(self, f: Failure, n: int = 1) -> None:
+    def failed(self, f: Failure, n: int = 1, replayed: bool = False) -> None:
         """Count ``n`` failed items like ``f`` (the first one seen is kept)."""
         self.n_failed += n
-        if self.first_failure is None:
+        if replayed:
+            self.replayed += n
+        elif self.first_failure is None:
             self.first_failure = f
         if self.by_type is None or self.firsts is None:
             self.by_type, self.firsts = {}, {}
@@ -152,6 +157,7 @@ class StageStats:
         """Add the figures of another part of the same stage's work."""
         self.n_in += other.n_in
         self.n_failed += other.n_failed
+        self.replayed += other.replayed
         self.busy += other.busy
         if self.first_failure is None:
             self.first_failure = other.first_failure

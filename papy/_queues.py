@@ -110,7 +110,8 @@ class StepQueue:
             n_failed = c.n_failed
             stats[node.name].record(st.n_in, n_failed, st.busy, c.by_type, c.firsts)
             busy += st.busy
-            if n_failed and node.on_error == "raise":
+            made = n_failed - (st.replayed if c is st else 0)  # not replayed from a journal
+            if made and node.on_error == "raise":
                 first = st.first_failure or next(
                     (v for v in values if type(v) is Failure and v.node == node.name),
                     next((v for v in values if type(v) is Failure), None),

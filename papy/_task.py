@@ -81,7 +81,8 @@ class TaskResult:
         # Plain tuples pickle several times faster than dataclass instances; a result
         # crosses a pipe once per task, so this is on the hot path.
         stats = [
-            (s.n_in, s.n_failed, s.busy, s.first_failure, s.by_type, s.firsts) for s in self.stats
+            (s.n_in, s.n_failed, s.busy, s.first_failure, s.by_type, s.firsts, s.replayed)
+            for s in self.stats
         ]
         return (_rebuild_result, (self.values, stats, self.crashes, self.dirty))
 
@@ -204,6 +205,9 @@ def _run_journaled(
     for j, stage in enumerate(stages):
         todo = [i for i in range(len(keys)) if start[i] <= j]
         st = StageStats()
+        for i, v in hits.get(j, {}).items():
+            if type(v) is Failure and start[i] == j + 1 and v.node == stage.name:
+                st.failed(current[i], replayed=True)  # this node's, recorded by an earlier run
         if j == last and per_item_sink:
             name, fp = recorded_at[j]
             log = SinkLog(journal, name, fp)

@@ -273,7 +273,8 @@ def evaluate(graph: dict[str, Any], inputs: Sequence[Any]) -> Expected:
             ins.append(inp)
             out: dict[tuple[int, ...], Any] = {}
             p = params[i]
-            sends = not after and pool_of(graph, node) == "process"  # an input is pickled
+            # an input is pickled to reach the node's worker process
+            sends = not after and pool_of(graph, node) in ("process", "dask")
             for k, args in inp.items():
                 exp.items_in[p.name] += 1
                 if isinstance(args, Fail):

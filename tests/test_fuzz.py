@@ -322,12 +322,17 @@ def pool_kind(graph: dict[str, Any], node: dict[str, Any]) -> str:
 # -- building and running -------------------------------------------------------------------
 
 
+#: how to make a pool of each kind a description names, given its worker count (the Dask
+#: fuzzer, tests/integration/test_dask_fuzz.py, adds "dask": a DaskPool on its cluster)
+POOL_FACTORIES: dict[str, Any] = {
+    "inline": lambda workers: InlinePool(),
+    "thread": ThreadPool,
+    "process": ProcessPool,
+}
+
+
 def make_pool(kind: str, workers: int) -> Pool:
-    if kind == "inline":
-        return InlinePool()
-    if kind == "thread":
-        return ThreadPool(workers)
-    return ProcessPool(workers)
+    return POOL_FACTORIES[kind](workers)  # type: ignore[no-any-return]
 
 
 def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
@@ -478,8 +483,12 @@ def worker_children() -> list[psutil.Process]:
     return found
 
 
-def check(graph: dict[str, Any]) -> None:
-    """Run the graph with map() and run() and compare both with the reference."""
+def check(graph: dict[str, Any], others: Any = frozenset) -> None:
+    """Run the graph with map() and run() and compare both with the reference.
+
+    ``others()`` returns the pids of processes that are not the pools' (a Dask cluster's,
+    which restarts a worker an item killed): they may come and go.
+    """
     graph = complete(graph)
     used = faults_used(graph)
     in_test = currently_in_test_context()  # False when a script calls check() directly
@@ -543,15 +552,19 @@ def check(graph: dict[str, Any]) -> None:
         else:
             exercise(pipe, graph, want)
 
-    left = wait_for_children_gone(before)
+    left = wait_for_children_gone(before, others=others)
     assert not left, f"child processes left after the pools closed: {left}"
 
 
-def wait_for_children_gone(before: set[int], seconds: float = 10) -> list[psutil.Process]:
-    """Return the child processes not in ``before`` still alive after up to ``seconds``."""
+def wait_for_children_gone(
+    before: set[int], seconds: float = 10, others: Any = frozenset
+) -> list[psutil.Process]:
+    """Return the child processes not in ``before`` (nor in ``others()``) still alive after
+    up to ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
-        left = [c for c in worker_children() if c.pid not in before]
+        skip = before | set(others())
+        left = [c for c in worker_children() if c.pid not in skip]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)

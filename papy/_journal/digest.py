@@ -1,8 +1,11 @@
 """Digests: the identity of input items (content) and of code (node fingerprints).
 
 **Item identity.** Without ``key=`` an input item is known by a digest of its value (a
-canonical encoding: containers element by element, dicts and sets in a fixed order, other
-objects by their pickle) plus its occurrence count among equal items of the run.
+canonical encoding: containers element by element, dicts in their order, sets in a fixed
+order, other objects by their pickle) plus its occurrence count among equal items of the
+run. An item whose value cannot be encoded (an object that cannot be pickled: a lock, a
+socket, an open file) has no identity that a later run could find again: it gets one of
+its own, so it runs every time and is never given another item's records.
 
 **Code identity.** A node's fingerprint covers its functions' code (bytecode, constants,
 names of the globals they read), defaults, closure values, ``args``, ``kwargs``, its role
@@ -14,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import struct
 import types
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +32,24 @@ from papy._errors import JournalError
 from papy._graph import topological_order
 from papy._node import Node
 
+log = logging.getLogger("papy")
+
 # -- identity of items ------------------------------------------------------------------------
 
 
-def _feed(h: Any, v: Any, depth: int = 0) -> None:
+class Unidentifiable(Exception):
+    """An input item holds a value that cannot be encoded (see the module docstring)."""
+
+
+def _feed(h: Any, v: Any, depth: int = 0, strict: bool = False) -> None:
     """Feed a canonical encoding of ``v`` to the hash ``h``.
 
     Equal plain values (numbers, text, bytes, and lists, tuples, dicts and sets of them)
-    give equal encodings whatever their identity or insertion order; other objects are
-    encoded by their pickle (cloudpickle for functions), which is stable for equal state.
+    give equal encodings whatever their identity; a dict's order is part of it (a node may
+    see it: ``json.dumps``, ``list(d)``), a set's is not. Other objects are encoded by
+    their pickle (cloudpickle for functions), which is stable for equal state. An object
+    that cannot be pickled is known by its type, or raises Unidentifiable if ``strict``
+    (an input item's identity; code identity takes the type).
     """
     t = type(v)
     if v is None:
@@ -55,20 +69,24 @@ def _feed(h: Any, v: Any, depth: int = 0) -> None:
     elif depth < 64 and (t is list or t is tuple):
         h.update((b"l" if t is list else b"t") + b"%d:" % len(v))
         for x in v:
-            _feed(h, x, depth + 1)
+            _feed(h, x, depth + 1, strict)
     elif depth < 64 and t is dict:
-        pairs = sorted((_digest(k, depth + 1), _digest(x, depth + 1)) for k, x in v.items())
-        h.update(b"d%d:" % len(pairs) + b"".join(a + b for a, b in pairs))
+        h.update(b"D%d:" % len(v))
+        for k, x in v.items():
+            _feed(h, k, depth + 1, strict)
+            _feed(h, x, depth + 1, strict)
     elif depth < 64 and (t is set or t is frozenset):
-        h.update(b"S%d:" % len(v) + b"".join(sorted(_digest(x, depth + 1) for x in v)))
+        h.update(b"S%d:" % len(v) + b"".join(sorted(_digest(x, depth + 1, strict) for x in v)))
     elif isinstance(v, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
-        h.update(b"c" + _callable_digest(v, depth + 1).encode())
+        h.update(b"c" + _callable_digest(v, depth + 1, strict).encode())
     elif isinstance(v, type):
-        h.update(b"y" + f"{v.__module__}.{v.__qualname__}".encode())
+        h.update(b"y" + _class_code(v, depth).encode())
     elif isinstance(v, types.ModuleType):
         h.update(b"m" + v.__name__.encode())
     else:
         blob = _pickle_or_none(v)
+        if blob is None and strict:
+            raise Unidentifiable(f"{t.__module__}.{t.__qualname__}")
         if blob is None:  # an unpicklable object (a lock, a socket): known by its type only
             h.update(b"u" + f"{t.__module__}.{t.__qualname__}".encode())
         else:
@@ -86,15 +104,18 @@ def _pickle_or_none(v: Any) -> bytes | None:
         return None
 
 
-def _digest(v: Any, depth: int = 0) -> bytes:
+def _digest(v: Any, depth: int = 0, strict: bool = False) -> bytes:
     h = hashlib.blake2b(digest_size=20)
-    _feed(h, v, depth)
+    _feed(h, v, depth, strict)
     return h.digest()
 
 
 def content_digest(value: Any) -> str:
-    """Return a stable hex digest of an input item's value (its identity without ``key=``)."""
-    return _digest(value).hex()
+    """Return a stable hex digest of an input item's value (its identity without ``key=``).
+
+    Raises Unidentifiable when the value holds an object that cannot be pickled.
+    """
+    return _digest(value, strict=True).hex()
 
 
 class ItemIds:
@@ -107,6 +128,19 @@ class ItemIds:
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}
         self.keys: set[str] = set()
+        self.unidentified = 0  # items given an identity of their own (see _own)
+
+    def _own(self, value: Any, exc: Unidentifiable) -> str:
+        """Return an identity no other item, in this run or another, has."""
+        self.unidentified += 1
+        if self.unidentified == 1:
+            log.warning(
+                "journal: input item %.80r holds a %s, which cannot be pickled, so the journal "
+                "cannot know it again: such items run every time; give key= to resume them",
+                value,
+                exc,
+            )
+        return f"u:{uuid.uuid4().hex}"
 
     def identify(self, values: Sequence[Any], key: Callable[[Any], Any] | None) -> list[str]:
         """Return the journal identity of each input item, in order.
@@ -117,7 +151,11 @@ class ItemIds:
         if key is None:
             seen = self.seen
             for v in values:
-                d = content_digest(v)
+                try:
+                    d = content_digest(v)
+                except Unidentifiable as exc:
+                    out.append(self._own(v, exc))
+                    continue
                 n = seen.get(d, 0)
                 seen[d] = n + 1
                 out.append(f"c:{d}:{n}")
@@ -154,39 +192,76 @@ def _code_digest(code: types.CodeType, depth: int = 0) -> str:
     return h.hexdigest()
 
 
-def _fn_parts(f: Any, depth: int = 0) -> dict[str, str]:
-    """Split a callable's identity into code, defaults and closure digests."""
+def _fn_parts(f: Any, depth: int = 0, strict: bool = False) -> dict[str, str]:
+    """Split a callable's identity into code, defaults and closure digests.
+
+    A callable object counts as the code of every function its class and its bases
+    define (``__call__`` and the methods it may call) and its state (``__dict__`` and
+    ``__slots__``); a built-in method (``items.append``) as its name and its object.
+    ``strict``: see :func:`_feed`.
+    """
     if depth > 8:
         return {"code": "deep", "defaults": "", "closure": ""}
     if isinstance(f, types.MethodType):
-        parts = _fn_parts(f.__func__, depth + 1)
-        parts["closure"] = _digest([parts["closure"], f.__self__], depth + 1).hex()
+        parts = _fn_parts(f.__func__, depth + 1, strict)
+        parts["closure"] = _digest([parts["closure"], f.__self__], depth + 1, strict).hex()
         return parts
     if isinstance(f, types.FunctionType):
         closure = [c.cell_contents for c in (f.__closure__ or ()) if _cell_filled(c)]
         return {
             "code": _code_digest(f.__code__, depth),
-            "defaults": _digest([f.__defaults__, f.__kwdefaults__], depth + 1).hex(),
-            "closure": _digest(closure, depth + 1).hex(),
+            "defaults": _digest([f.__defaults__, f.__kwdefaults__], depth + 1, strict).hex(),
+            "closure": _digest(closure, depth + 1, strict).hex(),
         }
     func = getattr(f, "func", None)  # functools.partial
     if func is not None and callable(func) and hasattr(f, "keywords"):
-        parts = _fn_parts(func, depth + 1)
+        parts = _fn_parts(func, depth + 1, strict)
         parts["closure"] = _digest(
-            [parts["closure"], getattr(f, "args", ()), f.keywords], depth + 1
+            [parts["closure"], getattr(f, "args", ()), f.keywords], depth + 1, strict
         ).hex()
         return parts
-    if isinstance(f, (types.BuiltinFunctionType, type)):
+    if isinstance(f, type):  # a class called as a node: the code it runs
+        return {"code": _class_code(f, depth), "defaults": "", "closure": ""}
+    if isinstance(f, types.BuiltinFunctionType):
         name = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
-        return {"code": name, "defaults": "", "closure": ""}
-    call = type(f).__dict__.get("__call__")  # a callable object: its class's code + state
-    parts = (
-        _fn_parts(call, depth + 1)
-        if isinstance(call, types.FunctionType)
-        else {"code": f"{type(f).__module__}.{type(f).__qualname__}", "defaults": ""}
-    )
-    parts["closure"] = _digest(getattr(f, "__dict__", None), depth + 1).hex()
-    return parts
+        owner = getattr(f, "__self__", None)  # a built-in method's object (not a module's)
+        bound = owner is not None and not isinstance(owner, (types.ModuleType, type))
+        held = _digest(owner, depth + 1, strict).hex() if bound else ""
+        return {"code": name, "defaults": "", "closure": held}
+    cls = type(f)  # a callable object: its class's code + state
+    slots = {
+        name: getattr(f, name)
+        for base in cls.__mro__
+        for name in _slot_names(base)
+        if hasattr(f, name)
+    }
+    state = [getattr(f, "__dict__", None), slots]
+    return {
+        "code": _class_code(cls, depth),
+        "defaults": "",
+        "closure": _digest(state, depth + 1, strict).hex(),
+    }
+
+
+def _class_code(cls: type, depth: int) -> str:
+    """Digest a class's name and the code of every function it and its bases define
+    (methods, static and class methods, property getters); built-in classes have none."""
+    code = [f"{cls.__module__}.{cls.__qualname__}"]
+    for base in cls.__mro__[:-1]:  # object's own are built in
+        for name, attr in sorted(base.__dict__.items()):
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            elif isinstance(attr, property):
+                attr = attr.fget
+            if isinstance(attr, types.FunctionType):
+                code.append(f"{base.__qualname__}.{name}:{_code_digest(attr.__code__, depth)}")
+    return _digest(code).hex()
+
+
+def _slot_names(cls: type) -> list[str]:
+    names = cls.__dict__.get("__slots__", ())
+    names = [names] if isinstance(names, str) else list(names)
+    return [n for n in names if n not in ("__dict__", "__weakref__")]
 
 
 def _cell_filled(cell: Any) -> bool:
@@ -197,8 +272,8 @@ def _cell_filled(cell: Any) -> bool:
     return True
 
 
-def _callable_digest(f: Any, depth: int) -> str:
-    p = _fn_parts(f, depth)
+def _callable_digest(f: Any, depth: int, strict: bool = False) -> str:
+    p = _fn_parts(f, depth, strict)
     return hashlib.blake2b("|".join(p[k] for k in sorted(p)).encode(), digest_size=20).hexdigest()
 
 

@@ -144,7 +144,7 @@ class Journal:
                 check_format(self.conn, path)
                 self.conn.execute("PRAGMA journal_mode = WAL")
             fold_pending(self.store, everything=True)  # sink batches of a run that died
-            self.changes = reconcile(self.conn, self.prints, nodes, name, self.force)
+            self.changes = reconcile(self.conn, self.prints, nodes, name, self.force, self.signer)
             self.resuming = (
                 self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
             )

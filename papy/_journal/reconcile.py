@@ -8,6 +8,7 @@ the reason is logged and kept for the run's report.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -16,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from papy._journal.digest import REASONS, NodePrint
+from papy._journal.secret import Signer
 from papy._node import Node
 
 _log = logging.getLogger("papy")
@@ -27,11 +29,14 @@ def reconcile(
     nodes: Sequence[Node],
     pipeline: str,
     force: bool,
+    signer: Signer,
 ) -> dict[str, str]:
     """Compare node fingerprints with the recorded ones; drop what no longer holds.
 
     Returns the nodes whose records no longer hold, with why. ``force`` keeps their
-    records (moved to the new fingerprints): the caller vouches for them.
+    records: each is authenticated under its old fingerprint and signed again (``signer``)
+    under the new one, as the caller vouches for it; a record that fails authentication is
+    dropped (it is recomputed), never signed.
     """
     old = {
         name: (fp, json.loads(parts))
@@ -66,10 +71,7 @@ def reconcile(
     try:
         if force:
             for name in changed:  # keep the records: the caller vouches for them
-                conn.execute(
-                    "UPDATE outputs SET fp = ? WHERE node = ?",
-                    (prints[name].fingerprint, name),
-                )
+                _move_records(conn, signer, name, prints[name].fingerprint)
         else:
             for name in [*changed, *gone]:
                 conn.execute("DELETE FROM outputs WHERE node = ?", (name,))
@@ -103,3 +105,19 @@ def reconcile(
             "; ".join(f"{k!r}: {v}" for k, v in changed.items()),
         )
     return changed
+
+
+def _move_records(conn: sqlite3.Connection, signer: Signer, node: str, fp: str) -> None:
+    """Give ``node``'s authentic records the fingerprint ``fp``, signed again for it."""
+    moved, forged = [], []
+    for item, sub, old_fp, bad, blob, mac in conn.execute(
+        "SELECT item, sub, fp, failed, value, mac FROM outputs WHERE node = ?", (node,)
+    ).fetchall():
+        if hmac.compare_digest(mac, signer.mac(node, item, sub, old_fp, bad, blob)):
+            moved.append((fp, signer.mac(node, item, sub, fp, bad, blob), node, item, sub))
+        else:
+            forged.append((node, item, sub))
+    conn.executemany(
+        "UPDATE outputs SET fp = ?, mac = ? WHERE node = ? AND item = ? AND sub = ?", moved
+    )
+    conn.executemany("DELETE FROM outputs WHERE node = ? AND item = ? AND sub = ?", forged)

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from papy._errors import PoolError, WorkerCrashed
+from papy._errors import PoolError
 from papy._items import qualified_type
 from papy._task import StepSpec, TaskResult
-from papy.pools._base import Pool, Task, merge_parts
+from papy.pools._base import Pool, Task
 from papy.pools._messages import fail_unpicklable
 from papy.pools.dask.cluster import (
     ClusterWatch,
@@ -42,7 +42,7 @@ from papy.pools.dask.cluster import (
     worker_threads,
 )
 from papy.pools.dask.inflight import Sent, marks, withdrawable
-from papy.pools.dask.isolate import derived_from, node_by_node, splittable
+from papy.pools.dask.isolate import Suspects, derived_from, killed
 from papy.pools.dask.shipping import can_import, cloud_unpicklable, dumps
 from papy.pools.dask.state import Shared, Submitted, fail, on_shared
 
@@ -93,6 +93,7 @@ class DaskPool(Pool):
     ) -> None:
         super().__init__()
         self._shared = Shared(f"papy-steps-{uuid.uuid4().hex}")
+        self._suspects = Suspects()
         self._target = address_or_client
         self.security = security
         if adapt is not None and not (0 <= adapt[0] <= adapt[1] and adapt[1] >= 1):
@@ -209,6 +210,7 @@ class DaskPool(Pool):
 
     def release(self, spec_ids: Sequence[str]) -> None:
         """Forget the steps of a run that ended, here and in every worker's cache."""
+        self._suspects.reset()
         with self._shared.lock:
             ids = set(spec_ids)
             ids.update(i for i in self._shared.specs if derived_from(i, ids))
@@ -430,31 +432,20 @@ class DaskPool(Pool):
 
     def _killed(self, sent: Sent, exc: BaseException) -> None:
         """Split a task whose workers kept dying until the guilty item is alone."""
-        task, done = sent.task, sent.done
-        n = len(task)
-        log.warning("Dask workers died running a task of %d item(s): %s", n, exc)
-        if n == 1 and splittable(task):  # which of its nodes kills them?
-            with self._shared.lock:
+        log.warning("Dask workers died running a task of %d item(s): %s", len(sent.task), exc)
+
+        def split() -> None:  # one part may be delivered while another waits: the task
+            with self._shared.lock:  # is no longer withdrawable as a whole
                 self._shared.split.add(sent.out)
-            node_by_node(task, lambda t, d: self._send(t, d, sent.out), done)
-            return
-        if n == 1:
-            done(
-                task.fail_all(
-                    WorkerCrashed(
-                        f"Dask workers died running this item ({exc}); "
-                        "it was tried on several workers"
-                    )
-                )
-            )
-            return
-        half = n // 2
-        with self._shared.lock:
-            # One part may be delivered while the other waits: the task is no longer
-            # withdrawable as a whole.
-            self._shared.split.add(sent.out)
-        for part, on_done in zip((task.slice(0, half), task.slice(half, n)), merge_parts(2, done)):
-            self._send(part, on_done, sent.out)
+
+        killed(
+            sent.task,
+            sent.done,
+            exc,
+            lambda t, d: self._send(t, d, sent.out),
+            split,
+            self._suspects,
+        )
 
     def cancel(self, futures: Iterable[Future[TaskResult]]) -> int:
         """Withdraw the given tasks that have not started on the cluster; return how many.

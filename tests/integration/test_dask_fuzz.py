@@ -1,0 +1,78 @@
+"""The differential fuzzer with a DaskPool among the pools, on a real two-worker cluster.
+
+The graphs, faults and reference are ``tests/test_fuzz.py``'s; here one of a graph's pools
+is a ``DaskPool`` on a cluster this module starts (a scheduler and two workers, one thread
+each, under nannies, as separate processes). A node killing its worker (``os._exit``) kills
+a Dask worker, which its nanny replaces: the item must fail with ``papy.WorkerCrashed`` and
+every other item complete, as on a ProcessPool. ``PAPY_FUZZ_DASK_EXAMPLES`` sets the
+number of examples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+import test_fuzz as fz
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from integration.cluster import Cluster, start_scheduler, start_worker, wait_for_workers
+from papy.pools.dask import DaskPool
+
+EXAMPLES = int(os.environ.get("PAPY_FUZZ_DASK_EXAMPLES", "10"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = start_scheduler(tmp_path_factory.mktemp("dask-fuzz"))
+    try:
+        start_worker(c, "fuzz-a")
+        start_worker(c, "fuzz-b")
+        wait_for_workers(c, 2)
+        yield c
+    finally:
+        c.stop()
+
+
+@st.composite
+def dask_graphs(draw: st.DrawFn) -> dict[str, Any]:
+    """A fuzzer graph with one pool (a process pool's place if it has one) made a DaskPool."""
+    graph = draw(fz.graphs())
+    kinds = [k for k, _ in graph["pools"]]
+    spots = [i for i, k in enumerate(kinds) if k == "process"] or list(range(len(kinds)))
+    graph["pools"][draw(st.sampled_from(spots))] = ["dask", 2]
+    return graph
+
+
+def cluster_pids(c: Cluster) -> set[int]:
+    """Return the pids of the cluster's processes, the workers its nannies restarted too."""
+    pids = {c.scheduler.pid}
+    for nanny in c.workers:
+        pids.add(nanny.pid)
+        try:
+            pids.update(p.pid for p in psutil.Process(nanny.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+@pytest.mark.timeout(0 if fz.PROFILE == "papy-fuzz" else 900)
+@settings(settings.get_profile(fz.PROFILE), max_examples=EXAMPLES)
+@example(
+    # A crash on Dask: the item fails with papy.WorkerCrashed, its batch-mates complete.
+    graph={"pools": [["dask", 2]], "nodes": [{"fault": ["crash", 3, 1]}], "inputs": [0, 1, 2]}
+)
+@given(graph=dask_graphs())
+def test_fuzz_pipelines_with_a_dask_pool_match_the_reference(
+    cluster: Cluster, graph: dict[str, Any]
+) -> None:
+    """Random graphs with a DaskPool give exactly what the reference evaluator says."""
+    fz.POOL_FACTORIES["dask"] = lambda workers: DaskPool(cluster.address)
+    try:
+        fz.check(graph, others=lambda: cluster_pids(cluster))
+    finally:
+        del fz.POOL_FACTORIES["dask"]

@@ -1,0 +1,202 @@
+"""What the journal knows an item and a node by: each item gets its own records, and a
+changed node is recomputed, whatever the item or the callable is made of."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from papy import Failure, Pipeline, ProcessPool, RunAborted, ThreadPool
+
+
+class Held:
+    """An item holding something that cannot be pickled (a lock), and a value."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Held({self.value})"
+
+
+def value_of(item: Held) -> int:
+    return item.value * 10
+
+
+def test_items_that_cannot_be_pickled_never_get_another_items_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "run.db"
+    pipe = Pipeline("held", pool=ThreadPool(2))
+    pipe.add(value_of, name="value")
+    with pipe.pool, caplog.at_level("WARNING", logger="papy"):
+        first = [Held(1), Held(2), Held(3)]
+        assert list(pipe.map(first, journal=journal)) == [10, 20, 30]
+        again = [Held(3), Held(1), Held(2)]  # known by type only, they were swapped
+        outputs = pipe.map(again, journal=journal)
+        assert list(outputs) == [30, 10, 20]
+        assert outputs.report is not None and outputs.report.skipped == 0
+    assert "cannot be pickled" in caplog.text and "key=" in caplog.text
+
+
+def test_builtin_methods_as_items_are_known_by_their_object(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+    a, b = [1], [1, 2, 3]
+    pipe = Pipeline("methods", pool=ThreadPool(2))
+    pipe.add(lambda m: len(m.__self__), name="size")
+    with pipe.pool:
+        assert list(pipe.map([a.append, b.append], journal=journal)) == [1, 3]
+        assert list(pipe.map([b.append, a.append], journal=journal)) == [3, 1]
+
+
+def test_dicts_in_another_key_order_are_other_items(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+    pipe = Pipeline("order", pool=ThreadPool(2))
+    pipe.add(json.dumps, name="encode")
+    with pipe.pool:
+        assert list(pipe.map([{"a": 1, "b": 2}], journal=journal)) == ['{"a": 1, "b": 2}']
+        assert list(pipe.map([{"b": 2, "a": 1}], journal=journal)) == ['{"b": 2, "a": 1}']
+        outputs = pipe.map([{"a": 1, "b": 2}, {"b": 2, "a": 1}], journal=journal)
+        assert list(outputs) == ['{"a": 1, "b": 2}', '{"b": 2, "a": 1}']
+        assert outputs.report is not None and outputs.report.skipped == 2
+
+
+class Scale:
+    """A callable object whose state is in ``__slots__``."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __call__(self, x: int) -> int:
+        return x * self.factor
+
+
+def _classes(call_body: str, helper_body: str) -> Any:
+    """Return an instance of ``Adder``, whose ``__call__`` is inherited from ``Base`` and
+    calls a helper method: the same names each time, with the bodies given."""
+    source = f"""
+    class Base:
+        def __call__(self, x):
+            return {call_body}
+
+    class Adder(Base):
+        def helper(self, x):
+            return {helper_body}
+    """
+    namespace: dict[str, Any] = {"__name__": "made"}
+    exec(textwrap.dedent(source), namespace)
+    return namespace["Adder"]()
+
+
+def test_a_changed_callable_object_is_recomputed(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+
+    def run(fn: Any) -> list[Any]:
+        pipe = Pipeline("objects", pool=ThreadPool(2))
+        pipe.add(fn, name="f")
+        with pipe.pool:
+            outputs = pipe.map([1, 2], journal=journal)
+            got = list(outputs)
+        assert outputs.report is not None
+        skipped.append(outputs.report.skipped)
+        return got
+
+    skipped: list[int] = []
+
+    assert run(Scale(10)) == [10, 20]
+    assert run(Scale(20)) == [20, 40]  # slotted state
+    assert run(_classes("x + 1", "x")) == [2, 3]
+    assert run(_classes("x + 1000", "x")) == [1001, 1002]  # an inherited __call__
+    assert run(_classes("self.helper(x)", "x * 5")) == [5, 10]
+    assert run(_classes("self.helper(x)", "x * 7")) == [7, 14]  # a method it calls
+    assert run(_classes("self.helper(x)", "x * 7")) == [7, 14]
+    assert run(_made("Twice", "def __new__(cls, x):\n    return x * 2")) == [2, 4]
+    assert run(_made("Twice", "def __new__(cls, x):\n    return x * 3")) == [3, 6]  # a class
+    assert run(_made("Twice", "def __new__(cls, x):\n    return x * 3")) == [3, 6]
+    assert skipped == [0, 0, 0, 0, 0, 0, 2, 0, 0, 2]  # the same code again: replayed
+
+
+def _made(name: str, body: str) -> Any:
+    """Return a class made from source: the same name each time, with the body given."""
+    namespace: dict[str, Any] = {"__name__": "made"}
+    exec(f"class {name}:\n" + textwrap.indent(body, "    "), namespace)
+    return namespace[name]
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def add_hundred(x: int) -> int:
+    return x + 100
+
+
+def test_force_keeps_the_records_of_a_changed_node_for_later_runs(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+
+    def run(fn: Any, force: bool) -> tuple[list[Any], int]:
+        pipe = Pipeline("force", pool=ThreadPool(2))
+        pipe.add(fn, name="f")
+        pipe.add(lambda y: y, after="f", name="sink")
+        with pipe.pool:
+            outputs = pipe.map(range(3), journal=journal, force=force)
+            got = list(outputs)
+        assert outputs.report is not None
+        return got, outputs.report.skipped
+
+    assert run(double, force=False) == ([0, 2, 4], 0)
+    assert run(add_hundred, force=True) == ([0, 2, 4], 3)  # vouched for: kept
+    assert run(add_hundred, force=False) == ([0, 2, 4], 3)  # and they still authenticate
+
+
+def heavy(x: int) -> int:
+    if x == 5:
+        raise ValueError("five")
+    return x * 3
+
+
+def last_v1(y: int) -> int:
+    return y + 1
+
+
+def last_v2(y: int) -> int:
+    return y + 2
+
+
+def test_a_cached_failure_given_back_does_not_stop_a_run_again(tmp_path: Path) -> None:
+    """``on_error="raise"`` stops the run that meets the failure, not one that only replays
+    its record (the node after it changed, so the item is not finished)."""
+    journal = tmp_path / "run.db"
+
+    def pipeline(last: Any) -> Pipeline:
+        pipe = Pipeline("cached", pool=ProcessPool(2))
+        pipe.add(heavy, name="heavy", cache=True, on_error="raise")
+        pipe.add(last, after="heavy", name="last")
+        return pipe
+
+    pipe = pipeline(last_v1)
+    with pipe.pool, pytest.raises(RunAborted):
+        list(pipe.map(range(8), journal=journal, errors="yield"))
+    pipe = pipeline(last_v2)
+    with pipe.pool:
+        outputs = pipe.map(range(8), journal=journal, errors="yield")
+        got = list(outputs)
+    assert [v if type(v) is not Failure else (v.node, v.item) for v in got] == [
+        2,
+        5,
+        8,
+        11,
+        14,
+        ("heavy", 5),
+        20,
+        23,
+    ]
+    assert outputs.report is not None and outputs.report.nodes["heavy"].failed == 1
