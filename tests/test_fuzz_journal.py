@@ -59,8 +59,9 @@ def journaled(draw: st.DrawFn) -> dict[str, Any]:
     return graph
 
 
-def check(graph: dict[str, Any]) -> None:
-    """Run the graph three times on one journal and compare each run with the reference."""
+def check(graph: dict[str, Any], others: Any = frozenset) -> None:
+    """Run the graph on one journal, again and again, and compare each run with the
+    reference (``others``: as for ``test_fuzz.check``)."""
     graph = fz.complete(graph)
     if currently_in_test_context():
         for feature in fz.graph_features(graph):
@@ -121,7 +122,7 @@ def check(graph: dict[str, Any]) -> None:
         # retry_failed=True: the failed items run again, and fail the same way.
         got = list(pipe.map(inputs, output=out_name, errors="yield", retry_failed=True, **jargs))
         fz.compare_outputs(got, want_outputs, out_node["ordered"])
-    left = fz.wait_for_children_gone(before)
+    left = fz.wait_for_children_gone(before, others=others)
     assert not left, f"child processes left after the pools closed: {left}"
 
 

@@ -4,8 +4,9 @@ The graphs, faults and reference are ``tests/test_fuzz.py``'s; here one of a gra
 is a ``DaskPool`` on a cluster this module starts (a scheduler and two workers, one thread
 each, under nannies, as separate processes). A node killing its worker (``os._exit``) kills
 a Dask worker, which its nanny replaces: the item must fail with ``papy.WorkerCrashed`` and
-every other item complete, as on a ProcessPool. ``PAPY_FUZZ_DASK_EXAMPLES`` sets the
-number of examples.
+every other item complete, as on a ProcessPool. The journaled fuzzer
+(``tests/test_fuzz_journal.py``) runs here too, with a DaskPool. ``PAPY_FUZZ_DASK_EXAMPLES``
+sets the number of examples of each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import test_fuzz as fz
+import test_fuzz_journal as fzj
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -38,14 +40,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-@st.composite
-def dask_graphs(draw: st.DrawFn) -> dict[str, Any]:
-    """A fuzzer graph with one pool (a process pool's place if it has one) made a DaskPool."""
-    graph = draw(fz.graphs())
+def with_dask(draw: st.DrawFn, graph: dict[str, Any]) -> dict[str, Any]:
+    """Make one of a graph's pools (a process pool's place if it has one) a DaskPool."""
     kinds = [k for k, _ in graph["pools"]]
     spots = [i for i, k in enumerate(kinds) if k == "process"] or list(range(len(kinds)))
     graph["pools"][draw(st.sampled_from(spots))] = ["dask", 2]
     return graph
+
+
+@st.composite
+def dask_graphs(draw: st.DrawFn) -> dict[str, Any]:
+    """A fuzzer graph with a DaskPool among its pools."""
+    return with_dask(draw, draw(fz.graphs()))
+
+
+@st.composite
+def journaled_dask_graphs(draw: st.DrawFn) -> dict[str, Any]:
+    """A journaled fuzzer graph (see tests/test_fuzz_journal.py) with a DaskPool."""
+    return with_dask(draw, draw(fzj.journaled()))
 
 
 def cluster_pids(c: Cluster) -> set[int]:
@@ -74,5 +86,19 @@ def test_fuzz_pipelines_with_a_dask_pool_match_the_reference(
     fz.POOL_FACTORIES["dask"] = lambda workers: DaskPool(cluster.address)
     try:
         fz.check(graph, others=lambda: cluster_pids(cluster))
+    finally:
+        del fz.POOL_FACTORIES["dask"]
+
+
+@pytest.mark.timeout(0 if fz.PROFILE == "papy-fuzz" else 900)
+@settings(settings.get_profile(fz.PROFILE), max_examples=EXAMPLES)
+@given(graph=journaled_dask_graphs())
+def test_fuzz_journaled_runs_with_a_dask_pool_match_a_fresh_run(
+    cluster: Cluster, graph: dict[str, Any]
+) -> None:
+    """Journaled runs with a DaskPool, resumed and retried, give what a fresh run gives."""
+    fz.POOL_FACTORIES["dask"] = lambda workers: DaskPool(cluster.address)
+    try:
+        fzj.check(graph, others=lambda: cluster_pids(cluster))
     finally:
         del fz.POOL_FACTORIES["dask"]
