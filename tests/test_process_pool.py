@@ -344,6 +344,33 @@ def test_workers_die_with_a_sigkilled_driver_at_random_moments(tmp_path):
     assert leftovers == []
 
 
+def test_killing_the_drivers_process_group_leaves_nothing_in_dev_shm(tmp_path):
+    """A hangup or ``kill -9 -PGID`` kills the driver and its resource tracker at once: the
+    workers' named semaphores (their slots' claim locks) must not stay in /dev/shm."""
+    script = tmp_path / "victim.py"
+    script.write_text(_KILLED_DRIVER)
+    before = set(os.listdir("/dev/shm"))
+    for sig in (signal.SIGKILL, signal.SIGHUP):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "busy"],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, as a terminal session is
+        )
+        deadline = time.monotonic() + 30
+        while len(live_descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # two workers at work (10,000 items of 2 ms: 10 s)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it was killed"
+        family = [c.pid for c in live_descendants(proc.pid)]
+        os.killpg(proc.pid, sig)
+        proc.wait()
+        assert _gone(family, within=5) == []
+    left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith("sem."))
+    assert left == []
+
+
 # -- exit, garbage collection, long-lived pools ---------------------------------------------
 
 _EARLY_EXIT = """

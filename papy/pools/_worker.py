@@ -24,6 +24,7 @@ A worker:
 
 from __future__ import annotations
 
+import _multiprocessing
 import functools
 import io
 import multiprocessing
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -74,12 +76,15 @@ def _exit_group(code: int) -> None:
     os._exit(code)
 
 
-def _watch_driver(driver_pid: int, critical: CriticalSection) -> None:
+def _watch_driver(driver_pid: int, critical: CriticalSection, names: Sequence[str] = ()) -> None:
     """Exit with the whole process group when the driver process dies.
 
     Linux's parent-death signal follows the *thread* that started a process, and a worker
     started by a fork server is not the driver's child at all, so the worker watches the
     driver itself: with a pidfd where the kernel has them, else by polling its pid.
+    ``names``: the named semaphores the driver made for this worker (its slot's claim
+    lock), removed here, since the driver (and its resource tracker, if they died
+    together) can no longer do it: else they stay in ``/dev/shm`` for good.
     """
     try:
         fd = os.pidfd_open(driver_pid)
@@ -107,7 +112,18 @@ def _watch_driver(driver_pid: int, critical: CriticalSection) -> None:
     deadline = time.monotonic() + 30
     while critical.defer() and time.monotonic() < deadline:
         time.sleep(0.02)
+    for name in names:
+        try:
+            _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
+        except OSError:
+            pass  # the resource tracker outlived the driver and removed it
     _exit_group(70)
+
+
+def _semaphore_names(lock: Any) -> list[str]:
+    """Return the name of ``lock``'s POSIX semaphore, if it has one (not under fork)."""
+    name = getattr(getattr(lock, "_semlock", None), "name", None)
+    return [name] if isinstance(name, str) else []
 
 
 def _allow_children() -> None:
@@ -175,7 +191,10 @@ def worker_main(
     _allow_children()
     if driver_pid is not None:
         threading.Thread(
-            target=_watch_driver, args=(driver_pid, critical), name="papy-watch-driver", daemon=True
+            target=_watch_driver,
+            args=(driver_pid, critical, _semaphore_names(claim_lock)),
+            name="papy-watch-driver",
+            daemon=True,
         ).start()
     if initializer is not None:
         try:
