@@ -19,6 +19,9 @@ _lock = threading.Lock()
 _active = 0
 _saved: dict[int, Any] = {}
 _pending = threading.Event()  # a signal arrived and its KeyboardInterrupt is unwinding
+#: signals trapped so far, and the last one's KeyboardInterrupt message (see ``missed``)
+_count = 0
+_last = ""
 
 
 def real_interrupt() -> bool:
@@ -31,8 +34,27 @@ def real_interrupt() -> bool:
 
 
 def _handler(signum: int, frame: Any) -> None:
+    global _count, _last
     _pending.set()
-    raise KeyboardInterrupt("SIGTERM" if signum == signal.SIGTERM else "")
+    _count += 1
+    _last = "SIGTERM" if signum == signal.SIGTERM else ""
+    raise KeyboardInterrupt(_last)
+
+
+def signal_count() -> int:
+    """Return how many signals the run's handlers took so far (see :func:`check`)."""
+    return _count
+
+
+def check(seen: int) -> None:
+    """Raise the ``KeyboardInterrupt`` of a signal that came after ``seen`` and was lost.
+
+    A handler raises wherever the main thread is, a garbage collector's callback
+    included (a weakref finalizer, a ``__del__``), where Python prints "Exception
+    ignored" and drops it; a run that is still going after a signal lost it.
+    """
+    if _count != seen:
+        raise KeyboardInterrupt(_last)
 
 
 def trap_signals() -> Callable[[], None]:

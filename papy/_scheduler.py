@@ -38,7 +38,7 @@ from typing import Any
 from papy._errors import PapyError, PoolError, RunAborted
 from papy._html import HtmlReport
 from papy._input import DirectInput, ThreadedInput, reader_for
-from papy._interrupt import trap_signals
+from papy._interrupt import check, signal_count, trap_signals
 from papy._items import NO_INPUT, Failure, ItemState, Key, child_key
 from papy._lifecycle import RunScope
 from papy._node import Node
@@ -112,9 +112,7 @@ class Scheduler:
         self._exhausted = False
         self.stats: dict[str, NodeStats] = {}  # read by observers, written only here
         #: the driver's seconds per activity (deliver includes the caller's loop body)
-        self.profile: dict[str, float] = dict.fromkeys(
-            ("admit", "dispatch", "wait", "route", "deliver"), 0.0
-        )
+        self.profile = dict.fromkeys(("admit", "dispatch", "wait", "route", "deliver"), 0.0)
         self._started = 0.0
         self._tick_s = 0.1
         self._next_due = math.inf  # when a held partial batch falls due (monotonic s)
@@ -233,6 +231,7 @@ class Scheduler:
         """
         error: BaseException | None = None
         restore = trap_signals()
+        seen = signal_count()  # signals the caller took while it had the outputs are its own
         try:
             self._setup()
             q = self._queue
@@ -246,6 +245,7 @@ class Scheduler:
                 t1 = perf()
                 self._dispatch()
                 t2 = perf()
+                check(seen)  # a signal taken since, whose KeyboardInterrupt was lost
                 prof["admit"] += t1 - t0
                 prof["dispatch"] += t2 - t1
                 if out:
@@ -254,6 +254,7 @@ class Scheduler:
                         yield from deliver(values, self.errors)
                     else:
                         yield from values
+                    seen = signal_count()
                     self.terminals.delivered(positions)
                     prof["deliver"] += perf() - t2
                     continue
@@ -268,6 +269,8 @@ class Scheduler:
         finally:
             try:
                 self._teardown(error)
+                if error is None:
+                    check(seen)  # taken during the teardown, and lost there
             finally:
                 restore()
                 error = None  # exception -> traceback -> this frame: a cycle holding the run

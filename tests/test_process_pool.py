@@ -284,6 +284,24 @@ def test_a_stalled_worker_with_large_items_does_not_starve_the_other():
     assert len(during) >= 20, len(during)
 
 
+def test_a_task_queued_behind_a_long_one_moves_to_an_idle_worker():
+    """A run left while an item is hung keeps that worker busy; the next run's task queued
+    behind it must not wait for it while other workers idle (it took the hung item's 60 s)."""
+    with ProcessPool(4) as pool:
+        hung = Pipeline("hung", pool=pool)
+        hung.add(slow_on({2}, 60.0), batch=1)
+        quick = Pipeline("quick", pool=pool)
+        quick.add(slow_on(set(range(100)), 0.01), batch=1)
+        outputs = hung.map(range(5))
+        assert next(outputs) == 0
+        time.sleep(0.2)  # item 2 is running
+        outputs.close()
+        started = time.monotonic()
+        assert list(quick.map(range(50))) == list(range(50))
+        assert time.monotonic() - started < 30  # 0.2 s here; never the hung item's 60 s
+        assert list(quick.map(range(50))) == list(range(50))
+
+
 # -- workers never outlive the driver -------------------------------------------------------
 
 _KILLED_DRIVER = """

@@ -43,7 +43,9 @@ from papy.pools._handles import (
     on_cancel,
     signal_group,
     start_worker,
+    steal,
     stop_workers,
+    unname,
     withdraw_held,
 )
 from papy.pools._messages import loads, unframe
@@ -203,6 +205,27 @@ class State:
         if timed:
             self.wake()  # the manager must start watching deadlines
 
+    def steal_locked(self, idle: Worker) -> Job | None:
+        """Give ``idle`` a job queued behind another worker's running one, if it has
+        nothing to do and nothing is pending (see :func:`~papy.pools._handles.steal`)."""
+        if idle.dead or idle.jobs or self.pending or self.closed:
+            return None
+        job = steal(idle, self.pool)
+        if job is not None:
+            job.id = next(self.ids)
+            idle.jobs.append(job)
+            idle.outbox.put(job)
+            if job.task.timeout is not None or has_timeout(job.task):
+                self.wake()
+        return job
+
+    def watch_cancel(self, job: Job | None) -> None:
+        """Withdraw a moved job too when its holder cancels its future (call unlocked)."""
+        if job is not None:
+            job.fut.add_done_callback(
+                functools.partial(on_cancel, weakref.ref(self), weakref.ref(job))
+            )
+
     def cancel(self, futures: Iterable[Future[TaskResult]]) -> int:
         """Withdraw the jobs of ``futures`` that have not started, queued here or in a worker
         (through its slot's claim protocol, :func:`~papy.pools._handles.withdraw_held`)."""
@@ -342,12 +365,16 @@ class State:
                     give(False)
                 return True  # a result for a job already given up on (timed out)
             job = w.jobs.popleft()
+            self.assign_locked()
+            moved = self.steal_locked(w)
             if unloadable is None:  # withdrawn: the worker never ran it
-                self.assign_locked()
+                self.watch_cancel(moved)
                 return True
+            if not w.did:
+                unname(w.claim_lock)  # the worker has it open: /dev/shm needs no name
             w.did += 1
             self.start_failures = 0
-            self.assign_locked()
+        self.watch_cancel(moved)
         t0 = time.perf_counter()
         loaded: Any = None
         try:

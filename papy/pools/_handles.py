@@ -7,6 +7,10 @@ holds (one running, one queued), in the order it runs them.
 
 from __future__ import annotations
 
+import _multiprocessing
+import multiprocessing.resource_tracker
+import multiprocessing.synchronize
+import multiprocessing.util
 import os
 import queue
 import signal
@@ -16,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import Connection
 from typing import Any
@@ -272,6 +276,26 @@ def withdraw_held(w: Worker, wanted: set[int]) -> int:
     return withdrawn
 
 
+def steal(idle: Worker, workers: Iterable[Worker]) -> Job | None:
+    """Take back a job queued in another worker's pipe, behind the job it runs, for ``idle``.
+
+    Called under the pool's lock when ``idle`` has nothing to do and nothing waits in the
+    driver: a job queued behind a long one (a slow item, the task of a run left early)
+    would otherwise wait for it while a worker idles. The job is withdrawn from its worker
+    through the claim protocol (it stays there, marked, until the worker answers it) and
+    returned as a new job for the same task and future; None if no job can be taken.
+    """
+    for w in workers:
+        if w is idle or w.dead or w.claim_lock is None or len(w.jobs) < 2:
+            continue
+        job = w.jobs[-1]
+        if job.withdrawn or job.fut.done() or not _slot.withdraw(w.slot, w.claim_lock, job.id):
+            continue  # started meanwhile, or answered
+        job.withdrawn = True
+        return Job(job.task, job.done, job.fut, job.crashes, job.track)
+    return None
+
+
 def on_cancel(state: weakref.ref[Any], job: weakref.ref[Job], fut: Future[TaskResult]) -> None:
     """Done-callback of a job's future: a future its holder cancelled is withdrawn too.
 
@@ -317,6 +341,29 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
         sock = socket.socket(fileno=os.dup(parent.fileno()))
     outputs = [Output(out_r, "stdout"), Output(err_r, "stderr")]
     return Worker(proc, parent, slot, outputs, sock, lock)
+
+
+def unname(lock: Any) -> None:
+    """Remove the name of ``lock``'s POSIX semaphore once its worker has it open.
+
+    Under ``forkserver`` and ``spawn`` a ``multiprocessing`` lock is a named semaphore
+    (``/dev/shm/sem.mp-*``) that the worker opens by name; the name is removed when the
+    lock is collected, or by the resource tracker after the driver's death, and stays for
+    good if both die at once (a hangup, ``kill -9 -PGID``). Both processes hold it open
+    from the worker's first answer on, so the name can go then, with its clean-up.
+    """
+    name = getattr(getattr(lock, "_semlock", None), "name", None)
+    if not isinstance(name, str):
+        return  # fork: unnamed from the start
+    cleanup = multiprocessing.synchronize.SemLock._cleanup  # type: ignore[attr-defined]
+    for finalizer in list(multiprocessing.util._finalizer_registry.values()):  # type: ignore[attr-defined]
+        if finalizer._callback is cleanup and finalizer._args == (name,):
+            finalizer.cancel()
+    try:
+        _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
+    except OSError:
+        return
+    multiprocessing.resource_tracker.unregister(name, "semaphore")  # type: ignore[attr-defined]
 
 
 def give_back(ref: weakref.ref[Worker], segment: int, reuse: bool) -> None:

@@ -190,6 +190,42 @@ def test_a_real_ctrl_c_still_stops_a_run_on_the_inline_pool(tmp_path):
     assert proc.returncode != 0
 
 
+_CTRL_C_IN_A_FINALIZER = textwrap.dedent(
+    """
+    import os, signal, sys, time, weakref
+    sys.path.insert(0, {root!r})
+    from papy import InlinePool, Pipeline
+
+    class Thing:
+        pass
+
+    def node(x):
+        if x == 3:  # the signal lands in a garbage collector's callback: Python drops its
+            thing = Thing()  # KeyboardInterrupt there ("Exception ignored")
+            weakref.finalize(thing, os.kill, os.getpid(), signal.SIGINT)
+            del thing
+        time.sleep(0.01)
+        return x
+
+    pipe = Pipeline("lost", pool=InlinePool())
+    pipe.add(node)
+    for _ in pipe.map(range(1000)):
+        pass
+    print("FINISHED", flush=True)
+    """
+)
+
+
+def test_a_ctrl_c_dropped_by_a_finalizer_still_stops_the_run(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(_CTRL_C_IN_A_FINALIZER.format(root=str(ROOT)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in done.stderr  # where Python dropped it
+    assert "FINISHED" not in done.stdout
+    assert "KeyboardInterrupt" in done.stderr.split("Exception ignored")[-1]
+    assert done.returncode != 0
+
+
 # -- 3. the input iterator ---------------------------------------------------------------
 
 
