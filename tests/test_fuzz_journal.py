@@ -16,7 +16,7 @@ reading). The contract checked against ``tests/reference.py``:
   does a run with ``retry_failed=True``, which runs the failed items again.
 - Nothing is left behind: no child process once the pools are closed.
 
-``PAPY_FUZZ_JOURNAL_EXAMPLES`` sets the number of examples (60; ``make fuzz`` runs rounds).
+``PAPY_FUZZ_JOURNAL_EXAMPLES`` sets the number of examples (40; ``make fuzz`` runs rounds).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from hypothesis.control import currently_in_test_context
 FAULTS = (fz.ENABLED_FAULTS - {"timeout", "on_error", "input_error", "inline_timeout"}) | {
     "unpicklable"
 }
-EXAMPLES = int(os.environ.get("PAPY_FUZZ_JOURNAL_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("PAPY_FUZZ_JOURNAL_EXAMPLES", "40"))
 
 
 @st.composite

@@ -264,14 +264,15 @@ def withdraw_held(w: Worker, wanted: set[int]) -> int:
         if id(fut) not in wanted or job.withdrawn:
             continue
         if fut.cancelled() and w.claim_lock is not None:  # by its holder: withdraw it too
-            job.withdrawn = not w.dead and _slot.withdraw(w.slot, w.claim_lock, job.id)
+            if not w.dead and _slot.withdraw(w.slot, w.claim_lock, job.id):
+                husk(job)
             continue
         if fut.done() or fut.running():
             continue
         if w.dead or w.claim_lock is None or not _slot.withdraw(w.slot, w.claim_lock, job.id):
             starts(fut)
             continue
-        job.withdrawn = True
+        husk(job)
         withdrawn += fut.cancel()
     return withdrawn
 
@@ -291,9 +292,17 @@ def steal(idle: Worker, workers: Iterable[Worker]) -> Job | None:
         job = w.jobs[-1]
         if job.withdrawn or job.fut.done() or not _slot.withdraw(w.slot, w.claim_lock, job.id):
             continue  # started meanwhile, or answered
-        job.withdrawn = True
-        return Job(job.task, job.done, job.fut, job.crashes, job.track)
+        moved = Job(job.task, job.done, job.fut, job.crashes, job.track)
+        husk(job)
+        return moved
     return None
+
+
+def husk(job: Job) -> None:
+    """Mark ``job`` withdrawn and let go of its items: it only waits for its worker's
+    "withdrawn" answer now, which may come long after (a worker busy with a long task)."""
+    job.withdrawn = True
+    job.task = job.task.slice(0, 0)
 
 
 def on_cancel(state: weakref.ref[Any], job: weakref.ref[Job], fut: Future[TaskResult]) -> None:
