@@ -19,7 +19,7 @@ _lock = threading.Lock()
 _active = 0
 _saved: dict[int, Any] = {}
 _pending = threading.Event()  # a signal arrived and its KeyboardInterrupt is unwinding
-#: signals trapped so far, and the last one's KeyboardInterrupt message (see ``missed``)
+#: signals trapped so far, and the last one's KeyboardInterrupt message (see ``check``)
 _count = 0
 _last = ""
 

@@ -109,13 +109,16 @@ class Resume:
             for k in keys
         ]
 
-    def failed(self, terminal: str, keys: Sequence[Key], failures: list[Failure]) -> None:
-        """Record Failures that reached ``terminal`` at ``keys`` (its keys for the items,
-        which for a Failure from above a scatter is not the Failure's own ``item``); see
-        :meth:`Journal.record_failures`."""
-        if terminal in self._scatters:  # recorded per input item: a list, or its Failure
-            keys = [parent_key(k) for k in keys]
-        keep = [(k, f) for k, f in zip(keys, failures) if position(k) in self._jkey_of]
+    def failed(self, terminal: str, keys: Sequence[Key], values: list[Any]) -> None:
+        """Record the Failures among ``values`` that reached ``terminal`` at ``keys`` (its
+        keys for the items, which for a Failure from above a scatter is not the Failure's
+        own ``item``); see :meth:`Journal.record_failures`."""
+        scatter = terminal in self._scatters  # recorded per input item: a list, or a Failure
+        keep = [
+            (parent_key(k) if scatter else k, v)
+            for k, v in zip(keys, values)
+            if type(v) is Failure and position(k) in self._jkey_of
+        ]
         if keep:
             jkeys = self._jkeys([k for k, _ in keep])
             self.journal.record_failures(terminal, jkeys, [f for _, f in keep])

@@ -24,8 +24,8 @@ class Terminals:
 
     ``on_finish(terminal_name, position)`` is called when a terminal below a scatter
     finished a position (the journal marks it complete); ``on_retire(position)`` when a
-    position left the run; ``on_failed(terminal_name, keys, failures)`` when Failures
-    arrived (the journal records those no worker recorded). All three are for journaled
+    position left the run; ``on_failed(terminal_name, keys, values)`` when values with
+    Failures arrived (the journal records those no worker recorded). All three are for journaled
     runs; without them the hot path makes no call per item.
     ``failed`` counts the input items of which a Failure reached a terminal (once each,
     however many sub-items or sinks it failed in); ``failure_log`` keeps the Failures for
@@ -38,7 +38,7 @@ class Terminals:
         failure_log: FailureLog,
         on_finish: Callable[[str, int], None] | None = None,
         on_retire: Callable[[int], None] | None = None,
-        on_failed: Callable[[str, list[Key], list[Failure]], None] | None = None,
+        on_failed: Callable[[str, Sequence[Key], list[Any]], None] | None = None,
     ) -> None:
         self.n = len(plan.terminals)
         output = plan.output
@@ -68,8 +68,7 @@ class Terminals:
             self._failed.update(position(v.item) for v in values if type(v) is Failure)
             self.failure_log.add(values)
             if self._on_failed is not None:  # the journal keeps the ones no worker recorded
-                pairs = [(k, v) for k, v in zip(keys, values) if type(v) is Failure]
-                self._on_failed(t.node.name, [k for k, _ in pairs], [v for _, v in pairs])
+                self._on_failed(t.node.name, keys, values)
         if t.top_level:
             if t.is_output:
                 self.out.put(keys, values, keys)  # type: ignore[arg-type]

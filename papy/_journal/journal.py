@@ -375,8 +375,7 @@ class Journal:
     def mark_complete(self, terminal: str, item: str) -> None:
         """Note that a terminal below a scatter has all of an input item's sub-items."""
         self._pending_complete.append((terminal, item))
-        if len(self._pending_complete) >= 256 or time.monotonic() - self._last_flush > 0.2:
-            self.flush()
+        self._flush_if_due()
 
     def record_failures(
         self, terminal: str, jkeys: Sequence[tuple[str, str]], failures: list[Failure]
@@ -392,7 +391,12 @@ class Journal:
         rows = self.signer.rows(terminal, self.prints[terminal].fingerprint, jkeys, failures)
         with self._lock:
             self._pending_failures.extend(rows)
-        if len(self._pending_failures) >= 256 or time.monotonic() - self._last_flush > 0.2:
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        """Write what is pending once it is 256 rows of a kind or 0.2 s old."""
+        pending = max(len(self._pending_complete), len(self._pending_failures))
+        if pending >= 256 or time.monotonic() - self._last_flush > 0.2:
             self.flush()
 
     def flush(self) -> None:

@@ -169,8 +169,8 @@ class State:
                 self.spec_blobs[spec.id] = blob
                 while len(self.spec_blobs) > SPEC_CACHE:
                     self.spec_blobs.pop(next(iter(self.spec_blobs)), None)
-        job = Job(task, done, fut)  # a future its holder cancels is withdrawn too:
-        fut.add_done_callback(functools.partial(on_cancel, weakref.ref(self), weakref.ref(job)))
+        job = Job(task, done, fut)
+        self.watch_cancel(job)
         self.enqueue([job])
         return fut
 
@@ -211,16 +211,14 @@ class State:
         if idle.dead or idle.jobs or self.pending or self.closed:
             return None
         job = steal(idle, self.pool)
-        if job is not None:
-            job.id = next(self.ids)
-            idle.jobs.append(job)
-            idle.outbox.put(job)
-            if job.task.timeout is not None or has_timeout(job.task):
-                self.wake()
+        if job is not None:  # first in line, and no worker holds fewer jobs than ``idle``
+            self.pending.appendleft(job)
+            self.assign_locked()
         return job
 
     def watch_cancel(self, job: Job | None) -> None:
-        """Withdraw a moved job too when its holder cancels its future (call unlocked)."""
+        """Withdraw a job when its holder cancels its future (call unlocked: the callback
+        runs at once, taking the lock, if the future is cancelled already)."""
         if job is not None:
             job.fut.add_done_callback(
                 functools.partial(on_cancel, weakref.ref(self), weakref.ref(job))

@@ -361,8 +361,8 @@ def unname(lock: Any) -> None:
     good if both die at once (a hangup, ``kill -9 -PGID``). Both processes hold it open
     from the worker's first answer on, so the name can go then, with its clean-up.
     """
-    name = getattr(getattr(lock, "_semlock", None), "name", None)
-    if not isinstance(name, str):
+    name = _slot.semaphore_name(lock)
+    if name is None:
         return  # fork: unnamed from the start
     cleanup = multiprocessing.synchronize.SemLock._cleanup  # type: ignore[attr-defined]
     for finalizer in list(multiprocessing.util._finalizer_registry.values()):  # type: ignore[attr-defined]

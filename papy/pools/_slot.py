@@ -89,6 +89,12 @@ def read_slot(slot: Any) -> tuple[int, int, int, int, float] | None:
     return values
 
 
+def semaphore_name(lock: Any) -> str | None:
+    """Return the name of the claim lock's POSIX semaphore (None under ``fork``: unnamed)."""
+    name = getattr(getattr(lock, "_semlock", None), "name", None)
+    return name if isinstance(name, str) else None
+
+
 def withdraw(slot: Any, lock: Any, job_id: int, wait: float = 1.0) -> bool:
     """Withdraw job ``job_id`` sent to the slot's worker; False if it started already.
 

@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -45,7 +44,7 @@ from papy._items import qualified_type
 from papy._task import CriticalSection, StepSpec, run_task
 from papy.pools import _shm
 from papy.pools._messages import dumps, encode_result, frame, loads, unframe
-from papy.pools._slot import SlotTracker
+from papy.pools._slot import SlotTracker, semaphore_name
 
 
 def _on_sigterm(critical: CriticalSection, signum: int, frame: Any) -> None:
@@ -76,15 +75,15 @@ def _exit_group(code: int) -> None:
     os._exit(code)
 
 
-def _watch_driver(driver_pid: int, critical: CriticalSection, names: Sequence[str] = ()) -> None:
+def _watch_driver(driver_pid: int, critical: CriticalSection, name: str | None = None) -> None:
     """Exit with the whole process group when the driver process dies.
 
     Linux's parent-death signal follows the *thread* that started a process, and a worker
     started by a fork server is not the driver's child at all, so the worker watches the
     driver itself: with a pidfd where the kernel has them, else by polling its pid.
-    ``names``: the named semaphores the driver made for this worker (its slot's claim
-    lock), removed here, since the driver (and its resource tracker, if they died
-    together) can no longer do it: else they stay in ``/dev/shm`` for good.
+    ``name``: the named semaphore the driver made for this worker (its slot's claim lock),
+    removed here if the driver has not yet: a driver that died with its resource tracker
+    can no longer do it, and it would stay in ``/dev/shm`` for good.
     """
     try:
         fd = os.pidfd_open(driver_pid)
@@ -112,18 +111,12 @@ def _watch_driver(driver_pid: int, critical: CriticalSection, names: Sequence[st
     deadline = time.monotonic() + 30
     while critical.defer() and time.monotonic() < deadline:
         time.sleep(0.02)
-    for name in names:
+    if name is not None:
         try:
             _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
         except OSError:
-            pass  # the resource tracker outlived the driver and removed it
+            pass  # removed already (``_handles.unname``, or the resource tracker)
     _exit_group(70)
-
-
-def _semaphore_names(lock: Any) -> list[str]:
-    """Return the name of ``lock``'s POSIX semaphore, if it has one (not under fork)."""
-    name = getattr(getattr(lock, "_semlock", None), "name", None)
-    return [name] if isinstance(name, str) else []
 
 
 def _allow_children() -> None:
@@ -192,7 +185,7 @@ def worker_main(
     if driver_pid is not None:
         threading.Thread(
             target=_watch_driver,
-            args=(driver_pid, critical, _semaphore_names(claim_lock)),
+            args=(driver_pid, critical, semaphore_name(claim_lock)),
             name="papy-watch-driver",
             daemon=True,
         ).start()

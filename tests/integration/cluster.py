@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,8 @@ class Cluster:
         """Return the worker processes (the children of the nannies)."""
         out = []
         for nanny in self.workers:
-            out.extend(psutil.Process(nanny.pid).children(recursive=True))
+            with contextlib.suppress(psutil.NoSuchProcess):  # a nanny that is gone has none
+                out.extend(psutil.Process(nanny.pid).children(recursive=True))
         return out
 
     def stop(self) -> None:

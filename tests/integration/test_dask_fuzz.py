@@ -15,7 +15,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import pytest
 import test_fuzz as fz
 import test_fuzz_journal as fzj
@@ -70,16 +69,20 @@ def journaled_dask_graphs(draw: st.DrawFn) -> dict[str, Any]:
     return graph
 
 
-def cluster_pids(c: Cluster) -> set[int]:
-    """Return the pids of the cluster's processes, the workers its nannies restarted too."""
-    pids = {c.scheduler.pid}
-    for nanny in c.workers:
-        pids.add(nanny.pid)
-        try:
-            pids.update(p.pid for p in psutil.Process(nanny.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    return pids
+@pytest.fixture
+def others(cluster: Cluster) -> Iterator[Any]:
+    """Make the fuzzer's "dask" pools DaskPools on ``cluster``; yield what returns the pids
+    of the cluster's processes (a nanny restarts the workers items kill: not leftovers)."""
+
+    def pids() -> set[int]:
+        started = [cluster.scheduler, *cluster.workers]  # the nannies: their workers below
+        return {p.pid for p in started} | {p.pid for p in cluster.worker_processes()}
+
+    fz.POOL_FACTORIES["dask"] = lambda workers: DaskPool(cluster.address)
+    try:
+        yield pids
+    finally:
+        del fz.POOL_FACTORIES["dask"]
 
 
 @pytest.mark.timeout(0 if fz.PROFILE == "papy-fuzz" else 900)
@@ -90,25 +93,17 @@ def cluster_pids(c: Cluster) -> set[int]:
 )
 @given(graph=dask_graphs())
 def test_fuzz_pipelines_with_a_dask_pool_match_the_reference(
-    cluster: Cluster, graph: dict[str, Any]
+    others: Any, graph: dict[str, Any]
 ) -> None:
     """Random graphs with a DaskPool give exactly what the reference evaluator says."""
-    fz.POOL_FACTORIES["dask"] = lambda workers: DaskPool(cluster.address)
-    try:
-        fz.check(graph, others=lambda: cluster_pids(cluster))
-    finally:
-        del fz.POOL_FACTORIES["dask"]
+    fz.check(graph, others=others)
 
 
 @pytest.mark.timeout(0 if fz.PROFILE == "papy-fuzz" else 900)
 @settings(settings.get_profile(fz.PROFILE), max_examples=EXAMPLES)
 @given(graph=journaled_dask_graphs())
 def test_fuzz_journaled_runs_with_a_dask_pool_match_a_fresh_run(
-    cluster: Cluster, graph: dict[str, Any]
+    others: Any, graph: dict[str, Any]
 ) -> None:
     """Journaled runs with a DaskPool, resumed and retried, give what a fresh run gives."""
-    fz.POOL_FACTORIES["dask"] = lambda workers: DaskPool(cluster.address)
-    try:
-        fzj.check(graph, others=lambda: cluster_pids(cluster))
-    finally:
-        del fz.POOL_FACTORIES["dask"]
+    fzj.check(graph, others=others)
