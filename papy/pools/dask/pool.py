@@ -406,7 +406,10 @@ class DaskPool(Pool):
             blob = f.result()
         except (concurrent.futures.CancelledError, asyncio.CancelledError):
             if not self._shared.closed:  # close() already failed the future
-                self._fail_out(sent.out, PoolError("the Dask task was cancelled on the cluster"))
+                error = self._shared.broken or PoolError(
+                    "the Dask task was cancelled on the cluster"
+                )
+                self._fail_out(sent.out, error)
             return
         except import_distributed().KilledWorker as exc:
             self._killed(sent, exc)

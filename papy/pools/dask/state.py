@@ -65,6 +65,8 @@ class Shared:
         with self.lock:
             outs = list(self.outs)
             live = [s.dfut for s in self.live.values()]
+            for s in self.live.values():
+                s.finished.set()  # the cancellation below must not answer first
         if live:
             try:
                 self.client.cancel(live)
