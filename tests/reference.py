@@ -120,11 +120,13 @@ class Params:
     scatter: tuple[int, ...] | None = None
     #: (kind, modulus, residue): the item faults when its digest % modulus == residue
     fault: tuple[str, int, int] | None = None
+    #: the node's code version: another version gives other outputs (and faults)
+    version: int = 0
 
 
 def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
     """Decide what node ``p`` does with ``args``: ``(fault kind or None, output)``."""
-    d = digest((p.name, args))
+    d = digest((p.name, args) if not p.version else (p.name, p.version, args))
     fault = None
     if p.fault is not None:
         kind, mod, res = p.fault
@@ -234,6 +236,7 @@ def node_params(i: int, node: dict[str, Any]) -> Params:
         name=f"n{i}",
         scatter=tuple(scatter) if scatter is not None else None,
         fault=(fault[0], fault[1], fault[2]) if fault is not None else None,
+        version=node.get("version", 0),
     )
 
 

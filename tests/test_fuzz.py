@@ -53,6 +53,7 @@ randomized profile that ``make fuzz`` runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -345,6 +346,8 @@ def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
             fn = reference.batched_fn
         elif node["async"]:
             fn = reference.async_node_fn
+        if node.get("change") == "code":  # the version in the code, not in the args
+            fn, params = versioned(fn, params.version), dataclasses.replace(params, version=0)
         pipe.add(
             functools.partial(fn, params),
             name=params.name,
@@ -360,6 +363,19 @@ def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
             cache=bool(node.get("cache")),
         )
     return pipe
+
+
+def versioned(fn: Any, version: int) -> Any:
+    """Return ``fn`` as a new function whose *code* holds ``version`` (a literal), as an
+    edited function body would: ``f(p, *args)`` calls ``fn(p with that version, *args)``."""
+    asynchronous = fn is reference.async_node_fn
+    source = (
+        f"{'async ' if asynchronous else ''}def edited(p, *args):\n"
+        f"    return {'await ' if asynchronous else ''}fn(replace(p, version={version}), *args)\n"
+    )
+    scope: dict[str, Any] = {"fn": fn, "replace": dataclasses.replace}
+    exec(source, scope)
+    return scope["edited"]
 
 
 class Hang(Exception):

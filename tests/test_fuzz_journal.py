@@ -4,11 +4,13 @@ Hypothesis draws a graph as ``tests/test_fuzz.py`` does (pools, scatters, gather
 batched and async nodes, faults, unpicklable items), which nodes keep a cache
 (``cache=True``), whether items are known by content or by ``key=repr``, and a first run
 over some of the input items in another order, possibly left part-way (the caller stops
-reading). The contract checked against ``tests/reference.py``:
+reading). Some nodes are then edited (a constant in their code, or an argument of their
+``functools.partial``). The contract checked against ``tests/reference.py``:
 
 - A run on the same journal over all the items gives exactly the outputs and Failures a
-  fresh run gives: each item gets its own output, whatever earlier runs saw, in which order
-  and at which position (a replayed Failure names the item's position in *this* run).
+  fresh run of the edited graph gives (an edited node and everything below it run again):
+  each item gets its own output, whatever earlier runs saw, in which order and at which
+  position (a replayed Failure names the item's position in *this* run).
 - A third run (``map()``, then ``run()``) skips every item (``report.skipped`` is the
   number of items; an item that cannot be pickled runs again, unless ``key=`` names it),
   failed ones included (a Failure made outside the node, by a crash or
@@ -51,6 +53,8 @@ def journaled(draw: st.DrawFn) -> dict[str, Any]:
         node["on_error"] = False
         node["timeout"] = False
         node["cache"] = draw(st.booleans())
+        # edited between the first run and the second: in its code, or in its arguments
+        node["change"] = draw(st.sampled_from([None, None, "args", "code"]))
     graph["input_error_at"] = None
     n = len(graph["inputs"])
     graph["first"] = draw(st.permutations(range(n)).map(lambda p: p[: draw(st.integers(0, n))]))
@@ -74,7 +78,14 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
     first = [inputs[i] for i in graph.get("first", [])]
     out_node = graph["nodes"][graph["output"]]
     out_name = f"n{graph['output']}"
-    want = reference.evaluate(graph, inputs)
+    # The nodes edited after the first run: the later runs run the new version.
+    edited = {
+        **graph,
+        "nodes": [{**n, "version": 1} if n.get("change") else n for n in graph["nodes"]],
+    }
+    if currently_in_test_context() and edited != graph:
+        event("nodes edited between runs")
+    want = reference.evaluate(edited, inputs)
     want_outputs = [v for per_position in want.outputs for v in per_position]
     note(f"expected outputs: {[fz.canon(v) for v in want_outputs]}")
     before = {c.pid for c in fz.worker_children()}
@@ -101,7 +112,9 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
             fz.compare_outputs(got, [v for vs in sub.outputs for v in vs], out_node["ordered"])
         outputs.close()
 
-        # The second run: all the items; what earlier runs finished is replayed.
+        # The second run: all the items, the edited nodes' new version; what earlier runs
+        # finished is replayed where its node and the nodes above it are unchanged.
+        pipe = fz.build(edited, pools)
         got = list(pipe.map(inputs, output=out_name, errors="yield", **jargs))
         fz.compare_outputs(got, want_outputs, out_node["ordered"])
 
