@@ -10,9 +10,10 @@ restored by the last one; an application's own handlers are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _lock = threading.Lock()
@@ -103,3 +104,36 @@ def trap_signals() -> Callable[[], None]:
             _saved.clear()
 
     return restore
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs, then let their handlers act.
+
+    For steps that must not be cut in half by a ``KeyboardInterrupt``: a worker process
+    being started reads its arguments (a named semaphore among them) from a pipe, and an
+    interrupt in the middle dropped the semaphore, and its name, while the new process
+    was still reading (``FileNotFoundError`` from the forkserver). Only in the main thread
+    (the others receive no signals), and only for handlers written in Python: a signal
+    whose action is the system's default acts at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                signal.signal(sig, lambda signum, frame: held.append(signum))
+                previous[sig] = handler
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            previous[signum](signum, None)  # raises as it would have (KeyboardInterrupt)

@@ -12,11 +12,32 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import site
 import sys
+import sysconfig
 import types
 from typing import Any
 
 import cloudpickle
+
+
+@functools.cache
+def library_dirs() -> tuple[str, ...]:
+    """Return the directories of the standard library and of installed packages (real
+    paths; facts about this interpreter, computed once)."""
+    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs.update(site.getsitepackages())
+    dirs.add(site.getusersitepackages())
+    return tuple(sorted(os.path.realpath(d) for d in dirs if d))
+
+
+def in_library(path: str) -> bool:
+    """Tell whether the file ``path`` is part of the standard library or of a package
+    installed into site-packages (PaPy's own files included)."""
+    real = os.path.realpath(path)
+    own = os.path.dirname(os.path.realpath(__file__))
+    return any(real.startswith(d + os.sep) for d in (*library_dirs(), own))
 
 
 def registered_by_value(module: types.ModuleType) -> bool:

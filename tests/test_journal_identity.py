@@ -4,6 +4,9 @@ changed node is recomputed, whatever the item or the callable is made of."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -200,3 +203,69 @@ def test_a_cached_failure_given_back_does_not_stop_a_run_again(tmp_path: Path) -
         23,
     ]
     assert outputs.report is not None and outputs.report.nodes["heavy"].failed == 1
+
+
+SCRIPT = """
+import json, sys
+from papy import Pipeline, ThreadPool
+import helpers
+from helpers import tidy
+
+SCALE = {scale}
+
+def clean(x):
+    return {clean}
+
+def score(x):
+    return helpers.weight(tidy(clean(x))) * SCALE
+
+pipe = Pipeline("edited", pool=ThreadPool(2))
+pipe.add(score, name="score")
+with pipe.pool:
+    outputs = pipe.map(range(4), journal=sys.argv[1])
+    got = list(outputs)
+print(json.dumps({{"got": got, "skipped": outputs.report.skipped,
+                  "changed": outputs.report.changed}}))
+"""
+
+HELPERS = """
+def weight(x):
+    return x + {weight}
+
+def tidy(x):
+    return _inner(x)
+
+def _inner(x):
+    return x * {inner}
+"""
+
+
+def test_an_edit_to_what_a_node_calls_or_reads_recomputes_it(tmp_path: Path) -> None:
+    # A node was known by its own code only: editing a helper it calls (in the script or in
+    # a module next to it) or a constant it reads gave the old outputs on the next run.
+    journal = tmp_path / "run.db"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no stale .pyc after quick edits
+
+    def run(**edits: Any) -> dict[str, Any]:
+        code = {"scale": 1, "clean": "x + 1", "weight": 10, "inner": 2, **edits}
+        (tmp_path / "script.py").write_text(SCRIPT.format(**code))
+        (tmp_path / "helpers.py").write_text(HELPERS.format(**code))
+        argv = [sys.executable, "script.py", str(journal)]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        want = [
+            ((x + (edits.get("clean") == "x + 2") + 1) * code["inner"] + code["weight"])
+            * code["scale"]
+            for x in range(4)
+        ]
+        assert result["got"] == want, (edits, result)
+        return result
+
+    assert run()["skipped"] == 0
+    assert run()["skipped"] == 4  # nothing changed: nothing runs
+    for edit in ({"clean": "x + 2"}, {"scale": 3}, {"weight": 20}, {"inner": 5}):
+        result = run(**edit)
+        assert result["skipped"] == 0, edit
+        assert result["changed"] == {"score": "a function, class or constant it uses changed"}
+        assert run(**edit)["skipped"] == 4, edit

@@ -389,6 +389,66 @@ def test_killing_the_drivers_process_group_leaves_nothing_in_dev_shm(tmp_path):
     assert left == []
 
 
+_CTRL_C_AT_START = """
+import os, signal, sys, time
+from multiprocessing import forkserver, popen_forkserver
+from papy import ProcessPool
+
+connect = forkserver.connect_to_new_process
+where = sys.argv[1]
+
+
+def ctrl_c_while_starting(fds):
+    # The forkserver has forked the new worker, which now reads its arguments (the slot's
+    # named semaphore among them) from a pipe the driver is about to fill.
+    got = connect(fds)
+    os.kill(os.getpid(), signal.SIGINT)
+    return got
+
+
+popen_forkserver.forkserver.connect_to_new_process = ctrl_c_while_starting
+pool = ProcessPool(2)
+try:
+    pool.start()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+pool.close()
+time.sleep(1.0)  # a worker that outlived the interrupt would write its traceback now
+"""
+
+
+def test_a_ctrl_c_while_a_worker_starts_leaves_no_traceback_and_nothing_behind(tmp_path):
+    # An interrupt between the forkserver's fork and the driver's writing of the worker's
+    # arguments dropped the semaphore's name under the new process, which printed a
+    # FileNotFoundError traceback from the forkserver (or an EOFError).
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C_AT_START)
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "start"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "interrupted"
+    assert "Traceback" not in err, err
+    session = [p.pid for p in psutil.process_iter() if _session(p.pid) == proc.pid]
+    assert _gone(session, within=5) == []
+    left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith("sem."))
+    assert left == []
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
 # -- exit, garbage collection, long-lived pools ---------------------------------------------
 
 _EARLY_EXIT = """

@@ -16,10 +16,13 @@ everything downstream of it no longer match their records.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import json
 import logging
+import os
 import pickle
 import struct
+import sys
 import types
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,6 +34,7 @@ import cloudpickle
 from papy._errors import JournalError
 from papy._graph import topological_order
 from papy._node import Node
+from papy._pickling import in_library
 
 log = logging.getLogger("papy")
 
@@ -243,18 +247,126 @@ def _fn_parts(f: Any, depth: int = 0, strict: bool = False) -> dict[str, str]:
     }
 
 
-def _class_code(cls: type, depth: int) -> str:
-    """Digest a class's name and the code of every function it and its bases define
-    (methods, static and class methods, property getters); built-in classes have none."""
-    code = [f"{cls.__module__}.{cls.__qualname__}"]
+#: the types of global values a function's identity includes: constants (a module-level
+#: list, dict or array may be changed in place at any time; it is left out)
+_CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None))
+#: at most this many functions and classes followed from one node's functions
+_MAX_USES = 500
+
+
+def _is_constant(v: Any) -> bool:
+    if isinstance(v, _CONSTANT_TYPES):
+        return True
+    return isinstance(v, (tuple, frozenset)) and len(v) <= 1_000 and all(map(_is_constant, v))
+
+
+def _user_code(obj: Any) -> bool:
+    """Tell whether a function, class or module is the user's own code: not built in, and
+    defined in ``__main__``, a notebook, an ``exec`` or a file outside the standard library
+    and site-packages (see :func:`papy._pickling.in_library`)."""
+    if isinstance(obj, types.FunctionType):
+        path = obj.__code__.co_filename
+    elif isinstance(obj, types.ModuleType):
+        path = getattr(obj, "__file__", None) or ""
+        if not path:
+            return obj.__name__ == "__main__"
+    elif isinstance(obj, type):
+        module = sys.modules.get(obj.__module__)
+        if obj.__module__ == "builtins" or module is None:
+            return False
+        return _user_code(module)
+    else:
+        return False
+    if path.startswith("<frozen") or path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        return False  # the standard library's frozen modules; compiled code
+    return not (os.path.isabs(path) and in_library(path))
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """Return the names ``code`` and the code nested in it read (globals and attributes)."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names
+
+
+def _uses_digest(fns: Sequence[Any]) -> str:
+    """Digest what the functions ``fns`` use from their modules: the code, defaults and
+    closures of the user's own functions and classes they name (followed through the
+    functions those name in turn, at most ``_MAX_USES``), the same of the user's own
+    modules' functions and classes they name as ``module.name``, and the value of every
+    global constant (``_CONSTANT_TYPES``, and tuples of them) they read."""
+    entries: list[Any] = []
+    seen: set[int] = {id(f) for f in fns}
+    todo = list(fns)
+    while todo and len(seen) < _MAX_USES:
+        f = todo.pop()
+        names = _global_names(f.__code__)
+        scope = f.__globals__
+        for name in sorted(names):
+            if name not in scope:
+                continue
+            value = scope[name]
+            found = [(name, value)]
+            if isinstance(value, types.ModuleType) and _user_code(value):
+                found = [
+                    (f"{name}.{attr}", getattr(value, attr))
+                    for attr in sorted(names)
+                    if attr in vars(value)
+                ]
+            for label, v in found:
+                if _is_constant(v):
+                    entries.append((label, _digest(v).hex()))
+                elif isinstance(v, (types.FunctionType, type)) and _user_code(v):
+                    if id(v) in seen:
+                        entries.append((label, "seen"))
+                        continue
+                    seen.add(id(v))
+                    entries.append((label, _callable_digest(v, 1)))
+                    if isinstance(v, types.FunctionType):
+                        todo.append(v)
+                    else:
+                        todo.extend(_methods(v))
+    return _digest(entries).hex()
+
+
+def _functions_of(f: Any) -> list[types.FunctionType]:
+    """Return the Python functions a node's callable runs (a partial's function, a bound
+    method's, a class's or a callable object's methods)."""
+    for _ in range(8):  # partials of partials
+        if isinstance(f, types.MethodType):
+            f = f.__func__
+        elif callable(getattr(f, "func", None)) and hasattr(f, "keywords"):
+            f = f.func
+        else:
+            break
+    if isinstance(f, types.FunctionType):
+        return [f]
+    cls = f if isinstance(f, type) else type(f)
+    return _methods(cls) if _user_code(cls) else []
+
+
+def _methods(cls: type) -> list[types.FunctionType]:
+    """Return the functions a class and its bases define (methods, static and class
+    methods, property getters); built-in classes have none."""
+    found = []
     for base in cls.__mro__[:-1]:  # object's own are built in
-        for name, attr in sorted(base.__dict__.items()):
+        for _, attr in sorted(base.__dict__.items()):
             if isinstance(attr, (staticmethod, classmethod)):
                 attr = attr.__func__
             elif isinstance(attr, property):
                 attr = attr.fget
             if isinstance(attr, types.FunctionType):
-                code.append(f"{base.__qualname__}.{name}:{_code_digest(attr.__code__, depth)}")
+                found.append(attr)
+    return found
+
+
+def _class_code(cls: type, depth: int) -> str:
+    """Digest a class's name and the code of every function it and its bases define
+    (methods, static and class methods, property getters); built-in classes have none."""
+    code = [f"{cls.__module__}.{cls.__qualname__}"]
+    code += [f"{m.__qualname__}:{_code_digest(m.__code__, depth)}" for m in _methods(cls)]
     return _digest(code).hex()
 
 
@@ -282,6 +394,7 @@ REASONS = {
     "code": "function body changed",
     "defaults": "defaults changed",
     "closure": "closure values changed",
+    "uses": "a function, class or constant it uses changed",
     "args": "args changed",
     "kwargs": "kwargs changed",
     "graph": "place in graph changed",
@@ -310,6 +423,7 @@ def node_prints(nodes: Sequence[Node]) -> dict[str, NodePrint]:
             "code": _digest([p["code"] for p in fns]).hex(),
             "defaults": _digest([p["defaults"] for p in fns]).hex(),
             "closure": _digest([p["closure"] for p in fns]).hex(),
+            "uses": _uses_digest([g for f in n.fns for g in _functions_of(f)]),
             "args": _digest(list(getattr(call, "args", []))).hex(),
             "kwargs": _digest(list(getattr(call, "kwargs", []))).hex(),
             "graph": _digest(

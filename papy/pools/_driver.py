@@ -100,14 +100,22 @@ class State:
         self.unpickle_s = 0.0
 
     def start(self) -> None:
-        with self.lock:
-            for _ in range(self.size):
-                self.pool.append(self.spawn())
+        """Start the workers and the manager; on any error (Ctrl-C included) stop those
+        started (:meth:`close`) and raise it."""
+        try:
+            with self.lock:
+                for _ in range(self.size):
+                    self.spawn()
+        except BaseException:
+            self.close()
+            raise
         self.manager = threading.Thread(target=self.manage, name="papy-process-pool", daemon=True)
         self.manager.start()
 
     def spawn(self) -> Worker:
+        """Start a worker and its sender and add it to the pool (called under the lock)."""
         w = start_worker(self.ctx, self.initializer, self.shm_threshold)
+        self.pool.append(w)  # at once: close() stops what the pool holds
         threading.Thread(
             target=send_loop, args=(self, w), name="papy-process-pool-send", daemon=True
         ).start()
@@ -458,7 +466,7 @@ class State:
         with self.lock:
             replace = replace and not self.closed
             if replace:
-                self.pool.append(self.spawn())
+                self.spawn()
                 self.restarts += 1
         finish_outputs(w)
         w.close_conn()

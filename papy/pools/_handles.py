@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from papy._errors import PoolError
+from papy._interrupt import deferred
 from papy._task import TaskResult
 from papy.pools import _slot
 from papy.pools._base import Task
@@ -342,14 +343,23 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
         name="papy-worker",
         daemon=True,  # multiprocessing's exit handler must never wait for a worker
     )
-    proc.start()
-    for end in (child, out_w, err_w):
-        end.close()
-    sock = None
-    if shm_threshold is not None:  # shared-memory descriptors travel on the pipe's socket
-        sock = socket.socket(fileno=os.dup(parent.fileno()))
-    outputs = [Output(out_r, "stdout"), Output(err_r, "stderr")]
-    return Worker(proc, parent, slot, outputs, sock, lock)
+    try:
+        with deferred():  # a Ctrl-C waits until the process has its arguments
+            proc.start()
+        for end in (child, out_w, err_w):
+            end.close()
+        sock = None
+        if shm_threshold is not None:  # shared-memory descriptors travel on the pipe's socket
+            sock = socket.socket(fileno=os.dup(parent.fileno()))
+        outputs = [Output(out_r, "stdout"), Output(err_r, "stderr")]
+        return Worker(proc, parent, slot, outputs, sock, lock)
+    except BaseException:
+        # Dropping the lock drops the semaphore's name, which the new process may still
+        # have to open (a FileNotFoundError traceback): stop it first.
+        if proc.pid is not None:
+            proc.kill()
+            proc.join()
+        raise
 
 
 def unname(lock: Any) -> None:

@@ -16,11 +16,8 @@ import importlib.metadata
 import importlib.util
 import io
 import logging
-import os
 import pickle
-import site
 import sys
-import sysconfig
 import threading
 import types
 from collections.abc import Callable
@@ -29,24 +26,13 @@ from typing import Any
 import cloudpickle
 
 from papy._errors import PoolError
-from papy._pickling import CodePickler, registered_by_value
+from papy._pickling import CodePickler, in_library, registered_by_value
 
 log = logging.getLogger("papy")
 
 #: cloudpickle's by-value registry is one per process, shared by every pool and run: the
 #: modules registered for one pickling must not leak into another made at the same time.
 _SHIP_LOCK = threading.Lock()
-
-
-# Facts about this interpreter's installation, computed once: they do not depend on a pool
-# or a run.
-@functools.cache
-def _library_dirs() -> tuple[str, ...]:
-    """Return the directories of the standard library and of installed packages."""
-    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    dirs.update(site.getsitepackages())
-    dirs.add(site.getusersitepackages())
-    return tuple(sorted(os.path.realpath(d) for d in dirs if d))
 
 
 @functools.cache
@@ -73,8 +59,7 @@ def user_module(name: str) -> types.ModuleType | None:
         return None
     if top in _installed_top_levels():
         return None
-    real = os.path.realpath(path)
-    if any(real.startswith(d + os.sep) for d in _library_dirs()):
+    if in_library(path):
         return None
     return module
 
