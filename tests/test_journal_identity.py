@@ -214,7 +214,7 @@ from helpers import tidy
 SCALE = {scale}
 
 def clean(x):
-    return {clean}
+    return x + {clean}
 
 def score(x):
     return helpers.weight(tidy(clean(x))) * SCALE
@@ -229,12 +229,22 @@ print(json.dumps({{"got": got, "skipped": outputs.report.skipped,
 """
 
 HELPERS = """
+import functools
+
+def logged(fn):
+    @functools.wraps(fn)
+    def wrapper(x):
+        return fn(x)
+    return wrapper
+
+@logged
 def weight(x):
     return x + {weight}
 
 def tidy(x):
     return _inner(x)
 
+@functools.lru_cache
 def _inner(x):
     return x * {inner}
 """
@@ -242,12 +252,14 @@ def _inner(x):
 
 def test_an_edit_to_what_a_node_calls_or_reads_recomputes_it(tmp_path: Path) -> None:
     # A node was known by its own code only: editing a helper it calls (in the script or in
-    # a module next to it) or a constant it reads gave the old outputs on the next run.
+    # a module next to it, decorated or cached) or a constant it reads gave the old
+    # outputs on the next run.
     journal = tmp_path / "run.db"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no stale .pyc after quick edits
 
-    def run(**edits: Any) -> dict[str, Any]:
-        code = {"scale": 1, "clean": "x + 1", "weight": 10, "inner": 2, **edits}
+    code = {"scale": 1, "clean": 1, "weight": 10, "inner": 2}
+
+    def run() -> dict[str, Any]:
         (tmp_path / "script.py").write_text(SCRIPT.format(**code))
         (tmp_path / "helpers.py").write_text(HELPERS.format(**code))
         argv = [sys.executable, "script.py", str(journal)]
@@ -255,17 +267,16 @@ def test_an_edit_to_what_a_node_calls_or_reads_recomputes_it(tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr
         result: dict[str, Any] = json.loads(done.stdout)
         want = [
-            ((x + (edits.get("clean") == "x + 2") + 1) * code["inner"] + code["weight"])
-            * code["scale"]
-            for x in range(4)
+            ((x + code["clean"]) * code["inner"] + code["weight"]) * code["scale"] for x in range(4)
         ]
-        assert result["got"] == want, (edits, result)
+        assert result["got"] == want, (code, result)
         return result
 
     assert run()["skipped"] == 0
     assert run()["skipped"] == 4  # nothing changed: nothing runs
-    for edit in ({"clean": "x + 2"}, {"scale": 3}, {"weight": 20}, {"inner": 5}):
-        result = run(**edit)
+    for edit in ({"clean": 2}, {"scale": 3}, {"weight": 20}, {"inner": 5}):
+        code.update(edit)  # one edit at a time, kept for the next
+        result = run()
         assert result["skipped"] == 0, edit
         assert result["changed"] == {"score": "a function, class or constant it uses changed"}
-        assert run(**edit)["skipped"] == 4, edit
+        assert run()["skipped"] == 4, edit

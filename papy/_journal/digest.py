@@ -304,10 +304,9 @@ def _uses_digest(fns: Sequence[Any]) -> str:
         f = todo.pop()
         names = _global_names(f.__code__)
         scope = f.__globals__
-        for name in sorted(names):
-            if name not in scope:
-                continue
-            value = scope[name]
+        cells = [c for c in (f.__closure__ or ()) if _cell_filled(c)]
+        held = [(f"<cell {i}>", c.cell_contents) for i, c in enumerate(cells)]
+        for name, value in [(n, scope[n]) for n in sorted(names) if n in scope] + held:
             found = [(name, value)]
             if isinstance(value, types.ModuleType) and _user_code(value):
                 found = [
@@ -316,6 +315,7 @@ def _uses_digest(fns: Sequence[Any]) -> str:
                     if attr in vars(value)
                 ]
             for label, v in found:
+                v = _unwrapped(v)
                 if _is_constant(v):
                     entries.append((label, _digest(v).hex()))
                 elif isinstance(v, (types.FunctionType, type)) and _user_code(v):
@@ -329,6 +329,18 @@ def _uses_digest(fns: Sequence[Any]) -> str:
                     else:
                         todo.extend(_methods(v))
     return _digest(entries).hex()
+
+
+def _unwrapped(v: Any) -> Any:
+    """Return the function a ``functools.cache``/``lru_cache`` or ``functools.wraps``
+    wrapper that is not a plain function itself holds (``__wrapped__``), else ``v``."""
+    if isinstance(v, (types.FunctionType, type)) or not callable(v):
+        return v
+    try:
+        inner = getattr(v, "__wrapped__", None)
+    except Exception:  # an object's own __getattr__
+        return v
+    return inner if isinstance(inner, types.FunctionType) else v
 
 
 def _functions_of(f: Any) -> list[types.FunctionType]:
