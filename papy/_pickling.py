@@ -32,6 +32,7 @@ def library_dirs() -> tuple[str, ...]:
     return tuple(sorted(os.path.realpath(d) for d in dirs if d))
 
 
+@functools.lru_cache(maxsize=4096)
 def in_library(path: str) -> bool:
     """Tell whether the file ``path`` is part of the standard library or of a package
     installed into site-packages (PaPy's own files included)."""

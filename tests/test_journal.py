@@ -761,16 +761,18 @@ def test_an_output_that_cannot_be_recorded_fails_its_item_not_the_run(tmp_path, 
                 assert report.nodes["mk"].failed == 1
 
 
+#: whether _Rec's records cannot be loaded (mutable state, not part of a fingerprint)
+_REC_BROKEN = {"now": False}
+
+
 class _Rec:
     """A record whose class changed since it was recorded: it cannot be loaded back."""
-
-    broken = False
 
     def __init__(self, x: int) -> None:
         self.x = x
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if _Rec.broken and state["x"] == 1:
+        if _REC_BROKEN["now"] and state["x"] == 1:
             raise AttributeError("_Rec has no field x any more")
         self.__dict__.update(state)
 
@@ -790,9 +792,9 @@ def test_a_cached_record_that_cannot_be_loaded_is_computed_again(tmp_path):
             pipe = Pipeline("cache-load", pool=pool)
             rec = pipe.add(make, name="make", cache=True)
             pipe.add(eval(f"lambda r: r.x * {version}"), after=rec, name="use")
-            _Rec.broken = version == 2
+            _REC_BROKEN["now"] = version == 2
             try:
                 assert list(pipe.map(range(3), journal=journal)) == [0, version, 2 * version]
             finally:
-                _Rec.broken = False
+                _REC_BROKEN["now"] = False
     assert sorted(calls.read_text().split()) == ["0", "1", "1", "2"]  # item 1 again only
