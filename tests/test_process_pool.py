@@ -10,6 +10,7 @@ import functools
 import gc
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -620,6 +621,57 @@ def test_worker_output_reaches_the_driver_line_by_line(tmp_path):
     lines = proc.stdout.splitlines()
     assert sorted(lines) == sorted(f"item {x} " + "o" * 200 for x in range(50))
     assert sorted(proc.stderr.splitlines()) == sorted(f"warning {x}" for x in range(50))
+
+
+_PROGRESS = """
+import os, sys, time
+from papy import Pipeline, ProcessPool
+
+def long_job(flag):
+    sys.stdout.write("tick 1/2\\r")  # a progress bar, redrawn in place
+    sys.stdout.flush()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("\u00e9" * 1_500_000)  # 3 MB on one line, characters split between reads
+    sys.stdout.flush()
+    return "seen" if os.path.exists(flag) else "not seen"
+
+if __name__ == "__main__":
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("progress", pool=pool)
+        pipe.add(long_job)
+        print(list(pipe.map([sys.argv[1]])))
+"""
+
+
+def test_a_progress_bar_shows_while_its_node_runs_and_a_long_line_arrives_whole(tmp_path):
+    # Only lines ending in a newline were written: a progress bar redrawn with carriage
+    # returns showed nothing until its node ended, and each read re-scanned the whole
+    # unfinished line (16 MB without a newline took 7-12 s, 64 MB minutes).
+    script = tmp_path / "progress.py"
+    script.write_text(_PROGRESS)
+    flag = tmp_path / "seen"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(flag)], env=ENV, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 25
+    while b"tick 1/2\r" not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 1 << 16)
+    assert b"tick 1/2\r" in seen, "the progress bar did not show while its node ran"
+    flag.touch()
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    lines = sorted((seen + rest).decode("utf-8").split("\n"))
+    long_line = "\u00e9" * 1_500_000  # after the progress bar, or after the driver's line
+    assert lines in (
+        sorted(["tick 1/2\r" + long_line, "['seen']", ""]),
+        sorted(["tick 1/2\r['seen']", long_line, ""]),
+    )
 
 
 # -- a user's file behaves as under Python ---------------------------------------------------

@@ -8,6 +8,7 @@ holds (one running, one queued), in the order it runs them.
 from __future__ import annotations
 
 import _multiprocessing
+import codecs
 import multiprocessing.resource_tracker
 import multiprocessing.synchronize
 import multiprocessing.util
@@ -122,20 +123,28 @@ class Worker:
                 pass
 
 
+#: a worker's line longer than this (bytes) reaches the driver in pieces of this size
+LONG_LINE = 1 << 20
+
+
 class Output:
     """One of a worker's output streams, copied line by line to the driver's own stream.
 
     Complete lines only are written, each in one call, so output of workers never
     interleaves mid-line and a live display (which redirects the driver's ``sys.stdout``)
-    prints them above itself.
+    prints them above itself. A carriage return ends a line too (a progress bar redrawn
+    in place shows as it moves), and a line longer than ``LONG_LINE`` bytes is written in
+    pieces of that size: the driver holds at most that much of a worker's line. Text is
+    decoded as UTF-8 across reads, so a character split between two reads stays whole.
     """
 
-    __slots__ = ("conn", "name", "partial")
+    __slots__ = ("conn", "decoder", "name", "partial")
 
     def __init__(self, conn: Connection, name: str) -> None:
         self.conn = conn
         self.name = name  # "stdout" or "stderr"
-        self.partial = b""
+        self.partial = bytearray()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def read(self) -> bool:
         """Copy what is available; return False at end of file."""
@@ -146,17 +155,22 @@ class Output:
         if not data:
             self.flush()
             return False
-        data = self.partial + data
-        end = data.rfind(b"\n") + 1
-        self.partial = data[end:]
+        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1  # in what came now only
         if end:
-            self.write(data[:end])
+            self.partial += data[:end]
+            self.write(bytes(self.partial))
+            self.partial = bytearray(data[end:])
+        else:
+            self.partial += data
+            if len(self.partial) >= LONG_LINE:
+                self.write(bytes(self.partial))
+                self.partial.clear()
         return True
 
     def flush(self) -> None:
         if self.partial:
-            self.write(self.partial + b"\n")
-            self.partial = b""
+            self.write(bytes(self.partial) + b"\n")
+            self.partial.clear()
 
     def write(self, data: bytes) -> None:
         stream = getattr(sys, self.name)
@@ -167,7 +181,7 @@ class Output:
         if stream is None:
             return
         try:
-            stream.write(data.decode("utf-8", errors="replace"))
+            stream.write(self.decoder.decode(data))
             stream.flush()
         except (OSError, ValueError):
             pass
