@@ -450,6 +450,42 @@ def _session(pid: int) -> int | None:
         return None
 
 
+_NESTED_TIMEOUT = """
+import time
+from papy import Pipeline, ProcessPool
+
+def inner(v):
+    time.sleep(30)  # the outer item times out while its own pool works
+    return v
+
+def outer(x):
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("inner", pool=pool)
+        pipe.add(inner)
+        return sum(pipe.map(range(2), progress=False))
+
+if __name__ == "__main__":
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("outer", pool=pool)
+        pipe.add(outer, timeout=2.0)
+        print([o.exc_type for o in pipe.map(range(2), errors="yield", progress=False)])
+"""
+
+
+def test_a_timed_out_node_with_a_pool_of_its_own_leaves_no_tracker_warnings(tmp_path):
+    # The inner pool's worker removed its semaphore when its driver (the outer worker) was
+    # killed, but the resource tracker the two share still counted it: "There appear to be
+    # 2 leaked semaphore objects" and a "No such file or directory" per name at exit.
+    script = tmp_path / "nested.py"
+    script.write_text(_NESTED_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "['TimeoutError', 'TimeoutError']"
+    assert "resource_tracker" not in proc.stderr, proc.stderr
+
+
 # -- exit, garbage collection, long-lived pools ---------------------------------------------
 
 _EARLY_EXIT = """

@@ -28,6 +28,7 @@ import _multiprocessing
 import functools
 import io
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import pickle
 import select
@@ -116,7 +117,26 @@ def _watch_driver(driver_pid: int, critical: CriticalSection, name: str | None =
             _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
         except OSError:
             pass  # removed already (``_handles.unname``, or the resource tracker)
+        else:
+            _untrack(name)
     _exit_group(70)
+
+
+def _untrack(name: str) -> None:
+    """Tell the resource tracker the driver registered ``name`` with that it is gone.
+
+    A nested pool's driver (a worker of an outer pool, killed by a timeout) shares the
+    top driver's tracker, which otherwise warns at exit of "leaked semaphore objects" it
+    then fails to remove. Written to the tracker's pipe directly: the public
+    ``unregister`` would start a new tracker if this one died with the driver.
+    """
+    fd = getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None)
+    if fd is None:
+        return
+    try:
+        os.write(fd, f"UNREGISTER:{name}:semaphore\n".encode("ascii"))
+    except OSError:
+        pass  # the tracker is gone too
 
 
 def _allow_children() -> None:
