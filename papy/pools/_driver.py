@@ -45,7 +45,7 @@ from papy.pools._handles import (
     start_worker,
     steal,
     stop_workers,
-    unname,
+    warm_up,
     withdraw_held,
 )
 from papy.pools._messages import loads, unframe
@@ -102,6 +102,7 @@ class State:
     def start(self) -> None:
         """Start the workers and the manager; on any error (Ctrl-C included) stop those
         started (:meth:`close`) and raise it."""
+        warm_up(self.ctx)
         try:
             with self.lock:
                 for _ in range(self.size):
@@ -376,8 +377,6 @@ class State:
             if unloadable is None:  # withdrawn: the worker never ran it
                 self.watch_cancel(moved)
                 return True
-            if not w.did:
-                unname(w.claim_lock)  # the worker has it open: /dev/shm needs no name
             w.did += 1
             self.start_failures = 0
         self.watch_cancel(moved)

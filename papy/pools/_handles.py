@@ -342,6 +342,19 @@ def wire_keys(keys: Any) -> Any:
     return keys if isinstance(keys, range) else list(keys)
 
 
+def warm_up(ctx: Any) -> None:
+    """Start and join one process that does nothing, so the fork server has loaded its
+    modules before the first worker's claim lock (a named semaphore) exists: the name
+    then lives for the milliseconds a worker takes to start, not for the fork server's
+    start-up (0.5-1 s on a loaded machine), in which a driver killed with its process
+    group (a hangup) would leave it in ``/dev/shm`` for good."""
+    if ctx.get_start_method() == "forkserver":
+        proc = ctx.Process(target=int, name="papy-warm-up", daemon=True)
+        with deferred():  # cut in half, the new process reads a truncated pipe
+            proc.start()
+        proc.join()
+
+
 def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None) -> Worker:
     """Start one worker process (``ctx``: a multiprocessing context) and return its handle."""
     parent, child = ctx.Pipe(duplex=True)
@@ -351,6 +364,7 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
     slot[_slot.INDEX] = _slot.UNBORN
     slot[_slot.SEEN] = slot[_slot.W0] = slot[_slot.W1] = -1.0  # job ids start at 0
     lock = ctx.Lock()  # the slot's claim lock, shared by the driver and this worker
+    unname(lock)
     proc = ctx.Process(
         target=worker_main,
         args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold, lock),
@@ -377,13 +391,14 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
 
 
 def unname(lock: Any) -> None:
-    """Remove the name of ``lock``'s POSIX semaphore once its worker has it open.
+    """Make the driver's removal of ``lock``'s semaphore name tolerate the worker's.
 
     Under ``forkserver`` and ``spawn`` a ``multiprocessing`` lock is a named semaphore
-    (``/dev/shm/sem.mp-*``) that the worker opens by name; the name is removed when the
-    lock is collected, or by the resource tracker after the driver's death, and stays for
-    good if both die at once (a hangup, ``kill -9 -PGID``). Both processes hold it open
-    from the worker's first answer on, so the name can go then, with its clean-up.
+    (``/dev/shm/sem.mp-*``) that the worker opens by name. The worker removes the name as
+    soon as it has it open (both processes keep the semaphore): a name left by a driver
+    killed with its resource tracker (a hangup, ``kill -9 -PGID``) would stay for good.
+    The driver's own removal, when the lock is collected (a worker that never started),
+    must then accept that the name is gone already, which multiprocessing's does not.
     """
     name = _slot.semaphore_name(lock)
     if name is None:
@@ -392,10 +407,15 @@ def unname(lock: Any) -> None:
     for finalizer in list(multiprocessing.util._finalizer_registry.values()):  # type: ignore[attr-defined]
         if finalizer._callback is cleanup and finalizer._args == (name,):
             finalizer.cancel()
+    weakref.finalize(lock, drop_name, name)
+
+
+def drop_name(name: str) -> None:
+    """Remove a semaphore's name unless it is gone already, and untrack it."""
     try:
         _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
     except OSError:
-        return
+        return  # removed by its worker, which untracked it
     multiprocessing.resource_tracker.unregister(name, "semaphore")  # type: ignore[attr-defined]
 
 

@@ -76,15 +76,12 @@ def _exit_group(code: int) -> None:
     os._exit(code)
 
 
-def _watch_driver(driver_pid: int, critical: CriticalSection, name: str | None = None) -> None:
+def _watch_driver(driver_pid: int, critical: CriticalSection) -> None:
     """Exit with the whole process group when the driver process dies.
 
     Linux's parent-death signal follows the *thread* that started a process, and a worker
     started by a fork server is not the driver's child at all, so the worker watches the
     driver itself: with a pidfd where the kernel has them, else by polling its pid.
-    ``name``: the named semaphore the driver made for this worker (its slot's claim lock),
-    removed here if the driver has not yet: a driver that died with its resource tracker
-    can no longer do it, and it would stay in ``/dev/shm`` for good.
     """
     try:
         fd = os.pidfd_open(driver_pid)
@@ -112,13 +109,6 @@ def _watch_driver(driver_pid: int, critical: CriticalSection, name: str | None =
     deadline = time.monotonic() + 30
     while critical.defer() and time.monotonic() < deadline:
         time.sleep(0.02)
-    if name is not None:
-        try:
-            _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
-        except OSError:
-            pass  # removed already (``_handles.unname``, or the resource tracker)
-        else:
-            _untrack(name)
     _exit_group(70)
 
 
@@ -200,12 +190,20 @@ def worker_main(
         os.setpgid(0, 0)
     except OSError:  # pragma: no cover - already a group leader
         pass
+    name = semaphore_name(claim_lock)
+    if name is not None:  # open here and in the driver: the name can go (_handles.unname)
+        try:
+            _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
+        except OSError:
+            pass
+        else:
+            _untrack(name)
     _redirect_output(outputs)
     _allow_children()
     if driver_pid is not None:
         threading.Thread(
             target=_watch_driver,
-            args=(driver_pid, critical, semaphore_name(claim_lock)),
+            args=(driver_pid, critical),
             name="papy-watch-driver",
             daemon=True,
         ).start()

@@ -75,12 +75,13 @@ def _prepare_without_unguarded_main(get: Callable[[str], dict[str, Any]]) -> Any
     """Wrap multiprocessing's preparation data so workers skip an unguarded ``__main__``.
 
     See :func:`papy.pools._functions.main_is_guarded`: only processes named ``papy-worker``
-    and only when the driver's script has no ``if __name__ == "__main__":`` block.
+    and only when the driver's script has no ``if __name__ == "__main__":`` block; the
+    fork server's warm-up process (``papy-warm-up``, which runs nothing) never loads it.
     """
 
     def get_preparation_data(name: str) -> dict[str, Any]:
         data = get(name)
-        if name == "papy-worker" and not _functions.main_is_guarded():
+        if name == "papy-warm-up" or (name == "papy-worker" and not _functions.main_is_guarded()):
             data.pop("init_main_from_path", None)
             data.pop("init_main_from_name", None)
         return data
