@@ -137,21 +137,16 @@ def _uses_digest(fns: Sequence[Any]) -> str:
         f = todo.pop()
         names = _global_names(f.__code__)
         scope = f.__globals__
-        for cell in f.__closure__ or ():  # their digests are part of f's closure's: the
-            use = _use(_unwrapped(cell.cell_contents)) if cell_filled(cell) else None
-            for g in use[1] if use is not None else []:  # functions they run are followed
+        held = [c.cell_contents for c in f.__closure__ or () if cell_filled(c)]
+        held += [*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values()]
+        for value in held:  # their digests are part of f's closure's and defaults': the
+            use = _use(_unwrapped(value))  # functions they run are followed
+            for g in use[1] if use is not None else []:
                 if id(g) not in seen:
                     seen.add(id(g))
                     todo.append(g)
         for name, value in [(n, scope[n]) for n in sorted(names) if n in scope]:
-            found = [(name, value)]
-            if isinstance(value, types.ModuleType) and user_code(value):
-                found = [
-                    (f"{name}.{attr}", getattr(value, attr))
-                    for attr in sorted(names)
-                    if attr in vars(value)
-                ]
-            for label, v in found:
+            for label, v in _in_modules(name, value, names):
                 v = _unwrapped(v)
                 owner = v if isinstance(v, (types.FunctionType, type)) else type(v)
                 if not is_constant(v) and id(owner) in seen:
@@ -165,6 +160,17 @@ def _uses_digest(fns: Sequence[Any]) -> str:
     return digest(entries).hex()
 
 
+def _in_modules(name: str, value: Any, names: set[str], depth: int = 0) -> list[tuple[str, Any]]:
+    """Return ``[(name, value)]``, or for a user's module what the code reads of it
+    (``module.name``, ``package.module.name``: the attributes among ``names``)."""
+    if not isinstance(value, types.ModuleType) or not user_code(value) or depth > 4:
+        return [(name, value)]
+    found = []
+    for attr in sorted(names & vars(value).keys()):
+        found += _in_modules(f"{name}.{attr}", getattr(value, attr), names, depth + 1)
+    return found
+
+
 def _use(v: Any) -> tuple[str, list[types.FunctionType]] | None:
     """Return what using ``v`` adds to a function's identity, and the functions to follow
     from it; None for what is left out (library code, mutable values).
@@ -175,6 +181,9 @@ def _use(v: Any) -> tuple[str, list[types.FunctionType]] | None:
     """
     if is_constant(v):
         return digest(v).hex(), []
+    if isinstance(v, tuple):  # of functions, say: each is followed
+        follow = [g for x in v if callable(x) for g in _functions_of(_unwrapped(x))]
+        return (digest(v).hex(), follow) if any(map(user_code, follow)) else None
     if isinstance(v, (types.FunctionType, type)):
         return (callable_digest(v, 1), _functions_of(v)) if user_code(v) else None
     if isinstance(v, (functools.partial, types.MethodType)):

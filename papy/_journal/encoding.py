@@ -16,11 +16,16 @@ attributes; ``strict`` encoding (an input item's) raises :class:`Unidentifiable`
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
 import enum
+import fractions
 import hashlib
 import importlib.machinery
 import os
+import pathlib
 import pickle
+import re
 import struct
 import sys
 import threading
@@ -37,6 +42,16 @@ MAX_DEPTH = 64
 #: the types of global values a function's identity includes: constants (a module-level
 #: list, dict or array may be changed in place at any time; it is left out)
 _CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None))
+#: immutable values of the standard library a global may hold (see :func:`is_constant`)
+_VALUE_TYPES = (
+    re.Pattern,
+    pathlib.PurePath,
+    decimal.Decimal,
+    fractions.Fraction,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+)
 _local = threading.local()
 
 
@@ -95,7 +110,7 @@ def feed(h: Any, v: Any, depth: int = 0, strict: bool = False) -> None:
         h.update(b"y" + class_code(v, depth).encode())
     elif isinstance(v, types.ModuleType):
         h.update(b"m" + v.__name__.encode())
-    elif depth >= MAX_DEPTH or not _user_type(t) or not _feed_reduced(h, v, depth, strict):
+    elif depth >= MAX_DEPTH or not _by_state(t) or not _feed_reduced(h, v, depth, strict):
         blob = _pickle_or_none(v)
         if blob is not None:
             h.update(b"p%d:" % len(blob) + blob)
@@ -120,21 +135,29 @@ def _feed_reduced(h: Any, v: Any, depth: int, strict: bool) -> bool:
     fn, args, *rest = reduced
     t = type(v)
     h.update(b"R" + f"{t.__module__}.{t.__qualname__}|{_name(fn)}".encode())
-    h.update(class_code(t, depth).encode())  # a node may call the item's methods
+    if user_code(t):
+        h.update(class_code(t, depth).encode())  # a node may call the item's methods
     parts = [args, *(list(r) if hasattr(r, "__next__") else r for r in rest[:3])]
     feed(h, parts, depth + 1, strict)
     return True
 
 
-def _user_type(t: type) -> bool:
-    """:func:`user_code` for the type of a value, remembered like :func:`class_code`."""
+def _by_state(t: type) -> bool:
+    """Tell whether values of type ``t`` are encoded by how they are rebuilt: the user's
+    own classes, and the library's plain ones (default reduction: their state is their
+    attributes, ``types.SimpleNamespace``, ``argparse.Namespace``); remembered like
+    :func:`class_code`. Other library types (NumPy arrays) go by their pickle."""
     memo: dict[Any, Any] | None = getattr(_local, "classes", None)
-    if memo is None:
-        return user_code(t)
-    key = ("user", t)
-    if key not in memo:
-        memo[key] = user_code(t)
-    return bool(memo[key])
+    key = ("state", t)
+    if memo is not None and key in memo:
+        return bool(memo[key])
+    plain = t is types.SimpleNamespace or (
+        t.__reduce_ex__ is object.__reduce_ex__ and t.__reduce__ is object.__reduce__
+    )
+    out = plain or user_code(t)
+    if memo is not None:
+        memo[key] = out
+    return out
 
 
 def _name(obj: Any) -> str:
@@ -174,7 +197,8 @@ def code_digest(code: types.CodeType, depth: int = 0) -> str:
     """Digest what decides a code object's behaviour: bytecode, constants, names read."""
     h = hashlib.blake2b(digest_size=20)
     h.update(code.co_code)
-    h.update(b"|%d|%d|%d|" % (code.co_argcount, code.co_kwonlyargcount, code.co_flags))
+    counts = (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)
+    h.update(b"|%d|%d|%d|%d|" % counts)
     h.update(",".join(code.co_names).encode())
     h.update(b"|")
     h.update(",".join(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]).encode())
@@ -320,10 +344,19 @@ def cell_filled(cell: Any) -> bool:
 
 
 def is_constant(v: Any) -> bool:
-    """Tell whether ``v`` is a constant: a number, text, bytes, or a tuple of those."""
+    """Tell whether ``v`` is a constant: a number, text, bytes, a compiled pattern, a
+    path, a decimal, a fraction, a date or time, an enum member, an instance of a frozen
+    dataclass of such, or a tuple or frozenset of any of these."""
     if isinstance(v, _CONSTANT_TYPES):
         return True
-    return isinstance(v, (tuple, frozenset)) and len(v) <= 1_000 and all(map(is_constant, v))
+    if isinstance(v, (tuple, frozenset)):
+        return len(v) <= 100_000 and all(map(is_constant, v))
+    if isinstance(v, (*_VALUE_TYPES, enum.Enum)):
+        return True
+    params = getattr(type(v), "__dataclass_params__", None)
+    if params is not None and params.frozen:
+        return all(is_constant(x) for x in vars(v).values()) if hasattr(v, "__dict__") else False
+    return False
 
 
 def user_code(obj: Any) -> bool:

@@ -85,6 +85,7 @@ class Journal:
         self._closed = False
         #: node name -> why its records were dropped ("function body changed", ...)
         self.changes: dict[str, str] = {}
+        self.recorded: set[str] = set()  # see _open
         self.prints = node_prints(nodes)
         self.signer = Signer.for_user()
         #: names this run to the workers (a worker's store of an earlier run is closed)
@@ -145,6 +146,16 @@ class Journal:
                 self.conn.execute("PRAGMA journal_mode = WAL")
             fold_pending(self.store, everything=True)  # sink batches of a run that died
             self.changes = reconcile(self.conn, self.prints, nodes, name, self.force, self.signer)
+            # unchanged nodes with records (a sink that now has a child, say): their
+            # records are used, and kept up, as a cache's are
+            self.recorded = {
+                node
+                for node in self.prints
+                if node not in self.changes or self.force
+                if self.conn.execute(
+                    "SELECT 1 FROM outputs WHERE node = ? LIMIT 1", (node,)
+                ).fetchone()
+            }
             self.resuming = (
                 self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
             )
@@ -159,13 +170,15 @@ class Journal:
     def spec_for(self, nodes: Sequence[Node], terminals: set[str]) -> JournalSpec | None:
         """Return the spec of a step of ``nodes`` that records something, or None.
 
-        A step records the outputs of its terminals (names in ``terminals``) and of its
-        nodes with ``cache=True``.
+        A step records the outputs of its terminals (names in ``terminals``), of its
+        nodes with ``cache=True``, and of its nodes whose records an earlier run left
+        and that are unchanged (a sink that now has a child: its side effects are not
+        repeated).
         """
         rec = tuple(
             (i, n.name, self.prints[n.name].fingerprint)
             for i, n in enumerate(nodes)
-            if n.name in terminals or getattr(n, "cache", False)
+            if n.name in terminals or getattr(n, "cache", False) or n.name in self.recorded
         )
         if not rec:
             return None

@@ -2,8 +2,9 @@
 
 Each node's fingerprint covers its code, its settings and its ancestors'
 (:mod:`papy._journal.digest`). A node whose fingerprint changed since the journal recorded
-it is recomputed: its records (and those of nodes gone from the pipeline) are dropped, and
-the reason is logged and kept for the run's report.
+it is recomputed: its records are dropped, and the reason is logged and kept for the run's
+report. The records of a node gone from the pipeline stay: put back unchanged (a sink
+left out of one run), it finds them again (``papy journal forget`` drops them).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ def reconcile(
             ups = [p for p in pr.parents if p in changed]
             why = [f"upstream node {ups[0]!r} changed" if ups else "upstream nodes changed"]
         changed[name] = ", ".join(why)
-    gone = [name for name in old if name not in prints]
     terminals = {n.name for n in nodes if n.is_sink}
     cached = {n.name for n in nodes if getattr(n, "cache", False)}
     rows = [
@@ -73,11 +73,9 @@ def reconcile(
             for name in changed:  # keep the records: the caller vouches for them
                 _move_records(conn, signer, name, prints[name].fingerprint)
         else:
-            for name in [*changed, *gone]:
+            for name in changed:
                 conn.execute("DELETE FROM outputs WHERE node = ?", (name,))
                 conn.execute("DELETE FROM complete WHERE node = ?", (name,))
-            for name in gone:
-                conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
         conn.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)", rows)
         if not force:  # records of another version of a node (folded in, say)
             conn.execute(
