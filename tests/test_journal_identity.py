@@ -467,6 +467,11 @@ def test_a_moved_positional_only_marker_is_seen(tmp_path: Path) -> None:
     _resumed_is_fresh(tmp_path, v1, v2, [1, 2])
 
 
+def test_a_changed_function_attribute_is_seen(tmp_path: Path) -> None:
+    v1, v2 = (_source(f"def f(x):\n    return x + f.k\nf.k = {k}")["f"] for k in (1, 2))
+    _resumed_is_fresh(tmp_path, v1, v2, [1, 2])
+
+
 def test_an_edit_under_stacked_decorators_is_seen(tmp_path: Path) -> None:
     # Past two closures deep a function was known as "deep": its body did not count.
     v1, v2 = (_source(_DECORATED.format(k=k))["f"] for k in (1, 2))

@@ -235,6 +235,9 @@ def _fn_parts(f: Any, depth: int, strict: bool) -> dict[str, str]:
         return parts
     if isinstance(f, types.FunctionType):
         closure = [c.cell_contents for c in (f.__closure__ or ()) if cell_filled(c)]
+        attrs = sorted((k, v) for k, v in vars(f).items() if is_constant(v))
+        if attrs:  # constant attributes the function may read (f.k = 2)
+            closure.append(attrs)
         return {
             "code": code_digest(f.__code__, depth),
             "defaults": digest([f.__defaults__, f.__kwdefaults__], depth + 1, strict).hex(),
