@@ -14,6 +14,7 @@ import threading
 import uuid
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -285,6 +286,74 @@ def test_an_edit_to_what_a_node_calls_or_reads_recomputes_it(tmp_path: Path) -> 
         assert run()["skipped"] == 4, edit
 
 
+LIBRARY_DECORATED = """
+import contextlib, functools
+
+@contextlib.contextmanager
+def scaled(x):
+    yield x * {scale}
+
+@functools.singledispatch
+def convert(x):
+    return x
+
+@convert.register
+def _(x: int):
+    return x + {offset}
+"""
+
+LIBRARY_SCRIPT = """
+import json, sys
+from papy import Pipeline, ThreadPool
+from decorated import convert, scaled
+
+def node(x):
+    import local_helper  # imported inside the node: not a global of this module
+    from pkg.core import bump  # a package's module, likewise
+    with scaled(x) as y:
+        return bump(local_helper.shift(convert(y)))
+
+pipe = Pipeline("library", pool=ThreadPool(2))
+pipe.add(node, name="node")
+with pipe.pool:
+    outputs = pipe.map(range(3), journal=sys.argv[1])
+    got = list(outputs)
+print(json.dumps({{"got": got, "skipped": outputs.report.skipped}}))
+"""
+
+
+def test_helpers_behind_library_decorators_and_local_imports_are_followed(tmp_path: Path) -> None:
+    # A helper made by contextlib.contextmanager or functools.singledispatch is a function
+    # of the library wrapping the user's, and a module imported inside a node is no global
+    # of it: edits to either gave the old outputs.
+    journal = tmp_path / "run.db"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    code = {"scale": 10, "offset": 1, "shift": 100, "bump": 1000}
+
+    def run() -> dict[str, Any]:
+        (tmp_path / "script.py").write_text(LIBRARY_SCRIPT.format())
+        (tmp_path / "decorated.py").write_text(LIBRARY_DECORATED.format(**code))
+        (tmp_path / "local_helper.py").write_text(
+            f"def shift(x):\n    return x + {code['shift']}\n"
+        )
+        (tmp_path / "pkg").mkdir(exist_ok=True)
+        (tmp_path / "pkg" / "__init__.py").write_text("")
+        (tmp_path / "pkg" / "core.py").write_text(f"def bump(x):\n    return x + {code['bump']}\n")
+        argv = [sys.executable, "script.py", str(journal)]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        want = [sum(code.values()) - code["scale"] + x * code["scale"] for x in range(3)]
+        assert result["got"] == want, (code, result)
+        return result
+
+    assert run()["skipped"] == 0
+    for edit in ({"scale": 20}, {"offset": 2}, {"shift": 200}, {"bump": 2000}):
+        code.update(edit)
+        assert run()["skipped"] == 0, edit
+        assert run()["skipped"] == 3, edit
+
+
 # -- every kind of edit a node or an item can carry --------------------------------------------
 
 
@@ -400,6 +469,29 @@ def via_default(x, fn=helper):
 
 def via_tuple(x):
     return STEPS[0](x)
+
+class Outer:
+    class Inner:
+        k = {k}
+    def __call__(self, x):
+        return x + self.Inner.k
+
+class Meta(type):
+    def bump(cls, x):
+        return x + {k}
+
+class Measured(metaclass=Meta):
+    def __call__(self, x):
+        return type(self).bump(x)
+
+class LooksLikePartial:
+    def __init__(self):
+        self.func, self.keywords = abs, {{}}
+    def __call__(self, x):
+        return x + {k}
+
+def apply(x, fn):
+    return fn(x)
 """
 
 
@@ -437,6 +529,10 @@ def test_another_builtin_callable_is_another_node(tmp_path: Path, first, then, i
         lambda ns: ns["with_config"],  # a frozen dataclass, a path
         lambda ns: ns["via_default"],  # a function given as a default, and its callees
         lambda ns: ns["via_tuple"],  # a function in a global tuple
+        lambda ns: ns["Outer"](),  # a class nested in the node's class
+        lambda ns: ns["Measured"](),  # its metaclass's methods
+        lambda ns: ns["LooksLikePartial"](),  # func and keywords, yet no partial
+        lambda ns: functools.partial(ns["apply"], fn=ns["helper"]),  # a function as data
     ],
     ids=[
         "method-default",
@@ -449,6 +545,10 @@ def test_another_builtin_callable_is_another_node(tmp_path: Path, first, then, i
         "frozen-dataclass-and-path",
         "function-default",
         "tuple-of-functions",
+        "nested-class",
+        "metaclass",
+        "duck-typed-partial",
+        "function-as-argument",
     ],
 )
 def test_an_edit_inside_a_class_or_object_is_seen(tmp_path: Path, pick) -> None:
@@ -517,6 +617,7 @@ def test_an_int_too_long_for_str_is_an_item_like_any_other(tmp_path: Path) -> No
 
 _SEEDED = """
 import collections, json, sys, types
+import attrs, numpy
 from papy import Pipeline, ThreadPool
 
 Pair = collections.namedtuple("Pair", "tags n")
@@ -528,10 +629,25 @@ class Bag:
 BAG = Bag("the a of in on at to".split())
 OPTIONS = types.SimpleNamespace(tags={"x", "y", "z", "w"})
 
-def count(item):
-    return len(item.tags) + len(BAG.words)  # a library object holding a set is an item too
+@attrs.frozen
+class Tagged:
+    tags: frozenset
 
-items = [Pair(frozenset("abcdefghij"), 1), Pair(frozenset("klmnop"), 2), OPTIONS]
+def bag(i):
+    return {"a", "b", "c", "d", "e", str(i)}
+
+MORE = [
+    collections.defaultdict(set, {"tags": bag(1)}),
+    collections.OrderedDict(tags=bag(2)),
+    collections.deque([bag(3)]),
+    numpy.array([bag(4), 1], dtype=object),
+    Tagged(frozenset(bag(5))),
+]
+
+def count(item):
+    return len(str(item)) + len(BAG.words)
+
+items = [Pair(frozenset("abcdefghij"), 1), Pair(frozenset("klmnop"), 2), OPTIONS, *MORE]
 pipe = Pipeline("seeded", pool=ThreadPool(2))
 pipe.add(lambda x, bag=BAG: count(x) + len(bag.words), name="count")
 with pipe.pool:
@@ -554,7 +670,7 @@ def test_sets_inside_objects_do_not_change_identity_with_the_hash_seed(tmp_path:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         results.append(json.loads(done.stdout))
-    assert [r["skipped"] for r in results] == [0, 3, 3]
+    assert [r["skipped"] for r in results] == [0, 8, 8]
     assert [r["changed"] for r in results] == [{}, {}, {}]
 
 
@@ -601,3 +717,13 @@ def test_a_sink_given_a_child_or_left_out_for_a_run_keeps_its_records(tmp_path: 
     assert run(child=True) == want  # back unchanged: nothing runs again
     assert _runs(log) == sorted(str(x + 1) for x in items)
     assert _runs(notes) == sorted(str((x + 1) * 10) for x in items)  # save's outputs, once
+
+
+def test_a_mock_as_a_node_is_fingerprinted_at_once(tmp_path: Path) -> None:
+    # A MagicMock answers every attribute: taken for a partial, it was followed 64 levels
+    # deep and the journaled run spun for minutes before its first item.
+    node = mock.MagicMock(return_value=7)
+    pipe = Pipeline("mocked", pool=ThreadPool(2))
+    pipe.add(node, name="f")
+    with pipe.pool:
+        assert list(pipe.map([1, 2], journal=tmp_path / "run.db")) == [7, 7]

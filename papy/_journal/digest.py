@@ -18,9 +18,13 @@ their records.
 
 from __future__ import annotations
 
+import dis
 import functools
+import importlib.machinery
+import importlib.util
 import json
 import logging
+import os
 import types
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,11 +46,12 @@ from papy._journal.encoding import (
     user_code,
 )
 from papy._node import Node
+from papy._pickling import in_library
 
 log = logging.getLogger("papy")
 
 #: at most this many functions and classes followed from one node's functions
-_MAX_USES = 500
+_MAX_USES = 5_000
 
 # -- identity of items ------------------------------------------------------------------------
 
@@ -145,8 +150,21 @@ def _uses_digest(fns: Sequence[Any]) -> str:
                 if id(g) not in seen:
                     seen.add(id(g))
                     todo.append(g)
-        for name, value in [(n, scope[n]) for n in sorted(names) if n in scope]:
-            for label, v in _in_modules(name, value, names):
+        imported = _imported_names(f.__code__)
+        for name in sorted(names):
+            if name in scope:
+                value = scope[name]
+            elif name in imported:  # a module imported inside the function, maybe not
+                source = _module_source(name)  # here yet: known by its file's bytes
+                if source is not None:
+                    entries.append((name, source))
+                continue
+            else:
+                continue
+            found = _in_modules(name, value, names)
+            for label, v in list(found):  # a singledispatch function's implementations
+                found += [(f"{label}[{i}]", g) for i, g in enumerate(_dispatched(v))]
+            for label, v in found:
                 v = _unwrapped(v)
                 owner = v if isinstance(v, (types.FunctionType, type)) else type(v)
                 if not is_constant(v) and id(owner) in seen:
@@ -158,6 +176,41 @@ def _uses_digest(fns: Sequence[Any]) -> str:
                     seen.add(id(owner))
                     todo.extend(g for g in use[1] if id(g) not in seen or g is owner)
     return digest(entries).hex()
+
+
+def _imported_names(code: types.CodeType) -> set[str]:
+    """Return the modules ``code`` and the code nested in it import (``import x``)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME"}
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _imported_names(c)
+    return names
+
+
+def _module_source(name: str) -> str | None:
+    """Return a digest of the file of the user's module ``name`` (found on ``sys.path``
+    and, for ``package.module``, in the package's directories, without importing
+    anything), or None for a library's or one not found."""
+    top, *rest = name.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    for part in rest:  # a package's submodule: its file, by path
+        places = list(getattr(spec, "submodule_search_locations", None) or [])
+        files = [os.path.join(d, part + ".py") for d in places]
+        files += [os.path.join(d, part, "__init__.py") for d in places]
+        origin = next((f for f in files if os.path.isfile(f)), None)
+        spec = importlib.machinery.ModuleSpec(name, None, origin=origin, is_package=True)
+        spec.submodule_search_locations = [os.path.dirname(origin)] if origin else []
+    if not origin or not origin.endswith(".py") or in_library(origin):
+        return None
+    try:
+        with open(origin, "rb") as fh:
+            return digest(fh.read()).hex()
+    except OSError:
+        return None
 
 
 def _in_modules(name: str, value: Any, names: set[str], depth: int = 0) -> list[tuple[str, Any]]:
@@ -195,15 +248,51 @@ def _use(v: Any) -> tuple[str, list[types.FunctionType]] | None:
 
 
 def _unwrapped(v: Any) -> Any:
-    """Return the function a ``functools.cache``/``lru_cache`` or ``functools.wraps``
-    wrapper that is not a plain function itself holds (``__wrapped__``), else ``v``."""
-    if isinstance(v, (types.FunctionType, type)) or not callable(v):
-        return v
-    try:
-        inner = getattr(v, "__wrapped__", None)
-    except Exception:  # an object's own __getattr__
-        return v
-    return inner if isinstance(inner, types.FunctionType) else v
+    """Return the user's function behind a wrapper that is not the user's code: a
+    ``functools.cache``, a library decorator made with ``functools.wraps``
+    (``contextlib.contextmanager``, ``functools.singledispatch``) and the like, by its
+    ``__wrapped__``; else ``v``."""
+    for _ in range(16):  # stacked library decorators
+        if isinstance(v, type) or not callable(v):
+            return v
+        if isinstance(v, types.FunctionType) and user_code(v):
+            return v
+        try:
+            inner = getattr(v, "__wrapped__", None)
+        except Exception:  # an object's own __getattr__
+            return v
+        if not callable(inner):
+            return v
+        v = inner
+    return v
+
+
+def _dispatched(v: Any) -> list[Any]:
+    """Return the implementations a ``functools.singledispatch`` function registered."""
+    registry: Any = getattr(v, "registry", None) if isinstance(v, types.FunctionType) else None
+    if not hasattr(registry, "values"):
+        return []
+    return [f for f in registry.values() if isinstance(f, types.FunctionType)]
+
+
+def _held_functions(fns: Sequence[Any], call: Any) -> list[types.FunctionType]:
+    """Return the user's functions a node holds as data: in a partial's arguments, a
+    callable object's attributes, the node's ``args``/``kwargs`` (``call``); their callees
+    are followed like a node's own."""
+    held: list[Any] = [a for per in getattr(call, "args", []) for a in per]
+    held += [v for per in getattr(call, "kwargs", []) for v in per.values()]
+    for v in fns:
+        if isinstance(v, (functools.partial, functools.partialmethod)):
+            held += [*v.args, *v.keywords.values()]
+        elif callable(v) and not isinstance(v, (types.FunctionType, type, types.MethodType)):
+            held += list(getattr(v, "__dict__", {}).values())
+        else:
+            held.append(v)
+    found = []
+    for v in held:
+        use = _use(_unwrapped(v)) if callable(v) else None
+        found += use[1] if use is not None else []
+    return found
 
 
 def _functions_of(f: Any) -> list[types.FunctionType]:
@@ -217,7 +306,7 @@ def _functions_of(f: Any) -> list[types.FunctionType]:
             cls = owner if isinstance(owner, type) else type(owner)
             extra = methods(cls) if user_code(cls) else []
             f = f.__func__
-        elif callable(getattr(f, "func", None)) and hasattr(f, "keywords"):
+        elif isinstance(f, (functools.partial, functools.partialmethod)):
             f = f.func
         else:
             break
@@ -261,7 +350,9 @@ def node_prints(nodes: Sequence[Node]) -> dict[str, NodePrint]:
             "code": digest([p["code"] for p in fns]).hex(),
             "defaults": digest([p["defaults"] for p in fns]).hex(),
             "closure": digest([p["closure"] for p in fns]).hex(),
-            "uses": _uses_digest([g for f in n.fns for g in _functions_of(f)]),
+            "uses": _uses_digest(
+                [g for f in n.fns for g in _functions_of(f)] + _held_functions(n.fns, call)
+            ),
             "args": digest(list(getattr(call, "args", []))).hex(),
             "kwargs": digest(list(getattr(call, "kwargs", []))).hex(),
             "graph": digest(

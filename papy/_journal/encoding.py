@@ -15,11 +15,13 @@ attributes; ``strict`` encoding (an input item's) raises :class:`Unidentifiable`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import decimal
 import enum
 import fractions
+import functools
 import hashlib
 import importlib.machinery
 import os
@@ -53,6 +55,16 @@ _VALUE_TYPES = (
     datetime.timedelta,
 )
 _local = threading.local()
+#: library containers encoded by how they are rebuilt (see _by_state)
+_CONTAINERS = frozenset(
+    {
+        types.SimpleNamespace,
+        collections.OrderedDict,
+        collections.defaultdict,
+        collections.deque,
+        collections.Counter,
+    }
+)
 
 
 class Unidentifiable(Exception):
@@ -110,6 +122,11 @@ def feed(h: Any, v: Any, depth: int = 0, strict: bool = False) -> None:
         h.update(b"y" + class_code(v, depth).encode())
     elif isinstance(v, types.ModuleType):
         h.update(b"m" + v.__name__.encode())
+    elif isinstance(v, threading.Thread) and not strict:  # code's identity: a resource
+        h.update(b"u" + _name(t).encode())  # whose state (its ident) is the process's
+    elif depth < MAX_DEPTH and _object_array(v):  # its pickle holds each element's
+        h.update(b"A" + repr((v.shape, v.dtype.str)).encode())  # pickle: sets in seed order
+        feed(h, v.ravel().tolist(), depth + 1, strict)
     elif depth >= MAX_DEPTH or not _by_state(t) or not _feed_reduced(h, v, depth, strict):
         blob = _pickle_or_none(v)
         if blob is not None:
@@ -145,19 +162,26 @@ def _feed_reduced(h: Any, v: Any, depth: int, strict: bool) -> bool:
 def _by_state(t: type) -> bool:
     """Tell whether values of type ``t`` are encoded by how they are rebuilt: the user's
     own classes, and the library's plain ones (default reduction: their state is their
-    attributes, ``types.SimpleNamespace``, ``argparse.Namespace``); remembered like
+    attributes, ``argparse.Namespace``), and the standard containers (``_CONTAINERS``),
+    whose pickle would hold a set in the hash seed's order; remembered like
     :func:`class_code`. Other library types (NumPy arrays) go by their pickle."""
     memo: dict[Any, Any] | None = getattr(_local, "classes", None)
     key = ("state", t)
     if memo is not None and key in memo:
         return bool(memo[key])
-    plain = t is types.SimpleNamespace or (
+    plain = t in _CONTAINERS or (
         t.__reduce_ex__ is object.__reduce_ex__ and t.__reduce__ is object.__reduce__
     )
     out = plain or user_code(t)
     if memo is not None:
         memo[key] = out
     return out
+
+
+def _object_array(v: Any) -> bool:
+    """Tell whether ``v`` is a NumPy array of Python objects."""
+    t = type(v)
+    return t.__name__ == "ndarray" and t.__module__ == "numpy" and bool(v.dtype.hasobject)
 
 
 def _name(obj: Any) -> str:
@@ -243,9 +267,8 @@ def _fn_parts(f: Any, depth: int, strict: bool) -> dict[str, str]:
             "defaults": digest([f.__defaults__, f.__kwdefaults__], depth + 1, strict).hex(),
             "closure": digest(closure, depth + 1, strict).hex(),
         }
-    func = getattr(f, "func", None)  # functools.partial
-    if func is not None and callable(func) and hasattr(f, "keywords"):
-        parts = fn_parts(func, depth + 1, strict)
+    if isinstance(f, (functools.partial, functools.partialmethod)):
+        parts = fn_parts(f.func, depth + 1, strict)
         parts["closure"] = digest(
             [parts["closure"], getattr(f, "args", ()), f.keywords], depth + 1, strict
         ).hex()
@@ -296,6 +319,11 @@ def class_code(cls: type, depth: int) -> str:
             for attr, v in sorted(base.__dict__.items()):
                 if not attr.startswith("__") and is_constant(v):
                     code.append(f"{base.__qualname__}.{attr}={digest(v).hex()}")
+                elif isinstance(v, type) and user_code(v):  # a class nested in it
+                    code.append(f"{base.__qualname__}.{attr}:{class_code(v, depth + 1)}")
+        meta = type(cls)
+        if meta is not type and user_code(meta):  # its metaclass's methods
+            code.append(f"meta:{class_code(meta, depth + 1)}")
         if issubclass(cls, enum.Enum):
             code += [f"{m.name}={digest(m.value, depth + 1).hex()}" for m in cls]
         out = digest(code).hex()
@@ -326,9 +354,16 @@ def methods(cls: type) -> list[types.FunctionType]:
                 attr = attr.__func__
             elif isinstance(attr, property):
                 attr = attr.fget
-            if isinstance(attr, types.FunctionType):
+            if isinstance(attr, types.FunctionType) and not _generated(attr):
                 found.append(attr)
     return found
+
+
+def _generated(f: types.FunctionType) -> bool:
+    """Tell whether ``f`` was written by a class-making library (attrs): its code holds
+    values of the process (a hash of a unique name) and follows the class's fields,
+    which are encoded already."""
+    return f.__code__.co_filename.startswith("<attrs generated")
 
 
 def _slot_names(cls: type) -> list[str]:
@@ -346,19 +381,22 @@ def cell_filled(cell: Any) -> bool:
     return True
 
 
-def is_constant(v: Any) -> bool:
+def is_constant(v: Any, depth: int = 0) -> bool:
     """Tell whether ``v`` is a constant: a number, text, bytes, a compiled pattern, a
     path, a decimal, a fraction, a date or time, an enum member, an instance of a frozen
-    dataclass of such, or a tuple or frozenset of any of these."""
+    dataclass of such, or a tuple or frozenset of any of these (nested at most
+    ``MAX_DEPTH`` deep: a deeper one is not taken for a constant)."""
     if isinstance(v, _CONSTANT_TYPES):
         return True
+    if depth >= MAX_DEPTH:
+        return False
     if isinstance(v, (tuple, frozenset)):
-        return len(v) <= 100_000 and all(map(is_constant, v))
+        return len(v) <= 100_000 and all(is_constant(x, depth + 1) for x in v)
     if isinstance(v, (*_VALUE_TYPES, enum.Enum)):
         return True
     params = getattr(type(v), "__dataclass_params__", None)
-    if params is not None and params.frozen:
-        return all(is_constant(x) for x in vars(v).values()) if hasattr(v, "__dict__") else False
+    if params is not None and params.frozen and hasattr(v, "__dict__"):
+        return all(is_constant(x, depth + 1) for x in vars(v).values())
     return False
 
 
