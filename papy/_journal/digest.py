@@ -175,7 +175,18 @@ def _uses_digest(fns: Sequence[Any]) -> str:
                     entries.append((label, use[0]))
                     seen.add(id(owner))
                     todo.extend(g for g in use[1] if id(g) not in seen or g is owner)
+    if todo:
+        log.warning(
+            "journal: %s uses more than %d functions and classes of your own; those past "
+            "them are not part of its fingerprint (papy journal forget recomputes by hand)",
+            _name_of(fns[0]) if fns else "a node",
+            _MAX_USES,
+        )
     return digest(entries).hex()
+
+
+def _name_of(f: Any) -> str:
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
 
 
 def _imported_names(code: types.CodeType) -> set[str]:
