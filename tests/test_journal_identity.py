@@ -209,6 +209,18 @@ def test_a_cached_failure_given_back_does_not_stop_a_run_again(tmp_path: Path) -
     assert outputs.report is not None and outputs.report.nodes["heavy"].failed == 1
 
 
+def _run_script(script: Path, journal: Path, **env: str) -> dict[str, Any]:
+    """Run ``script`` (which prints one JSON object) in a process of its own, in its
+    directory, on ``journal``, as a user re-running it would; return what it printed.
+    No ``.pyc`` is written: a quick edit could keep the size and second of the old file."""
+    argv = [sys.executable, script.name, str(journal)]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env}
+    done = subprocess.run(argv, cwd=script.parent, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 SCRIPT = """
 import json, sys
 from papy import Pipeline, ThreadPool
@@ -259,17 +271,13 @@ def test_an_edit_to_what_a_node_calls_or_reads_recomputes_it(tmp_path: Path) -> 
     # a module next to it, decorated or cached) or a constant it reads gave the old
     # outputs on the next run.
     journal = tmp_path / "run.db"
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no stale .pyc after quick edits
 
     code = {"scale": 1, "clean": 1, "weight": 10, "inner": 2}
 
     def run() -> dict[str, Any]:
         (tmp_path / "script.py").write_text(SCRIPT.format(**code))
         (tmp_path / "helpers.py").write_text(HELPERS.format(**code))
-        argv = [sys.executable, "script.py", str(journal)]
-        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        result: dict[str, Any] = json.loads(done.stdout)
+        result = _run_script(tmp_path / "script.py", journal)
         want = [
             ((x + code["clean"]) * code["inner"] + code["weight"]) * code["scale"] for x in range(4)
         ]
@@ -327,7 +335,6 @@ def test_helpers_behind_library_decorators_and_local_imports_are_followed(tmp_pa
     # of the library wrapping the user's, and a module imported inside a node is no global
     # of it: edits to either gave the old outputs.
     journal = tmp_path / "run.db"
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     code = {"scale": 10, "offset": 1, "shift": 100, "bump": 1000}
 
     def run() -> dict[str, Any]:
@@ -339,10 +346,7 @@ def test_helpers_behind_library_decorators_and_local_imports_are_followed(tmp_pa
         (tmp_path / "pkg").mkdir(exist_ok=True)
         (tmp_path / "pkg" / "__init__.py").write_text("")
         (tmp_path / "pkg" / "core.py").write_text(f"def bump(x):\n    return x + {code['bump']}\n")
-        argv = [sys.executable, "script.py", str(journal)]
-        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        result: dict[str, Any] = json.loads(done.stdout)
+        result = _run_script(tmp_path / "script.py", journal)
         want = [sum(code.values()) - code["scale"] + x * code["scale"] for x in range(3)]
         assert result["got"] == want, (code, result)
         return result
@@ -665,11 +669,7 @@ def test_sets_inside_objects_do_not_change_identity_with_the_hash_seed(tmp_path:
     script.write_text(_SEEDED)
     results = []
     for seed in ("1", "2", "3"):
-        env = {**os.environ, "PYTHONHASHSEED": seed}
-        argv = [sys.executable, str(script), str(tmp_path / "run.db")]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        results.append(json.loads(done.stdout))
+        results.append(_run_script(script, tmp_path / "run.db", PYTHONHASHSEED=seed))
     assert [r["skipped"] for r in results] == [0, 8, 8]
     assert [r["changed"] for r in results] == [{}, {}, {}]
 

@@ -364,7 +364,7 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
     slot[_slot.INDEX] = _slot.UNBORN
     slot[_slot.SEEN] = slot[_slot.W0] = slot[_slot.W1] = -1.0  # job ids start at 0
     lock = ctx.Lock()  # the slot's claim lock, shared by the driver and this worker
-    unname(lock)
+    drop_name_when_collected(lock)
     proc = ctx.Process(
         target=worker_main,
         args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold, lock),
@@ -390,7 +390,7 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
         raise
 
 
-def unname(lock: Any) -> None:
+def drop_name_when_collected(lock: Any) -> None:
     """Make the driver's removal of ``lock``'s semaphore name tolerate the worker's.
 
     Under ``forkserver`` and ``spawn`` a ``multiprocessing`` lock is a named semaphore

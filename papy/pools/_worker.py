@@ -191,7 +191,8 @@ def worker_main(
     except OSError:  # pragma: no cover - already a group leader
         pass
     name = semaphore_name(claim_lock)
-    if name is not None:  # open here and in the driver: the name can go (_handles.unname)
+    # Open here and in the driver: the name can go (see _handles.drop_name_when_collected).
+    if name is not None:
         try:
             _multiprocessing.sem_unlink(name)  # type: ignore[attr-defined]
         except OSError:
