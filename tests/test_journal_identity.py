@@ -3,10 +3,13 @@ changed node is recomputed, whatever the item or the callable is made of."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import operator
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,8 +20,11 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from papy import Failure, Pipeline, ProcessPool, RunAborted, ThreadPool
+from papy._journal.digest import content_digest
 
 
 class Held:
@@ -727,3 +733,86 @@ def test_a_mock_as_a_node_is_fingerprinted_at_once(tmp_path: Path) -> None:
     pipe.add(node, name="f")
     with pipe.pool:
         assert list(pipe.map([1, 2], journal=tmp_path / "run.db")) == [7, 7]
+
+
+# -- a search over item identities ---------------------------------------------------------
+
+
+def _reference(v: Any) -> Any:
+    """What tells two items apart, written plainly: the exact type at every level, floats
+    by their bits, a dict's order, a set's members in any order."""
+    t = type(v).__name__
+    if isinstance(v, float):
+        return (t, struct.pack("!d", v))
+    if isinstance(v, int):
+        return (t, format(v, "x"))
+    if isinstance(v, (list, tuple)):
+        return (t, [_reference(x) for x in v])
+    if isinstance(v, dict):
+        return (t, [(_reference(k), _reference(x)) for k, x in v.items()])
+    if isinstance(v, (set, frozenset)):
+        return (t, sorted(repr(_reference(x)) for x in v))
+    if isinstance(v, (collections.OrderedDict, collections.deque)):
+        return (t, _reference(list(v.items()) if isinstance(v, dict) else list(v)))
+    return (t, v)
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.integers(-1, 1).map(lambda k: k * 10**5000 + 7)  # too long for str()
+    | st.floats(allow_nan=True)
+    | st.text("ab", max_size=2)
+    | st.binary(max_size=2)
+    | st.binary(max_size=2).map(bytearray)
+)
+_hashable = st.recursive(
+    _leaves.filter(lambda x: not isinstance(x, bytearray)),
+    lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
+    max_leaves=4,
+)
+_items = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text("ab", max_size=2), inner, max_size=2)
+        | st.sets(_hashable, max_size=3)
+        | st.frozensets(_hashable, max_size=3)
+        | st.lists(inner, max_size=2).map(collections.deque)
+        | st.dictionaries(st.text("ab", max_size=2), inner, max_size=2).map(collections.OrderedDict)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_items, b=_items)
+def test_two_items_share_an_identity_only_when_nothing_tells_them_apart(a: Any, b: Any) -> None:
+    same = repr(_reference(a)) == repr(_reference(b))
+    assert (content_digest(a) == content_digest(b)) == same, (a, b)
+
+
+_DIGESTS = """
+import pickle, sys
+from papy._journal.digest import content_digest
+print("\\n".join(content_digest(v) for v in pickle.loads(sys.stdin.buffer.read())))
+"""
+
+
+@settings(max_examples=5, deadline=None)
+@given(items=st.lists(_items, min_size=20, max_size=20))
+def test_an_items_identity_is_the_same_in_every_process(items: list[Any]) -> None:
+    # Sets deep inside items were encoded in the hash seed's order by some paths.
+    here = [content_digest(v) for v in items]
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", _DIGESTS],
+            input=pickle.dumps(items),
+            env=env,
+            capture_output=True,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.decode().split() == here
