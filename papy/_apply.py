@@ -8,6 +8,7 @@ returns one value per item. Imported by worker processes: small, and only low la
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -396,6 +397,54 @@ def map_plain(stage: Stage, keys: Sequence[Key], values: list[Any], st: StageSta
         st.failed(f)
         if len(out) == n:
             return out
+
+
+def is_plain(stage: Stage) -> bool:
+    """Tell whether ``stage`` is a plain 1:1 call (no retries, batch, loop, join, scatter)."""
+    return not (stage.retries or stage.batched or stage.is_async or stage.join or stage.scatter)
+
+
+def chain_items(
+    stages: Sequence[Stage],
+    keys: Sequence[Key],
+    values: Sequence[Any],
+    stats: Sequence[StageStats],
+    out: list[Any],
+) -> bool:
+    """Run each item through all of ``stages`` (plain ones, see :func:`is_plain`) before
+    the next item; append the outputs to ``out``, add counts and busy time to ``stats``
+    (one per stage). Return whether an output is a Failure.
+
+    The same results and statistics as running the stages one after the other over the
+    batch, for items that are large: an item's intermediate values are freed before the
+    next item starts, and no per-stage bookkeeping is paid per item. A Failure (given, or
+    made by a stage) passes through the later stages untouched.
+    """
+    calls = [getattr(stage.call, "fast", stage.call) for stage in stages]
+    busy = [0.0] * len(stages)
+    perf = time.perf_counter
+    dirty = False
+    append = out.append
+    for key, v in zip(keys, values):
+        t0 = perf()
+        for s, call in enumerate(calls):
+            if type(v) is not Failure:
+                try:
+                    v = call(v)
+                except BaseException as exc:
+                    if reraise(exc):
+                        raise
+                    v = failure_from_exception(stages[s].name, key, exc, v)
+                    stats[s].failed(v)
+            t1 = perf()
+            busy[s] += t1 - t0
+            t0 = t1
+        dirty = dirty or type(v) is Failure
+        append(v)
+    for st, b in zip(stats, busy):
+        st.n_in += len(keys)
+        st.busy += b
+    return dirty
 
 
 def map_tracked(

@@ -25,6 +25,8 @@ from papy._apply import (
     Tracker,
     apply_batched,
     apply_one,
+    chain_items,
+    is_plain,
     map_plain,
     map_tracked,
     reraise,
@@ -301,19 +303,24 @@ def _run(
     first = _run_slice(stages, keys[:1], values[:1], dirty, sizes, tracker)
     size = max(sizes, default=0)
     step = max(1, min(len(values), _SLICE_BYTES // max(1, size)))
-    result = first
+    untracked = tracker is None or not (
+        tracker.every_item or any(s.timeout is not None for s in stages)
+    )
+    if step == 1 and untracked and all(map(is_plain, stages)):  # large items: one at a time
+        if chain_items(stages, keys[1:], values[1:], first.stats, first.values):
+            first.dirty = True
+        return first
     for start in range(1, len(values), step):
-        result.extend(
-            _run_slice(
-                stages,
-                keys[start : start + step],
-                values[start : start + step],
-                dirty,
-                tracker=tracker,
-                offset=start,
-            )
+        _run_slice(
+            stages,
+            keys[start : start + step],
+            values[start : start + step],
+            dirty,
+            tracker=tracker,
+            offset=start,
+            into=first,
         )
-    return result
+    return first
 
 
 def _run_group(
@@ -375,13 +382,16 @@ def _run_slice(
     offset: int = 0,
     first: int = 0,
     indices: Sequence[int] | None = None,
+    into: TaskResult | None = None,
 ) -> TaskResult:
     """Run a slice of a task through ``stages``, stage after stage.
 
     For the tracker, item ``i`` of the slice is item ``indices[i]`` (default ``offset + i``)
-    of the task, and ``stages[k]`` is stage ``first + k`` of the step.
+    of the task, and ``stages[k]`` is stage ``first + k`` of the step. ``into``: an earlier
+    slice's result of the same stages, extended in place and returned (a task of 1 MiB
+    items runs one slice per item, so no statistics are made and merged per slice).
     """
-    stats = []
+    stats = into.stats if into is not None else []
     perf = time.perf_counter
     n = len(values)
     # ``dirty``: the batch may hold Failure values to skip. The driver knows when it does
@@ -389,10 +399,16 @@ def _run_slice(
     dirty = dirty and Failure in set(map(type, values))
     for s, stage in enumerate(stages, first):
         t0 = perf()
-        st = StageStats(n_in=n)
+        if into is None:
+            st = StageStats(n_in=n)
+            stats.append(st)
+        else:
+            st = stats[s - first]
+            st.n_in += n
+        failed_before = st.n_failed
         tracked = tracker is not None and (tracker.every_item or stage.timeout is not None)
-        if tracker is not None and not tracked:
-            tracker.begin(s, -1, n)
+        if tracker is not None and not tracked and into is None:
+            tracker.begin(s, -1, n)  # once per task: a later slice has nothing new to say
         if stage.batched or stage.is_async:
             if tracker is not None and stage.batched:
                 start = (indices[0] if indices else offset) if tracked else -1
@@ -435,12 +451,15 @@ def _run_slice(
             tracker.begin(s, -1, 0)  # type: ignore[union-attr]  # the stage's items are done
         if len(values) != n:  # every path above keeps one value per item; never trust it
             raise AssertionError(f"stage {stage.name!r} produced {len(values)} values for {n}")
-        dirty = dirty or st.n_failed > 0
-        st.busy = perf() - t0
+        dirty = dirty or st.n_failed > failed_before
+        st.busy += perf() - t0
         if sizes is not None and values:
             sizes.append(sys.getsizeof(values[0]) * len(values))
-        stats.append(st)
-    return TaskResult(values, stats, dirty=dirty)
+    if into is None:
+        return TaskResult(values, stats, dirty=dirty)
+    into.values.extend(values)
+    into.dirty = into.dirty or dirty
+    return into
 
 
 def _count_failures(stage: Stage, values: list[Any], st: StageStats) -> None:

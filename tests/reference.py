@@ -112,6 +112,16 @@ def shape(tag: str, d: int) -> Any:
     return f"{tag}:{d % 13}"
 
 
+class Large(tuple):  # type: ignore[type-arg]
+    """An output that says it is large (1 MiB to ``sys.getsizeof``) but is a small tuple:
+    fused nodes then run it one item at a time, as they would a NumPy array."""
+
+    __slots__ = ()
+
+    def __sizeof__(self) -> int:
+        return 2**20
+
+
 @dataclass(frozen=True)
 class Params:
     """What a node function needs to know: its name, scatter sizes, and its fault."""
@@ -122,6 +132,8 @@ class Params:
     fault: tuple[str, int, int] | None = None
     #: the node's code version: another version gives other outputs (and faults)
     version: int = 0
+    #: outputs are :class:`Large` (fused nodes run their items one at a time)
+    large: bool = False
 
 
 def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
@@ -137,6 +149,8 @@ def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
         out: Any = [shape(p.name, digest((d, i))) for i in range(n)]
     else:
         out = shape(p.name, d)
+    if p.large:  # a scatter's sub-items are large
+        out = [Large((x,)) for x in out] if p.scatter is not None else Large((out,))
     return fault, out
 
 
@@ -237,6 +251,7 @@ def node_params(i: int, node: dict[str, Any]) -> Params:
         scatter=tuple(scatter) if scatter is not None else None,
         fault=(fault[0], fault[1], fault[2]) if fault is not None else None,
         version=node.get("version", 0),
+        large=node.get("large", False),
     )
 
 

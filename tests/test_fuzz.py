@@ -106,9 +106,10 @@ elif os.environ.get("PAPY_FUZZ_FAULTS"):
 HANG_S = 60  # an example that takes longer than this is a hang (a failure), not slowness
 MAX_FAN = 60  # at most this many sub-items per input item below nested scatters
 
+FUZZ_EXAMPLES = int(os.environ.get("PAPY_FUZZ_EXAMPLES", "250"))
 settings.register_profile(
     "papy-ci",
-    max_examples=int(os.environ.get("PAPY_FUZZ_EXAMPLES", "250")),
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
     derandomize=True,  # the same examples on every run: CI is reproducible
     database=None,
@@ -218,6 +219,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
                 "async": is_async,
                 "pool": pool,
                 "batch": draw(st.none() | st.integers(1, 4)),
+                "large": draw(st.integers(0, 3)) == 0,
                 "ordered": draw(st.booleans()),
                 "timeout": timeout,
                 "fault": fault,
@@ -244,6 +246,37 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+@st.composite
+def chains(draw: st.DrawFn) -> dict[str, Any]:
+    """Draw a straight chain of plain nodes on one pool, some with large outputs, in
+    batches of two or more: the nodes are fused into one step, which runs items that
+    large one at a time through all of its nodes (each node's faults included)."""
+    kind, workers = draw(st.sampled_from(POOL_KINDS))
+    kinds = sorted(k for k in reference.RAISES if k in ENABLED_FAULTS)
+    if kind == "process" and "crash" in ENABLED_FAULTS:
+        kinds.append("crash")
+    nodes = []
+    for i in range(draw(st.integers(2, 4))):
+        fault = None
+        if kinds and draw(st.booleans()):
+            mod = draw(st.integers(2, 5))
+            fault = [draw(st.sampled_from(kinds)), mod, draw(st.integers(0, mod - 1))]
+        nodes.append(
+            {
+                "after": [i - 1] if i else [],
+                "batch": draw(st.integers(2, 8)),
+                "large": draw(st.booleans()),
+                "fault": fault,
+            }
+        )
+    return {
+        "pools": [[kind, workers]],
+        "nodes": nodes,
+        "output": draw(st.integers(0, len(nodes) - 1)),
+        "inputs": draw(st.lists(st.integers(-50, 50), min_size=2, max_size=16)),
+    }
+
+
 NODE_DEFAULTS: dict[str, Any] = {
     "after": [],
     "scatter": None,
@@ -252,6 +285,7 @@ NODE_DEFAULTS: dict[str, Any] = {
     "async": False,
     "pool": None,
     "batch": None,
+    "large": False,
     "ordered": True,
     "timeout": False,
     "fault": None,
@@ -300,6 +334,7 @@ def graph_features(graph: dict[str, Any]) -> list[str]:
         "gather": any(n["gather"] for n in nodes),
         "empty scatter": any(n["scatter"] and 0 in n["scatter"] for n in nodes),
         "large scatter": any(n["scatter"] and max(n["scatter"]) >= 40 for n in nodes),
+        "large outputs": any(n["large"] for n in nodes),
         "scatter nested 3 deep": max(depth, default=0) >= 3,
         "batched": any(n["batched"] for n in nodes),
         "async": any(n["async"] for n in nodes),
@@ -724,4 +759,23 @@ def with_regressions(test: Any) -> Any:
 @given(graph=graphs())
 def test_fuzz_pipelines_match_the_reference(graph: dict[str, Any]) -> None:
     """Random graphs, pools and faults give exactly what the reference evaluator says."""
+    check(graph)
+
+
+@pytest.mark.timeout(0 if PROFILE == "papy-fuzz" else 600)
+@settings(settings.get_profile(PROFILE), max_examples=max(10, FUZZ_EXAMPLES // 2))
+@example(  # two fused nodes of large items, the second failing on some of them
+    graph={
+        "pools": [["thread", 1]],
+        "nodes": [
+            {"batch": 4, "large": True},
+            {"after": [0], "batch": 4, "fault": ["ValueError", 2, 0]},
+        ],
+        "inputs": [1, 2, 3, 4, 5, 6],
+    }
+)
+@given(graph=chains())
+def test_fuzz_fused_chains_of_large_items_match_the_reference(graph: dict[str, Any]) -> None:
+    """Fused nodes whose items are large run them one at a time: same outputs, Failures
+    and per-node counts as the reference."""
     check(graph)
