@@ -312,7 +312,7 @@ class State:
                         dead.append(w)
                     else:
                         self.drain(w)
-                        if not w.process.is_alive():
+                        if w.hung_up() and not w.process.is_alive():
                             dead.append(w)
                 for w in dict.fromkeys(dead):
                     self.drain(w)
@@ -345,7 +345,7 @@ class State:
         driver still maps.
         """
         try:
-            if not w.conn.poll():
+            if not w.has_message():
                 return False
             data = w.conn.recv_bytes()
             header, body = unframe(data)

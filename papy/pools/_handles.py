@@ -14,6 +14,7 @@ import multiprocessing.synchronize
 import multiprocessing.util
 import os
 import queue
+import select
 import signal
 import socket
 import sys
@@ -68,7 +69,37 @@ class Job:
         self.withdrawn = False  # withdrawn from its worker by cancel(): it never runs
         #: set once the sender thread holds nothing of the task any more (see
         #: ``Manager.receive``); cleared while it is being sent
-        self.sent = threading.Event()
+        self.sent = Latch()
+
+
+class Latch:
+    """A flag one thread sets and another waits for: ``threading.Event``'s ``set``,
+    ``clear`` and ``wait``, on one C-level lock (held while the flag is clear) instead of
+    a Condition; a job makes one and uses it once or twice."""
+
+    __slots__ = ("_clear",)
+
+    def __init__(self) -> None:
+        self._clear = threading.Lock()
+        self._clear.acquire()
+
+    def set(self) -> None:
+        """Set the flag (again is fine)."""
+        try:
+            self._clear.release()
+        except RuntimeError:
+            pass  # already set
+
+    def clear(self) -> None:
+        """Clear the flag (again is fine)."""
+        self._clear.acquire(blocking=False)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the flag; return whether it is set."""
+        if not self._clear.acquire(timeout=timeout):
+            return False
+        self._clear.release()
+        return True
 
 
 class Worker:
@@ -87,6 +118,7 @@ class Worker:
         "did",
         "outputs",
         "sock",
+        "_poller",
         "__weakref__",
     )
 
@@ -112,6 +144,22 @@ class Worker:
         self.dead = False
         self.did = 0  # tasks completed
         self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._poller = select.poll()
+        self._poller.register(conn.fileno(), select.POLLIN)
+
+    def has_message(self) -> bool:
+        """Tell whether a message (or the end of the pipe) waits, without blocking.
+
+        One system call: ``Connection.poll()`` builds a selector per call, which cost
+        more than the rest of receiving a small result.
+        """
+        return not self.conn.closed and bool(self._poller.poll(0))
+
+    def hung_up(self) -> bool:
+        """Tell whether the worker's end of the pipe is closed (it is exiting or gone)."""
+        if self.conn.closed:
+            return True
+        return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in self._poller.poll(0))
 
     def close_conn(self) -> None:
         """Close the driver's end of the worker's pipe (and the socket under it)."""
