@@ -189,14 +189,16 @@ def pick_batch(
     pool_out: dict[int, int],
     partial: bool,
     now: float,
+    tail: bool = False,
 ) -> tuple[StepQueue | None, int, float]:
     """Choose the queue whose batch goes to its pool next; return it, the batch's size in
     items, and when the next batch held back falls due (``time.monotonic()`` seconds).
 
     ``queues`` in dispatch order (downstream first, so ties drain the pipeline);
-    ``pool_out``: tasks in flight per ``id(pool)``. A queue is eligible when its pool has
-    room (``workers * prefetch`` tasks) and it holds a full batch, or ``partial`` is set and
-    its pool has an idle worker, or its first item has waited the pool's
+    ``pool_out``: tasks in flight per ``id(pool)``; ``tail``: the input is all in (batches
+    shrink toward the end, :meth:`~papy._sizing.BatchSize.tail`). A queue is eligible when
+    its pool has room (``workers * prefetch`` tasks) and it holds a full batch, or
+    ``partial`` is set and its pool has an idle worker, or its first item has waited the pool's
     ``target_task_s``; among those, the one whose oldest item was admitted first wins.
     """
     best: StepQueue | None = None
@@ -209,7 +211,8 @@ def pick_batch(
         out = pool_out[id(pool)]
         if out >= pool.workers * pool.prefetch:
             continue
-        size = q.lane()[1].value
+        batch = q.lane()[1]
+        size = batch.tail(q.ready, pool.workers) if tail else batch.value
         if q.ready < size and (not partial or out >= pool.workers):
             due = q.waiting_since() + pool.target_task_s
             if due > now:

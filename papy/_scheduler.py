@@ -343,7 +343,9 @@ class Scheduler:
         next_due = math.inf
         for partial in (False, True):
             while True:
-                best, size, due = pick_batch(self._dispatch_order, self._pool_out, partial, now)
+                best, size, due = pick_batch(
+                    self._dispatch_order, self._pool_out, partial, now, self._exhausted
+                )
                 next_due = min(next_due, due)
                 if best is None:
                     break
@@ -444,11 +446,8 @@ class Scheduler:
         buffer = self.buffer
         if values and buffer.auto:
             buffer.sample_task(values, result.nbytes, (n.name for n in step.nodes))
-        target = q.pool.target_task_s
-        if self._exhausted:
-            target /= 4  # the input is all in: smaller last tasks even out the workers' ends
         batch = q.group_batch if step is q.group else q.batch
-        batch.learn(len(keys), busy, target, buffer.task_cap(q.pool.workers))  # type: ignore[union-attr]
+        batch.learn(len(keys), busy, q.pool.target_task_s, buffer.task_cap(q.pool.workers))  # type: ignore[union-attr]
         n_in, st = len(keys), result.stats
         if step.tail.scatter:
             keys, values = self._expand(step.tail.name, keys, values)

@@ -32,6 +32,7 @@ MEMORY_BUDGET = 256 * 2**20  # ...fewer when items are large: about this many by
 # with 8 MiB, 0.64 s with 16, peak RSS 246 and 263 MiB)
 TASK_BYTES = 16 * 2**20
 MAX_BATCH = 8_192
+TAIL_SPLIT = 8  # the last tasks of a run take at least 1/TAIL_SPLIT of the target time
 
 
 def _cheap_size(value: Any) -> int | None:
@@ -75,6 +76,8 @@ class BatchSize:
         self.value = batch or 1
         #: smoothed seconds of work per item, None until a task finished
         self.item_time: float | None = None
+        #: the fewest items a task takes once the input is all in (see :meth:`tail`)
+        self.floor = self.value
 
     def learn(self, n: int, busy: float, target: float, cap: int) -> None:
         """Resize so a task takes about ``target`` seconds, from ``n`` items in ``busy`` s."""
@@ -86,6 +89,20 @@ class BatchSize:
         )
         size = cap if self.item_time <= 0 else int(target / self.item_time)
         self.value = max(1, min(cap, size))
+        floor = cap if self.item_time <= 0 else int(target / TAIL_SPLIT / self.item_time)
+        self.floor = max(1, min(self.value, floor))
+
+    def tail(self, ready: int, workers: int) -> int:
+        """Return the batch once the input is all in: ``ready`` items wait for a pool of
+        ``workers``.
+
+        Guided self-scheduling: a task takes half of an even share of what waits, so tasks
+        shrink as the run ends and the workers finish together, but never below an
+        eighth of the target time (a task costs the driver a few hundred microseconds).
+        """
+        if self.fixed:
+            return self.value
+        return min(self.value, max(self.floor, -(-ready // (2 * workers))))
 
 
 class Buffer:

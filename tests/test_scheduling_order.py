@@ -198,3 +198,36 @@ def test_a_partial_batch_waits_for_an_idle_worker_or_its_due_time() -> None:
     assert best is None  # but full batches go first
     full = {id(q.pool): 2}
     assert pick_batch([q], full, True, due_at + 1)[0] is None  # no free slot at all
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    item_time=st.floats(1e-6, 0.5),
+    target=st.sampled_from([0.02, 0.05, 0.2]),
+    cap=st.integers(1, 8192),
+    workers=st.integers(1, 32),
+    ready=st.integers(1, 200_000),
+)
+def test_the_last_batches_shrink_to_a_share_of_what_waits_but_not_below_the_floor(
+    item_time: float, target: float, cap: int, workers: int, ready: int
+) -> None:
+    """Once the input is all in, tasks take a share of what waits (so the workers end
+    together), never more than a task of the target time and never less than an eighth
+    of it; the share shrinks as fewer items wait."""
+    batch = _queue().batch
+    batch.learn(10, 10 * item_time, target, cap)
+    size = batch.tail(ready, workers)
+    assert 1 <= size <= batch.value <= cap
+    per_task = min(batch.value, max(1, int(target / 8 / item_time)))
+    assert size >= min(per_task, batch.value)  # the floor: an eighth of the target
+    assert size <= max(per_task, -(-ready // (2 * workers)))  # a share of what waits
+    assert batch.tail(max(1, ready // 2), workers) <= size  # fewer waiting: no larger
+
+
+def test_a_fixed_batch_stays_fixed_at_the_end() -> None:
+    pipe = Pipeline("fixed", pool=ThreadPool(1))
+    pipe.add(lambda x: x, name="a", batch=7)
+    plan = compile_plan(pipe, {"a": pipe.pool})  # type: ignore[arg-type, dict-item]
+    batch = StepQueue(plan.steps[0]).batch
+    batch.learn(10, 1.0, 0.05, 100)
+    assert batch.tail(3, 4) == 7 and batch.tail(100_000, 1) == 7
