@@ -206,11 +206,19 @@ def _travelling(exc: BaseException) -> Any:
 
 
 def qualified_type(obj: object) -> str:
-    """Return the type name of ``obj`` (an exception or any value), module-qualified."""
+    """Return the type name of ``obj`` (an exception or any value), module-qualified.
+
+    A class of the driver's script is ``__main__.Name`` in every process: a process worker
+    imported that script as ``__mp_main__``, and the same failure must not be counted
+    under two names depending on the pool.
+    """
     cls = type(obj)
-    if cls.__module__ == "builtins":
+    module = cls.__module__
+    if module == "builtins":
         return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
+    if module == "__mp_main__":
+        module = "__main__"
+    return f"{module}.{cls.__qualname__}"
 
 
 class _NoInput:

@@ -973,3 +973,44 @@ def test_an_item_that_cannot_travel_counts_and_stops_an_on_error_raise_run() -> 
 
 def abs_or_same(x: object) -> object:
     return x
+
+
+_SCRIPT_EXCEPTION = """
+import json
+from papy import Pipeline, ProcessPool, ThreadPool
+
+
+class Custom(Exception):
+    pass
+
+
+def bad(x):
+    raise Custom(x)
+
+
+if __name__ == "__main__":
+    seen = {}
+    with ProcessPool(1) as procs, ThreadPool(1) as threads:
+        for name, pool in (("process", procs), ("thread", threads)):
+            pipe = Pipeline("names", pool=pool)
+            pipe.add(bad)
+            [f] = pipe.map([1], errors="yield")
+            seen[name] = [f.exc_type, pipe.run([1]).failure_counts]
+    print(json.dumps(seen))
+"""
+
+
+def test_an_exception_class_of_the_script_has_one_name_on_every_pool(tmp_path: Path) -> None:
+    """A process worker imports the driver's script as ``__mp_main__``: its classes must
+    still be named ``__main__.Name``, as the driver and a thread pool name them."""
+    import json
+
+    script = tmp_path / "names.py"
+    script.write_text(_SCRIPT_EXCEPTION)
+    done = subprocess.run(
+        [sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    want = ["__main__.Custom", {"bad": {"__main__.Custom": 1}}]
+    assert seen == {"process": want, "thread": want}

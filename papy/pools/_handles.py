@@ -151,7 +151,8 @@ class Worker:
         """Tell whether a message (or the end of the pipe) waits, without blocking.
 
         One system call: ``Connection.poll()`` builds a selector per call, which cost
-        more than the rest of receiving a small result.
+        more than the rest of receiving a small result. The manager thread's alone (a
+        ``select.poll`` object refuses two threads polling it at once).
         """
         return not self.conn.closed and bool(self._poller.poll(0))
 
