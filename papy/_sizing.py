@@ -37,8 +37,11 @@ TAIL_SPLIT = 8  # the last tasks of a run take at least 1/TAIL_SPLIT of the targ
 
 def _cheap_size(value: Any) -> int | None:
     """Return the bytes of an array, bytes or string without pickling it, else None."""
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
+    try:
+        nbytes = getattr(value, "nbytes", None)
+    except Exception:  # a property that raises: the item's business, not the run's
+        nbytes = None
+    if isinstance(nbytes, int) and nbytes >= 0:
         return nbytes
     if isinstance(value, (bytes, bytearray, str)):
         return len(value)
@@ -57,7 +60,11 @@ def size_of(value: Any) -> int:
     try:
         return len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     except Exception:
+        pass
+    try:
         return sys.getsizeof(value)
+    except Exception:
+        return 0  # an object that cannot say (a broken __sizeof__): not counted
 
 
 class BatchSize:

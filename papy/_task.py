@@ -289,9 +289,10 @@ def _run(
 
     Stage after stage over a slice keeps per-node timing cheap; slicing keeps the
     intermediate values of a fused chain small (a batch of 600 items whose first stage
-    makes a 1 MB array each would otherwise hold 600 MB). The slice size follows the size
-    of the first item's intermediate values (about ``_SLICE_BYTES`` per slice). Batched and
-    async stages need the whole batch.
+    makes a 1 MB array each would otherwise hold 600 MB). Slices hold about
+    ``_SLICE_BYTES`` of intermediate values, as measured on the first item of the last
+    slice, and at most double from one slice to the next, so items that grow within a
+    batch are caught after a few of them. Batched and async stages need the whole batch.
     """
     set_run_dir(spec.run_dir, spec.private)
     stages = spec.stages
@@ -310,16 +311,22 @@ def _run(
         if chain_items(stages, keys[1:], values[1:], first.stats, first.values):
             first.dirty = True
         return first
-    for start in range(1, len(values), step):
+    start, done = 1, 1
+    while start < len(values):
+        take = min(step, 2 * done)
+        sizes = []
         _run_slice(
             stages,
-            keys[start : start + step],
-            values[start : start + step],
+            keys[start : start + take],
+            values[start : start + take],
             dirty,
-            tracker=tracker,
+            sizes,
+            tracker,
             offset=start,
             into=first,
         )
+        start, done = start + take, take
+        step = max(1, _SLICE_BYTES // max(1, max(sizes, default=0) // take))
     return first
 
 
@@ -454,12 +461,21 @@ def _run_slice(
         dirty = dirty or st.n_failed > failed_before
         st.busy += perf() - t0
         if sizes is not None and values:
-            sizes.append(sys.getsizeof(values[0]) * len(values))
+            sizes.append(_size(values[0]) * len(values))
     if into is None:
         return TaskResult(values, stats, dirty=dirty)
     into.values.extend(values)
     into.dirty = into.dirty or dirty
     return into
+
+
+def _size(value: Any) -> int:
+    """Return ``sys.getsizeof(value)``, or 0 when the object cannot say (a broken
+    ``__sizeof__`` is the object's own business, not a reason to fail its task)."""
+    try:
+        return sys.getsizeof(value)
+    except Exception:
+        return 0
 
 
 def _count_failures(stage: Stage, values: list[Any], st: StageStats) -> None:

@@ -437,3 +437,54 @@ def test_a_pool_returning_the_wrong_number_of_results_fails_the_task_and_names_i
         assert o.node == "plus_one" and o.exc_type == "papy.PoolError"
         assert "returned 3 results for 4 items" in o.message
         assert o.input_repr == ""  # the outputs are not trusted, and the inputs not held
+
+
+class _BadSize:
+    """An output whose size cannot be told: ``__sizeof__`` and ``nbytes`` raise."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __sizeof__(self):
+        raise RuntimeError("no size")
+
+    @property
+    def nbytes(self):
+        raise RuntimeError("no size")
+
+
+class _Growing:
+    """Small for the first item of a batch, 1 MiB to sys.getsizeof for the others."""
+
+    alive = 0
+    peak = 0
+
+    def __init__(self, x):
+        self.x = x
+        _Growing.alive += 1
+        _Growing.peak = max(_Growing.peak, _Growing.alive)
+
+    def __del__(self):
+        _Growing.alive -= 1
+
+    def __sizeof__(self):
+        return 16 if self.x % 100 == 0 else 2**20
+
+
+@pytest.mark.parametrize("kind", ["inline", "thread"])
+def test_an_output_that_cannot_tell_its_size_fails_nothing(kind):
+    pool = InlinePool() if kind == "inline" else ThreadPool(2)
+    with pool:
+        pipe = Pipeline("badsize", pool=pool)
+        a = pipe.add(_BadSize, batch=3, name="make")
+        pipe.add(lambda v: v.x, after=a, name="read")
+        assert list(pipe.map(range(10), errors="yield")) == list(range(10))
+
+
+def test_fused_chain_catches_items_that_grow_within_a_batch():
+    _Growing.peak = 0
+    pipe = Pipeline("growing", pool=InlinePool())
+    a = pipe.add(_Growing, batch=100, name="make")
+    pipe.add(lambda g: g.x, after=a, name="reduce")
+    assert list(pipe.map(range(100))) == list(range(100))
+    assert _Growing.peak <= 4  # the first item was small; the rest are 1 MiB each

@@ -23,8 +23,10 @@ import psutil
 import pytest
 from faults.crashers import (
     big_item_pid,
+    close_pipes_then_sleep_on,
     exit_on,
     failing_initializer,
+    fork_then_exit_on,
     nested_executor,
     nested_mp_pool,
     nested_papy,
@@ -1014,3 +1016,45 @@ def test_an_exception_class_of_the_script_has_one_name_on_every_pool(tmp_path: P
     seen = json.loads(done.stdout)
     want = ["__main__.Custom", {"bad": {"__main__.Custom": 1}}]
     assert seen == {"process": want, "thread": want}
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_worker_is_seen_dead_while_a_process_it_forked_keeps_its_pipes(tmp_path, method):
+    """The node forks a child (which inherits the worker's pipe and sentinel) and exits:
+    the death is noticed at once, not when the child ends, and the child goes with it."""
+    t0 = time.monotonic()
+    with ProcessPool(1, start_method=method, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("forked", pool=pool)
+        pipe.add(fork_then_exit_on({3}, str(tmp_path), child_s=120), name="risky", batch=2)
+        out = list(pipe.map(range(8), errors="yield"))
+    elapsed = time.monotonic() - t0
+    good, bad = _split(out)
+    assert good == [2 * x for x in range(8) if x != 3]
+    assert [f.item for f in bad] == [3] and isinstance(bad[0].exception, WorkerCrashed)
+    assert elapsed < 60, f"the run waited {elapsed:.0f} s for the forked child"
+    children = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert children and not [pid for pid in children if _running(pid)]
+
+
+def test_a_worker_that_closed_its_pipe_to_the_driver_is_replaced_not_waited_for():
+    """A node closes every inherited descriptor and sleeps: its worker can never report.
+    The pool kills and replaces it (the item fails), without spinning on the dead pipe."""
+    t0, cpu0 = time.monotonic(), time.process_time()
+    with ProcessPool(1, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("deaf", pool=pool)
+        pipe.add(close_pipes_then_sleep_on({2}, seconds=120), name="deaf", batch=1)
+        out = list(pipe.map(range(5), errors="yield"))
+    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    good, bad = _split(out)
+    assert good == [0, 2, 6, 8]
+    assert [f.item for f in bad] == [2] and isinstance(bad[0].exception, WorkerCrashed)
+    assert elapsed < 60, f"the run waited {elapsed:.0f} s for a worker that cannot report"
+    assert cpu < elapsed / 2 + 1, f"the driver spun: {cpu:.1f} s of CPU in {elapsed:.1f} s"
+
+
+def _running(pid: int) -> bool:
+    """Tell whether process ``pid`` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -35,10 +35,8 @@ from papy.pools._base import Task
 from papy.pools._functions import dumps_code
 from papy.pools._handles import (
     Job,
-    Output,
     Worker,
     fail_closed,
-    finish_outputs,
     give_back,
     on_cancel,
     signal_group,
@@ -49,6 +47,7 @@ from papy.pools._handles import (
     withdraw_held,
 )
 from papy.pools._messages import loads, unframe
+from papy.pools._output import Output, finish_outputs
 from papy.pools._recovery import describe_exit, has_timeout, late_workers, rerun, split
 from papy.pools._sender import SPEC_CACHE, send_loop
 
@@ -284,6 +283,8 @@ class State:
                         self.watched.add(w)
                         sel.register(w.conn, selectors.EVENT_READ, (False, w))
                         sel.register(w.process.sentinel, selectors.EVENT_READ, (True, w))
+                        if w.pidfd is not None:
+                            sel.register(w.pidfd, selectors.EVENT_READ, (True, w))
                         for out in w.outputs:
                             sel.register(out.conn, selectors.EVENT_READ, out)
                 try:
@@ -312,7 +313,8 @@ class State:
                         dead.append(w)
                     else:
                         self.drain(w)
-                        if w.hung_up() and not w.process.is_alive():
+                        if w.hung_up():  # it cannot report any more: lost, alive or not
+                            signal_group(w.process.pid, signal.SIGKILL)
                             dead.append(w)
                 for w in dict.fromkeys(dead):
                     self.drain(w)
@@ -325,7 +327,8 @@ class State:
     def unwatch(self, w: Worker) -> None:
         if w in self.watched and self.selector is not None:
             self.watched.discard(w)
-            for obj in (w.conn, w.process.sentinel, *(out.conn for out in w.outputs)):
+            objs = (w.conn, w.process.sentinel, w.pidfd, *(out.conn for out in w.outputs))
+            for obj in (o for o in objs if o is not None):
                 try:
                     self.selector.unregister(obj)
                 except (KeyError, ValueError, OSError):
@@ -467,7 +470,7 @@ class State:
             if replace:
                 self.spawn()
                 self.restarts += 1
-        finish_outputs(w)
+        finish_outputs(w.outputs)
         w.close_conn()
         if self.closed:  # close() did not see these jobs: fail them here
             fail_closed(lost)

@@ -8,7 +8,6 @@ holds (one running, one queued), in the order it runs them.
 from __future__ import annotations
 
 import _multiprocessing
-import codecs
 import multiprocessing.resource_tracker
 import multiprocessing.synchronize
 import multiprocessing.util
@@ -17,7 +16,6 @@ import queue
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -32,6 +30,8 @@ from papy._interrupt import deferred
 from papy._task import TaskResult
 from papy.pools import _slot
 from papy.pools._base import Task
+from papy.pools._latch import Latch
+from papy.pools._output import Output, finish_outputs
 from papy.pools._worker import worker_main
 
 
@@ -72,36 +72,6 @@ class Job:
         self.sent = Latch()
 
 
-class Latch:
-    """A flag one thread sets and another waits for: ``threading.Event``'s ``set``,
-    ``clear`` and ``wait``, on one C-level lock (held while the flag is clear) instead of
-    a Condition; a job makes one and uses it once or twice."""
-
-    __slots__ = ("_clear",)
-
-    def __init__(self) -> None:
-        self._clear = threading.Lock()
-        self._clear.acquire()
-
-    def set(self) -> None:
-        """Set the flag (again is fine)."""
-        try:
-            self._clear.release()
-        except RuntimeError:
-            pass  # already set
-
-    def clear(self) -> None:
-        """Clear the flag (again is fine)."""
-        self._clear.acquire(blocking=False)
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the flag; return whether it is set."""
-        if not self._clear.acquire(timeout=timeout):
-            return False
-        self._clear.release()
-        return True
-
-
 class Worker:
     """One worker process, as the driver sees it."""
 
@@ -118,6 +88,7 @@ class Worker:
         "did",
         "outputs",
         "sock",
+        "pidfd",
         "_poller",
         "__weakref__",
     )
@@ -146,6 +117,9 @@ class Worker:
         self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._poller = select.poll()
         self._poller.register(conn.fileno(), select.POLLIN)
+        #: readable once the process has exited (Linux), even while a process it forked
+        #: holds its end of the pipe and of its sentinel open; None where there are none
+        self.pidfd = open_pidfd(process.pid)
 
     def has_message(self) -> bool:
         """Tell whether a message (or the end of the pipe) waits, without blocking.
@@ -163,95 +137,26 @@ class Worker:
         return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in self._poller.poll(0))
 
     def close_conn(self) -> None:
-        """Close the driver's end of the worker's pipe (and the socket under it)."""
+        """Close the driver's end of the worker's pipe (the socket under it, its pidfd)."""
         for end in (self.conn, self.sock):
             try:
                 if end is not None:
                     end.close()
             except OSError:
                 pass
+        pidfd, self.pidfd = self.pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
 
 
-#: a worker's line longer than this (bytes) reaches the driver in pieces of this size
-LONG_LINE = 1 << 20
-
-
-class Output:
-    """One of a worker's output streams, copied line by line to the driver's own stream.
-
-    Complete lines only are written, each in one call, so output of workers never
-    interleaves mid-line and a live display (which redirects the driver's ``sys.stdout``)
-    prints them above itself. A carriage return ends a line too (a progress bar redrawn
-    in place shows as it moves), and a line longer than ``LONG_LINE`` bytes is written in
-    pieces of that size: the driver holds at most that much of a worker's line. Text is
-    decoded as UTF-8 across reads, so a character split between two reads stays whole.
-    """
-
-    __slots__ = ("conn", "decoder", "name", "partial")
-
-    def __init__(self, conn: Connection, name: str) -> None:
-        self.conn = conn
-        self.name = name  # "stdout" or "stderr"
-        self.partial = bytearray()
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def read(self) -> bool:
-        """Copy what is available; return False at end of file."""
-        try:
-            data = os.read(self.conn.fileno(), 1 << 16)
-        except (OSError, ValueError):
-            data = b""
-        if not data:
-            self.flush()
-            return False
-        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1  # in what came now only
-        if end:
-            self.partial += data[:end]
-            self.write(bytes(self.partial))
-            self.partial = bytearray(data[end:])
-        else:
-            self.partial += data
-            if len(self.partial) >= LONG_LINE:
-                self.write(bytes(self.partial))
-                self.partial.clear()
-        return True
-
-    def flush(self) -> None:
-        if self.partial:
-            self.write(bytes(self.partial) + b"\n")
-            self.partial.clear()
-
-    def write(self, data: bytes) -> None:
-        stream = getattr(sys, self.name)
-        if self.name == "stderr" and type(sys.stdout).__name__ == "FileProxy":
-            # A live display (rich) is drawn on the terminal and proxies stdout only:
-            # route error lines through it too, so they print above the display.
-            stream = sys.stdout
-        if stream is None:
-            return
-        try:
-            stream.write(self.decoder.decode(data))
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-    def close(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-
-
-def finish_outputs(w: Worker) -> None:
-    """Copy what a dead worker still had in its output pipes, then close them."""
-    for out in w.outputs:
-        try:
-            while out.conn.poll(0) and out.read():
-                pass
-        except (OSError, ValueError):
-            pass
-        out.flush()
-        out.close()
+def open_pidfd(pid: int | None) -> int | None:
+    """Return a descriptor that becomes readable when process ``pid`` exits, or None."""
+    if pid is None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None  # gone already (its sentinel says so), or no pidfd in this kernel
 
 
 def signal_group(pid: int | None, sig: int) -> None:
@@ -302,7 +207,7 @@ def stop_workers(workers: list[Worker]) -> None:
         signal_group(w.process.pid, signal.SIGKILL)
         if w.process.is_alive():
             w.process.join(timeout=1.0)
-        finish_outputs(w)
+        finish_outputs(w.outputs)
 
 
 def fail(fut: Future[TaskResult], error: BaseException) -> None:

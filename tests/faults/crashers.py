@@ -159,3 +159,34 @@ class DriverOnly:
 
     def __repr__(self) -> str:
         return f"DriverOnly({self.v})"
+
+
+def fork_then_exit_on(bad: set[int], pid_dir: str, child_s: float = 60.0):
+    """Fork a child that keeps every descriptor of the worker (its pipes, its sentinel)
+    and outlives it, then exit: the worker is gone, its pipes are not. The child's pid
+    goes to ``pid_dir``."""
+
+    def fn(x: int) -> int:
+        if x in bad:
+            child = os.fork()
+            if child == 0:
+                time.sleep(child_s)
+                os._exit(0)
+            Path(pid_dir, f"{child}.pid").write_text(str(child))
+            os._exit(3)
+        return x * 2
+
+    return fn
+
+
+def close_pipes_then_sleep_on(bad: set[int], seconds: float = 60.0):
+    """Close every inherited descriptor (the worker's pipe to the driver included) and
+    stay alive: the worker can no longer report anything."""
+
+    def fn(x: int) -> int:
+        if x in bad:
+            os.closerange(3, 4096)
+            time.sleep(seconds)
+        return x * 2
+
+    return fn

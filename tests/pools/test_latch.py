@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from papy.pools._handles import Latch
+from papy.pools._latch import Latch
 
 
 def test_a_new_latch_is_clear_and_a_wait_times_out() -> None:
