@@ -289,7 +289,8 @@ def test_on_error_raise_stops_the_run_cleanly():
     pipe.add(fail_on_7, on_error="raise")
     with pytest.raises(RunAborted) as info:
         list(pipe.map(range(100), errors="yield"))
-    assert info.value.failure.item == 7 and info.value.failure.node == "fail_on_7"
+    # the first failure a task reports: with tasks in parallel, any item that fails
+    assert info.value.failure.item % 10 == 7 and info.value.failure.node == "fail_on_7"
 
 
 def test_early_break_stops_the_run_and_frees_own_pools():
