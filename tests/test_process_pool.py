@@ -30,6 +30,7 @@ from faults.crashers import (
     nested_executor,
     nested_mp_pool,
     nested_papy,
+    shut_sockets_then_sleep_on,
     slow_on,
     start_sleeper_and_hang,
 )
@@ -1036,13 +1037,16 @@ def test_a_worker_is_seen_dead_while_a_process_it_forked_keeps_its_pipes(tmp_pat
     assert children and not [pid for pid in children if _running(pid)]
 
 
-def test_a_worker_that_closed_its_pipe_to_the_driver_is_replaced_not_waited_for():
-    """A node closes every inherited descriptor and sleeps: its worker can never report.
-    The pool kills and replaces it (the item fails), without spinning on the dead pipe."""
+@pytest.mark.parametrize("how", ["close", "shutdown"])
+def test_a_worker_that_closed_its_pipe_to_the_driver_is_replaced_not_waited_for(how):
+    """A node closes every inherited descriptor (or shuts down its sockets for writing)
+    and sleeps: its worker can never report. The pool kills and replaces it (the item
+    fails), without spinning on the dead pipe."""
+    fault = close_pipes_then_sleep_on if how == "close" else shut_sockets_then_sleep_on
     t0, cpu0 = time.monotonic(), time.process_time()
     with ProcessPool(1, initializer=faulthandler.disable) as pool:
         pipe = Pipeline("deaf", pool=pool)
-        pipe.add(close_pipes_then_sleep_on({2}, seconds=120), name="deaf", batch=1)
+        pipe.add(fault({2}, seconds=120), name="deaf", batch=1)
         out = list(pipe.map(range(5), errors="yield"))
     elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     good, bad = _split(out)

@@ -361,8 +361,11 @@ class State:
                 fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
             except _shm.DescriptorsLost as exc:  # the items fail, naming the cause
                 fds, lost = [], exc
-        except (EOFError, OSError):
+        except EOFError:
+            w.eof = True  # its end is closed (or shut down): it can never report again
             return False  # the worker died mid-message: its job runs again
+        except OSError:
+            return False
         if pinned and self.registry is not None:
             self.registry.pin(pinned)
         back = [functools.partial(give_back, weakref.ref(w), seg) for seg in segments]

@@ -89,6 +89,7 @@ class Worker:
         "outputs",
         "sock",
         "pidfd",
+        "eof",
         "_poller",
         "__weakref__",
     )
@@ -120,6 +121,7 @@ class Worker:
         #: readable once the process has exited (Linux), even while a process it forked
         #: holds its end of the pipe and of its sentinel open; None where there are none
         self.pidfd = open_pidfd(process.pid)
+        self.eof = False  # a read met the end of the pipe
 
     def has_message(self) -> bool:
         """Tell whether a message (or the end of the pipe) waits, without blocking.
@@ -132,7 +134,7 @@ class Worker:
 
     def hung_up(self) -> bool:
         """Tell whether the worker's end of the pipe is closed (it is exiting or gone)."""
-        if self.conn.closed:
+        if self.conn.closed or self.eof:
             return True
         return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in self._poller.poll(0))
 

@@ -190,3 +190,24 @@ def close_pipes_then_sleep_on(bad: set[int], seconds: float = 60.0):
         return x * 2
 
     return fn
+
+
+def shut_sockets_then_sleep_on(bad: set[int], seconds: float = 60.0):
+    """Shut down the writing side of every socket the worker holds (its pipe to the
+    driver is one) and stay alive: the driver reads the end of the pipe, not a hang-up."""
+
+    def fn(x: int) -> int:
+        if x in bad:
+            import socket
+            import stat
+
+            for fd in range(3, 4096):
+                try:
+                    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                        socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            time.sleep(seconds)
+        return x * 2
+
+    return fn
