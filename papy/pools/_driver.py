@@ -39,6 +39,7 @@ from papy.pools._handles import (
     fail_closed,
     give_back,
     on_cancel,
+    reap,
     signal_group,
     start_worker,
     steal,
@@ -443,9 +444,7 @@ class State:
 
     def bury(self, w: Worker) -> None:
         """Replace a dead worker and re-run or fail what it held."""
-        w.process.join(timeout=1.0)
-        code = w.process.exitcode
-        signal_group(w.process.pid, signal.SIGKILL)  # processes its node started
+        code = reap(w.process, grace=0.5)  # and the processes its node started
         running = _slot.read_slot(w.slot)
         seen = int(w.slot[_slot.SEEN])
         unborn = w.slot[_slot.INDEX] == _slot.UNBORN

@@ -174,6 +174,31 @@ def signal_group(pid: int | None, sig: int) -> None:
             pass
 
 
+def reap(process: Any, grace: float) -> int | None:
+    """Kill a worker taken for dead and its process group; return its exit code.
+
+    Waits up to ``grace`` seconds for the worker to exit by itself first (its own exit
+    code is the one to report), without ever blocking on it: under ``fork`` and ``spawn``
+    a sentinel that fires only says every copy of a pipe end is closed, which a live node
+    can do (closing its descriptors), so ``Process.join`` would wait in ``waitpid`` for as
+    long as the node runs, and the pool's manager with it. What the node started goes
+    with the group.
+    """
+    code = process.exitcode  # waitpid(WNOHANG): never blocks
+    end = time.monotonic() + grace
+    while code is None and time.monotonic() < end:
+        time.sleep(0.005)
+        code = process.exitcode
+    signal_group(process.pid, signal.SIGKILL)
+    end = time.monotonic() + 5.0
+    while code is None and time.monotonic() < end:
+        time.sleep(0.005)
+        code = process.exitcode
+    if code is not None:
+        process.join(timeout=0)  # reaped: multiprocessing forgets it
+    return code
+
+
 def starts(fut: Future[TaskResult]) -> bool:
     """Mark a job's future running once its task is known to have started; False if it
     was cancelled.
