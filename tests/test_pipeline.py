@@ -310,11 +310,12 @@ class _Big:
 
     def __init__(self, x):
         self.x = x
-        _Big.alive += 1
-        _Big.peak = max(_Big.peak, _Big.alive)
+        cls = type(self)  # each subclass counts its own instances
+        cls.alive += 1
+        cls.peak = max(cls.peak, cls.alive)
 
     def __del__(self):
-        _Big.alive -= 1
+        type(self).alive -= 1
 
     def __sizeof__(self):
         return 2**20
@@ -453,19 +454,11 @@ class _BadSize:
         raise RuntimeError("no size")
 
 
-class _Growing:
+class _Growing(_Big):
     """Small for the first item of a batch, 1 MiB to sys.getsizeof for the others."""
 
     alive = 0
     peak = 0
-
-    def __init__(self, x):
-        self.x = x
-        _Growing.alive += 1
-        _Growing.peak = max(_Growing.peak, _Growing.alive)
-
-    def __del__(self):
-        _Growing.alive -= 1
 
     def __sizeof__(self):
         return 16 if self.x % 100 == 0 else 2**20
