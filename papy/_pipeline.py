@@ -37,7 +37,7 @@ class Pipeline:
 
     ``pool`` is the pool for nodes that name none (default: a ProcessPool with one worker per
     core, made for each run and closed when it ends). ``buffer`` bounds how many input items
-    are in flight at once in the whole run, which bounds memory (default: automatic, 16,384
+    are in flight at once in the whole run, which bounds memory (default: automatic, 65,536
     items, or fewer when outputs are large so that about 256 MB of them are in flight).
     ``workdir``: where files passed between nodes (:func:`papy.io.dump_item`, shell nodes
     with ``stdout="file"``) are written and kept; by default a temporary directory that is
