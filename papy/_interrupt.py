@@ -6,11 +6,16 @@ a run is active in the main thread, :func:`trap_signals` installs handlers that 
 signal before raising ``KeyboardInterrupt``, so code that catches one can ask
 :func:`real_interrupt` which it is. Handlers are installed by the first active run and
 restored by the last one; an application's own handlers are left alone.
+
+A process forked meanwhile (by a node: ``multiprocessing`` with "fork", ``os.fork``)
+must not inherit those handlers: :func:`fork_defaults` gives it the application's (or a
+worker's chosen) handlers instead, and closes a window in which CPython drops signals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -23,6 +28,10 @@ _pending = threading.Event()  # a signal arrived and its KeyboardInterrupt is un
 #: signals trapped so far, and the last one's KeyboardInterrupt message (see ``check``)
 _count = 0
 _last = ""
+#: handlers a forked child gets besides those of a run (see :func:`fork_defaults`)
+_child: dict[int, Any] = {}
+_fork_mask = threading.local()
+_fork_guarded = False
 
 
 def real_interrupt() -> bool:
@@ -58,6 +67,63 @@ def check(seen: int) -> None:
         raise KeyboardInterrupt(_last)
 
 
+def fork_defaults(handlers: dict[int, Any] | None = None) -> None:
+    """Give processes forked from now on these signal handlers (signal -> handler), and
+    the application's own for the signals a run traps while one is active.
+
+    CPython drops a signal that reaches a child between ``fork()`` and its
+    re-initialisation there; a child forked with a Python handler for SIGTERM could thus
+    lose the SIGTERM of ``multiprocessing.Pool.terminate()``, whose ``join()`` then waits
+    forever. SIGINT and SIGTERM are therefore blocked across the fork (in the forking
+    thread), and the child sets its handlers before unblocking them: a signal sent
+    meanwhile waits, then acts as the child's own handler says.
+    """
+    with _lock:
+        _child.update(handlers or {})
+        if not _fork_guarded:
+            _guard_forks_locked()
+
+
+def _guard_forks_locked() -> None:
+    global _fork_guarded
+    _fork_guarded = True
+    os.register_at_fork(before=_before_fork, after_in_parent=_release, after_in_child=_in_child)
+
+
+def _child_handlers() -> dict[int, Any]:
+    handlers = dict(_saved) if _active else {}
+    handlers.update(_child)
+    return handlers
+
+
+def _before_fork() -> None:
+    if _child_handlers():
+        _fork_mask.held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release() -> None:
+    held = getattr(_fork_mask, "held", None)
+    if held is not None:
+        _fork_mask.held = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _in_child() -> None:
+    global _lock, _active, _count, _last
+    for sig, handler in _child_handlers().items():
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError):  # pragma: no cover - not the child's main thread
+            pass
+    # No run is active in the child; a lock another thread held at the fork stays held.
+    _lock = threading.Lock()
+    _active, _count, _last = 0, 0, ""
+    _saved.clear()
+    _child.clear()
+    _pending.clear()
+    _release()
+
+
 def trap_signals() -> Callable[[], None]:
     """Route SIGINT and SIGTERM to ``KeyboardInterrupt`` for a run; return the undo.
 
@@ -71,6 +137,8 @@ def trap_signals() -> Callable[[], None]:
         # A run starting in the main thread: no interrupt is unwinding there any more (an
         # earlier one was caught, maybe outside a run whose iterator is still open).
         _pending.clear()
+        if not _fork_guarded:
+            _guard_forks_locked()
         if _active == 0:
             for sig, default in (
                 (signal.SIGINT, signal.default_int_handler),

@@ -23,11 +23,13 @@ import psutil
 import pytest
 from faults.crashers import (
     big_item_pid,
+    child_signal_handlers,
     close_pipes_then_sleep_on,
     exit_on,
     failing_initializer,
     fork_then_exit_on,
     nested_executor,
+    nested_fork_pool,
     nested_mp_pool,
     nested_papy,
     shut_sockets_then_sleep_on,
@@ -37,7 +39,7 @@ from faults.crashers import (
 from helpers import inc, live_descendants
 from pool_helpers import append_then_wait, logged
 
-from papy import Failure, Pipeline, PoolError, ProcessPool, RunAborted, WorkerCrashed
+from papy import Failure, Pipeline, PoolError, ProcessPool, RunAborted, ThreadPool, WorkerCrashed
 from papy._task import Stage, StepSpec
 from papy.pools import Task
 
@@ -270,6 +272,45 @@ def test_nodes_can_use_processes_themselves(fn):
         pipe = Pipeline("nested", pool=pool)
         pipe.add(fn)
         assert list(pipe.map(range(4))) == [x + 1 for x in range(4)]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_node_leaving_a_fork_pool_at_once_never_hangs(method):
+    # CPython drops a signal that reaches a child between fork() and its re-initialisation
+    # there. A worker's children inherited its SIGTERM handler, so Pool.terminate() in a
+    # node could lose a SIGTERM and wait for that worker forever: 1 run of 8 in 1 to 5
+    # hung on fork. A hang shows up as a timeout Failure here, not a stuck test.
+    with ProcessPool(2, start_method=method) as pool:
+        pipe = Pipeline("nested-fork", pool=pool)
+        pipe.add(nested_fork_pool, timeout=20)
+        for _ in range(8):
+            assert list(pipe.map(range(6))) == [x * (x + 1) // 2 for x in range(6)]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_processes_a_node_starts_get_default_signal_handling(method):
+    with ProcessPool(1, start_method=method) as pool:
+        pipe = Pipeline("child-signals", pool=pool)
+        pipe.add(child_signal_handlers)
+        (out,) = list(pipe.map([0]))
+    # A forked child: SIGTERM kills it, Ctrl-C raises KeyboardInterrupt; a program run
+    # by the node does not inherit an ignored SIGINT.
+    assert out == ("default", "python-default", "True")
+
+
+def test_a_thread_pool_node_forking_during_a_run_gives_its_children_default_handlers(capfd):
+    # A run traps SIGINT and SIGTERM in the driver; a child forked by a node running in
+    # one of its threads inherited that trap: every worker of a node's fork Pool printed
+    # "KeyboardInterrupt: SIGTERM" when the Pool was left, and could lose the signal.
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("thread-fork", pool=pool)
+        pipe.add(nested_fork_pool, timeout=20)
+        for _ in range(4):
+            assert list(pipe.map(range(6))) == [x * (x + 1) // 2 for x in range(6)]
+        pipe = Pipeline("thread-child-signals", pool=pool)
+        pipe.add(child_signal_handlers)
+        assert list(pipe.map([0])) == [("default", "python-default", "True")]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 # -- one busy worker does not block the others ----------------------------------------------

@@ -17,6 +17,8 @@ A worker:
 - publishes which item of which stage it is running in a small shared-memory *slot*
   (:class:`~papy.pools._slot.SlotTracker`), so the driver can enforce per-item timeouts and
   name the item that killed a worker;
+- gives the processes its node functions fork a fresh Python process's signal handling
+  (:func:`papy._interrupt.fork_defaults`), not its own;
 - imports the user's file once (see :func:`papy.pools._functions.from_file`), so node
   functions, the initializer and module-level state share one namespace, as under
   ``python file.py``.
@@ -41,6 +43,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from papy._interrupt import fork_defaults
 from papy._items import qualified_type
 from papy._task import CriticalSection, StepSpec, run_task
 from papy.pools import _shm
@@ -55,6 +58,11 @@ def _on_sigterm(critical: CriticalSection, signum: int, frame: Any) -> None:
         signal.alarm(30)
         return
     _exit_group(128 + signum)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """SIGINT in a worker: nothing (a handler, not SIG_IGN, which programs a node runs
+    would inherit across ``exec``)."""
 
 
 def _exit_group(code: int) -> None:
@@ -183,9 +191,11 @@ def worker_main(
     restarting workers that cannot start. Buffers of ``shm_threshold`` bytes or more in a
     result go back through shared memory (None: every byte through the pipe).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    signal.signal(signal.SIGINT, _ignore)  # Ctrl-C is the driver's to handle
     critical = CriticalSection()  # this process's journaled tasks, for SIGTERM
     signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, critical))
+    # What a node forks gets a fresh process's handling, not this worker's exit code.
+    fork_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler})
     try:
         os.setpgid(0, 0)
     except OSError:  # pragma: no cover - already a group leader

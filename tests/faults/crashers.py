@@ -107,6 +107,48 @@ def nested_mp_pool(x: int) -> int:
         return sum(p.map(abs, [-x, -1]))
 
 
+def nested_fork_pool(x: int) -> int:
+    """Map over a fork ``multiprocessing.Pool`` and leave it at once: its ``terminate()``
+    signals workers that may have been forked a moment before."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as p:
+        return sum(p.map(abs, range(-x, 1)))
+
+
+def child_signal_handlers(x: int) -> tuple[str, str, str]:
+    """Return how a child forked by the node handles SIGTERM and SIGINT, and whether a
+    Python program the node runs has its default SIGINT handler."""
+    import signal
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave, running nothing else
+        term = signal.getsignal(signal.SIGTERM)
+        intr = signal.getsignal(signal.SIGINT)
+        names = [
+            "default"
+            if h is signal.SIG_DFL
+            else "python-default"
+            if h is signal.default_int_handler
+            else repr(h)
+            for h in (term, intr)
+        ]
+        os.write(w, "|".join(names).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        term_name, intr_name = f.read().split("|")
+    os.waitpid(pid, 0)
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    program = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return term_name, intr_name, program
+
+
 def nested_executor(x: int) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
