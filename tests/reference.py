@@ -87,6 +87,8 @@ def exc_type_of(fault: str) -> str:
         "timeout": "TimeoutError",
         "crash": "papy.WorkerCrashed",
         "crash_batched": "papy.WorkerCrashed",
+        "crash_fork": "papy.WorkerCrashed",
+        "hangup": "papy.WorkerCrashed",
         "short": "ValueError",  # a batched node returned fewer results than items
     }[fault]
 
@@ -122,6 +124,20 @@ class Large(tuple):  # type: ignore[type-arg]
         return 2**20
 
 
+class Liar(tuple):  # type: ignore[type-arg]
+    """An output that cannot tell its size: ``sys.getsizeof`` and ``nbytes`` raise, as a
+    broken extension type's may. The run must size it some other way, never fail on it."""
+
+    __slots__ = ()
+
+    def __sizeof__(self) -> int:
+        raise RuntimeError("this object cannot tell its size")
+
+    @property
+    def nbytes(self) -> int:
+        raise RuntimeError("this object cannot tell its size")
+
+
 @dataclass(frozen=True)
 class Params:
     """What a node function needs to know: its name, scatter sizes, and its fault."""
@@ -134,6 +150,8 @@ class Params:
     version: int = 0
     #: outputs are :class:`Large` (fused nodes run their items one at a time)
     large: bool = False
+    #: outputs are :class:`Liar` (asking their size raises)
+    liar: bool = False
 
 
 def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
@@ -151,6 +169,8 @@ def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
         out = shape(p.name, d)
     if p.large:  # a scatter's sub-items are large
         out = [Large((x,)) for x in out] if p.scatter is not None else Large((out,))
+    elif p.liar:
+        out = [Liar((x,)) for x in out] if p.scatter is not None else Liar((out,))
     return fault, out
 
 
@@ -160,6 +180,14 @@ def _act(p: Params, fault: str) -> None:
         raise RAISES[fault](f"fault injected in {p.name}")
     if fault in ("crash", "crash_batched"):
         os._exit(13)
+    if fault == "crash_fork":  # a child keeps the worker's descriptors and outlives it
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        os._exit(13)
+    if fault == "hangup":  # the worker's pipes closed, the process alive
+        os.closerange(3, 4096)
+        time.sleep(30)
     if fault == "timeout":
         time.sleep(SLOW_S)
         return
@@ -252,6 +280,7 @@ def node_params(i: int, node: dict[str, Any]) -> Params:
         fault=(fault[0], fault[1], fault[2]) if fault is not None else None,
         version=node.get("version", 0),
         large=node.get("large", False),
+        liar=node.get("liar", False),
     )
 
 

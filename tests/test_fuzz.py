@@ -2,7 +2,8 @@
 
 Hypothesis generates a graph description (plain data, so a counterexample can be pasted
 back as an ``@example``), builds the pipeline from it on real pools (inline, threads,
-processes, shared between nodes or not; plain, ``batched=True`` and ``async def`` nodes)
+processes started by fork, forkserver or spawn, shared between nodes or not; plain,
+``batched=True`` and ``async def`` nodes, some with outputs that cannot tell their size)
 with real faults, and compares what PaPy delivers with a serial, recursive evaluation of
 the same graph in ``tests/reference.py``.
 
@@ -15,9 +16,10 @@ The contract checked, for every graph, pool and setting:
 - A node function that raises anything on its item, ``StopIteration``, ``SystemExit``,
   ``GeneratorExit`` and ``KeyboardInterrupt`` included, makes that item a ``Failure``
   whose ``exc_type`` is the real class name (``'StopIteration'``, ``'SystemExit'``, a
-  user class as ``'module.Name'``); an item that kills its worker process every time is a
-  ``'papy.WorkerCrashed'`` Failure and its batch-mates complete (in a ``batched=True``
-  call too); an item that runs past its node's ``timeout=`` is a
+  user class as ``'module.Name'``); an item that kills its worker process every time (it
+  exits, exits leaving a child that holds the worker's pipes, or closes the pipes and
+  lives on) is a ``'papy.WorkerCrashed'`` Failure and its batch-mates complete (in a
+  ``batched=True`` call too); an item that runs past its node's ``timeout=`` is a
   ``'TimeoutError'`` Failure, and no item within the limit fails. A ``batched=True`` node
   that returns fewer results than items fails the items it left out (``'ValueError'``),
   not the others.
@@ -87,6 +89,8 @@ ALL_FAULTS = frozenset(
         *reference.RAISES,
         "crash",  # os._exit in a ProcessPool node
         "crash_batched",  # os._exit in a batched=True ProcessPool node (any bad item)
+        "crash_fork",  # a ProcessPool node forks a child that outlives its worker, then exits
+        "hangup",  # a ProcessPool node closes its worker's pipes and sleeps
         "timeout",  # an item sleeps past its node's timeout= (thread and process pools)
         "short",  # a batched=True node returns fewer results than items
         "input_error",  # the input iterator raises part-way
@@ -126,6 +130,10 @@ settings.register_profile(
 PROFILE = "papy-fuzz" if os.environ.get("PAPY_FUZZ_PROFILE") == "fuzz" else "papy-ci"
 
 POOL_KINDS = [("inline", 1), ("thread", 1), ("thread", 3), ("process", 1), ("process", 2)]
+#: how process pools start their workers: a pool description ``[kind, workers]`` may name
+#: one as a third entry (none: the default, forkserver). "spawn" starts a worker in about
+#: a second here, so only the long profile draws it.
+START_METHODS = ["forkserver", "forkserver", "fork"] + (["spawn"] if PROFILE == "papy-fuzz" else [])
 
 
 # -- generating graphs ----------------------------------------------------------------------
@@ -150,15 +158,21 @@ def _values(unpicklable: bool) -> st.SearchStrategy[Any]:
 input_values = _values("unpicklable" in ENABLED_FAULTS)
 
 
+def pool_description(draw: st.DrawFn, kind: str, workers: int) -> list[Any]:
+    """Return ``[kind, workers]``, plus a start method drawn for a process pool."""
+    method = draw(st.sampled_from(START_METHODS)) if kind == "process" else "forkserver"
+    return [kind, workers] if method == "forkserver" else [kind, workers, method]
+
+
 @st.composite
 def graphs(draw: st.DrawFn) -> dict[str, Any]:
     """Draw a graph description: pools, nodes (parents before children), inputs, output."""
     pools: list[list[Any]] = []
     for _ in range(draw(st.integers(1, 3))):
         kind, workers = draw(st.sampled_from(POOL_KINDS))
-        if kind == "process" and sum(k == "process" for k, _ in pools) >= 2:
+        if kind == "process" and sum(p[0] == "process" for p in pools) >= 2:
             kind, workers = "thread", 2  # two process pools at most: keep examples cheap
-        pools.append([kind, workers])
+        pools.append(pool_description(draw, kind, workers))
     nodes: list[dict[str, Any]] = []
     stacks: list[tuple[int, ...]] = []  # per node: the scatters its outputs are sub-items of
     fans: list[int] = []  # per node: the most sub-items per input item at its outputs
@@ -195,9 +209,9 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
             and (kind != "inline" or "inline_timeout" in ENABLED_FAULTS)
         )
         kinds = sorted(k for k in reference.RAISES if k in ENABLED_FAULTS)
-        crash = "crash_batched" if batched else "crash"
-        if kind == "process" and crash in ENABLED_FAULTS:
-            kinds.append(crash)
+        crash = ["crash_batched"] if batched else ["crash", "crash_fork", "hangup"]
+        if kind == "process":
+            kinds += [c for c in crash if c in ENABLED_FAULTS]
         if batched and "short" in ENABLED_FAULTS:
             kinds.append("short")
         if timeout_ok and not stack and kind != "inline" and "timeout" in ENABLED_FAULTS:
@@ -220,6 +234,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
                 "pool": pool,
                 "batch": draw(st.none() | st.integers(1, 4)),
                 "large": draw(st.integers(0, 3)) == 0,
+                "liar": draw(st.integers(0, 5)) == 0,
                 "ordered": draw(st.booleans()),
                 "timeout": timeout,
                 "fault": fault,
@@ -253,8 +268,8 @@ def chains(draw: st.DrawFn) -> dict[str, Any]:
     large one at a time through all of its nodes (each node's faults included)."""
     kind, workers = draw(st.sampled_from(POOL_KINDS))
     kinds = sorted(k for k in reference.RAISES if k in ENABLED_FAULTS)
-    if kind == "process" and "crash" in ENABLED_FAULTS:
-        kinds.append("crash")
+    if kind == "process":
+        kinds += [c for c in ("crash", "crash_fork", "hangup") if c in ENABLED_FAULTS]
     nodes = []
     for i in range(draw(st.integers(2, 4))):
         fault = None
@@ -270,7 +285,7 @@ def chains(draw: st.DrawFn) -> dict[str, Any]:
             }
         )
     return {
-        "pools": [[kind, workers]],
+        "pools": [pool_description(draw, kind, workers)],
         "nodes": nodes,
         "output": draw(st.integers(0, len(nodes) - 1)),
         "inputs": draw(st.lists(st.integers(-50, 50), min_size=2, max_size=16)),
@@ -286,6 +301,7 @@ NODE_DEFAULTS: dict[str, Any] = {
     "pool": None,
     "batch": None,
     "large": False,
+    "liar": False,
     "ordered": True,
     "timeout": False,
     "fault": None,
@@ -330,6 +346,7 @@ def graph_features(graph: dict[str, Any]) -> list[str]:
         depth[i] = d
     found = {
         "several sources": sum(not n["after"] for n in nodes) > 1,
+        "outputs that cannot tell their size": any(n["liar"] for n in nodes),
         "join": any(len(n["after"]) > 1 for n in nodes),
         "gather": any(n["gather"] for n in nodes),
         "empty scatter": any(n["scatter"] and 0 in n["scatter"] for n in nodes),
@@ -367,7 +384,10 @@ POOL_FACTORIES: dict[str, Any] = {
 }
 
 
-def make_pool(kind: str, workers: int) -> Pool:
+def make_pool(kind: str, workers: int, start_method: str | None = None) -> Pool:
+    """Make the pool a description ``[kind, workers(, start method)]`` names."""
+    if start_method is not None:
+        return ProcessPool(workers, start_method=start_method)
     return POOL_FACTORIES[kind](workers)  # type: ignore[no-any-return]
 
 
@@ -547,7 +567,7 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
         assume(used <= ENABLED_FAULTS)
         for kind in sorted(used) or ["none"]:
             event(f"fault {kind}")
-        for kind in sorted({k for k, _ in graph["pools"]}):
+        for kind in sorted({":".join(map(str, p[::2])) for p in graph["pools"]}):
             event(f"pool {kind}")
         for feature in graph_features(graph):
             event(feature)
@@ -569,7 +589,7 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
                 event(f"items fail with {n['fault'][0] if n['fault'] else 'unpicklable'}")
         note(f"expected outputs: {[canon(v) for v in want_outputs]}")
     before = {c.pid for c in worker_children()}
-    pools = [make_pool(kind, workers) for kind, workers in graph["pools"]]
+    pools = [make_pool(*p) for p in graph["pools"]]
     with contextlib.ExitStack() as stack:
         for p in pools:
             stack.enter_context(p)
@@ -740,6 +760,25 @@ REGRESSIONS: list[dict[str, Any]] = [
         "pools": [["process", 1]],
         "nodes": [{"batch": 2, "timeout": True, "fault": ["timeout", 2, 0]}],
         "inputs": [1, 2, 3],
+    },
+    # Worker deaths found by hand before the fuzzer drew them, on each start method: a
+    # node that forked a child and exited (fork/spawn workers were seen dead only when
+    # the child ended), and one that closed its worker's pipes and slept (the pool's
+    # manager froze in a blocking join, or spun reading the closed pipe).
+    {
+        "pools": [["process", 2, "fork"]],
+        "nodes": [{"batch": 3, "fault": ["crash_fork", 3, 1]}, {"after": [0], "liar": True}],
+        "inputs": [0, 1, 2, 3, 4, 5],
+    },
+    {
+        "pools": [["process", 1, "spawn"]],
+        "nodes": [{"fault": ["hangup", 2, 0]}, {"after": [0], "fault": ["crash_fork", 2, 1]}],
+        "inputs": [0, 1, 2, 3],
+    },
+    {
+        "pools": [["process", 2, "fork"], ["thread", 2]],
+        "nodes": [{"fault": ["hangup", 3, 0], "liar": True}, {"after": [0], "pool": 1}],
+        "inputs": [0, 1, 2, 3, 4, 5],
     },
 ]
 

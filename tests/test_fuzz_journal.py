@@ -89,7 +89,7 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
     want_outputs = [v for per_position in want.outputs for v in per_position]
     note(f"expected outputs: {[fz.canon(v) for v in want_outputs]}")
     before = {c.pid for c in fz.worker_children()}
-    pools = [fz.make_pool(kind, workers) for kind, workers in graph["pools"]]
+    pools = [fz.make_pool(*p) for p in graph["pools"]]
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         for p in pools:
             stack.enter_context(p)

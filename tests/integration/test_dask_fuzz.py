@@ -41,9 +41,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def with_dask(draw: st.DrawFn, graph: dict[str, Any]) -> dict[str, Any]:
     """Make one of a graph's pools (a process pool's place if it has one) a DaskPool."""
-    kinds = [k for k, _ in graph["pools"]]
+    kinds = [p[0] for p in graph["pools"]]
     spots = [i for i, k in enumerate(kinds) if k == "process"] or list(range(len(kinds)))
-    graph["pools"][draw(st.sampled_from(spots))] = ["dask", 2]
+    spot = draw(st.sampled_from(spots))
+    graph["pools"][spot] = ["dask", 2]
+    for node in graph["nodes"]:
+        # A process pool's worker-death faults: on Dask, the plain crash (a worker that
+        # closed its descriptors and sleeps would hold a Dask worker's slot for 30 s).
+        fault = node["fault"]
+        if (
+            (node["pool"] or 0) == spot
+            and fault is not None
+            and fault[0] in ("crash_fork", "hangup")
+        ):
+            node["fault"] = ["crash", *fault[1:]]
     return graph
 
 
