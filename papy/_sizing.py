@@ -109,11 +109,14 @@ class BatchSize:
 
         Guided self-scheduling: a task takes half of an even share of what waits, so tasks
         shrink as the run ends and the workers finish together, but never below an
-        eighth of the target time (a task costs the driver a few hundred microseconds).
+        eighth of the target time (a task costs the driver a few hundred microseconds),
+        and never more than an even share: the last items, whose cost the times
+        measured so far may not predict, are spread over every worker.
         """
         if self.fixed:
             return self.value
-        return min(self.value, max(self.floor, -(-ready // (2 * workers))))
+        even = -(-ready // workers)
+        return min(self.value, max(min(self.floor, even), -(-ready // (2 * workers))))
 
 
 class Buffer:

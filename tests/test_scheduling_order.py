@@ -4,11 +4,13 @@ takes the items admitted first even when its parent's tasks finish out of order.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -212,15 +214,18 @@ def test_the_last_batches_shrink_to_a_share_of_what_waits_but_not_below_the_floo
     item_time: float, target: float, cap: int, workers: int, ready: int
 ) -> None:
     """Once the input is all in, tasks take a share of what waits (so the workers end
-    together), never more than a task of the target time and never less than an eighth
-    of it; the share shrinks as fewer items wait."""
+    together), never more than a task of the target time, never more than an even share
+    of what waits (every worker gets some of the last items) and otherwise never less
+    than an eighth of the target; the share shrinks as fewer items wait."""
     batch = _queue().batch
     batch.learn(10, 10 * item_time, target, cap)
     size = batch.tail(ready, workers)
     assert 1 <= size <= batch.value <= cap
     per_task = min(batch.value, max(1, int(target / 8 / item_time)))
-    assert size >= min(per_task, batch.value)  # the floor: an eighth of the target
-    assert size <= max(per_task, -(-ready // (2 * workers)))  # a share of what waits
+    even = -(-ready // workers)
+    assert size >= min(per_task, even)  # the floor: an eighth of the target, or a share
+    assert size <= max(min(per_task, even), -(-ready // (2 * workers)))  # a share
+    assert size <= even  # never more than an even share: no worker is left without
     assert batch.tail(max(1, ready // 2), workers) <= size  # fewer waiting: no larger
 
 
@@ -231,3 +236,26 @@ def test_a_fixed_batch_stays_fixed_at_the_end() -> None:
     batch = StepQueue(plan.steps[0]).batch
     batch.learn(10, 1.0, 0.05, 100)
     assert batch.tail(3, 4) == 7 and batch.tail(100_000, 1) == 7
+
+
+def slow_at_the_end(x: int) -> tuple[int, int, int]:
+    """Cheap for items >= 0; 0.2 s for the others, which say where they ran."""
+    if x < 0:
+        time.sleep(0.2)
+        return (x, threading.get_ident(), os.getpid())
+    return (x, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_costly_last_items_are_spread_over_the_workers(kind: str) -> None:
+    # The tail's floor comes from the cheap items' time (an eighth of the target is
+    # thousands of them), so the four costly items at the end went in one task, to one
+    # worker: 0.81 s instead of 0.41 s on two. A task never takes more than an even share
+    # of what waits now.
+    pool = ThreadPool(2) if kind == "thread" else ProcessPool(2)
+    with pool:
+        pipe = Pipeline("costly-tail", pool=pool)
+        pipe.add(slow_at_the_end)
+        out = list(pipe.map([*range(4996), -1, -2, -3, -4]))
+    assert [o[0] for o in out] == [*range(4996), -1, -2, -3, -4]
+    assert len({(o[1], o[2]) for o in out if o[0] < 0}) == 2
