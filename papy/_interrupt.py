@@ -28,8 +28,9 @@ _pending = threading.Event()  # a signal arrived and its KeyboardInterrupt is un
 #: signals trapped so far, and the last one's KeyboardInterrupt message (see ``check``)
 _count = 0
 _last = ""
-#: handlers a forked child gets besides those of a run (see :func:`fork_defaults`)
-_child: dict[int, Any] = {}
+#: signal -> (the handler installed here, the one a forked child gets instead), besides
+#: those of a run (see :func:`fork_defaults`)
+_child: dict[int, tuple[Any, Any]] = {}
 _fork_mask = threading.local()
 _fork_guarded = False
 
@@ -68,8 +69,11 @@ def check(seen: int) -> None:
 
 
 def fork_defaults(handlers: dict[int, Any] | None = None) -> None:
-    """Give processes forked from now on these signal handlers (signal -> handler), and
-    the application's own for the signals a run traps while one is active.
+    """Give processes forked from now on these signal handlers (signal -> handler) in
+    place of the ones installed now, and the application's own in place of a run's.
+
+    Only a handler still installed at the fork is replaced: one the code that forks set
+    itself (``SIG_IGN`` around starting a ``multiprocessing.Pool``, say) is the child's.
 
     CPython drops a signal that reaches a child between ``fork()`` and its
     re-initialisation there; a child forked with a Python handler for SIGTERM could thus
@@ -79,7 +83,8 @@ def fork_defaults(handlers: dict[int, Any] | None = None) -> None:
     meanwhile waits, then acts as the child's own handler says.
     """
     with _lock:
-        _child.update(handlers or {})
+        for sig, handler in (handlers or {}).items():
+            _child[sig] = (signal.getsignal(sig), handler)
         if not _fork_guarded:
             _guard_forks_locked()
 
@@ -90,8 +95,9 @@ def _guard_forks_locked() -> None:
     os.register_at_fork(before=_before_fork, after_in_parent=_release, after_in_child=_in_child)
 
 
-def _child_handlers() -> dict[int, Any]:
-    handlers = dict(_saved) if _active else {}
+def _child_handlers() -> dict[int, tuple[Any, Any]]:
+    """Return signal -> (handler to replace, handler the child gets)."""
+    handlers = {sig: (_handler, saved) for sig, saved in _saved.items()} if _active else {}
     handlers.update(_child)
     return handlers
 
@@ -110,9 +116,10 @@ def _release() -> None:
 
 def _in_child() -> None:
     global _lock, _active, _count, _last
-    for sig, handler in _child_handlers().items():
+    for sig, (installed, handler) in _child_handlers().items():
         try:
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) is installed:
+                signal.signal(sig, handler)
         except (ValueError, OSError):  # pragma: no cover - not the child's main thread
             pass
     # No run is active in the child; a lock another thread held at the fork stays held.

@@ -39,7 +39,16 @@ from faults.crashers import (
 from helpers import inc, live_descendants
 from pool_helpers import append_then_wait, logged
 
-from papy import Failure, Pipeline, PoolError, ProcessPool, RunAborted, ThreadPool, WorkerCrashed
+from papy import (
+    Failure,
+    InlinePool,
+    Pipeline,
+    PoolError,
+    ProcessPool,
+    RunAborted,
+    ThreadPool,
+    WorkerCrashed,
+)
 from papy._task import Stage, StepSpec
 from papy.pools import Task
 
@@ -296,6 +305,11 @@ def test_processes_a_node_starts_get_default_signal_handling(method):
     # A forked child: SIGTERM kills it, Ctrl-C raises KeyboardInterrupt; a program run
     # by the node does not inherit an ignored SIGINT.
     assert out == ("default", "python-default", "True")
+    # Handlers the node set itself before forking are the child's, not replaced.
+    with ProcessPool(1, start_method=method) as pool:
+        pipe = Pipeline("own-signals", pool=pool)
+        pipe.add(child_signal_handlers)
+        assert list(pipe.map([1])) == [("_own_sigterm", "ignored", "")]
 
 
 def test_a_thread_pool_node_forking_during_a_run_gives_its_children_default_handlers(capfd):
@@ -310,6 +324,9 @@ def test_a_thread_pool_node_forking_during_a_run_gives_its_children_default_hand
         pipe = Pipeline("thread-child-signals", pool=pool)
         pipe.add(child_signal_handlers)
         assert list(pipe.map([0])) == [("default", "python-default", "True")]
+        pipe = Pipeline("thread-own-signals", pool=InlinePool())  # the main thread's run
+        pipe.add(child_signal_handlers)
+        assert list(pipe.map([1])) == [("_own_sigterm", "ignored", "")]
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 

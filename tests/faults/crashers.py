@@ -116,13 +116,27 @@ def nested_fork_pool(x: int) -> int:
         return sum(p.map(abs, range(-x, 1)))
 
 
+def _own_sigterm(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
 def child_signal_handlers(x: int) -> tuple[str, str, str]:
     """Return how a child forked by the node handles SIGTERM and SIGINT, and whether a
-    Python program the node runs has its default SIGINT handler."""
+    Python program the node runs has its default SIGINT handler. With ``x == 1`` the node
+    sets its own handlers (SIGINT ignored, SIGTERM its own) around the fork, as code
+    starting a ``multiprocessing.Pool`` often does."""
     import signal
     import subprocess
     import sys
 
+    if x == 1:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _own_sigterm)
+        try:
+            return (*child_signal_handlers(0)[:2], "")
+        finally:
+            signal.signal(signal.SIGINT, old[0])
+            signal.signal(signal.SIGTERM, old[1])
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report and leave, running nothing else
@@ -133,7 +147,9 @@ def child_signal_handlers(x: int) -> tuple[str, str, str]:
             if h is signal.SIG_DFL
             else "python-default"
             if h is signal.default_int_handler
-            else repr(h)
+            else "ignored"
+            if h is signal.SIG_IGN
+            else getattr(h, "__name__", repr(h))
             for h in (term, intr)
         ]
         os.write(w, "|".join(names).encode())
