@@ -1127,3 +1127,26 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# -- a worker that cannot be replaced ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_cannot_be_started_again_breaks_the_pool_instead_of_hanging():
+    # Starting a replacement worker raised in the pool's manager thread (a fork server
+    # killed mid-start: EOFError), which died with it; the run then waited forever. Here
+    # the driver runs out of file descriptors, so no worker can start after the crash.
+    import resource
+
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("no-restart", pool=pool)
+        pipe.add(exit_on({0}), batch=1)
+        assert list(pipe.map([1, 2])) == [2, 4]  # the workers are up
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor at all
+        try:
+            with pytest.raises(PoolError, match="could not be started"):
+                list(pipe.map(range(6)))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -36,6 +36,7 @@ from papy.pools._functions import dumps_code
 from papy.pools._handles import (
     Job,
     Worker,
+    fail,
     fail_closed,
     give_back,
     on_cancel,
@@ -60,7 +61,6 @@ PER_WORKER = 2  # tasks a worker holds at once: one running, one queued in its p
 #: never cut short before its limit); the rest is margin for a loaded machine
 TIMEOUT_GRACE = 0.25
 TICK = 0.05  # seconds between deadline checks while a timed node runs
-START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
 #: seconds a result waits at most for its task's sender thread to drop the task (it has
 #: sent it whole, so it needs only the GIL back); past it the result goes anyway
 SENT_WAIT_S = 1.0
@@ -271,7 +271,15 @@ class State:
             pass
 
     def manage(self) -> None:
-        """Receive results, replace dead workers, and enforce deadlines until closed."""
+        """Receive results, replace dead workers, and enforce deadlines until closed; an
+        error here breaks the pool (its tasks fail with a PoolError naming it)."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.break_pool(PoolError(f"the pool's manager failed: {qualified_type(exc)}: {exc}"))
+            raise
+
+    def _serve(self) -> None:
         sel = self.selector = selectors.DefaultSelector()
         sel.register(self.wake_r, selectors.EVENT_READ, None)
         try:
@@ -461,26 +469,24 @@ class State:
             if unborn:  # died before it could run anything: no task is to blame
                 self.start_failures += 1
             replace = not self.closed and self.broken is None
-            if replace and self.start_failures >= START_FAILURES:
+            if replace and self.start_failures >= _recovery.START_FAILURES:
                 replace = False
         if replace and unborn:
             # Back off before starting another worker that may die the same way (the
             # failures in a row are bounded: the pool gives up after a few).
             time.sleep(0.1 * 2 ** (self.start_failures - 1))
-        with self.lock:
-            replace = replace and not self.closed
-            if replace:
-                self.spawn()
-                self.restarts += 1
+        replace = replace and _recovery.respawn(self)
         finish_outputs(w.outputs)
         w.close_conn()
-        if self.closed:  # close() did not see these jobs: fail them here
-            fail_closed(lost)
-        if self.closed or (self.broken is not None and not lost):
-            return
-        if not replace and self.broken is None:
+        if not replace and self.broken is None and not self.closed:
             method = self.ctx.get_start_method()
             self.break_pool(_recovery.start_failure(code, self.start_failures, method))
+        if self.closed:  # close() did not see these jobs: fail them here
+            fail_closed(lost)
+            return
+        if self.broken is not None:  # no worker will come to run them
+            for job in lost:
+                fail(job.fut, self.broken)
             return
         log.warning(
             "worker %s: %s; replaced (%d task(s) to re-run)",

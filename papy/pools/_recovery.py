@@ -11,13 +11,45 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 
 from papy._errors import PoolError, WorkerCrashed
+from papy._items import qualified_type
 from papy._task import TaskResult
 from papy.pools._base import Task, merge_parts
 from papy.pools._handles import Job, Worker, starts
 from papy.pools._messages import loads
 from papy.pools._slot import read_slot
+
+START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
+
+
+def respawn(state: Any) -> bool:
+    """Start a worker in place of a dead one (``state``: the pool's ``State``); return
+    False if the pool closed or broke meanwhile, or broke now.
+
+    A start that raises (the fork server was killed, say) counts as a worker that died
+    before any work: a few in a row, with a growing pause, then the pool breaks with a
+    PoolError naming the error, so its tasks fail instead of waiting for workers that
+    will never come.
+    """
+    while True:
+        with state.lock:
+            if state.closed or state.broken is not None:
+                return False
+            try:
+                state.spawn()
+            except Exception as exc:
+                state.start_failures += 1
+                failures, error = state.start_failures, exc
+            else:
+                state.restarts += 1
+                return True
+        if failures >= START_FAILURES:
+            text = f"{qualified_type(error)}: {error}"
+            state.break_pool(PoolError(f"a worker process could not be started ({text})"))
+            return False
+        time.sleep(0.1 * 2 ** (failures - 1))
 
 
 def split(job: Job, parts: list[tuple[Task, int, bool] | TaskResult]) -> list[Job]:
