@@ -337,22 +337,25 @@ def warm_up(ctx: Any) -> None:
 
 
 def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None) -> Worker:
-    """Start one worker process (``ctx``: a multiprocessing context) and return its handle."""
-    parent, child = ctx.Pipe(duplex=True)
-    out_r, out_w = ctx.Pipe(duplex=False)
-    err_r, err_w = ctx.Pipe(duplex=False)
-    slot = ctx.RawArray("d", _slot.SLOT_SIZE)
-    slot[_slot.INDEX] = _slot.UNBORN
-    slot[_slot.SEEN] = slot[_slot.W0] = slot[_slot.W1] = -1.0  # job ids start at 0
-    lock = ctx.Lock()  # the slot's claim lock, shared by the driver and this worker
-    drop_name_when_collected(lock)
-    proc = ctx.Process(
-        target=worker_main,
-        args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold, lock),
-        name="papy-worker",
-        daemon=True,  # multiprocessing's exit handler must never wait for a worker
-    )
+    """Start one worker process (``ctx``: a multiprocessing context) and return its handle;
+    on an error (no descriptors left, the fork server gone) close what was opened."""
+    ends: list[Any] = []
+    proc = None
     try:
+        for duplex in (True, False, False):
+            ends.extend(ctx.Pipe(duplex=duplex))
+        parent, child, out_r, out_w, err_r, err_w = ends
+        slot = ctx.RawArray("d", _slot.SLOT_SIZE)
+        slot[_slot.INDEX] = _slot.UNBORN
+        slot[_slot.SEEN] = slot[_slot.W0] = slot[_slot.W1] = -1.0  # job ids start at 0
+        lock = ctx.Lock()  # the slot's claim lock, shared by the driver and this worker
+        drop_name_when_collected(lock)
+        proc = ctx.Process(
+            target=worker_main,
+            args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold, lock),
+            name="papy-worker",
+            daemon=True,  # multiprocessing's exit handler must never wait for a worker
+        )
         with deferred():  # a Ctrl-C waits until the process has its arguments
             proc.start()
         for end in (child, out_w, err_w):
@@ -365,9 +368,11 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
     except BaseException:
         # Dropping the lock drops the semaphore's name, which the new process may still
         # have to open (a FileNotFoundError traceback): stop it first.
-        if proc.pid is not None:
+        if proc is not None and proc.pid is not None:
             proc.kill()
             proc.join()
+        for end in ends:
+            end.close()
         raise
 
 
