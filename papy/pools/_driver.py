@@ -468,14 +468,9 @@ class State:
             self.pool.remove(w)
             if unborn:  # died before it could run anything: no task is to blame
                 self.start_failures += 1
-            replace = not self.closed and self.broken is None
-            if replace and self.start_failures >= _recovery.START_FAILURES:
-                replace = False
-        if replace and unborn:
-            # Back off before starting another worker that may die the same way (the
-            # failures in a row are bounded: the pool gives up after a few).
-            time.sleep(0.1 * 2 ** (self.start_failures - 1))
-        replace = replace and _recovery.respawn(self)
+        # Another worker, after a pause if workers keep dying before any work (the pool
+        # gives up after a few in a row)
+        replace = _recovery.respawn(self)
         finish_outputs(w.outputs)
         w.close_conn()
         if not replace and self.broken is None and not self.closed:

@@ -26,14 +26,25 @@ START_FAILURES = 3  # workers in a row that die before any work: the pool gives 
 
 def respawn(state: Any) -> bool:
     """Start a worker in place of a dead one (``state``: the pool's ``State``); return
-    False if the pool closed or broke meanwhile, or broke now.
+    False if the pool closed or broke meanwhile, or gave up.
 
-    A start that raises (the fork server was killed, say) counts as a worker that died
-    before any work: a few in a row, with a growing pause, then the pool breaks with a
+    After workers that died before any work (``state.start_failures`` in a row) it first
+    pauses, longer each time, and gives up at :data:`START_FAILURES` (the caller breaks
+    the pool, naming how they died). A start that raises (the fork server was killed,
+    say) counts the same; when the last one raised, the pool breaks here with a
     PoolError naming the error, so its tasks fail instead of waiting for workers that
     will never come.
     """
+    error: Exception | None = None
     while True:
+        failures = state.start_failures
+        if failures >= START_FAILURES:
+            if error is not None:
+                text = f"{qualified_type(error)}: {error}"
+                state.break_pool(PoolError(f"a worker process could not be started ({text})"))
+            return False
+        if failures:
+            time.sleep(0.1 * 2 ** (failures - 1))
         with state.lock:
             if state.closed or state.broken is not None:
                 return False
@@ -41,15 +52,10 @@ def respawn(state: Any) -> bool:
                 state.spawn()
             except Exception as exc:
                 state.start_failures += 1
-                failures, error = state.start_failures, exc
+                error = exc
             else:
                 state.restarts += 1
                 return True
-        if failures >= START_FAILURES:
-            text = f"{qualified_type(error)}: {error}"
-            state.break_pool(PoolError(f"a worker process could not be started ({text})"))
-            return False
-        time.sleep(0.1 * 2 ** (failures - 1))
 
 
 def split(job: Job, parts: list[tuple[Task, int, bool] | TaskResult]) -> list[Job]:
