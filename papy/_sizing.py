@@ -27,7 +27,7 @@ log = logging.getLogger("papy")
 
 # Input items in flight when the user sets no buffer: enough that a pool of two holds two
 # tasks of 8,192 trivial items each per worker (with 16,384, tasks of a few milliseconds
-# left the workers waiting for the driver between them: W1 0.78x a fused Pool.imap, 0.91x
+# left the workers waiting for the driver between them: W1 0.80x a fused Pool.imap, 0.91x
 # with 65,536)...
 DEFAULT_BUFFER = 65_536
 MEMORY_BUDGET = 256 * 2**20  # ...fewer when items are large: about this many bytes
