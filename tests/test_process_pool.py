@@ -424,6 +424,54 @@ def test_workers_die_with_a_sigkilled_driver_at_random_moments(tmp_path):
     assert leftovers == []
 
 
+_MANY_FDS_DRIVER = """
+import os, resource, sys
+from papy import Pipeline, ProcessPool
+from faults.crashers import slow_on
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # numbers above 1023
+    pipe = Pipeline("many_fds", pool=ProcessPool(2, sys.argv[1]))
+    pipe.add(slow_on(set(range(100)), 300.0), batch=1)
+    for out in pipe.map(range(100)):
+        pass
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_workers_die_with_a_sigkilled_driver_that_holds_over_a_thousand_descriptors(
+    tmp_path, start_method
+):
+    """A forked worker inherits the driver's descriptors, so the one it watches the driver
+    with was numbered above 1023, which select() refuses: the watch died, the workers lived."""
+    script = tmp_path / "victim.py"
+    script.write_text(_MANY_FDS_DRIVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), start_method],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    family: list[int] = []
+    while len(family) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        family = [c.pid for c in live_descendants(proc.pid)]
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    time.sleep(1.0)  # the workers are running their 300 s items
+    family = [c.pid for c in live_descendants(proc.pid)]
+    proc.kill()
+    proc.wait()
+    left = _gone(family, within=5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+    assert b"out of range" not in (proc.stderr.read() if proc.stderr else b"")
+
+
 def test_killing_the_drivers_process_group_leaves_nothing_in_dev_shm(tmp_path):
     """A hangup or ``kill -9 -PGID`` kills the driver and its resource tracker at once: the
     workers' named semaphores (their slots' claim locks) must not stay in /dev/shm."""

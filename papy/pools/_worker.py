@@ -92,18 +92,8 @@ def _watch_driver(driver_pid: int, critical: CriticalSection) -> None:
     driver itself: with a pidfd where the kernel has them, else by polling its pid.
     """
     try:
-        fd = os.pidfd_open(driver_pid)
-    except (AttributeError, OSError):
-        fd = -1
-    if fd >= 0:
-        while True:
-            try:
-                ready, _, _ = select.select([fd], [], [])
-            except InterruptedError:
-                continue
-            if ready:
-                break
-    else:
+        _wait_for_exit(driver_pid)
+    except Exception:  # whatever failed (no pidfds here), polling the pid still works
         while True:
             time.sleep(0.2)
             try:
@@ -118,6 +108,23 @@ def _watch_driver(driver_pid: int, critical: CriticalSection) -> None:
     while critical.defer() and time.monotonic() < deadline:
         time.sleep(0.02)
     _exit_group(70)
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Return when process ``pid`` has exited, through a pidfd.
+
+    ``poll``, not ``select``: a forked worker inherits its driver's descriptors, so the
+    pidfd's number may be above 1023, which ``select`` cannot take. Raises OSError (or
+    AttributeError) where the kernel or Python has no pidfds.
+    """
+    fd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass  # poll() retries by itself on EINTR; an empty answer cannot happen
+    finally:
+        os.close(fd)
 
 
 def _untrack(name: str) -> None:
