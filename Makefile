@@ -60,15 +60,18 @@ soak: $(STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
-# The differential fuzzers (plain, journaled, with a DaskPool) for a long run: randomized
-# examples in rounds for FUZZ_MINUTES; a counterexample stops it and is kept in .hypothesis/.
+# The differential fuzzers (plain, journaled, with a DaskPool) and the recovery searches
+# for a long run: randomized examples in rounds for FUZZ_MINUTES; a counterexample stops
+# it and is kept in .hypothesis/.
 FUZZ_MINUTES ?= 20
 fuzz: $(STAMP)
 	@end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 60 )); round=0; \
 	while [ $$(date +%s) -lt $$end ]; do \
 	  round=$$((round + 1)); echo "fuzz round $$round"; \
 	  PAPY_FUZZ_PROFILE=fuzz PAPY_FUZZ_JOURNAL_EXAMPLES=200 PAPY_FUZZ_DASK_EXAMPLES=60 \
+	  PAPY_RECOVERY_EXAMPLES=100 \
 	    $(BIN)/python -m pytest tests/test_fuzz.py tests/test_fuzz_journal.py \
-	    tests/integration/test_dask_fuzz.py -x -q -p no:cacheprovider \
+	    tests/integration/test_dask_fuzz.py \
+	    tests/faults/test_recovery_search.py -x -q -p no:cacheprovider \
 	    --hypothesis-show-statistics || exit 1; \
 	done

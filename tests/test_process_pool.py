@@ -23,6 +23,7 @@ import psutil
 import pytest
 from faults.crashers import (
     big_item_pid,
+    child_handlers,
     child_signal_handlers,
     close_pipes_then_sleep_on,
     exit_on,
@@ -310,6 +311,20 @@ def test_processes_a_node_starts_get_default_signal_handling(method):
         pipe = Pipeline("own-signals", pool=pool)
         pipe.add(child_signal_handlers)
         assert list(pipe.map([1])) == [("_own_sigterm", "ignored", "")]
+
+
+def test_a_fork_worker_starts_its_own_fork_server_when_its_driver_has_one():
+    # A forked worker inherited the driver's record of the driver's multiprocessing fork
+    # server; a node using get_context("forkserver") then raised ChildProcessError (found
+    # by tests/faults/test_recovery_search.py).
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver.ensure_running()  # the driver's own fork server
+    spec = ("untouched", "untouched", "mp_forkserver")
+    with ProcessPool(2, start_method="fork") as pool:
+        pipe = Pipeline("fork-server-in-a-fork-worker", pool=pool)
+        pipe.add(child_handlers, batch=1)
+        assert list(pipe.map([spec] * 4)) == [("default", "python-default")] * 4
 
 
 def test_a_thread_pool_node_forking_during_a_run_gives_its_children_default_handlers(capfd):

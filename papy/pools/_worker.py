@@ -127,6 +127,35 @@ def _wait_for_exit(pid: int) -> None:
         os.close(fd)
 
 
+def _forget_inherited_fork_server() -> None:
+    """Let a forked worker start its own ``multiprocessing`` fork server when a node asks.
+
+    A worker started by ``fork`` inherits its driver's record of the driver's fork server:
+    ``ensure_running`` then waits for a process that is not its child and raises
+    ``ChildProcessError``, so every node using ``get_context("forkserver")`` failed (in a
+    plain process it works). The worker's copy of the server's keep-alive descriptor is
+    closed (that server ends with its driver, not with the last worker) and the lock,
+    which another driver thread may have held at the fork, is a new one.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    server._lock = threading.Lock()
+    server._forkserver_pid = None
+    server._forkserver_address = None
+    server._forkserver_alive_fd = None
+    if hasattr(server, "_forkserver_authkey"):  # Python 3.12.9 and later
+        server._forkserver_authkey = None
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+
+
 def _untrack(name: str) -> None:
     """Tell the resource tracker the driver registered ``name`` with that it is gone.
 
@@ -203,6 +232,7 @@ def worker_main(
     signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, critical))
     # What a node forks gets a fresh process's handling, not this worker's exit code.
     fork_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler})
+    _forget_inherited_fork_server()
     try:
         os.setpgid(0, 0)
     except OSError:  # pragma: no cover - already a group leader

@@ -269,3 +269,93 @@ def shut_sockets_then_sleep_on(bad: set[int], seconds: float = 60.0):
         return x * 2
 
     return fn
+
+
+# -- the signal handling of processes a node starts (tests/faults/test_recovery_search.py) --
+
+#: what a node does to a signal's handler before it starts a child, then undoes
+HANDLER_SETUPS = ("untouched", "ignore", "default", "own")
+#: how the node starts the child
+CHILD_KINDS = ("fork", "mp_fork", "mp_spawn", "mp_forkserver", "program")
+
+
+def _own_sigint(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
+def handler_name(handler: object) -> str:
+    """Name a signal handler as ``signal.getsignal`` returns it."""
+    import signal
+
+    if handler is signal.SIG_DFL:
+        return "default"
+    if handler is signal.SIG_IGN:
+        return "ignored"
+    if handler is signal.default_int_handler:
+        return "python-default"
+    return getattr(handler, "__name__", repr(handler))
+
+
+def _report_handlers(conn: object) -> None:
+    import signal
+
+    names = tuple(handler_name(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT))
+    conn.send(names)  # type: ignore[attr-defined]
+    conn.close()  # type: ignore[attr-defined]
+
+
+def child_handlers(spec: tuple[str, str, str]) -> tuple[str, str]:
+    """Return how a child the node starts handles (SIGTERM, SIGINT).
+
+    ``spec`` is (SIGTERM setup, SIGINT setup, child kind) from :data:`HANDLER_SETUPS` and
+    :data:`CHILD_KINDS`. The node sets the handlers (only where it may: in a main thread),
+    starts the child, and restores what it found, as code around ``multiprocessing`` does.
+    """
+    import multiprocessing
+    import signal
+    import subprocess
+    import sys
+
+    term_setup, int_setup, kind = spec
+    own = {signal.SIGTERM: _own_sigterm, signal.SIGINT: _own_sigint}
+    installed = {"ignore": signal.SIG_IGN, "default": signal.SIG_DFL}
+    old = {}
+    for sig, setup in ((signal.SIGTERM, term_setup), (signal.SIGINT, int_setup)):
+        if setup != "untouched":
+            old[sig] = signal.signal(sig, installed.get(setup, own[sig]))
+    try:
+        if kind == "program":
+            code = (
+                "import signal, sys; sys.path.insert(0, sys.argv[1]);"
+                "from faults.crashers import handler_name;"
+                "print(handler_name(signal.getsignal(signal.SIGTERM)),"
+                " handler_name(signal.getsignal(signal.SIGINT)))"
+            )
+            tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            out = subprocess.run(
+                [sys.executable, "-c", code, tests], capture_output=True, text=True, check=True
+            ).stdout.split()
+            return out[0], out[1]
+        if kind == "fork":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                names = [handler_name(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
+                os.write(w, " ".join(names).encode())
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r) as f:
+                term, intr = f.read().split()
+            os.waitpid(pid, 0)
+            return term, intr
+        ctx = multiprocessing.get_context(kind.removeprefix("mp_"))
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_report_handlers, args=(sender,))
+        child.start()
+        sender.close()
+        names = receiver.recv()
+        child.join()
+        return names
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

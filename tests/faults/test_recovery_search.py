@@ -1,0 +1,184 @@
+"""Hypothesis searches over two promises of the pools, each against a plain reference.
+
+- A process pool whose dead workers cannot all be replaced (the driver is out of file
+  descriptors: a replacement cannot even get its pipes) ends the run with every item
+  delivered once, the crashing items as ``WorkerCrashed`` failures, or breaks with
+  ``PoolError`` after delivering a correct prefix; it never hangs, loses, invents or
+  reorders an item.
+- A process a node starts (``os.fork``, ``multiprocessing`` with any start method, a
+  program) handles SIGTERM and SIGINT exactly as it would if the node ran in a plain
+  Python process: the handlers PaPy installs in its workers and in a running driver never
+  reach it, and the node's own handlers do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from faults.crashers import CHILD_KINDS, HANDLER_SETUPS, child_handlers
+from papy import Failure, InlinePool, Pipeline, PoolError, ProcessPool, ThreadPool, WorkerCrashed
+
+TESTS = Path(__file__).resolve().parents[1]
+#: ``make fuzz`` draws more examples, new ones each round; CI runs the same ones every time
+EXAMPLES = int(os.environ.get("PAPY_RECOVERY_EXAMPLES", "20"))
+SEARCH = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("PAPY_FUZZ_PROFILE") != "fuzz",
+    database=None if os.environ.get("PAPY_FUZZ_PROFILE") != "fuzz" else settings().database,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+
+# -- workers that cannot be replaced --------------------------------------------------------
+
+CRASHES = ("exit", "kill", "fork_exit")
+
+
+def crash_on(bad: frozenset[int], how: str):  # type: ignore[no-untyped-def]
+    """A node that ends its worker on the items in ``bad``: ``os._exit``, SIGKILL, or a
+    fork whose child holds the worker's pipes for half a second after the worker exits."""
+
+    def node(x: int) -> int:
+        if x in bad:
+            if how == "exit":
+                os._exit(3)
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if os.fork() == 0:
+                time.sleep(0.5)
+                os._exit(0)
+            os._exit(4)
+        return 2 * x
+
+    return node
+
+
+def limit_leaving(spare: int) -> int:
+    """Return the descriptor limit under which exactly ``spare`` numbers are free (a new
+    descriptor takes the lowest free number, holes included)."""
+    listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        taken = {int(n) for n in os.listdir(listing)} - {listing}
+    finally:
+        os.close(listing)
+    limit, free = 0, 0
+    while limit in taken or free < spare:
+        free += limit not in taken
+        limit += 1
+    return limit
+
+
+@pytest.mark.timeout(300)
+@SEARCH
+@given(
+    method=st.sampled_from(["fork", "forkserver"]),
+    workers=st.integers(1, 3),
+    batch=st.integers(1, 4),
+    how=st.sampled_from(CRASHES),
+    spare=st.integers(0, 16),
+    n=st.integers(1, 24),
+    data=st.data(),
+)
+def test_a_pool_that_cannot_replace_its_workers_finishes_or_breaks_but_never_loses_an_item(
+    method: str, workers: int, batch: int, how: str, spare: int, n: int, data: st.DataObject
+) -> None:
+    bad = frozenset(data.draw(st.sets(st.integers(0, n - 1), max_size=min(n, 4)), label="bad"))
+    out: list[object] = []
+    error: PoolError | None = None
+    with ProcessPool(workers, start_method=method) as pool:
+        pipe = Pipeline("recovery", pool=pool)
+        pipe.add(crash_on(bad, how), name="node", batch=batch)
+        assert list(pipe.map([n])) == [2 * n]  # the workers are up
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(spare), hard))
+        started = time.monotonic()
+        try:
+            for o in pipe.map(range(n), errors="yield"):
+                out.append(o)
+        except PoolError as exc:
+            error = exc
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        elapsed = time.monotonic() - started
+    assert elapsed < 60, f"the run took {elapsed:.0f} s"
+    assert len(out) <= n
+    for x, o in zip(range(n), out):
+        if x in bad:
+            assert isinstance(o, Failure), (x, o)
+            assert (o.item, o.node) == (x, "node")
+            assert isinstance(o.exception, WorkerCrashed), o.exception
+        else:
+            assert o == 2 * x, (x, o)
+    event("finished" if error is None else "the pool broke")
+    if error is None:
+        assert len(out) == n
+    else:
+        assert "could not be started" in str(error), error
+
+
+# -- the signal handling of processes a node starts -------------------------------------------
+
+POOLS = ("inline", "thread", "fork", "forkserver", "spawn")
+
+
+@functools.cache
+def reference(spec: tuple[str, str, str]) -> tuple[str, str]:
+    """What a child started by ``child_handlers(spec)`` sees in a plain Python process."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from faults.crashers import child_handlers;"
+        "print(json.dumps(child_handlers(tuple(json.loads(sys.argv[2])))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(TESTS), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    term, intr = json.loads(out)
+    return term, intr
+
+
+@st.composite
+def specs(draw: st.DrawFn, main_thread: bool) -> tuple[str, str, str]:
+    kind = draw(st.sampled_from(CHILD_KINDS))
+    # A node may set handlers only in a main thread; the handlers a fork server's children
+    # get depend on when that server started, not on the node: left untouched there.
+    settable = main_thread and kind != "mp_forkserver"
+    setups = st.sampled_from(HANDLER_SETUPS) if settable else st.just("untouched")
+    return draw(setups), draw(setups), kind
+
+
+@pytest.mark.timeout(300)
+@SEARCH
+@given(pool_kind=st.sampled_from(POOLS), data=st.data())
+def test_processes_a_node_starts_handle_signals_as_in_a_plain_process(
+    pool_kind: str, data: st.DataObject
+) -> None:
+    main_thread = pool_kind != "thread"
+    items = data.draw(st.lists(specs(main_thread), min_size=1, max_size=3), label="specs")
+    if pool_kind == "inline":
+        pool = InlinePool()
+    elif pool_kind == "thread":
+        pool = ThreadPool(2)
+    else:
+        pool = ProcessPool(1, start_method=pool_kind)
+    with pool:
+        pipe = Pipeline("child-signals", pool=pool)
+        pipe.add(child_handlers, batch=1)
+        got = list(pipe.map(items))
+    assert got == [reference(spec) for spec in items]
