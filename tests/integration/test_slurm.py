@@ -302,9 +302,16 @@ def test_cli_slurm_interrupted_cancels_its_jobs(slurm, tmp_path, sig):
     assert slurm.settle() == []
 
 
-def slow_item(x: int) -> int:
-    time.sleep(1.0)
-    return x
+def slow_until(marker: str):  # type: ignore[no-untyped-def]
+    """Items of 1 s until `marker` exists, then of 10 ms: the run outlasts a walltime kill
+    (150 s of work on two jobs against SLURM's 60-90 s) and ends soon after it (the
+    function travels by value: jobs cannot import the tests)."""
+
+    def slow_item(x: int) -> int:
+        time.sleep(0.01 if os.path.exists(marker) else 1.0)
+        return x
+
+    return slow_item
 
 
 @pytest.mark.timeout(300)  # SLURM's shortest walltime is a minute, checked every 30 s
@@ -313,10 +320,14 @@ def test_jobs_killed_by_walltime_lose_and_duplicate_nothing(slurm, tmp_path):
     cluster.scale(jobs=2)
     seen: set[str] = set()
     stop = threading.Event()
+    marker = tmp_path / "walltime-passed"
+    log = slurm.where / "slurmctld.log"
 
     def sample() -> None:
         while not stop.wait(0.5):
             seen.update(jid for jid, _ in slurm.jobs())
+            if len(seen) >= 3 and log.exists() and "Time limit exhausted" in log.read_text():
+                marker.touch()  # a job was killed and replaced: the rest can be quick
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -324,15 +335,15 @@ def test_jobs_killed_by_walltime_lose_and_duplicate_nothing(slurm, tmp_path):
         with DaskPool(cluster, start_timeout=120) as remote:
             remote.own_cluster = True
             pipe = Pipeline("walltime", pool=remote)
-            pipe.add(slow_item, batch=1)
-            out = list(pipe.map(range(200), errors="yield"))
+            pipe.add(slow_until(str(marker)), batch=1, name="slow_item")
+            out = list(pipe.map(range(300), errors="yield"))
     finally:
         stop.set()
         sampler.join()
     assert not [o for o in out if isinstance(o, Failure)]
-    assert out == list(range(200))
-    log = (slurm.where / "slurmctld.log").read_text()
-    assert "Time limit exhausted" in log  # SLURM ended jobs at their walltime...
+    assert out == list(range(300))
+    assert marker.exists()  # the run outlasted a walltime kill
+    assert "Time limit exhausted" in log.read_text()  # SLURM ended jobs at their walltime...
     assert len(seen) >= 3  # ...and the pool asked for replacements
     assert slurm.settle() == []
 
