@@ -322,3 +322,65 @@ def test_input_that_is_not_utf8_and_unwritable_graph_output_are_usage_errors(tmp
     target = tmp_path / "missing-dir" / "g.png"
     r = papy("graph", CHAIN, "--format", "png", "-o", str(target))
     assert r.returncode == 2 and "cannot write -o" in r.stderr and "Traceback" not in r.stderr
+
+
+_NESTED_MP = """
+import multiprocessing, os
+from concurrent.futures import ProcessPoolExecutor
+from papy import Pipeline, ProcessPool, ThreadPool
+
+class Square:
+    def __init__(self, v):
+        self.v = v * v
+
+def square(v):
+    return Square(v)
+
+def work(line):
+    method = os.environ["NESTED_METHOD"]
+    if os.environ["NESTED_API"] == "executor":
+        ctx = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(2, mp_context=ctx) as ex:
+            squares = list(ex.map(square, range(int(line))))
+    else:
+        with multiprocessing.get_context(method).Pool(2) as p:
+            squares = p.map(square, range(int(line)))
+    assert all(type(s) is Square for s in squares)  # the class of this file, here too
+    return sum(s.v for s in squares)
+
+kind = os.environ["NESTED_POOL"]
+pipeline = Pipeline("nested-mp", pool=ThreadPool(2) if kind == "thread" else ProcessPool(2, kind))
+pipeline.add(work, timeout=60)
+"""
+
+
+@pytest.mark.parametrize(
+    "pool, method, api",
+    [("thread", "spawn", "pool"), ("fork", "forkserver", "executor"), ("spawn", "spawn", "pool")],
+)
+def test_run_a_file_whose_nodes_hand_its_functions_to_multiprocessing(tmp_path, pool, method, api):
+    """Under ``papy run`` the file's functions belong to a module named ``__papy__``; a
+    process spawned by a node could not import it (``multiprocessing.Pool.map`` then waited
+    forever). They now load it as ``python file.py`` loads the script's ``__main__``."""
+    script = tmp_path / "nested.py"
+    script.write_text(_NESTED_MP)
+    inp = tmp_path / "in.txt"
+    inp.write_text("1\n2\n3\n")
+    out = tmp_path / "out.jsonl"
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = {"NESTED_POOL": pool, "NESTED_METHOD": method, "NESTED_API": api}
+    env["TMPDIR"] = str(private_tmp)
+    argv = ["run", str(script), "--input", str(inp), "--output", str(out), "--no-progress"]
+    r = subprocess.run(
+        [sys.executable, "-m", "papy", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [0, 1, 5]
+    # the directory that made ``__papy__`` importable is gone with the run
+    assert not list(private_tmp.glob("papy-file-*"))

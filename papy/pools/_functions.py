@@ -43,6 +43,16 @@ class _FileModule(types.ModuleType):
             raise AttributeError(name) from None
 
 
+def register_file_module(name: str, namespace: dict[str, Any]) -> None:
+    """Let ``import name`` (and unpickling) find a user file's namespace in this process.
+
+    ``papy run`` registers the file it ran as ``__papy__`` at once, so an object of the
+    file that comes back from a process a node started is found here, not run again.
+    """
+    if name not in sys.modules:
+        sys.modules[name] = _FileModule(name, namespace)
+
+
 def _resolve(namespace: dict[str, Any], qualname: str) -> Any:
     first, *rest = qualname.split(".")
     obj = namespace[first]
@@ -124,7 +134,7 @@ def file_home(obj: Any) -> tuple[str, str, str] | None:
     path = os.path.abspath(path)
     _FILES.setdefault(path, namespace)
     if module is None:
-        sys.modules[mod_name] = _FileModule(mod_name, namespace)
+        register_file_module(mod_name, namespace)
     return path, mod_name, qualname
 
 
@@ -148,7 +158,9 @@ def from_file(path: str, mod_name: str, qualname: str) -> Any:
             module.__file__ = path
             namespace = module.__dict__
             _FILES[path] = namespace
-            if mod_name not in sys.modules:
+            # A view inherited through ``fork`` names the driver's copy: this one is used.
+            existing = sys.modules.get(mod_name)
+            if existing is None or isinstance(existing, _FileModule):
                 sys.modules[mod_name] = module
             with open(path, "rb") as fh:
                 code = compile(fh.read(), path, "exec")
