@@ -29,6 +29,8 @@ from faults.crashers import (
     exit_on,
     failing_initializer,
     fork_then_exit_on,
+    initializer_exits,
+    initializer_killed,
     nested_executor,
     nested_fork_pool,
     nested_mp_pool,
@@ -1193,6 +1195,27 @@ def _running(pid: int) -> bool:
 
 
 # -- a worker that cannot be replaced ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "initializer, method, says",
+    [
+        (initializer_killed, "fork", "killed by SIGKILL, 3 times in a row); something outside"),
+        (initializer_exits, "forkserver", "exited with code 5, 3 times in a row); see the"),
+        (initializer_exits, "fork", "code 5, 3 times in a row); see the worker's stderr (and"),
+    ],
+)
+def test_workers_that_die_as_they_start_break_the_pool_with_the_likely_cause(
+    initializer, method, says
+):
+    with ProcessPool(2, start_method=method, initializer=initializer) as pool:
+        pipe = Pipeline("unborn", pool=pool)
+        pipe.add(abs)
+        with pytest.raises(PoolError) as raised:
+            list(pipe.map(range(4)))
+    assert says in str(raised.value)
+    # the main script is named only where a start imports it
+    assert ("main script" in str(raised.value)) == (method != "fork" and "code" in says)
 
 
 @pytest.mark.timeout(120)

@@ -234,14 +234,28 @@ def late_workers(workers: list[Worker], slack: float) -> list[Worker]:
 
 
 def start_failure(code: int | None, times: int, method: str) -> PoolError:
-    """Return the error that breaks a pool whose workers die ``times`` in a row at start."""
+    """Return the error that breaks a pool whose workers die ``times`` in a row at start.
+
+    The hint follows the death: a signal comes from outside the worker (the kernel's
+    out-of-memory killer, another program, a node signalling other processes); an exit
+    code from its own start, where ``spawn`` and ``forkserver`` import the main script.
+    """
+    how = describe_exit(code).replace(" while running this item", "")
+    if code is not None and code < 0:
+        hint = (
+            "something outside the workers kills them as they start (the kernel's "
+            "out-of-memory killer, another program, or a node that signals other processes)"
+        )
+    elif method == "fork":
+        hint = "see the worker's stderr (and the pool's initializer, if it has one)"
+    else:
+        hint = (
+            f"see the worker's stderr. With the {method!r} start method a worker first "
+            "imports the main script (one with an 'if __name__ == \"__main__\":' "
+            "block): its top-level code must run without error there"
+        )
     return PoolError(
-        f"ProcessPool workers exit before they can start "
-        f"({describe_exit(code).replace(' while running this item', '')}, "
-        f"{times} times in a row); see the worker's stderr. With "
-        f"the {method!r} start method a worker first "
-        "imports the main script (one with an 'if __name__ == \"__main__\":' "
-        "block): its top-level code must run without error there"
+        f"ProcessPool workers exit before they can start ({how}, {times} times in a row); " + hint
     )
 
 

@@ -359,3 +359,14 @@ def child_handlers(spec: tuple[str, str, str]) -> tuple[str, str]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def initializer_killed() -> None:
+    """An initializer whose process is killed by a signal (as the OOM killer would)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def initializer_exits() -> None:
+    os._exit(5)
