@@ -1197,6 +1197,34 @@ def _running(pid: int) -> bool:
 # -- a worker that cannot be replaced ---------------------------------------------------------
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_pool_whose_first_workers_cannot_start_raises_pool_error_and_leaves_nothing(method):
+    # A start that raised (no descriptors; a fork server that died on the previous pool's
+    # request) escaped as that OSError or EOFError, tried once: it is now tried again and
+    # then named in a PoolError.
+    import resource
+
+    from faults.test_recovery_search import limit_leaving
+
+    before = {c.pid for c in live_descendants()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # two: the pool's own wake-up pipe, and nothing for a worker's pipes
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(2), hard))
+    try:
+        with pytest.raises(PoolError, match="could not be started") as raised:
+            with ProcessPool(2, start_method=method):
+                pass
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert isinstance(raised.value.__cause__, OSError)
+    assert {c.pid for c in live_descendants()} <= before
+    with ProcessPool(2, start_method=method) as pool:  # descriptors again: it starts
+        pipe = Pipeline("after", pool=pool)
+        pipe.add(abs)
+        assert list(pipe.map([-1, -2])) == [1, 2]
+
+
 @pytest.mark.parametrize(
     "initializer, method, says",
     [

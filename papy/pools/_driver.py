@@ -45,7 +45,6 @@ from papy.pools._handles import (
     start_worker,
     steal,
     stop_workers,
-    warm_up,
     withdraw_held,
 )
 from papy.pools._messages import loads, unframe
@@ -101,12 +100,9 @@ class State:
 
     def start(self) -> None:
         """Start the workers and the manager; on any error (Ctrl-C included) stop those
-        started (:meth:`close`) and raise it."""
-        warm_up(self.ctx)
+        started (:meth:`close`) and raise it (PoolError when starts kept failing)."""
         try:
-            with self.lock:
-                for _ in range(self.size):
-                    self.spawn()
+            _recovery.start_all(self)
         except BaseException:
             self.close()
             raise

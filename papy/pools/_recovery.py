@@ -17,11 +17,34 @@ from papy._errors import PoolError, WorkerCrashed
 from papy._items import qualified_type
 from papy._task import TaskResult
 from papy.pools._base import Task, merge_parts
-from papy.pools._handles import Job, Worker, starts
+from papy.pools._handles import Job, Worker, starts, warm_up
 from papy.pools._messages import loads
 from papy.pools._slot import read_slot
 
 START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
+
+
+def start_all(state: Any) -> None:
+    """Start the pool's first workers (``state``: its ``State``), trying again after a
+    start that raised.
+
+    A fork server that died since the last pool (it exits on a malformed request, and one
+    started while the driver was short of descriptors inherits that limit) fails the
+    next start with ``EOFError``; ``multiprocessing`` starts a new one on the next try.
+    After :data:`START_FAILURES` tries, raise PoolError naming the last error (its cause).
+    """
+    for attempt in range(START_FAILURES):
+        try:
+            warm_up(state.ctx)
+            with state.lock:
+                while len(state.pool) < state.size:
+                    state.spawn()
+            return
+        except Exception as exc:
+            if attempt + 1 == START_FAILURES:
+                text = f"{qualified_type(exc)}: {exc}"
+                raise PoolError(f"a worker process could not be started ({text})") from exc
+            time.sleep(0.1 * 2**attempt)
 
 
 def respawn(state: Any) -> bool:
