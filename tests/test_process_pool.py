@@ -1212,9 +1212,11 @@ def test_a_pool_whose_first_workers_cannot_start_raises_pool_error_and_leaves_no
     # two: the pool's own wake-up pipe, and nothing for a worker's pipes
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(2), hard))
     try:
-        with pytest.raises(PoolError, match="could not be started") as raised:
-            with ProcessPool(2, start_method=method):
-                pass
+        with (
+            pytest.raises(PoolError, match="could not be started") as raised,
+            ProcessPool(2, start_method=method),
+        ):
+            pass
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert isinstance(raised.value.__cause__, OSError)
