@@ -1257,12 +1257,17 @@ def test_a_worker_that_cannot_be_started_again_breaks_the_pool_instead_of_hangin
 
     with ProcessPool(2) as pool:
         pipe = Pipeline("no-restart", pool=pool)
-        pipe.add(exit_on({0}), batch=1)
+        pipe.add(exit_on({0}), batch=1, name="exits")
         assert list(pipe.map([1, 2])) == [2, 4]  # the workers are up
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor at all
         try:
-            with pytest.raises(PoolError, match="could not be started"):
+            # the error says what the pool tried to replace: the crash, its node and item
+            with pytest.raises(
+                PoolError,
+                match="could not be started .* to replace one that exited with code 3 "
+                "running node 'exits' on 0$",
+            ):
                 list(pipe.map(range(6)))
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

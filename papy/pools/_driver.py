@@ -466,7 +466,7 @@ class State:
                 self.start_failures += 1
         # Another worker, after a pause if workers keep dying before any work (the pool
         # gives up after a few in a row)
-        replace = _recovery.respawn(self)
+        replace = _recovery.respawn(self, _recovery.death(code, running, lost))
         finish_outputs(w.outputs)
         w.close_conn()
         if not replace and self.broken is None and not self.closed:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from papy._errors import PoolError, WorkerCrashed
-from papy._items import qualified_type
+from papy._items import qualified_type, short_repr
 from papy._task import TaskResult
 from papy.pools._base import Task, merge_parts
 from papy.pools._handles import Job, Worker, starts, warm_up
@@ -47,9 +47,10 @@ def start_all(state: Any) -> None:
             time.sleep(0.1 * 2**attempt)
 
 
-def respawn(state: Any) -> bool:
-    """Start a worker in place of a dead one (``state``: the pool's ``State``); return
-    False if the pool closed or broke meanwhile, or gave up.
+def respawn(state: Any, replacing: str = "one that died") -> bool:
+    """Start a worker in place of a dead one (``state``: the pool's ``State``; the dead
+    one described by ``replacing``, see :func:`death`); return False if the pool closed or
+    broke meanwhile, or gave up.
 
     After workers that died before any work (``state.start_failures`` in a row) it first
     pauses, longer each time, and gives up at :data:`START_FAILURES` (the caller breaks
@@ -64,7 +65,11 @@ def respawn(state: Any) -> bool:
         if failures >= START_FAILURES:
             if error is not None:
                 text = f"{qualified_type(error)}: {error}"
-                state.break_pool(PoolError(f"a worker process could not be started ({text})"))
+                state.break_pool(
+                    PoolError(
+                        f"a worker process could not be started ({text}) to replace {replacing}"
+                    )
+                )
             return False
         if failures:
             time.sleep(0.1 * 2 ** (failures - 1))
@@ -196,6 +201,28 @@ def describe_exit(code: int | None) -> str:
             name = f"signal {-code}"
         return f"the worker process was killed by {name} while running this item"
     return f"the worker process exited with code {code} while running this item"
+
+
+def death(
+    code: int | None, running: tuple[int, int, int, int, float] | None, jobs: list[Job]
+) -> str:
+    """Describe a dead worker for an error that follows from its death: how it ended
+    and, from its slot (``running``: job, stage, index, count, start), the node it was
+    running and the item (the task's own input: the step's first node only)."""
+    text = describe_exit(code).replace(" while running this item", "")
+    text = text.replace("the worker process ", "one that ")
+    if running is None:
+        return text
+    job_id, stage, index = running[0], running[1], running[2]
+    job = next((j for j in jobs if j.id == job_id), None)
+    if job is None or not 0 <= stage < len(job.task.spec.stages):
+        return text
+    text += f" running node {job.task.spec.stages[stage].name!r}"
+    if index < 0 and len(job.task) == 1:
+        index = 0  # an untracked task of one item
+    if stage == 0 and 0 <= index < len(job.task):
+        text += f" on {short_repr(job.task.values[index])}"
+    return text
 
 
 def rerun(
