@@ -24,6 +24,14 @@ from papy.pools._slot import read_slot
 START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
 
 
+def _start_error(exc: Exception) -> str:
+    """Name the error of a worker start; a fork server that hung up is named as such."""
+    text = f"{qualified_type(exc)}: {exc}"
+    if isinstance(exc, EOFError):
+        text = f"the multiprocessing fork server ended or hung up: {text}"
+    return text
+
+
 def start_all(state: Any) -> None:
     """Start the pool's first workers (``state``: its ``State``), trying again after a
     start that raised.
@@ -42,7 +50,7 @@ def start_all(state: Any) -> None:
             return
         except Exception as exc:
             if attempt + 1 == START_FAILURES:
-                text = f"{qualified_type(exc)}: {exc}"
+                text = _start_error(exc)
                 raise PoolError(f"a worker process could not be started ({text})") from exc
             time.sleep(0.1 * 2**attempt)
 
@@ -64,7 +72,7 @@ def respawn(state: Any, replacing: str = "one that died") -> bool:
         failures = state.start_failures
         if failures >= START_FAILURES:
             if error is not None:
-                text = f"{qualified_type(error)}: {error}"
+                text = _start_error(error)
                 state.break_pool(
                     PoolError(
                         f"a worker process could not be started ({text}) to replace {replacing}"
