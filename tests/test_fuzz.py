@@ -108,6 +108,11 @@ elif os.environ.get("PAPY_FUZZ_FAULTS"):
     ENABLED_FAULTS = frozenset(os.environ["PAPY_FUZZ_FAULTS"].split(","))
 
 HANG_S = 60  # an example that takes longer than this is a hang (a failure), not slowness
+#: what one item that kills its worker may add on a DaskPool: Dask retries its task on
+#: other workers (``allowed-failures``), then PaPy halves, confirms and names the node, and
+#: each death waits for a nanny to restart a worker (1-2 s here). Measured: one journaled
+#: example with a crashing node under a 40-way scatter, 175 worker deaths in 287 s.
+DASK_CRASH_S = 20
 MAX_FAN = 60  # at most this many sub-items per input item below nested scatters
 
 FUZZ_EXAMPLES = int(os.environ.get("PAPY_FUZZ_EXAMPLES", "250"))
@@ -372,6 +377,17 @@ def pool_kind(graph: dict[str, Any], node: dict[str, Any]) -> str:
     return str(graph["pools"][node["pool"] if node["pool"] is not None else 0][0])
 
 
+def hang_limit(graph: dict[str, Any], want: reference.Expected, runs: int = 1) -> int:
+    """Return the seconds after which ``runs`` runs of ``graph`` hang: :data:`HANG_S`, plus
+    :data:`DASK_CRASH_S` per item the reference says kills a Dask worker, per run."""
+    crashes = sum(
+        want.failed.get(f"n{i}", 0)
+        for i, n in enumerate(graph["nodes"])
+        if pool_kind(graph, n) == "dask" and n["fault"] and n["fault"][0] == "crash"
+    )
+    return HANG_S + runs * DASK_CRASH_S * crashes
+
+
 # -- building and running -------------------------------------------------------------------
 
 
@@ -593,7 +609,7 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
     with contextlib.ExitStack() as stack:
         for p in pools:
             stack.enter_context(p)
-        stack.enter_context(hang_guard(HANG_S))
+        stack.enter_context(hang_guard(hang_limit(graph, want)))
         pipe = build(graph, pools)
 
         if refused:

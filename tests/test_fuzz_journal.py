@@ -93,7 +93,8 @@ def check(graph: dict[str, Any], others: Any = frozenset) -> None:
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         for p in pools:
             stack.enter_context(p)
-        stack.enter_context(fz.hang_guard(fz.HANG_S))
+        # first run, the rest, the resumed run and the retry of failures
+        stack.enter_context(fz.hang_guard(fz.hang_limit(edited, want, runs=4)))
         pipe = fz.build(graph, pools)  # with cache=True where a node says
         db = os.path.join(tmp, "run.db")
         keyed = graph.get("keyed") and len({repr(x) for x in inputs}) == len(inputs)
