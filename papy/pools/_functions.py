@@ -151,8 +151,12 @@ def from_file(path: str, mod_name: str, qualname: str) -> Any:
     if namespace is None:
         main = sys.modules.get("__main__")
         main_file = getattr(main, "__file__", None)
+        known = sys.modules.get(mod_name)  # imported by name already (``papy run``'s shim)
+        known_file = None if isinstance(known, _FileModule) else getattr(known, "__file__", None)
         if main is not None and main_file and os.path.abspath(main_file) == path:
             namespace = main.__dict__
+        elif known is not None and known_file and os.path.abspath(known_file) == path:
+            namespace = known.__dict__
         else:
             module = types.ModuleType(mod_name)
             module.__file__ = path
