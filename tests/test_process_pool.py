@@ -31,6 +31,7 @@ from faults.crashers import (
     fork_then_exit_on,
     initializer_exits,
     initializer_killed,
+    kill_siblings_on,
     nested_executor,
     nested_fork_pool,
     nested_mp_pool,
@@ -1192,6 +1193,23 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_an_item_that_kills_the_other_workers_is_blamed_alone(tmp_path, method):
+    # Each killer ran again to confirm it while other items ran beside it, and killed
+    # their workers a second time: 3-5 innocent items of 100 failed with WorkerCrashed.
+    # A job that killed a worker now runs again alone on the pool.
+    killers = {10, 35, 60, 85}
+    with ProcessPool(4, start_method=method) as pool:
+        pipe = Pipeline("siblings", pool=pool)
+        pipe.add(kill_siblings_on(killers, str(tmp_path)), name="killer")
+        for _ in range(2):
+            out = list(pipe.map(range(100), errors="yield"))
+            good, bad = _split(out)
+            assert sorted(f.item for f in bad) == sorted(killers)
+            assert all(isinstance(f.exception, WorkerCrashed) for f in bad)
+            assert good == [-x for x in range(100) if x not in killers]
 
 
 # -- a worker that cannot be replaced ---------------------------------------------------------

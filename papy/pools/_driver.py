@@ -95,6 +95,7 @@ class State:
         self.broken: PoolError | None = None
         self.start_failures = 0
         self.restarts = 0
+        self.holding: float | None = None  # since when jobs wait around a suspect
         self.pickle_s = 0.0
         self.unpickle_s = 0.0
 
@@ -195,6 +196,8 @@ class State:
         """
         timed = False
         while self.pending and not self.closed:
+            if _recovery.held(self):  # a job that killed a worker runs alone
+                break
             worker = min(
                 (w for w in self.pool if not w.dead), key=lambda w: len(w.jobs), default=None
             )
@@ -207,6 +210,8 @@ class State:
             worker.jobs.append(job)
             worker.outbox.put(job)
             timed = timed or job.task.timeout is not None or has_timeout(job.task)
+        if not self.pending:
+            self.holding = None  # nothing waits: no reason to tick
         if timed:
             self.wake()  # the manager must start watching deadlines
 
@@ -283,6 +288,9 @@ class State:
                 with self.lock:
                     workers = [w for w in self.pool if not w.dead]
                     timed = any(has_timeout(j.task) for w in workers for j in w.jobs)
+                    if self.holding is not None:  # the wait around a suspect is bounded
+                        self.assign_locked()
+                        timed = True
                 for w in workers:
                     if w not in self.watched:
                         self.watched.add(w)

@@ -32,6 +32,33 @@ def _start_error(exc: Exception) -> str:
     return text
 
 
+#: seconds at most that a pool keeps its other workers idle around a suspect (a job that
+#: killed a worker already): a suspect that hangs, or work that runs long, cannot stall it
+QUARANTINE_S = 2.0
+
+
+def held(state: Any) -> bool:
+    """Tell whether the pool (``state``: its ``State``) must not start its next pending
+    job yet; ``state.holding`` is when it began to hold back.
+
+    A job that killed its worker (a suspect) runs again alone on the pool, and nothing
+    else starts while it runs, so a death during that run is its own: an item that kills
+    *other* workers (it signals its siblings; its memory makes the kernel's OOM killer
+    take another process) would otherwise be confirmed by the deaths of innocent items'
+    workers, and they by its. After :data:`QUARANTINE_S` the pool stops waiting, until no
+    suspect runs or waits any more (a suspect that hangs cannot stall it).
+    """
+    running = [j for w in state.pool if not w.dead for j in w.jobs if not j.withdrawn]
+    suspect_runs = any(j.crashes for j in running)
+    if not suspect_runs and not (state.pending[0].crashes and running):
+        state.holding = None
+        return False
+    if state.holding is None:
+        state.holding = time.monotonic()
+        state.wake()  # the manager ticks while the pool holds back (the wait is bounded)
+    return time.monotonic() - state.holding <= QUARANTINE_S
+
+
 def start_all(state: Any) -> None:
     """Start the pool's first workers (``state``: its ``State``), trying again after a
     start that raised.

@@ -370,3 +370,31 @@ def initializer_killed() -> None:
 
 def initializer_exits() -> None:
     os._exit(5)
+
+
+def kill_siblings_on(bad: set[int], pid_dir: str):
+    """A node that, on the items in ``bad``, SIGKILLs every other worker of its pool and
+    then its own (as an item whose memory makes the kernel's OOM killer take other
+    processes would). Workers are known by the pid files the node writes on every item,
+    and killed only if they still share this worker's parent (a pid is never reused
+    under a test's feet)."""
+    import signal
+
+    def fn(x: int) -> int:
+        me, parent = os.getpid(), os.getppid()
+        Path(pid_dir, str(me)).touch()
+        if x in bad:
+            for name in os.listdir(pid_dir):
+                pid = int(name)
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                    if pid != me and ppid == parent:
+                        os.kill(pid, signal.SIGKILL)
+                except (OSError, ValueError, IndexError):
+                    pass
+            os.kill(me, signal.SIGKILL)
+        time.sleep(0.01)
+        return -x
+
+    return fn
