@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ def exc_type_of(fault: str) -> str:
         "crash_batched": "papy.WorkerCrashed",
         "crash_fork": "papy.WorkerCrashed",
         "hangup": "papy.WorkerCrashed",
+        "kill_siblings": "papy.WorkerCrashed",
         "short": "ValueError",  # a batched node returned fewer results than items
     }[fault]
 
@@ -152,6 +154,9 @@ class Params:
     large: bool = False
     #: outputs are :class:`Liar` (asking their size raises)
     liar: bool = False
+    #: where the workers of the node's pool leave a file named by their pid, for a
+    #: "kill_siblings" fault of a node on that pool to find them (no effect on outputs)
+    pool_dir: str | None = None
 
 
 def plan(p: Params, args: tuple[Any, ...]) -> tuple[str | None, Any]:
@@ -188,14 +193,41 @@ def _act(p: Params, fault: str) -> None:
     if fault == "hangup":  # the worker's pipes closed, the process alive
         os.closerange(3, 4096)
         time.sleep(30)
+    if fault == "kill_siblings":  # SIGKILL the pool's other workers, then this one
+        _kill_siblings(p.pool_dir)
+        os.kill(os.getpid(), signal.SIGKILL)
     if fault == "timeout":
         time.sleep(SLOW_S)
         return
     raise AssertionError(f"fault {fault!r} cannot be acted by a one-item node")
 
 
+def _kill_siblings(pool_dir: str | None) -> None:
+    """SIGKILL the workers that left their pid in ``pool_dir`` and still share this
+    process's parent (so a pid reused by another process is left alone)."""
+    if pool_dir is None:
+        return
+    me, parent = os.getpid(), os.getppid()
+    for name in os.listdir(pool_dir):
+        try:
+            pid = int(name)
+            with open(f"/proc/{pid}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if pid != me and ppid == parent:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+
+
+def _sign_in(p: Params) -> None:
+    if p.pool_dir is not None:
+        with open(os.path.join(p.pool_dir, str(os.getpid())), "a"):
+            pass
+
+
 def node_fn(p: Params, *args: Any) -> Any:
     """Run a fuzzed node on one item (one argument per parent; a gather gets its list)."""
+    _sign_in(p)
     fault, out = plan(p, args)
     if fault is not None:
         _act(p, fault)
@@ -205,6 +237,8 @@ def node_fn(p: Params, *args: Any) -> Any:
 async def async_node_fn(p: Params, *args: Any) -> Any:
     """:func:`node_fn` as an ``async def`` node: a slow item awaits, the others yield once."""
     import asyncio
+
+    _sign_in(p)
 
     fault, out = plan(p, args)
     if fault == "timeout":
@@ -221,6 +255,7 @@ def batched_fn(p: Params, items: list[Any]) -> list[Any]:
     If any item of the batch is faulty, the whole call misbehaves the way that fault says
     ("short" returns the batch's outputs without the faulty items' ones).
     """
+    _sign_in(p)
     plans = [plan(p, (x,)) for x in items]
     faults = [f for f, _ in plans if f is not None]
     if not faults:

@@ -54,12 +54,16 @@ randomized profile that ``make fuzz`` runs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
 import os
+import shutil
 import signal
+import tempfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -91,6 +95,7 @@ ALL_FAULTS = frozenset(
         "crash_batched",  # os._exit in a batched=True ProcessPool node (any bad item)
         "crash_fork",  # a ProcessPool node forks a child that outlives its worker, then exits
         "hangup",  # a ProcessPool node closes its worker's pipes and sleeps
+        "kill_siblings",  # a ProcessPool node SIGKILLs its pool's other workers, then its own
         "timeout",  # an item sleeps past its node's timeout= (thread and process pools)
         "short",  # a batched=True node returns fewer results than items
         "input_error",  # the input iterator raises part-way
@@ -214,7 +219,7 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
             and (kind != "inline" or "inline_timeout" in ENABLED_FAULTS)
         )
         kinds = sorted(k for k in reference.RAISES if k in ENABLED_FAULTS)
-        crash = ["crash_batched"] if batched else ["crash", "crash_fork", "hangup"]
+        crash = ["crash_batched"] if batched else ["crash", "crash_fork", "hangup", "kill_siblings"]
         if kind == "process":
             kinds += [c for c in crash if c in ENABLED_FAULTS]
         if batched and "short" in ENABLED_FAULTS:
@@ -410,8 +415,11 @@ def make_pool(kind: str, workers: int, start_method: str | None = None) -> Pool:
 def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
     """Build the pipeline a description says, nodes named n0, n1, ... on the given pools."""
     pipe = Pipeline("fuzz", pool=pools[0], buffer=graph["buffer"])
+    pool_dirs = sibling_dirs(graph, pools)
     for i, node in enumerate(graph["nodes"]):
         params = reference.node_params(i, node)
+        pool_index = node["pool"] if node["pool"] is not None else 0
+        params = dataclasses.replace(params, pool_dir=pool_dirs.get(pool_index))
         fn: Any = reference.node_fn
         if node["batched"]:
             fn = reference.batched_fn
@@ -434,6 +442,26 @@ def build(graph: dict[str, Any], pools: list[Pool]) -> Pipeline:
             cache=bool(node.get("cache")),
         )
     return pipe
+
+
+_PIDS_ROOT = tempfile.mkdtemp(prefix="papy-fuzz-pids-")
+atexit.register(shutil.rmtree, _PIDS_ROOT, True)
+_SIBLING_DIRS: weakref.WeakKeyDictionary[Pool, str] = weakref.WeakKeyDictionary()
+
+
+def sibling_dirs(graph: dict[str, Any], pools: list[Pool]) -> dict[int, str]:
+    """Return a directory per pool that runs a "kill_siblings" node (the same for a pool
+    in every build, so a journaled node's arguments do not change): every node on that
+    pool leaves its worker's pid there, for the killer to find its pool's workers, and
+    only those (other pools' fork workers share the same parent)."""
+    out = {}
+    for n in graph["nodes"]:
+        if n["fault"] and n["fault"][0] == "kill_siblings":
+            k = n["pool"] if n["pool"] is not None else 0
+            if pools[k] not in _SIBLING_DIRS:
+                _SIBLING_DIRS[pools[k]] = tempfile.mkdtemp(dir=_PIDS_ROOT)
+            out[k] = _SIBLING_DIRS[pools[k]]
+    return out
 
 
 def versioned(fn: Any, version: int) -> Any:

@@ -52,7 +52,7 @@ def with_dask(draw: st.DrawFn, graph: dict[str, Any]) -> dict[str, Any]:
         if (
             (node["pool"] or 0) == spot
             and fault is not None
-            and fault[0] in ("crash_fork", "hangup")
+            and fault[0] in ("crash_fork", "hangup", "kill_siblings")
         ):
             node["fault"] = ["crash", *fault[1:]]
     return graph
