@@ -496,6 +496,31 @@ def test_a_journal_removed_or_replaced_during_the_run_stops_it(tmp_path):
         list(pipe.map(range(400), journal=journal))
 
 
+def _replace_file_at_50(journal: str, other: str):  # type: ignore[no-untyped-def]
+    def replace_at_50(x: int) -> int:
+        if x == 50:
+            Path(other).write_bytes(b"")
+            os.replace(other, journal)
+        time.sleep(0.005)
+        return x
+
+    return replace_at_50
+
+
+def test_a_journal_replaced_under_process_workers_stops_the_run_without_killing_them(tmp_path):
+    # A worker whose journal failed let the error escape its task: it died (19 workers in
+    # one run), and where the driver saw nothing wrong its items were reported as crashes.
+    journal = tmp_path / "run.db"
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("replaced", pool=pool)
+        pipe.add(_replace_file_at_50(str(journal), str(tmp_path / "other.db")), batch=4)
+        with pytest.raises(JournalError, match="was replaced by another file"):
+            list(pipe.map(range(400), journal=journal))
+        assert pool.restarts == 0
+        journal.unlink()
+        assert list(pipe.map(range(10), journal=tmp_path / "again.db")) == list(range(10))
+
+
 def test_journal_in_a_missing_directory_names_the_cause(tmp_path):
     pipe = Pipeline("p", pool=ThreadPool(1))
     pipe.add(abs)

@@ -55,9 +55,8 @@ from papy.pools._sender import SPEC_CACHE, send_loop
 log = logging.getLogger("papy")
 
 PER_WORKER = 2  # tasks a worker holds at once: one running, one queued in its pipe
-#: seconds past an item's limit within which the pool notices it and kills the worker: the
-#: slots are read every ``TICK`` and a limit is passed by a ``TICK`` of slack (an item is
-#: never cut short before its limit); the rest is margin for a loaded machine
+#: seconds past an item's limit within which the pool kills the worker: slots are read every
+#: ``TICK``, a limit passed by a ``TICK`` of slack (never cut short), the rest is margin
 TIMEOUT_GRACE = 0.25
 TICK = 0.05  # seconds between deadline checks while a timed node runs
 #: seconds a result waits at most for its task's sender thread to drop the task (it has
@@ -422,6 +421,9 @@ class State:
                 except PoolError:
                     pass  # closed meanwhile: the halves failed with it
                 return True
+            if unloadable == "journal":  # the run's journal failed: the run stops with it
+                fail(job.fut, loaded)
+                return True
             result = job.task.fail_all(loaded) if unloadable else loaded
         result.crashes += job.crashes
         result.nbytes = len(body) + sum(n for _, _, n in descs)
@@ -472,8 +474,7 @@ class State:
             self.pool.remove(w)
             if unborn:  # died before it could run anything: no task is to blame
                 self.start_failures += 1
-        # Another worker, after a pause if workers keep dying before any work (the pool
-        # gives up after a few in a row)
+        # Another worker, after a pause if workers keep dying before any work (or give up)
         replace = _recovery.respawn(self, _recovery.death(code, running, lost))
         finish_outputs(w.outputs)
         w.close_conn()

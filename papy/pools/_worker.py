@@ -36,6 +36,7 @@ import pickle
 import select
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -43,8 +44,10 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from papy._errors import JournalError
 from papy._interrupt import fork_defaults
 from papy._items import qualified_type
+from papy._journal.files import sqlite_error
 from papy._task import CriticalSection, StepSpec, run_task
 from papy.pools import _shm
 from papy.pools._messages import dumps, encode_result, frame, loads, unframe
@@ -332,11 +335,18 @@ def worker_main(
                 )
                 values = data = body = None  # type: ignore[assignment]
             else:
-                result = run_task(spec, keys, values, jkeys, dirty, tracker, critical)
+                try:
+                    result = run_task(spec, keys, values, jkeys, dirty, tracker, critical)
+                except (JournalError, sqlite3.Error) as exc:
+                    # The run's journal failed, not the items: the driver stops the run with
+                    # it (this worker lives on; dying would blame the items for a crash).
+                    unloadable, payload = "journal", _pickled_error(_journal_error(spec, exc))
+                    result = None  # type: ignore[assignment]
                 # Free the task's inputs (and their shared-memory mappings) before waiting.
                 values = data = body = None  # type: ignore[assignment]
-                payload = encode_result(result, spec, keys, out)
-                result = None  # type: ignore[assignment]
+                if result is not None:
+                    payload = encode_result(result, spec, keys, out)
+                    result = None  # type: ignore[assignment]
             if tracker is not None:
                 tracker.idle()
         # Inputs this process still maps (a node kept a reference): the producer must not
@@ -353,6 +363,13 @@ def worker_main(
         finally:
             if out is not None:
                 out.close()
+
+
+def _journal_error(spec: StepSpec, exc: Exception) -> Exception:
+    """Return a journal failure as a JournalError naming the file and the cause."""
+    if isinstance(exc, sqlite3.Error) and spec.journal is not None:
+        return sqlite_error(spec.journal.path, exc)
+    return exc
 
 
 def _pickled_error(exc: BaseException) -> bytes:
