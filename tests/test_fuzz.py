@@ -120,7 +120,7 @@ HANG_S = 60  # an example that takes longer than this is a hang (a failure), not
 DASK_CRASH_S = 20
 MAX_FAN = 60  # at most this many sub-items per input item below nested scatters
 
-FUZZ_EXAMPLES = int(os.environ.get("PAPY_FUZZ_EXAMPLES", "250"))
+FUZZ_EXAMPLES = int(os.environ.get("PAPY_FUZZ_EXAMPLES", "200"))
 settings.register_profile(
     "papy-ci",
     max_examples=FUZZ_EXAMPLES,

@@ -33,7 +33,7 @@ from papy import Failure, InlinePool, Pipeline, PoolError, ProcessPool, ThreadPo
 
 TESTS = Path(__file__).resolve().parents[1]
 #: ``make fuzz`` draws more examples, new ones each round; CI runs the same ones every time
-EXAMPLES = int(os.environ.get("PAPY_RECOVERY_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("PAPY_RECOVERY_EXAMPLES", "14"))
 SEARCH = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -35,17 +35,20 @@ class Cluster:
         return out
 
     def stop(self) -> None:
-        for p in [*self.workers, self.scheduler]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*self.workers, self.scheduler]:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                for child in psutil.Process(p.pid).children(recursive=True):
-                    child.kill()
-                p.kill()
-                p.wait(timeout=5)
+        # The workers first, while their scheduler still answers: stopped together, each
+        # worker waited for a scheduler that was gone (8 s a cluster).
+        for group in (self.workers, [self.scheduler]):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    for child in psutil.Process(p.pid).children(recursive=True):
+                        child.kill()
+                    p.kill()
+                    p.wait(timeout=5)
 
 
 def _env(foreign: bool = False) -> dict[str, str]:
