@@ -194,7 +194,7 @@ def _act(p: Params, fault: str) -> None:
         os.closerange(3, 4096)
         time.sleep(30)
     if fault == "kill_siblings":  # SIGKILL the pool's other workers, then this one
-        _kill_siblings(p.pool_dir)
+        kill_siblings(p.pool_dir)
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "timeout":
         time.sleep(SLOW_S)
@@ -202,7 +202,7 @@ def _act(p: Params, fault: str) -> None:
     raise AssertionError(f"fault {fault!r} cannot be acted by a one-item node")
 
 
-def _kill_siblings(pool_dir: str | None) -> None:
+def kill_siblings(pool_dir: str | None) -> None:
     """SIGKILL the workers that left their pid in ``pool_dir`` and still share this
     process's parent (so a pid reused by another process is left alone)."""
     if pool_dir is None:

@@ -24,6 +24,11 @@ from papy.pools._slot import read_slot
 START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
 
 
+def _back_off(failures: int) -> None:
+    """Pause before another worker start after ``failures`` in a row (0.1 s, doubling)."""
+    time.sleep(0.1 * 2 ** (failures - 1))
+
+
 def _start_error(exc: Exception) -> str:
     """Name the error of a worker start; a fork server that hung up is named as such."""
     text = f"{qualified_type(exc)}: {exc}"
@@ -48,9 +53,13 @@ def held(state: Any) -> bool:
     workers, and they by its. After :data:`QUARANTINE_S` the pool stops waiting, until no
     suspect runs or waits any more (a suspect that hangs cannot stall it).
     """
-    running = [j for w in state.pool if not w.dead for j in w.jobs if not j.withdrawn]
-    suspect_runs = any(j.crashes for j in running)
-    if not suspect_runs and not (state.pending[0].crashes and running):
+    running = (j for w in state.pool if not w.dead for j in w.jobs if not j.withdrawn)
+    busy = suspect_runs = False
+    for j in running:  # at most two jobs a worker: a short scan, no list per dispatch
+        busy, suspect_runs = True, bool(j.crashes)
+        if suspect_runs:
+            break
+    if not suspect_runs and not (state.pending[0].crashes and busy):
         state.holding = None
         return False
     if state.holding is None:
@@ -79,7 +88,7 @@ def start_all(state: Any) -> None:
             if attempt + 1 == START_FAILURES:
                 text = _start_error(exc)
                 raise PoolError(f"a worker process could not be started ({text})") from exc
-            time.sleep(0.1 * 2**attempt)
+            _back_off(attempt + 1)
 
 
 def respawn(state: Any, replacing: str = "one that died") -> bool:
@@ -107,7 +116,7 @@ def respawn(state: Any, replacing: str = "one that died") -> bool:
                 )
             return False
         if failures:
-            time.sleep(0.1 * 2 ** (failures - 1))
+            _back_off(failures)
         with state.lock:
             if state.closed or state.broken is not None:
                 return False

@@ -380,20 +380,13 @@ def kill_siblings_on(bad: set[int], pid_dir: str):
     under a test's feet)."""
     import signal
 
+    from reference import kill_siblings
+
     def fn(x: int) -> int:
-        me, parent = os.getpid(), os.getppid()
-        Path(pid_dir, str(me)).touch()
+        Path(pid_dir, str(os.getpid())).touch()
         if x in bad:
-            for name in os.listdir(pid_dir):
-                pid = int(name)
-                try:
-                    with open(f"/proc/{pid}/stat") as fh:
-                        ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                    if pid != me and ppid == parent:
-                        os.kill(pid, signal.SIGKILL)
-                except (OSError, ValueError, IndexError):
-                    pass
-            os.kill(me, signal.SIGKILL)
+            kill_siblings(pid_dir)
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(0.01)
         return -x
 
