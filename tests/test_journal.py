@@ -699,6 +699,64 @@ def test_a_pool_forked_during_a_run_does_not_keep_the_journal_in_use(tmp_path):
         pool.close()
 
 
+def test_a_locked_journal_is_called_locked_not_corrupt(tmp_path):
+    from papy._journal.files import sqlite_error
+
+    path = str(tmp_path / "run.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    other = sqlite3.connect(path, timeout=0)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            other.execute("SELECT * FROM t").fetchall()
+        message = str(sqlite_error(path, caught.value))
+        assert "is locked by another connection" in message and "not a papy journal" not in message
+    finally:
+        other.close()
+        holder.close()
+
+
+def _exits_on_13_mod_97(x: int) -> tuple[int, str]:
+    if x % 97 == 13:
+        os._exit(3)
+    return x, f"{x:04d}" * 1000  # 4 KB a record: the write-ahead log passes its mark
+
+
+def test_workers_forked_while_the_journal_is_in_use_neither_hang_nor_corrupt_it(tmp_path):
+    # A fork pool the run starts, and replacements forked after each crash, while driver
+    # threads (the checkpointer, a thread pool's recorder, the scheduler) use SQLite: such
+    # a worker inherited SQLite's record of the driver's locks without the locks, or a
+    # mutex held by another thread; the journal was corrupt by the second run, or a
+    # replacement hung in sqlite3.connect for good.
+    journal = tmp_path / "run.db"
+    procs = ProcessPool(2, start_method="fork")  # not started yet
+    threads = ThreadPool(2)
+    try:
+        pipe = Pipeline("forked-replacements", pool=procs)
+        work = pipe.add(_exits_on_13_mod_97, name="work", batch=8, cache=True)
+        pipe.add(lambda t: t[0], name="first", after=work, pool=threads, cache=True)
+        for n in (500, 1000, 1500):
+            report = pipe.run(range(n), journal=journal)
+            crashers = [x for x in range(n) if x % 97 == 13]
+            assert (report.items, report.failed, report.skipped) == (n, len(crashers), n - 500)
+            conn = sqlite3.connect(journal)
+            try:
+                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            finally:
+                conn.close()
+        got = list(pipe.map(range(1500), journal=journal, errors="yield"))
+        assert pipe.last_report is not None and pipe.last_report.skipped == 1500
+        for x, out in enumerate(got):
+            if x % 97 == 13:
+                assert isinstance(out, Failure) and out.exc_type == "papy.WorkerCrashed"
+            else:
+                assert out == x
+    finally:
+        procs.close()
+        threads.close()
+
+
 def test_tasks_running_on_after_a_run_is_stopped_close_their_connections_when_done(tmp_path):
     journal = tmp_path / "run.db"
 

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 
+from papy._journal import forks
 from papy._journal.files import connect
 
 #: the size of the write-ahead log past which it is folded into the file (SQLite's own
@@ -30,25 +31,33 @@ class Checkpointer:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._conn: sqlite3.Connection | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="papy-journal-checkpoint")
         self._thread.daemon = True
+        forks.track(self)
         self._thread.start()
 
     def _loop(self) -> None:
         wal = self.path + "-wal"
-        conn: sqlite3.Connection | None = None
         try:
             while not self._stop.wait(CHECK_EVERY_S):
                 try:
                     if os.path.getsize(wal) < WAL_BYTES:
                         continue
-                    if conn is None:
-                        conn = connect(self.path)
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    with forks.section():
+                        if self._conn is None:
+                            self._conn = connect(self.path)
+                        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except (OSError, sqlite3.Error):
                     continue  # the run sees a vanished or full journal itself, and says so
         finally:
+            self.drop_connections()
+
+    def drop_connections(self) -> None:
+        """Close the connection (reopened on the next checkpoint; see papy._journal.forks)."""
+        with forks.section():
+            conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
 

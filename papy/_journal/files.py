@@ -91,6 +91,11 @@ def sqlite_error(path: str, exc: sqlite3.Error) -> JournalError:
             f"cannot write the journal {path} ({text}): check that it and directory {folder} "
             "are writable"
         )
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+        return JournalError(
+            f"the journal {path} is locked by another connection ({text}): another program "
+            "keeps it busy (a database browser, a copy of the run that was not stopped)"
+        )
     return JournalError(
         f"{path} is not a papy journal ({text}); it is corrupt or another kind of file: "
         "move it away, or give another journal path"

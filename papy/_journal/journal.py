@@ -19,6 +19,7 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._items import Failure
+from papy._journal import forks
 from papy._journal.checkpoint import Checkpointer
 from papy._journal.digest import ItemIds, node_prints
 from papy._journal.files import (
@@ -34,7 +35,7 @@ from papy._journal.files import (
     sqlite_error,
 )
 from papy._journal.ownership import create_file, private, release_ownership, take_ownership
-from papy._journal.reconcile import reconcile
+from papy._journal.reconcile import reconcile, with_records
 from papy._journal.secret import Signer
 from papy._journal.sinklog import fold_pending
 from papy._journal.store import JournalSpec, Store
@@ -83,6 +84,7 @@ class Journal:
         self._to_fetch: list[str] = []
         self._fetch_at = 0
         self._closed = False
+        self._ended = False  # close() is done: no connection may be opened again
         #: node name -> why its records were dropped ("function body changed", ...)
         self.changes: dict[str, str] = {}
         self.recorded: set[str] = set()  # see _open
@@ -94,6 +96,7 @@ class Journal:
             raise JournalError(f"{self.path} is a symbolic link; a journal must be a regular file")
         self._lock_fd = -1
         self._owned = False
+        self._conn: sqlite3.Connection | None = None
         self.store: Store | None = None
         self._checkpointer: Checkpointer | None = None
         self._lock_fd = open_lock(self.path)
@@ -103,16 +106,34 @@ class Journal:
         try:
             take_ownership(self.path, self._lock_fd)
             self._owned = True
+            forks.track(self)
             self._open(nodes, name)
             self._checkpointer = Checkpointer(self.path)
         except BaseException:
-            conn = getattr(self, "conn", None)
-            if conn is not None:
-                conn.close()
+            self.drop_connections()
             if self.store is not None:
                 self.store.close()
             self._release()
             raise
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The driver's own connection, reopened after a fork closed it (use it inside a
+        :class:`~papy._journal.forks.section`)."""
+        if self._conn is None:
+            if self._ended:
+                raise JournalError(f"the run on {self.path} has ended; its journal is closed")
+            self._conn = connect(self.path)
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # see papy._journal.checkpoint
+        return self._conn
+
+    def drop_connections(self) -> None:
+        """Close the driver's own connection; reopened on next use (see papy._journal.forks)."""
+        with forks.section():
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
 
     def _open(self, nodes: Sequence[Node], name: str) -> None:
         path = self.path
@@ -133,37 +154,32 @@ class Journal:
         # the run's store: its workers in this process share the run's lock descriptor
         self.store = Store(path, self._ident, self.run, signer=self.signer, lock_fd=self._lock_fd)
         try:
-            self.conn = connect(path)
-            if fresh:
-                self.conn.execute("PRAGMA journal_mode = WAL")
-                self.conn.executescript(SCHEMA)
-                self.conn.executemany(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    [("format", FORMAT), ("version", VERSION)],
-                )
-            else:
-                check_format(self.conn, path)
-                self.conn.execute("PRAGMA journal_mode = WAL")
+            with forks.section():
+                if fresh:
+                    self.conn.execute("PRAGMA journal_mode = WAL")
+                    self.conn.executescript(SCHEMA)
+                    self.conn.executemany(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [("format", FORMAT), ("version", VERSION)],
+                    )
+                else:
+                    check_format(self.conn, path)
+                    self.conn.execute("PRAGMA journal_mode = WAL")
             fold_pending(self.store, everything=True)  # sink batches of a run that died
-            self.changes = reconcile(self.conn, self.prints, nodes, name, self.force, self.signer)
-            # unchanged nodes with records (a sink that now has a child, say): their
-            # records are used, and kept up, as a cache's are
-            self.recorded = {
-                node
-                for node in self.prints
-                if node not in self.changes or self.force
-                if self.conn.execute(
-                    "SELECT 1 FROM outputs WHERE node = ? LIMIT 1", (node,)
-                ).fetchone()
-            }
-            self.resuming = (
-                self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
-            )
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn.execute("PRAGMA wal_autocheckpoint = 0")  # see papy._journal.checkpoint
+            with forks.section():
+                self._reconcile(nodes, name)
         except sqlite3.Error as exc:
             raise sqlite_error(path, exc) from None
         private(path)
+
+    def _reconcile(self, nodes: Sequence[Node], name: str) -> None:
+        """Drop the records of changed nodes; note what the journal holds already."""
+        self.changes = reconcile(self.conn, self.prints, nodes, name, self.force, self.signer)
+        kept = [n for n in self.prints if n not in self.changes or self.force]
+        self.recorded = with_records(self.conn, kept)
+        self.resuming = (
+            self.conn.execute("SELECT EXISTS (SELECT 1 FROM outputs)").fetchone()[0] == 1
+        )
 
     # -- wiring the run ------------------------------------------------------------------
 
@@ -223,6 +239,7 @@ class Journal:
 
     # -- resuming ------------------------------------------------------------------------
 
+    @forks.within
     def finished(self, items: Sequence[str], terminals: dict[str, bool]) -> dict[str, bool]:
         """Return, for the given input-item keys, which are finished at every terminal.
 
@@ -325,6 +342,7 @@ class Journal:
         done = {k: failed.get(k, False) for k, c in count.items() if c == len(names)}
         return done or {"": False}  # non-empty: "loaded", even when nothing is finished
 
+    @forks.within
     def outputs(self, terminal: str, item: str) -> list[Any]:
         """Return what ``terminal`` produced for an input item, in sub-item order."""
         self._replayed.add(terminal)
@@ -365,6 +383,7 @@ class Journal:
         ):
             self._prefetched.setdefault((terminal, got), []).append(tuple(row))
 
+    @forks.within
     def failures(self, item: str, terminals: Sequence[str]) -> list[Any]:
         """Return the Failures ``terminals`` recorded for an input item (sub-items too),
         with the nodes' current fingerprints: what a skipped item failed with there."""
@@ -418,14 +437,11 @@ class Journal:
             if self._pending_failures:
                 assert self.store is not None
                 rows, self._pending_failures = self._pending_failures, []
-                self.store.write(KEEP_OUTPUT, rows, conn=self.conn)
+                self.store.write(KEEP_OUTPUT, rows, conn=lambda: self.conn)
             if self._pending_complete:
                 assert self.store is not None
-                self.store.write(
-                    "INSERT OR REPLACE INTO complete VALUES (?, ?)",
-                    self._pending_complete,
-                    conn=self.conn,
-                )
+                sql = "INSERT OR REPLACE INTO complete VALUES (?, ?)"
+                self.store.write(sql, self._pending_complete, conn=lambda: self.conn)
                 self._pending_complete = []
             self._last_flush = time.monotonic()
 
@@ -446,16 +462,18 @@ class Journal:
             if self.store is not None:
                 self.store.close()  # every thread's connection: the checkpoint needs them gone
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self.conn.execute("PRAGMA journal_mode = DELETE")
+                with forks.section():
+                    self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self.conn.execute("PRAGMA journal_mode = DELETE")
             except sqlite3.OperationalError:
                 pass  # another connection still has it open: the checkpoint is what matters
         except sqlite3.Error as exc:
             raise sqlite_error(self.path, exc) from None
         finally:
+            self._ended = True
             if self.store is not None:
                 self.store.close()
-            self.conn.close()
+            self.drop_connections()
             self._release()
 
     def _forked(self) -> None:

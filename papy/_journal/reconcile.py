@@ -119,3 +119,16 @@ def _move_records(conn: sqlite3.Connection, signer: Signer, node: str, fp: str) 
         "UPDATE outputs SET fp = ?, mac = ? WHERE node = ? AND item = ? AND sub = ?", moved
     )
     conn.executemany("DELETE FROM outputs WHERE node = ? AND item = ? AND sub = ?", forged)
+
+
+def with_records(conn: sqlite3.Connection, nodes: Sequence[str]) -> set[str]:
+    """Return the ``nodes`` the journal holds records of.
+
+    An unchanged node with records (a sink that now has a child, say) has its records
+    used, and kept up, as a cache's are.
+    """
+    return {
+        node
+        for node in nodes
+        if conn.execute("SELECT 1 FROM outputs WHERE node = ? LIMIT 1", (node,)).fetchone()
+    }

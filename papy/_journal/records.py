@@ -12,6 +12,7 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._items import Failure, Key, failure_from_exception, qualified_type
+from papy._journal import forks
 from papy._journal.sinklog import fold_pending
 from papy._journal.store import JournalSpec, store_for
 
@@ -28,21 +29,22 @@ def lookup(spec: JournalSpec, jkeys: Sequence[tuple[str, str]]) -> dict[int, dic
     if spec.sink:
         # a sink batch cut short by a crash: the items it did count as done
         fold_pending(store)
-    conn = store.conn()
     by_name = {name: (idx, fp) for idx, name, fp in spec.nodes}
     names = list(by_name)
     found: dict[tuple[str, str, str], tuple[str, int, bytes, bytes]] = {}
     items = sorted({item for item, _ in jkeys})
     nmarks = ",".join("?" * len(names))
-    for start in range(0, len(items), 500):
-        chunk = items[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        for node, item, sub, fp, bad, value, mac in conn.execute(
-            f"SELECT node, item, sub, fp, failed, value, mac FROM outputs WHERE node IN "
-            f"({nmarks}) AND item IN ({marks})",
-            (*names, *chunk),
-        ):
-            found[(node, item, sub)] = (fp, bad, value, mac)
+    with forks.section():
+        conn = store.conn()
+        for start in range(0, len(items), 500):
+            chunk = items[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for node, item, sub, fp, bad, value, mac in conn.execute(
+                f"SELECT node, item, sub, fp, failed, value, mac FROM outputs WHERE node IN "
+                f"({nmarks}) AND item IN ({marks})",
+                (*names, *chunk),
+            ):
+                found[(node, item, sub)] = (fp, bad, value, mac)
     out: dict[int, dict[int, Any]] = {}
     if not found:
         return out

@@ -23,12 +23,13 @@ import sqlite3
 import struct
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from papy._errors import JournalError
+from papy._journal import forks
 from papy._journal.files import (
     INSERT_OUTPUT,
     TASK_BYTE,
@@ -120,6 +121,7 @@ class Store:
         self._handles: list[Any] = [self._conns, -1 if self.owner else self._fd]
         # a worker's store dropped without close() (a task's copied context) closes at once
         self._final = weakref.finalize(self, _close_handles, self._handles, self.pid)
+        forks.track(self)
 
     @property
     def signer(self) -> Signer:
@@ -129,7 +131,8 @@ class Store:
         return self._signer
 
     def conn(self) -> sqlite3.Connection:
-        """Return this thread's connection to the journal.
+        """Return this thread's connection to the journal; use it inside a
+        :class:`~papy._journal.forks.section` entered before this call (a fork closes it).
 
         JournalError if the file was removed or replaced since the run began (so nothing
         is written to the wrong file), or the run has ended.
@@ -165,24 +168,29 @@ class Store:
         return self._fd
 
     def write(
-        self, sql: str, rows: Iterable[tuple[Any, ...]], conn: sqlite3.Connection | None = None
+        self,
+        sql: str,
+        rows: Iterable[tuple[Any, ...]],
+        conn: Callable[[], sqlite3.Connection] | None = None,
     ) -> None:
-        """Write rows in one transaction (on this thread's connection, or ``conn``).
+        """Write rows in one transaction (on this thread's connection, or ``conn()``'s).
+
+        Never call it inside a :class:`~papy._journal.forks.section`: it waits for this
+        store's other writers, which may be waiting for a fork that waits for the section.
 
         Writers from several processes take a lock first: SQLite's own busy handler backs
         off by sleeping up to 100 ms, which several workers committing at the same time
         turn into most of the run; a lock wakes the next writer at once. Raises
         JournalError naming the cause when the disk is full or the file is read-only.
         """
-        if conn is None:
-            conn = self.conn()
         with self._writing:  # close() waits for a commit under way
             if self._closed:
                 raise JournalError(f"the run on {self.path} has ended; its journal is closed")
             fd = self.lock_fd()
             lock_byte(fd, fcntl.LOCK_EX, WRITE_BYTE)
             try:
-                write(conn, sql, rows, self.path)
+                with forks.section():
+                    write((conn or self.conn)(), sql, rows, self.path)
             finally:
                 lock_byte(fd, fcntl.LOCK_UN, WRITE_BYTE)
 
@@ -208,7 +216,8 @@ class Store:
             conn = self._conns.pop(tid, None) if self._closed else None
             last = self._closed and not self._busy
         if conn is not None:
-            conn.close()
+            with forks.section():
+                conn.close()
         if last:
             self._final()
 
@@ -224,13 +233,17 @@ class Store:
             idle = [tid for tid in self._conns if tid not in self._busy]
             conns = [self._conns.pop(tid) for tid in idle]
             last = not self._busy
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        _close_all(conns)
         if last:
             self._final()
+
+    def drop_connections(self) -> None:
+        """Close every thread's connection; each reopens on next use (see
+        :mod:`papy._journal.forks`, which calls this before a fork)."""
+        with self._guard:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        _close_all(conns)
 
     @property
     def closed(self) -> bool:
@@ -246,15 +259,20 @@ def _close_handles(handles: list[Any], pid: int) -> None:
     if os.getpid() != pid:
         return  # a forked child's copy: the connections are its parent's
     conns, fd = handles
-    for conn in list(conns.values()):
-        try:
-            conn.close()
-        except sqlite3.Error:
-            pass
+    _close_all(list(conns.values()))
     conns.clear()
     if fd >= 0:
         os.close(fd)
         handles[1] = -1
+
+
+def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
+    with forks.section():
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
 
 def write(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]], path: str) -> None:

@@ -1,0 +1,134 @@
+"""No SQLite connection crosses a ``fork()``: forking while a run's journal is open.
+
+SQLite forbids carrying a connection over ``fork()``. The child inherits the library's
+record of its parent's open database files, locks and mutexes, but not the locks: a
+worker forked from a driver with the journal open (a ``ProcessPool(start_method="fork")``
+the run starts, or a replacement after a crash) shares that record, writes believing it
+holds locks it does not hold, and the driver can fold or delete the write-ahead log under
+it ("file is not a database"); a worker forked while another driver thread was inside
+SQLite waits forever on a mutex no thread of its own will release.
+
+So every use of a journal connection in a process runs in a :class:`section`, and a
+handler registered with :func:`os.register_at_fork` runs before each fork of the process:
+it waits until no thread is inside a section (new sections wait meanwhile), closes every
+connection of the objects passed to :func:`track` (the run's journal, its stores, the
+checkpointer), and lets the threads go on once the fork is done; each reopens its
+connection on next use (about a millisecond). A fork made from inside a section (never by
+papy; user code run by a thread pool is outside) is let through without closing anything.
+Processes started by ``forkserver``, ``spawn`` or :mod:`subprocess` do not run the
+handler and need nothing of this: they never share the driver's SQLite state.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import ParamSpec, Protocol, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Holder(Protocol):
+    """An object that holds journal connections it can close and later reopen."""
+
+    def drop_connections(self) -> None:
+        """Close every connection now (no thread is using one); reopen on next use."""
+
+
+_cond = threading.Condition()
+_inside = 0  # threads inside a section (each counted once, however deeply nested)
+_forking = 0  # forks waiting for, or in, their turn
+_local = threading.local()
+_holders: weakref.WeakSet[Holder] = weakref.WeakSet()
+
+
+def track(holder: Holder) -> None:
+    """Have ``holder``'s connections closed before each fork of this process."""
+    with _cond:
+        _holders.add(holder)
+
+
+class section:
+    """Use journal connections inside: no fork happens in this process meanwhile.
+
+    Re-entrant within a thread. Entering waits while a fork is under way (milliseconds).
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _inside
+        depth = getattr(_local, "depth", 0)
+        if depth == 0 and not getattr(_local, "forking", False):
+            with _cond:
+                while _forking:
+                    _cond.wait()
+                _inside += 1
+        _local.depth = depth + 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _inside
+        _local.depth -= 1
+        if _local.depth == 0 and not getattr(_local, "forking", False):
+            with _cond:
+                _inside -= 1
+                if _inside == 0:
+                    _cond.notify_all()
+
+
+def within(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a function that uses journal connections: it runs in a :class:`section`."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with section():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _before_fork() -> None:
+    global _forking
+    if getattr(_local, "depth", 0):
+        _local.skipped = True  # forked from inside a section: nothing can be closed
+        return
+    with _cond:
+        _forking += 1
+        while _inside:
+            _cond.wait()
+        holders = list(_holders)
+    _local.forking = True  # a finalizer the closing runs here must not wait for us
+    try:
+        for holder in holders:
+            holder.drop_connections()
+    finally:
+        _local.forking = False
+
+
+def _after_fork_in_parent() -> None:
+    global _forking
+    if getattr(_local, "skipped", False):
+        _local.skipped = False
+        return
+    with _cond:
+        _forking -= 1
+        _cond.notify_all()
+
+
+def _after_fork_in_child() -> None:
+    # One thread lives on, outside any section: start from a clean state.
+    global _cond, _inside, _forking, _local
+    _cond = threading.Condition()
+    _inside = _forking = 0
+    _local = threading.local()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
