@@ -521,6 +521,62 @@ def test_a_journal_replaced_under_process_workers_stops_the_run_without_killing_
         assert list(pipe.map(range(10), journal=tmp_path / "again.db")) == list(range(10))
 
 
+def _swap_in_at_30(journal: str, other: str):  # type: ignore[no-untyped-def]
+    def swap_in_at_30(x: int) -> int:
+        if x == 30:
+            os.replace(other, journal)  # another pipeline's journal takes the name
+        time.sleep(0.002)
+        return x * 2
+
+    return swap_in_at_30
+
+
+def _other_journal(path: Path) -> None:
+    other = Pipeline("other", pool=ThreadPool(2))
+    other.add(lambda x: str(x) * 3, name="h")
+    assert other.run(range(500), journal=path).items == 500
+
+
+def _stored(path: Path) -> dict[str, int]:
+    from papy._journal.admin import describe
+
+    return {n["name"]: n["done"] for n in describe(str(path))["nodes"]}
+
+
+def test_a_journal_swapped_in_during_a_run_keeps_its_own_records(tmp_path, caplog):
+    # The stopped run left the old file's write-ahead log next to the new file, and the
+    # next open (papy journal show included) applied it: the other journal's 500 records
+    # were gone, replaced by the stopped run's.
+    journal, other = tmp_path / "run.db", tmp_path / "other.db"
+    _other_journal(other)
+    with ProcessPool(2) as pool:
+        pipe = Pipeline("swapped", pool=pool)
+        pipe.add(_swap_in_at_30(str(journal), str(other)), name="work", batch=4)
+        with pytest.raises(JournalError, match="was replaced by another file"):
+            pipe.run(range(300), journal=journal)
+    assert _stored(journal) == {"h": 500}
+    assert "not applied to this journal" in caplog.text
+    assert [p.name for p in tmp_path.glob("run.db-wal.of-inode-*")]
+    again = Pipeline("other", pool=ThreadPool(2))
+    again.add(lambda x: str(x) * 3, name="h")
+    assert again.run(range(500), journal=journal).skipped == 500
+
+
+def test_a_pool_reused_after_a_journal_swap_keeps_the_next_runs_records(tmp_path):
+    # The pool's worker keeps its connection to the replaced file until the next run's first
+    # task, and closes it then: the next run's own log and records must survive that.
+    journal, other = tmp_path / "run.db", tmp_path / "other.db"
+    _other_journal(other)
+    with ProcessPool(1) as pool:
+        pipe = Pipeline("swapped", pool=pool)
+        pipe.add(_swap_in_at_30(str(journal), str(other)), name="work", batch=4)
+        with pytest.raises(JournalError, match="was replaced by another file"):
+            pipe.run(range(300), journal=journal)
+        assert pipe.run(range(300), journal=journal).items == 300  # the worker lets go here
+        assert pipe.run(range(300), journal=journal).skipped == 300
+    assert _stored(journal) == {"h": 500, "work": 300}
+
+
 def test_journal_in_a_missing_directory_names_the_cause(tmp_path):
     pipe = Pipeline("p", pool=ThreadPool(1))
     pipe.add(abs)

@@ -14,13 +14,22 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._journal.files import FORMAT, VERSION, check_owner, connect, open_lock, sqlite_error
-from papy._journal.ownership import release_ownership, take_ownership
+from papy._journal.ownership import release_ownership, set_aside_stale_log, take_ownership
 
 
 def _open_readonly(path: str) -> sqlite3.Connection:
     p = os.path.abspath(path)
     if not os.path.isfile(p):
         raise JournalError(f"no journal at {path}")
+    try:
+        lock = os.open(p + ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        lock = None  # none yet: no run has recorded which file it wrote to
+    try:
+        set_aside_stale_log(p, lock)
+    finally:
+        if lock is not None:
+            os.close(lock)
     try:
         conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())

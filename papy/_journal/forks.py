@@ -10,11 +10,14 @@ SQLite waits forever on a mutex no thread of its own will release.
 
 So every use of a journal connection in a process runs in a :class:`section`, and a
 handler registered with :func:`os.register_at_fork` runs before each fork of the process:
-it waits until no thread is inside a section (new sections wait meanwhile), closes every
-connection of the objects passed to :func:`track` (the run's journal, its stores, the
-checkpointer), and lets the threads go on once the fork is done; each reopens its
-connection on next use (about a millisecond). A fork made from inside a section (never by
-papy; user code run by a thread pool is outside) is let through without closing anything.
+it waits until no thread is inside a section and no other fork is under way (new sections
+and forks wait meanwhile), closes every connection of the objects passed to :func:`track`
+(the run's journal, its stores, the checkpointer), and lets the threads go on once the
+fork is done; each reopens its connection on next use (about a millisecond). Forks from
+two threads at once (a pool replacing a worker while a node forks) take turns: each
+closing connections while the other forks left the child a mutex held for good. A fork
+made from inside a section (never by papy; user code run by a thread pool is outside) is
+let through without closing anything.
 Processes started by ``forkserver``, ``spawn`` or :mod:`subprocess` do not run the
 handler and need nothing of this: they never share the driver's SQLite state.
 """
@@ -41,7 +44,7 @@ class Holder(Protocol):
 
 _cond = threading.Condition()
 _inside = 0  # threads inside a section (each counted once, however deeply nested)
-_forking = 0  # forks waiting for, or in, their turn
+_forking = False  # a fork is closing connections or under way: sections and forks wait
 _local = threading.local()
 _holders: weakref.WeakSet[Holder] = weakref.WeakSet()
 
@@ -96,10 +99,12 @@ def _before_fork() -> None:
     if getattr(_local, "depth", 0):
         _local.skipped = True  # forked from inside a section: nothing can be closed
         return
+    # One fork at a time: two threads forking at once would each close connections while
+    # the other forks (SQLite holds a mutex while it closes one).
     with _cond:
-        _forking += 1
-        while _inside:
+        while _forking or _inside:
             _cond.wait()
+        _forking = True
         holders = list(_holders)
     _local.forking = True  # a finalizer the closing runs here must not wait for us
     try:
@@ -115,7 +120,7 @@ def _after_fork_in_parent() -> None:
         _local.skipped = False
         return
     with _cond:
-        _forking -= 1
+        _forking = False
         _cond.notify_all()
 
 
@@ -123,7 +128,7 @@ def _after_fork_in_child() -> None:
     # One thread lives on, outside any section: start from a clean state.
     global _cond, _inside, _forking, _local
     _cond = threading.Condition()
-    _inside = _forking = 0
+    _inside, _forking = 0, False
     _local = threading.local()
 
 

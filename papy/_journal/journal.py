@@ -19,7 +19,7 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._items import Failure
-from papy._journal import forks
+from papy._journal import forks, ownership
 from papy._journal.checkpoint import Checkpointer
 from papy._journal.digest import ItemIds, node_prints
 from papy._journal.files import (
@@ -34,7 +34,6 @@ from papy._journal.files import (
     place_error,
     sqlite_error,
 )
-from papy._journal.ownership import create_file, private, release_ownership, take_ownership
 from papy._journal.reconcile import reconcile, with_records
 from papy._journal.secret import Signer
 from papy._journal.sinklog import fold_pending
@@ -104,7 +103,7 @@ class Journal:
         # open file description, and with it the run's lock, for as long as it lives
         multiprocessing.util.register_after_fork(self, Journal._forked)
         try:
-            take_ownership(self.path, self._lock_fd)
+            ownership.take_ownership(self.path, self._lock_fd)
             self._owned = True
             forks.track(self)
             self._open(nodes, name)
@@ -146,11 +145,13 @@ class Journal:
             for stale in (path + "-wal", path + "-shm"):  # of a journal deleted earlier
                 if os.path.lexists(stale):
                     os.unlink(stale)
-        create_file(path)
-        private(path)
+        ownership.create_file(path)
+        ownership.private(path)
         fresh = os.path.getsize(path) == 0
         st = os.stat(path)
         self._ident = (st.st_dev, st.st_ino)
+        ownership.set_aside_stale_log(path, self._lock_fd)
+        ownership.note_file(self._lock_fd, self._ident)
         # the run's store: its workers in this process share the run's lock descriptor
         self.store = Store(path, self._ident, self.run, signer=self.signer, lock_fd=self._lock_fd)
         try:
@@ -170,7 +171,7 @@ class Journal:
                 self._reconcile(nodes, name)
         except sqlite3.Error as exc:
             raise sqlite_error(path, exc) from None
-        private(path)
+        ownership.private(path)
 
     def _reconcile(self, nodes: Sequence[Node], name: str) -> None:
         """Drop the records of changed nodes; note what the journal holds already."""
@@ -488,7 +489,7 @@ class Journal:
         if fd >= 0:
             if self._owned:  # ours: clear the owner's name
                 self._owned = False
-                release_ownership(fd)
+                ownership.release_ownership(fd)
             else:
                 os.close(fd)
 

@@ -4,12 +4,19 @@
 and names its owner (pid, host, start time); a second run, in this process or another,
 fails at once naming the first. Workers hold byte 2 shared while they run a journaled task,
 so a new run waits for the last commits of a run that died.
+
+It also names the file (device, inode) the last run wrote to, which outlives the run: a
+journal replaced or deleted during a run leaves that file's write-ahead log
+(``run.db-wal``) next to the new one, and SQLite would apply it to whatever file has the
+name now (another journal's records lost). :func:`set_aside_stale_log` moves such a log
+aside before anything opens the journal.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -18,6 +25,8 @@ from typing import Any
 from papy._errors import JournalError
 from papy._journal.files import FILE_MODE, OWNER_BYTE, TASK_BYTE, place_error
 from papy._journal.store import lock_byte
+
+_log = logging.getLogger("papy")
 
 
 def take_ownership(path: str, fd: int) -> None:
@@ -30,11 +39,8 @@ def take_ownership(path: str, fd: int) -> None:
     except OSError:
         owner: dict[str, Any] = {}
         for _ in range(20):  # the owner writes its name right after locking
-            try:
-                owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                owner = {}
-            if owner:
+            owner = _read(fd)
+            if "pid" in owner:
                 break
             time.sleep(0.05)
         raise JournalError(
@@ -60,6 +66,66 @@ def take_ownership(path: str, fd: int) -> None:
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    _write(fd, {**info, **_file_entry(fd)})
+
+
+def note_file(fd: int, ident: tuple[int, int]) -> None:
+    """Record in the lock file (``fd``) the (device, inode) of the file the run writes to."""
+    _write(fd, {**_read(fd), "file": list(ident)})
+
+
+def recorded_file(fd: int) -> tuple[int, int] | None:
+    """Return the (device, inode) the lock file (``fd``) names, or None."""
+    got = _read(fd).get("file")
+    if isinstance(got, list) and len(got) == 2 and all(isinstance(x, int) for x in got):
+        return got[0], got[1]
+    return None
+
+
+def set_aside_stale_log(path: str, fd: int | None) -> None:
+    """Move aside a write-ahead log that another file of this name left (see module doc).
+
+    ``fd``: the journal's lock file, or None (no lock file: nothing is known). The log is
+    renamed ``run.db-wal.of-inode-<inode>`` (it holds the old file's last commits), its
+    index ``run.db-shm`` removed, and a warning logged.
+    """
+    recorded = None if fd is None else recorded_file(fd)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if recorded is None or recorded == (st.st_dev, st.st_ino):
+        return
+    wal = path + "-wal"
+    if os.path.exists(wal):
+        aside = f"{wal}.of-inode-{recorded[1]}"
+        os.replace(wal, aside)
+        _log.warning(
+            "journal: %s was left by another file named %s (a journal replaced or deleted "
+            "during a run); moved to %s, not applied to this journal",
+            wal,
+            path,
+            aside,
+        )
+    try:
+        os.unlink(path + "-shm")
+    except FileNotFoundError:
+        pass
+
+
+def _read(fd: int) -> dict[str, Any]:
+    try:
+        got = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def _file_entry(fd: int) -> dict[str, Any]:
+    return {"file": list(f)} if (f := recorded_file(fd)) is not None else {}
+
+
+def _write(fd: int, info: dict[str, Any]) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
 
@@ -88,9 +154,10 @@ def private(path: str) -> None:
 
 
 def release_ownership(fd: int) -> None:
-    """Clear the owner's name from the lock file and close it (which drops the run's lock)."""
+    """Clear the owner's name from the lock file (it keeps naming the journal's file) and
+    close it, which drops the run's lock."""
     try:
-        os.ftruncate(fd, 0)
+        _write(fd, _file_entry(fd))
     except OSError:
         pass
     os.close(fd)
