@@ -18,7 +18,7 @@ reading). Some nodes are then edited (a constant in their code, or an argument o
   does a run with ``retry_failed=True``, which runs the failed items again.
 - Nothing is left behind: no child process once the pools are closed.
 
-``PAPY_FUZZ_JOURNAL_EXAMPLES`` sets the number of examples (30; ``make fuzz`` runs rounds).
+``PAPY_FUZZ_JOURNAL_EXAMPLES`` sets the number of examples (20; ``make fuzz`` runs rounds).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from hypothesis.control import currently_in_test_context
 FAULTS = (fz.ENABLED_FAULTS - {"timeout", "on_error", "input_error", "inline_timeout"}) | {
     "unpicklable"
 }
-EXAMPLES = int(os.environ.get("PAPY_FUZZ_JOURNAL_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("PAPY_FUZZ_JOURNAL_EXAMPLES", "20"))
 
 
 @st.composite

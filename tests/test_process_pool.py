@@ -1212,6 +1212,92 @@ def test_an_item_that_kills_the_other_workers_is_blamed_alone(tmp_path, method):
             assert good == [-x for x in range(100) if x not in killers]
 
 
+_SERIAL_KILLER = """
+import os, signal, sys, time
+from papy import Pipeline, ProcessPool
+
+def kill_for_two_seconds_on_10(x):
+    # SIGKILL every other child of this worker's parent, starting ones too, for 2 s
+    if x == 10:
+        me, parent = os.getpid(), os.getppid()
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        helper = b"resource_tracker" in fh.read()
+                    if pid != me and ppid == parent and not helper:
+                        os.kill(pid, signal.SIGKILL)
+                except (OSError, ValueError, IndexError):
+                    pass
+            time.sleep(0.05)
+    time.sleep(0.05)
+    return x * 3
+
+if __name__ == "__main__":
+    with ProcessPool(3, start_method=sys.argv[1]) as pool:
+        pipe = Pipeline("serial-killer", pool=pool)
+        pipe.add(kill_for_two_seconds_on_10, name="killer")
+        out = list(pipe.map(range(60), errors="yield"))
+    print("DELIVERED", sum(o == x * 3 for x, o in enumerate(out)), len(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_kills_workers_as_they_start_does_not_break_the_pool(tmp_path):
+    # Replacements killed as they started counted as the pool's own start failures: three
+    # in a row broke the pool (PoolError after 8 of 60 items, every time under spawn).
+    script = tmp_path / "killer.py"
+    script.write_text(_SERIAL_KILLER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script), "spawn"], env=env, capture_output=True, text=True, timeout=110
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DELIVERED 60 60" in done.stdout  # item 10 returns once the killing is over
+
+
+def _hang_in_initializer_once(marker: str):  # type: ignore[no-untyped-def]
+    def init() -> None:
+        if os.path.exists(marker):
+            time.sleep(600)  # every worker started after item 20's crash
+
+    return init
+
+
+def _exit_on_20_once(marker: str):  # type: ignore[no-untyped-def]
+    def fn(x: int) -> int:
+        if x == 20 and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)
+        time.sleep(0.05)
+        return x + 1
+
+    return fn
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_replacement_whose_initializer_never_returns_leaves_its_work_to_the_others(
+    tmp_path, method, monkeypatch, caplog
+):
+    # Jobs given to the replacement waited for it for good while the other worker idled.
+    from papy.pools import _handles
+
+    monkeypatch.setattr(_handles, "SLOW_START_S", 1.0)
+    marker = str(tmp_path / "crashed")
+    before = {c.pid for c in live_descendants()}
+    pool = ProcessPool(2, start_method=method, initializer=_hang_in_initializer_once(marker))
+    with pool:
+        pipe = Pipeline("late-init", pool=pool)
+        pipe.add(_exit_on_20_once(marker), name="work")
+        assert list(pipe.map(range(60), errors="yield")) == [x + 1 for x in range(60)]
+        assert "has not started after 1 s: its initializer" in caplog.text
+    assert not [c for c in live_descendants() if c.pid not in before and _running(c.pid)]
+
+
 # -- a worker that cannot be replaced ---------------------------------------------------------
 
 

@@ -92,7 +92,7 @@ class State:
         self.watched: set[Worker] = set()
         self.closed = False
         self.broken: PoolError | None = None
-        self.start_failures = 0
+        self.start_failures = self.start_kills = 0
         self.restarts = 0
         self.holding: float | None = None  # since when jobs wait around a suspect
         self.pickle_s = 0.0
@@ -287,9 +287,7 @@ class State:
                 with self.lock:
                     workers = [w for w in self.pool if not w.dead]
                     timed = any(has_timeout(j.task) for w in workers for j in w.jobs)
-                    if self.holding is not None:  # the wait around a suspect is bounded
-                        self.assign_locked()
-                        timed = True
+                    timed = _recovery.tick(self, workers) or timed
                 for w in workers:
                     if w not in self.watched:
                         self.watched.add(w)
@@ -396,7 +394,7 @@ class State:
                 self.watch_cancel(moved)
                 return True
             w.did += 1
-            self.start_failures = 0
+            self.start_failures = self.start_kills = 0
         self.watch_cancel(moved)
         t0 = time.perf_counter()
         loaded: Any = None
@@ -473,7 +471,7 @@ class State:
             self.unwatch(w)
             self.pool.remove(w)
             if unborn:  # died before it could run anything: no task is to blame
-                self.start_failures += 1
+                _recovery.note_start_death(self, code)
         # Another worker, after a pause if workers keep dying before any work (or give up)
         replace = _recovery.respawn(self, _recovery.death(code, running, lost))
         finish_outputs(w.outputs)

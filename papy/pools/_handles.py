@@ -72,6 +72,10 @@ class Job:
         self.sent = Latch()
 
 
+#: seconds a worker may take to start (import, initializer) before the pool says so
+SLOW_START_S = 30.0
+
+
 class Worker:
     """One worker process, as the driver sees it."""
 
@@ -90,6 +94,7 @@ class Worker:
         "sock",
         "pidfd",
         "eof",
+        "born_by",
         "_poller",
         "__weakref__",
     )
@@ -112,6 +117,8 @@ class Worker:
         self.outputs = outputs
         self.jobs: deque[Job] = deque()
         self.specs: dict[str, None] = {}  # spec ids the worker holds, oldest first
+        #: when (time.monotonic()) a worker still starting is reported slow, or None
+        self.born_by: float | None = time.monotonic() + SLOW_START_S
         self.send_lock = threading.Lock()
         self.dead = False
         self.did = 0  # tasks completed
@@ -278,19 +285,24 @@ def steal(idle: Worker, workers: Iterable[Worker]) -> Job | None:
 
     Called under the pool's lock when ``idle`` has nothing to do and nothing waits in the
     driver: a job queued behind a long one (a slow item, the task of a run left early)
-    would otherwise wait for it while a worker idles. The job is withdrawn from its worker
-    through the claim protocol (it stays there, marked, until the worker answers it) and
-    returned as a new job for the same task and future; None if no job can be taken.
+    would otherwise wait for it while a worker idles. So would any job of a worker that has
+    not started yet (its initializer runs long, or never returns). The job is withdrawn
+    from its worker through the claim protocol (it stays there, marked, until the worker
+    answers it) and returned as a new job for the same task and future; None if no job
+    can be taken.
     """
     for w in workers:
-        if w is idle or w.dead or w.claim_lock is None or len(w.jobs) < 2:
+        if w is idle or w.dead or w.claim_lock is None:
             continue
-        job = w.jobs[-1]
-        if job.withdrawn or job.fut.done() or not _slot.withdraw(w.slot, w.claim_lock, job.id):
-            continue  # started meanwhile, or answered
-        moved = Job(job.task, job.done, job.fut, job.crashes, job.track)
-        husk(job)
-        return moved
+        unborn = w.slot[_slot.INDEX] == _slot.UNBORN
+        for job in w.jobs if unborn else (w.jobs[-1],) if len(w.jobs) > 1 else ():
+            if job.withdrawn or job.fut.done():
+                continue
+            if not _slot.withdraw(w.slot, w.claim_lock, job.id):
+                break  # started meanwhile
+            moved = Job(job.task, job.done, job.fut, job.crashes, job.track)
+            husk(job)
+            return moved
     return None
 
 

@@ -9,6 +9,7 @@ complete normally.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from typing import Any
@@ -16,10 +17,13 @@ from typing import Any
 from papy._errors import PoolError, WorkerCrashed
 from papy._items import qualified_type, short_repr
 from papy._task import TaskResult
+from papy.pools import _handles, _slot
 from papy.pools._base import Task, merge_parts
 from papy.pools._handles import Job, Worker, starts, warm_up
 from papy.pools._messages import loads
 from papy.pools._slot import read_slot
+
+log = logging.getLogger("papy")
 
 START_FAILURES = 3  # workers in a row that die before any work: the pool gives up
 
@@ -53,12 +57,7 @@ def held(state: Any) -> bool:
     workers, and they by its. After :data:`QUARANTINE_S` the pool stops waiting, until no
     suspect runs or waits any more (a suspect that hangs cannot stall it).
     """
-    running = (j for w in state.pool if not w.dead for j in w.jobs if not j.withdrawn)
-    busy = suspect_runs = False
-    for j in running:  # at most two jobs a worker: a short scan, no list per dispatch
-        busy, suspect_runs = True, bool(j.crashes)
-        if suspect_runs:
-            break
+    busy, suspect_runs = _suspects(state)
     if not suspect_runs and not (state.pending[0].crashes and busy):
         state.holding = None
         return False
@@ -66,6 +65,69 @@ def held(state: Any) -> bool:
         state.holding = time.monotonic()
         state.wake()  # the manager ticks while the pool holds back (the wait is bounded)
     return time.monotonic() - state.holding <= QUARANTINE_S
+
+
+def tick(state: Any, workers: list[Worker]) -> bool:
+    """Do what the pool's manager does on each turn (``state``: the pool's ``State``,
+    locked; ``workers``: its live ones); return whether it must turn again soon.
+
+    Jobs held back around a suspect are looked at again (that wait is bounded), and a
+    worker still starting after :data:`~papy.pools._handles.SLOW_START_S` is reported,
+    once: an initializer that never returns leaves the pool waiting for it, and its
+    jobs for another worker to take them.
+    """
+    again = False
+    if state.holding is not None:
+        state.assign_locked()
+        again = True
+    now = time.monotonic()
+    for w in workers:
+        if w.born_by is None:
+            continue
+        if w.slot[_slot.INDEX] != _slot.UNBORN:
+            w.born_by = None
+        elif now >= w.born_by:
+            w.born_by = None
+            log.warning(
+                "worker %s has not started after %.0f s: its initializer (or, under "
+                "forkserver and spawn, the import of the main script) has not returned; "
+                "the pool waits for it and its other workers take its tasks",
+                w.process.pid,
+                _handles.SLOW_START_S,
+            )
+        else:
+            again = True
+    return again
+
+
+def _suspects(state: Any) -> tuple[bool, bool]:
+    """Return (a job is with a worker, a suspect is with a worker) for the pool's ``state``."""
+    running = (j for w in state.pool if not w.dead for j in w.jobs if not j.withdrawn)
+    busy = False
+    for j in running:  # at most two jobs a worker: a short scan, no list per dispatch
+        busy = True
+        if j.crashes:
+            return True, True
+    return busy, False
+
+
+def note_start_death(state: Any, code: int | None) -> None:
+    """Count a worker that died before any work (exit ``code``) in the pool's ``state``.
+
+    A start failure (``state.start_failures``; enough in a row break the pool), unless a
+    signal killed it while another worker that started holds a job: that job may be
+    what kills workers (an item that signals its siblings runs until it fails for good;
+    its retries are bounded), and it is not the workers' start that fails. Such a death
+    (``state.start_kills``) only makes the next start wait a little.
+    """
+    if (
+        code is not None
+        and code < 0
+        and any(w.jobs and w.slot[_slot.INDEX] != _slot.UNBORN for w in state.pool if not w.dead)
+    ):
+        state.start_kills += 1
+    else:
+        state.start_failures += 1
 
 
 def start_all(state: Any) -> None:
@@ -115,8 +177,8 @@ def respawn(state: Any, replacing: str = "one that died") -> bool:
                     )
                 )
             return False
-        if failures:
-            _back_off(failures)
+        if failures or state.start_kills:
+            _back_off(max(failures, 1))
         with state.lock:
             if state.closed or state.broken is not None:
                 return False

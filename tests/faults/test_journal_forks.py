@@ -11,7 +11,7 @@ finish (a hang fails the test at its time limit), leave a journal that passes SQ
 ``integrity_check``, and skip exactly the items earlier runs finished; the last run must
 give what a plain evaluation gives.
 
-``PAPY_JOURNAL_FORK_EXAMPLES`` sets the number of examples (6; ``make fuzz``: 60).
+``PAPY_JOURNAL_FORK_EXAMPLES`` sets the number of examples (4; ``make fuzz``: 60).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from papy import Failure, Pipeline, ProcessPool, ThreadPool
 
-EXAMPLES = int(os.environ.get("PAPY_JOURNAL_FORK_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("PAPY_JOURNAL_FORK_EXAMPLES", "4"))
 
 
 def work(x: int, crash: frozenset[int], pad: int) -> tuple[int, str]:
