@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sqlite3
@@ -575,6 +576,38 @@ def test_a_pool_reused_after_a_journal_swap_keeps_the_next_runs_records(tmp_path
         assert pipe.run(range(300), journal=journal).items == 300  # the worker lets go here
         assert pipe.run(range(300), journal=journal).skipped == 300
     assert _stored(journal) == {"h": 500, "work": 300}
+
+
+def _fork_a_lingering_child_on_3(pids: str, how: str):  # type: ignore[no-untyped-def]
+    def fn(x: int) -> int:
+        if x == 3:
+            # libc's fork, called directly, runs none of Python's at-fork handlers
+            pid = os.fork() if how == "os.fork" else ctypes.PyDLL(None).fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            with open(pids, "a") as fh:
+                fh.write(f"{pid}\n")
+        return x * 2
+
+    return fn
+
+
+@pytest.mark.parametrize("how", ["os.fork", "libc fork"])
+def test_a_child_a_node_forked_does_not_keep_the_journal_locked(tmp_path, how):
+    # The run's lock is on an open file description that a forked child shares: the next
+    # run failed with "in use by another run (pid ?...)" for as long as the child lived.
+    journal, pids = tmp_path / "run.db", tmp_path / "children"
+    pipe = Pipeline("linger", pool=ThreadPool(2))
+    pipe.add(_fork_a_lingering_child_on_3(str(pids), how), name="f")
+    try:
+        with pipe.pool:
+            assert pipe.run(range(10), journal=journal).items == 10
+            assert pipe.run(range(12), journal=journal).skipped == 10
+    finally:
+        for pid in map(int, pids.read_text().split()):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_journal_in_a_missing_directory_names_the_cause(tmp_path):

@@ -54,6 +54,9 @@ class Checkpointer:
         finally:
             self.drop_connections()
 
+    def forked(self) -> None:
+        """In a forked child: nothing (the thread is the parent's; the connection closed)."""
+
     def drop_connections(self) -> None:
         """Close the connection (reopened on the next checkpoint; see papy._journal.forks)."""
         with forks.section():

@@ -41,6 +41,9 @@ class Holder(Protocol):
     def drop_connections(self) -> None:
         """Close every connection now (no thread is using one); reopen on next use."""
 
+    def forked(self) -> None:
+        """In the child of a fork: let go of what is the parent's (its lock descriptors)."""
+
 
 _cond = threading.Condition()
 _inside = 0  # threads inside a section (each counted once, however deeply nested)
@@ -125,11 +128,16 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # One thread lives on, outside any section: start from a clean state.
+    # One thread lives on, outside any section: start from a clean state. A lock file's
+    # open-file-description lock is shared with every process that inherited the
+    # descriptor: a child a node forked would hold the run's lock for as long as it lives.
     global _cond, _inside, _forking, _local
     _cond = threading.Condition()
     _inside, _forking = 0, False
     _local = threading.local()
+    for holder in list(_holders):
+        holder.forked()
+    _holders.clear()
 
 
 os.register_at_fork(

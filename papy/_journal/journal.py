@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import multiprocessing.util
 import os
 import sqlite3
 import threading
@@ -99,13 +98,12 @@ class Journal:
         self.store: Store | None = None
         self._checkpointer: Checkpointer | None = None
         self._lock_fd = open_lock(self.path)
-        # a process forked meanwhile (a pool with start_method="fork") would share the lock's
+        # a process forked meanwhile (a fork pool, a node's os.fork) would share the lock's
         # open file description, and with it the run's lock, for as long as it lives
-        multiprocessing.util.register_after_fork(self, Journal._forked)
+        forks.track(self)
         try:
             ownership.take_ownership(self.path, self._lock_fd)
             self._owned = True
-            forks.track(self)
             self._open(nodes, name)
             self._checkpointer = Checkpointer(self.path)
         except BaseException:
@@ -477,8 +475,8 @@ class Journal:
             self.drop_connections()
             self._release()
 
-    def _forked(self) -> None:
-        """In a child forked by multiprocessing: let go of the parent's lock descriptor."""
+    def forked(self) -> None:
+        """In a forked child: let go of the parent's lock descriptor (papy._journal.forks)."""
         fd, self._lock_fd = self._lock_fd, -1
         self._owned = False
         if fd >= 0:

@@ -43,8 +43,14 @@ def take_ownership(path: str, fd: int) -> None:
             if "pid" in owner:
                 break
             time.sleep(0.05)
+        if "pid" not in owner:
+            raise JournalError(
+                f"{path} is in use: its lock is held, but by no run that names itself (a "
+                "process that inherited it from a run); wait for it to end, or use another "
+                "journal"
+            ) from None
         raise JournalError(
-            f"{path} is in use by another run (pid {owner.get('pid', '?')} on host "
+            f"{path} is in use by another run (pid {owner['pid']} on host "
             f"{owner.get('host', '?')}, started {owner.get('started', '?')}); wait for it to "
             "end, or use another journal"
         ) from None
@@ -155,9 +161,14 @@ def private(path: str) -> None:
 
 def release_ownership(fd: int) -> None:
     """Clear the owner's name from the lock file (it keeps naming the journal's file) and
-    close it, which drops the run's lock."""
+    drop the run's lock, then close it.
+
+    Unlocked explicitly: the lock belongs to the open file description, which a process
+    forked during the run (by a node, in C code too) may share for as long as it lives.
+    """
     try:
         _write(fd, _file_entry(fd))
+        lock_byte(fd, fcntl.LOCK_UN, OWNER_BYTE)
     except OSError:
         pass
     os.close(fd)

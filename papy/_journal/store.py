@@ -237,6 +237,12 @@ class Store:
         if last:
             self._final()
 
+    def forked(self) -> None:
+        """In a forked child: let go of the parent's lock descriptor (its locks stay)."""
+        if not self.owner and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = self._handles[1] = -1
+
     def drop_connections(self) -> None:
         """Close every thread's connection; each reopens on next use (see
         :mod:`papy._journal.forks`, which calls this before a fork)."""
