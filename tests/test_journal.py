@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -556,7 +557,8 @@ def test_a_journal_swapped_in_during_a_run_keeps_its_own_records(tmp_path, caplo
         with pytest.raises(JournalError, match="was replaced by another file"):
             pipe.run(range(300), journal=journal)
     assert _stored(journal) == {"h": 500}
-    assert "not applied to this journal" in caplog.text
+    assert "not applied to the file that has the name now" in caplog.text
+    assert not (tmp_path / "run.db-wal").exists()  # set aside by the stopped run itself
     assert [p.name for p in tmp_path.glob("run.db-wal.of-inode-*")]
     again = Pipeline("other", pool=ThreadPool(2))
     again.add(lambda x: str(x) * 3, name="h")
@@ -804,6 +806,44 @@ def test_a_locked_journal_is_called_locked_not_corrupt(tmp_path):
     finally:
         other.close()
         holder.close()
+
+
+def _exits_on_7_mod_20(x: int) -> int:
+    if x % 20 == 7:
+        os._exit(3)
+    return x
+
+
+@pytest.mark.timeout(120)
+def test_a_fork_worker_that_inherits_a_held_sqlite_lock_stops_the_run_instead_of_hanging(
+    tmp_path,
+):
+    # Another thread of the driver uses SQLite outside papy (a program checking a database)
+    # while a fork pool replaces crashed workers: a worker forked while that thread held
+    # one of SQLite's mutexes waited for good in its first sqlite3.connect.
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            sqlite3.connect(":memory:").close()
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    journal = tmp_path / "run.db"
+    try:
+        for _ in range(3):
+            with ProcessPool(2, start_method="fork") as pool:
+                pipe = Pipeline("hammered", pool=pool)
+                pipe.add(_exits_on_7_mod_20, name="work", batch=2)
+                try:
+                    report = pipe.run(range(400), journal=journal)
+                except JournalError as exc:  # what a worker that inherited the lock says
+                    assert "SQLite waits for good on a lock another thread" in str(exc)
+                else:
+                    assert (report.items, report.failed) == (400, 20)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _exits_on_13_mod_97(x: int) -> tuple[int, str]:

@@ -1298,6 +1298,37 @@ def test_a_replacement_whose_initializer_never_returns_leaves_its_work_to_the_ot
     assert not [c for c in live_descendants() if c.pid not in before and _running(c.pid)]
 
 
+def _reads_eof(fd: int, seconds: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], seconds)
+    return bool(ready) and os.read(fd, 1) == b""
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_worker_lets_go_of_the_pipes_its_driver_had_open():
+    # A fork worker kept every pipe end the driver had open: subprocess.run in a thread-pool
+    # node waited for good for the end of its "exec worked" pipe, which a replacement
+    # worker forked at that moment held (1 run in 2 to 6 hung).
+    r, w = os.pipe()  # close-on-exec, as Python makes every pipe
+    kept_r, kept_w = os.pipe()
+    os.set_inheritable(kept_w, True)  # one made inheritable on purpose stays the workers'
+    try:
+        with ProcessPool(2, start_method="fork") as pool:
+            pipe = Pipeline("pipes", pool=pool)
+            pipe.add(inc, name="inc")
+            assert list(pipe.map(range(4))) == [1, 2, 3, 4]  # the workers run
+            os.close(w)
+            w = -1
+            assert _reads_eof(r, 10), "a worker holds the write end of the driver's pipe"
+            os.close(kept_w)
+            kept_w = -1
+            assert not _reads_eof(kept_r, 0.5)  # the workers hold it: no end yet
+        assert _reads_eof(kept_r, 10)  # their end: the pool closed
+    finally:
+        for fd in (r, w, kept_r, kept_w):
+            if fd >= 0:
+                os.close(fd)
+
+
 # -- a worker that cannot be replaced ---------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ import weakref
 from collections.abc import Callable
 from typing import ParamSpec, Protocol, TypeVar
 
+from papy._errors import JournalError
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -84,6 +86,43 @@ class section:
                 _inside -= 1
                 if _inside == 0:
                     _cond.notify_all()
+
+
+#: seconds a process forked from a driver waits for its first journal connection
+PROBE_S = 10.0
+_probe: list[bool] = []  # [] until this process was forked by a pool; [True] once checked
+
+
+def forked_from_threads() -> None:
+    """Note that this process was forked (a ``fork`` pool's worker): its first journal
+    connection is opened by :func:`first_connection`."""
+    _probe[:] = [False]
+
+
+def first_connection(path: str, connect: Callable[[str], R]) -> R:
+    """Return ``connect(path)``; in a process forked from a driver, the first time, raise
+    JournalError if it does not return within :data:`PROBE_S` seconds.
+
+    Another thread of the driver may have been inside SQLite, outside papy (a node or the
+    program checking a database), when it forked: the child then holds SQLite's mutexes
+    with no thread to release them, and its first SQLite call waits for good. The call
+    runs on a thread of its own so that the run stops with an error naming the cause.
+    """
+    if _probe != [False]:
+        return connect(path)
+    got: list[R] = []
+    probe = threading.Thread(target=lambda: got.append(connect(path)), daemon=True)
+    probe.start()
+    probe.join(PROBE_S)
+    if not got:
+        raise JournalError(
+            f"a worker forked from the driver cannot open the journal {path}: SQLite waits "
+            "for good on a lock another thread of the driver held at the fork (it used "
+            "SQLite outside papy meanwhile); use ProcessPool(start_method='forkserver') for "
+            "journaled runs"
+        )
+    _probe[:] = [True]
+    return got[0]
 
 
 def within(fn: Callable[P, R]) -> Callable[P, R]:

@@ -473,6 +473,8 @@ class Journal:
             if self.store is not None:
                 self.store.close()
             self.drop_connections()
+            if self._lock_fd >= 0:  # a log of the file replaced: not for whoever opens next
+                ownership.set_aside_stale_log(self.path, self._lock_fd)
             self._release()
 
     def forked(self) -> None:

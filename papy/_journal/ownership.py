@@ -98,9 +98,10 @@ def set_aside_stale_log(path: str, fd: int | None) -> None:
     recorded = None if fd is None else recorded_file(fd)
     try:
         st = os.stat(path)
+        now: tuple[int, int] | None = (st.st_dev, st.st_ino)
     except FileNotFoundError:
-        return
-    if recorded is None or recorded == (st.st_dev, st.st_ino):
+        now = None  # deleted: a file made there later must not get the log either
+    if recorded is None or recorded == now:
         return
     wal = path + "-wal"
     if os.path.exists(wal):
@@ -108,7 +109,7 @@ def set_aside_stale_log(path: str, fd: int | None) -> None:
         os.replace(wal, aside)
         _log.warning(
             "journal: %s was left by another file named %s (a journal replaced or deleted "
-            "during a run); moved to %s, not applied to this journal",
+            "during a run); moved to %s, not applied to the file that has the name now",
             wal,
             path,
             aside,

@@ -146,7 +146,7 @@ class Store:
         got = self._conns.get(tid)
         if got is not None:
             return got
-        conn = connect(self.path)
+        conn = forks.first_connection(self.path, connect)
         conn.execute("PRAGMA synchronous = NORMAL")
         # the run's driver folds the log into the file (papy._journal.checkpoint), not a
         # worker holding the write lock

@@ -37,6 +37,7 @@ import select
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ from typing import Any
 from papy._errors import JournalError
 from papy._interrupt import fork_defaults
 from papy._items import qualified_type
+from papy._journal import forks
 from papy._journal.files import sqlite_error
 from papy._task import CriticalSection, StepSpec, run_task
 from papy.pools import _shm
@@ -159,6 +161,46 @@ def _forget_inherited_fork_server() -> None:
             pass
 
 
+def _drop_inherited_pipes(conn: Connection) -> None:
+    """In a worker started by ``fork``: let go of the pipes the driver had open at the fork.
+
+    Every descriptor of the driver's is this worker's too. The end of a pipe another
+    driver thread had just made (``subprocess`` waiting to hear that its child started,
+    a child's stdout, another worker's pipes while it started) then stays open as long
+    as this worker lives, and whoever waits for that pipe's end waits for good. Pipes
+    made close-on-exec (Python makes every descriptor so) that are not this worker's own
+    (``conn``, its standard streams, its liveness pipes to the driver, the resource
+    tracker's) are pointed at ``/dev/null``: the pipe is let go, and the number stays
+    taken, so nothing that still holds it closes another file later. Files and sockets
+    are kept (a log file, say). Nothing is done under ``forkserver`` and ``spawn``,
+    whose workers inherit nothing.
+    """
+    from multiprocessing import popen_fork
+
+    frame = sys._getframe()
+    launch = popen_fork.Popen._launch.__code__  # type: ignore[attr-defined]
+    while frame is not None and frame.f_code is not launch:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return
+    forks.forked_from_threads()
+    keep = {0, 1, 2, conn.fileno(), frame.f_locals.get("child_w"), frame.f_locals.get("child_r")}
+    keep.add(getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None))
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            try:
+                if stat.S_ISFIFO(os.fstat(fd).st_mode) and not os.get_inheritable(fd):
+                    os.dup2(null, fd, inheritable=False)
+            except OSError:
+                continue  # the listing's own descriptor, gone now
+    finally:
+        os.close(null)
+
+
 def _untrack(name: str) -> None:
     """Tell the resource tracker the driver registered ``name`` with that it is gone.
 
@@ -250,6 +292,7 @@ def worker_main(
         else:
             _untrack(name)
     _redirect_output(outputs)
+    _drop_inherited_pipes(conn)
     _allow_children()
     if driver_pid is not None:
         threading.Thread(

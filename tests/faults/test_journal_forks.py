@@ -2,11 +2,12 @@
 
 SQLite forbids carrying a connection over ``fork()``. A driver forks while its threads use
 the journal: a ``fork`` process pool starts or replaces a crashed worker, and a node on a
-thread pool forks a child of its own, while the checkpointer, the scheduler and thread
+thread pool forks a child of its own or runs a program (``subprocess``, whose pipes a
+worker forked meanwhile must not keep), while the checkpointer, the scheduler and thread
 pool tasks query and commit. Hypothesis draws the pool (start method, workers, batch),
 the items that kill their worker, the size of the records (past the write-ahead log's
 checkpoint mark, or not), whether a thread-pool node records beside the process pool and
-forks, and two or three runs on one journal over more and more items. Each run must
+starts processes, and two or three runs on one journal over more and more items. Each run must
 finish (a hang fails the test at its time limit), leave a journal that passes SQLite's
 ``integrity_check``, and skip exactly the items earlier runs finished; the last run must
 give what a plain evaluation gives.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -34,13 +36,16 @@ def work(x: int, crash: frozenset[int], pad: int) -> tuple[int, str]:
     return x, "x" * pad
 
 
-def tail(t: tuple[int, str], forks: bool) -> int:
-    """Keep the item's number; fork a child that exits at once on every third item."""
-    if forks and t[0] % 3 == 0:
+def tail(t: tuple[int, str], starts: str) -> int:
+    """Keep the item's number; on every third item start a process: fork a child that
+    exits at once, or run a program (``starts``: "fork", "program" or "none")."""
+    if starts == "fork" and t[0] % 3 == 0:
         pid = os.fork()
         if pid == 0:
             os._exit(0)
         os.waitpid(pid, 0)
+    elif starts == "program" and t[0] % 3 == 0:
+        subprocess.run(["true"], check=True)
     return t[0]
 
 
@@ -58,7 +63,7 @@ def setups(draw: st.DrawFn) -> dict[str, Any]:
         "crash": draw(st.frozensets(st.integers(0, sizes[-1] - 1), max_size=6)),
         "pad": draw(st.sampled_from([0, 20_000])),  # 300 items of 20 KB: past the 4 MiB mark
         "sibling": draw(st.booleans()),
-        "forks": draw(st.booleans()),
+        "starts": draw(st.sampled_from(["none", "fork", "program"])),
         "sizes": sizes,
     }
 
@@ -85,22 +90,21 @@ def integrity(path: str) -> list[tuple[Any, ...]]:
         "crash": frozenset({13, 110, 207}),
         "pad": 20_000,
         "sibling": True,
-        "forks": True,
+        "starts": "fork",
         "sizes": [100, 250],
     }
 )
 def test_forks_while_the_journal_is_in_use_leave_it_whole(tmp_path_factory, setup):
     journal = str(tmp_path_factory.mktemp("forks") / "run.db")
-    crash, forks = setup["crash"], setup["forks"]
+    crash = setup["crash"]
     procs = ProcessPool(setup["workers"], start_method=setup["method"])  # the run starts it
     threads = ThreadPool(2)
     try:
         pipe = Pipeline("forks", pool=procs)
         args = (crash, setup["pad"])
         first = pipe.add(work, args=args, name="work", batch=setup["batch"], cache=True)
-        pipe.add(
-            tail, args=(forks,), name="tail", after=first, pool=threads, cache=setup["sibling"]
-        )
+        args = (setup["starts"],)
+        pipe.add(tail, args=args, name="tail", after=first, pool=threads, cache=setup["sibling"])
         done = 0
         for n in setup["sizes"]:
             report = pipe.run(range(n), journal=journal)
