@@ -20,7 +20,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from papy import Failure, Pipeline, ProcessPool, RunAborted, ThreadPool
@@ -757,7 +757,7 @@ def _reference(v: Any) -> Any:
     return (t, v)
 
 
-_leaves = (
+_hashable_leaves = (
     st.none()
     | st.booleans()
     | st.integers(-3, 3)
@@ -765,10 +765,12 @@ _leaves = (
     | st.floats(allow_nan=True)
     | st.text("ab", max_size=2)
     | st.binary(max_size=2)
-    | st.binary(max_size=2).map(bytearray)
 )
+_leaves = _hashable_leaves | st.binary(max_size=2).map(bytearray)
+# No filter: sets of 20 items' worth of hashables, filtered, failed Hypothesis's
+# filter_too_much health check on some seeds (3 inputs made, 50 filtered out).
 _hashable = st.recursive(
-    _leaves.filter(lambda x: not isinstance(x, bytearray)),
+    _hashable_leaves,
     lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
     max_leaves=4,
 )
@@ -801,7 +803,8 @@ print("\\n".join(content_digest(v) for v in pickle.loads(sys.stdin.buffer.read()
 """
 
 
-@settings(max_examples=5, deadline=None)
+# 20 items with sets of unique members: Hypothesis discards draws with duplicates
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(items=st.lists(_items, min_size=20, max_size=20))
 def test_an_items_identity_is_the_same_in_every_process(items: list[Any]) -> None:
     # Sets deep inside items were encoded in the hash seed's order by some paths.
