@@ -545,17 +545,24 @@ def _stored(path: Path) -> dict[str, int]:
     return {n["name"]: n["done"] for n in describe(str(path))["nodes"]}
 
 
+def _stopped_by_a_swap(tmp_path: Path, pool: ProcessPool) -> tuple[Pipeline, Path]:
+    """Run a pipeline on ``pool`` whose node swaps another journal in at item 30; return
+    the pipeline and the journal's path once the run has stopped."""
+    journal, other = tmp_path / "run.db", tmp_path / "other.db"
+    _other_journal(other)
+    pipe = Pipeline("swapped", pool=pool)
+    pipe.add(_swap_in_at_30(str(journal), str(other)), name="work", batch=4)
+    with pytest.raises(JournalError, match="was replaced by another file"):
+        pipe.run(range(300), journal=journal)
+    return pipe, journal
+
+
 def test_a_journal_swapped_in_during_a_run_keeps_its_own_records(tmp_path, caplog):
     # The stopped run left the old file's write-ahead log next to the new file, and the
     # next open (papy journal show included) applied it: the other journal's 500 records
     # were gone, replaced by the stopped run's.
-    journal, other = tmp_path / "run.db", tmp_path / "other.db"
-    _other_journal(other)
     with ProcessPool(2) as pool:
-        pipe = Pipeline("swapped", pool=pool)
-        pipe.add(_swap_in_at_30(str(journal), str(other)), name="work", batch=4)
-        with pytest.raises(JournalError, match="was replaced by another file"):
-            pipe.run(range(300), journal=journal)
+        _, journal = _stopped_by_a_swap(tmp_path, pool)
     assert _stored(journal) == {"h": 500}
     assert "not applied to the file that has the name now" in caplog.text
     assert not (tmp_path / "run.db-wal").exists()  # set aside by the stopped run itself
@@ -568,13 +575,8 @@ def test_a_journal_swapped_in_during_a_run_keeps_its_own_records(tmp_path, caplo
 def test_a_pool_reused_after_a_journal_swap_keeps_the_next_runs_records(tmp_path):
     # The pool's worker keeps its connection to the replaced file until the next run's first
     # task, and closes it then: the next run's own log and records must survive that.
-    journal, other = tmp_path / "run.db", tmp_path / "other.db"
-    _other_journal(other)
     with ProcessPool(1) as pool:
-        pipe = Pipeline("swapped", pool=pool)
-        pipe.add(_swap_in_at_30(str(journal), str(other)), name="work", batch=4)
-        with pytest.raises(JournalError, match="was replaced by another file"):
-            pipe.run(range(300), journal=journal)
+        pipe, journal = _stopped_by_a_swap(tmp_path, pool)
         assert pipe.run(range(300), journal=journal).items == 300  # the worker lets go here
         assert pipe.run(range(300), journal=journal).skipped == 300
     assert _stored(journal) == {"h": 500, "work": 300}

@@ -90,13 +90,14 @@ class section:
 
 #: seconds a process forked from a driver waits for its first journal connection
 PROBE_S = 10.0
-_probe: list[bool] = []  # [] until this process was forked by a pool; [True] once checked
+_unchecked = False  # a process forked by a pool, before its first journal connection
 
 
 def forked_from_threads() -> None:
     """Note that this process was forked (a ``fork`` pool's worker): its first journal
     connection is opened by :func:`first_connection`."""
-    _probe[:] = [False]
+    global _unchecked
+    _unchecked = True
 
 
 def first_connection(path: str, connect: Callable[[str], R]) -> R:
@@ -108,7 +109,8 @@ def first_connection(path: str, connect: Callable[[str], R]) -> R:
     with no thread to release them, and its first SQLite call waits for good. The call
     runs on a thread of its own so that the run stops with an error naming the cause.
     """
-    if _probe != [False]:
+    global _unchecked
+    if not _unchecked:
         return connect(path)
     got: list[R] = []
     probe = threading.Thread(target=lambda: got.append(connect(path)), daemon=True)
@@ -121,7 +123,7 @@ def first_connection(path: str, connect: Callable[[str], R]) -> R:
             "SQLite outside papy meanwhile); use ProcessPool(start_method='forkserver') for "
             "journaled runs"
         )
-    _probe[:] = [True]
+    _unchecked = False
     return got[0]
 
 

@@ -216,8 +216,7 @@ class Store:
             conn = self._conns.pop(tid, None) if self._closed else None
             last = self._closed and not self._busy
         if conn is not None:
-            with forks.section():
-                conn.close()
+            _close_all([conn])
         if last:
             self._final()
 
