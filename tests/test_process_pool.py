@@ -22,11 +22,13 @@ from pathlib import Path
 import psutil
 import pytest
 from faults.crashers import (
+    ExitsWhenRebuilt,
     big_item_pid,
     child_handlers,
     child_signal_handlers,
     close_pipes_then_sleep_on,
     exit_on,
+    exits_when_pickled_on,
     failing_initializer,
     fork_then_exit_on,
     initializer_exits,
@@ -37,6 +39,7 @@ from faults.crashers import (
     nested_mp_pool,
     nested_papy,
     shut_sockets_then_sleep_on,
+    sigterm_self_on,
     slow_on,
     start_sleeper_and_hang,
 )
@@ -206,6 +209,42 @@ def test_a_crash_names_its_item_in_few_restarts():
     assert good == [2 * x for x in range(64) if x not in bad]
     assert [f.item for f in bad_out] == [37]
     assert isinstance(bad_out[0].exception, WorkerCrashed) and bad_out[0].attempts == 2
+
+
+@pytest.mark.parametrize("phase", ["rebuilding", "pickling"])
+def test_a_crash_outside_the_node_names_its_item_in_few_restarts(phase):
+    """A worker that dies rebuilding an item, or pickling a result, names that item as
+    fast as a crash inside the node: three restarts per item, no halving search."""
+    bad = {13, 37}
+    if phase == "rebuilding":
+        items = [ExitsWhenRebuilt(x, 6, os.getpid()) if x in bad else x for x in range(64)]
+        fn, code = exit_on(set()), 6
+    else:
+        items, fn, code = list(range(64)), exits_when_pickled_on(bad, 5), 5
+    with ProcessPool(2, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("poison", pool=pool)
+        pipe.add(fn, name="risky", batch=64)
+        out = list(pipe.map(items, errors="yield"))
+        assert pool.restarts == 3 * len(bad)
+    good, bad_out = _split(out)
+    assert good == [2 * x for x in range(64) if x not in bad]
+    assert [f.item for f in bad_out] == sorted(bad)
+    for f in bad_out:
+        assert isinstance(f.exception, WorkerCrashed) and f.exception.exitcode == code
+        assert f.node == "risky"
+        assert f"exited with code {code} while {phase} this item" in str(f.exception)
+
+
+def test_a_worker_that_sigterms_itself_is_reported_killed_by_sigterm():
+    with ProcessPool(2, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("terminated", pool=pool)
+        pipe.add(sigterm_self_on({5}), name="term", batch=4)
+        out = list(pipe.map(range(12), errors="yield"))
+    good, bad_out = _split(out)
+    assert good == [2 * x for x in range(12) if x != 5]
+    assert [f.item for f in bad_out] == [5]
+    assert bad_out[0].exception.exitcode == -signal.SIGTERM
+    assert "killed by SIGTERM while running this item" in str(bad_out[0].exception)
 
 
 def test_crashes_and_timeouts_count_in_the_report():
@@ -1182,6 +1221,8 @@ def test_a_worker_that_closed_its_pipe_to_the_driver_is_replaced_not_waited_for(
             assert good == [2 * x for x in range(10) if x not in (2, 7)]
             assert [f.item for f in bad] == [2, 7]
             assert all(isinstance(f.exception, WorkerCrashed) for f in bad)
+            # the pool's own kill is not blamed on the node, nor on the OOM killer
+            assert all("closed its pipe to the driver" in str(f.exception) for f in bad)
     elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     assert elapsed < 60, f"the run waited {elapsed:.0f} s for a worker that cannot report"
     assert cpu < elapsed / 2 + 1, f"the driver spun: {cpu:.1f} s of CPU in {elapsed:.1f} s"

@@ -39,8 +39,9 @@ from papy.pools._handles import (
     fail,
     fail_closed,
     give_back,
+    kill_hung_up,
     on_cancel,
-    reap,
+    reap_worker,
     signal_group,
     start_worker,
     steal,
@@ -324,7 +325,7 @@ class State:
                     else:
                         self.drain(w)
                         if w.hung_up():  # it cannot report any more: lost, alive or not
-                            signal_group(w.process.pid, signal.SIGKILL)
+                            kill_hung_up(w)
                             dead.append(w)
                 for w in dict.fromkeys(dead):
                     self.drain(w)
@@ -456,7 +457,7 @@ class State:
 
     def bury(self, w: Worker) -> None:
         """Replace a dead worker and re-run or fail what it held."""
-        code = reap(w.process, grace=0.5)  # and the processes its node started
+        code, killed = reap_worker(w)  # and the processes its node started
         running = _slot.read_slot(w.slot)
         seen = int(w.slot[_slot.SEEN])
         unborn = w.slot[_slot.INDEX] == _slot.UNBORN
@@ -486,13 +487,10 @@ class State:
             for job in lost:
                 fail(job.fut, self.broken)
             return
-        log.warning(
-            "worker %s: %s; replaced (%d task(s) to re-run)",
-            w.process.pid,
-            "was killed for a timeout" if lost and lost[0].late else describe_exit(code),
-            len(lost),
-        )
+        how = describe_exit(code, None, killed)
+        how = "was killed for a timeout" if lost and lost[0].late else how
+        log.warning("worker %s: %s; replaced (%d task(s) to re-run)", w.process.pid, how, len(lost))
         try:
-            self.enqueue(rerun(lost, code, unborn, running, seen), front=True)
+            self.enqueue(rerun(lost, code, unborn, running, seen, killed), front=True)
         except PoolError:
             pass  # closed meanwhile: enqueue failed the jobs

@@ -94,6 +94,7 @@ class Worker:
         "sock",
         "pidfd",
         "eof",
+        "hung_up_alive",
         "born_by",
         "_poller",
         "__weakref__",
@@ -129,6 +130,7 @@ class Worker:
         #: holds its end of the pipe and of its sentinel open; None where there are none
         self.pidfd = open_pidfd(process.pid)
         self.eof = False  # a read met the end of the pipe
+        self.hung_up_alive = False  # its pipe closed while it lived: the pool killed it
 
     def has_message(self) -> bool:
         """Tell whether a message (or the end of the pipe) waits, without blocking.
@@ -181,8 +183,35 @@ def signal_group(pid: int | None, sig: int) -> None:
             pass
 
 
-def reap(process: Any, grace: float) -> int | None:
-    """Kill a worker taken for dead and its process group; return its exit code.
+def exits_within(process: Any, seconds: float) -> bool:
+    """Tell whether ``process`` has exited, waiting up to ``seconds`` (never in ``waitpid``)."""
+    end = time.monotonic() + seconds
+    while process.exitcode is None:
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def kill_hung_up(w: Worker) -> None:
+    """Kill a worker whose pipe to the driver closed: it cannot report any more, alive or
+    not. Notes whether it was alive (a dying process closes its files a moment before it
+    exits), so that its death is told as the pool's kill, not as the node's."""
+    w.hung_up_alive = not exits_within(w.process, 0.05)
+    signal_group(w.process.pid, signal.SIGKILL)
+
+
+def reap_worker(w: Worker) -> tuple[int | None, bool]:
+    """Reap a dead worker (see :func:`reap`); return its exit code as its slot explains
+    it (see :func:`~papy.pools._slot.exit_code`) and whether the pool's kill ended it."""
+    code, alive = reap(w.process, grace=0.5)
+    killed = (alive or w.hung_up_alive) and code == -signal.SIGKILL and not w.slot[_slot.EXIT]
+    return _slot.exit_code(w.slot, code), killed
+
+
+def reap(process: Any, grace: float) -> tuple[int | None, bool]:
+    """Kill a worker taken for dead and its process group; return its exit code, and
+    whether it was still alive after ``grace`` (the kill is then the pool's).
 
     Waits up to ``grace`` seconds for the worker to exit by itself first (its own exit
     code is the one to report), without ever blocking on it: under ``fork`` and ``spawn``
@@ -196,6 +225,7 @@ def reap(process: Any, grace: float) -> int | None:
     while code is None and time.monotonic() < end:
         time.sleep(0.005)
         code = process.exitcode
+    alive = code is None
     signal_group(process.pid, signal.SIGKILL)
     end = time.monotonic() + 5.0
     while code is None and time.monotonic() < end:
@@ -203,7 +233,7 @@ def reap(process: Any, grace: float) -> int | None:
         code = process.exitcode
     if code is not None:
         process.join(timeout=0)  # reaped: multiprocessing forgets it
-    return code
+    return code, alive
 
 
 def starts(fut: Future[TaskResult]) -> bool:

@@ -211,11 +211,14 @@ def split(job: Job, parts: list[tuple[Task, int, bool] | TaskResult]) -> list[Jo
     return jobs
 
 
-def after_death(job: Job, code: int | None, where: tuple[int, int, int] | None) -> list[Job]:
+def after_death(
+    job: Job, code: int | None, where: tuple[int, int, int] | None, killed: bool = False
+) -> list[Job]:
     """Return the jobs to run again after ``job``'s worker died; report what is known.
 
     ``where`` is (stage, item index, item count) from the worker's slot when it was
-    running a tracked item. A late item fails with ``TimeoutError`` and its batch-mates
+    running a tracked item; ``killed``: the worker hung up on the driver and the pool
+    killed it. A late item fails with ``TimeoutError`` and its batch-mates
     run again; a crash re-runs the batch with every item tracked, then the named item
     alone to confirm, then reports it.
     """
@@ -241,6 +244,9 @@ def after_death(job: Job, code: int | None, where: tuple[int, int, int] | None) 
     if where is not None and where[1] < n:
         s, i, c = where
         c = min(c, n - i)
+        phase = _PHASES.get(s)
+        if phase is not None:  # rebuilding an item, pickling its result: that item alone
+            s, c = (0 if s == _slot.REBUILD else len(stages) - 1), 1
         if c > 1:
             # A batched call of c items died: one of them is the culprit, but which is
             # unknown. Halve the call (its batch-mates outside it re-run as they are)
@@ -256,7 +262,8 @@ def after_death(job: Job, code: int | None, where: tuple[int, int, int] | None) 
             return split(job, parts)
         if c >= n:
             if crashes >= 2:
-                job.done(fail_in(task, WorkerCrashed(describe_exit(code), code), s, crashes))
+                crash = WorkerCrashed(describe_exit(code, phase, killed), code)
+                job.done(fail_in(task, crash, s, crashes))
                 return []
             job.crashes, job.track = crashes, True
             return [job]
@@ -269,7 +276,8 @@ def after_death(job: Job, code: int | None, where: tuple[int, int, int] | None) 
         return split(job, parts)
     if n == 1:
         if crashes >= 2:
-            job.done(fail_in(task, WorkerCrashed(describe_exit(code), code), 0, crashes))
+            crash = WorkerCrashed(describe_exit(code, None, killed), code)
+            job.done(fail_in(task, crash, 0, crashes))
             return []
         job.crashes, job.track = crashes, True
         return [job]
@@ -297,16 +305,34 @@ def has_timeout(task: Task) -> bool:
     return any(s.timeout is not None for s in task.spec.stages)
 
 
-def describe_exit(code: int | None) -> str:
+#: what a worker did to an item while its slot's stage was one of these
+_PHASES = {
+    _slot.REBUILD: "rebuilding this item from its pickle",
+    _slot.SEND: "pickling this item's result",
+}
+
+
+def describe_exit(code: int | None, phase: str | None = None, killed: bool = False) -> str:
+    """Say how a worker ended, and what it was doing: running this item unless ``phase``.
+
+    ``killed``: it was alive when its pipe to the driver closed (a node that closed the
+    worker's descriptors, say), and the pool killed it.
+    """
+    doing = phase or "running this item"
+    if killed:
+        return (
+            f"the worker process closed its pipe to the driver while {doing} "
+            f"and was killed by the pool"
+        )
     if code is None:
-        return "the worker process died while running this item"
+        return f"the worker process died while {doing}"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"the worker process was killed by {name} while running this item"
-    return f"the worker process exited with code {code} while running this item"
+        return f"the worker process was killed by {name} while {doing}"
+    return f"the worker process exited with code {code} while {doing}"
 
 
 def death(
@@ -337,6 +363,7 @@ def rerun(
     unborn: bool,
     running: tuple[int, int, int, int, float] | None,
     seen: int,
+    killed: bool = False,
 ) -> list[Job]:
     """Return the jobs to run again of a dead worker that held ``lost`` (in order).
 
@@ -356,7 +383,7 @@ def rerun(
         where = None
         if running is not None and running[0] == job.id and running[2] >= 0:
             where = (running[1], running[2], max(1, running[3]))
-        retry.extend(after_death(job, code, where))
+        retry.extend(after_death(job, code, where, killed))
     return retry
 
 

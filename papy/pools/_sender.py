@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from papy.pools import _shm
 from papy.pools._functions import dumps_code
 from papy.pools._handles import Job, Worker, free_note, wire_keys
-from papy.pools._messages import dumps, encode_items, frame
+from papy.pools._messages import dumps, encode_each, encode_items, frame
 
 #: node functions a worker (and the driver, pickled) keeps at most; older ones are dropped
 #: and sent again if still needed, so a long-lived pool serving many runs stays small
@@ -70,11 +70,17 @@ def send_job(state: Shipper, w: Worker, job: Job) -> bool:
     task = job.task
     spec_id = task.spec.id
     t0 = time.perf_counter()
-    out = _shm.Outgoing(state.shm_threshold, state.registry) if state.shm_threshold else None
+    # A task that killed a worker once goes item by item, in the message, so that a crash
+    # while its worker rebuilds an item names that item.
+    out = None
+    if state.shm_threshold and not job.track:
+        out = _shm.Outgoing(state.shm_threshold, state.registry)
     try:
-        body = encode_items(task, out)
+        body = encode_each(task) if job.track else encode_items(task, out)
     except Exception as exc:  # pragma: no cover - encode isolates bad items itself
-        body = dumps(job.task.fail_all(exc).values)
+        task.values = task.fail_all(exc).values
+        task.dirty = True
+        body = encode_each(task) if job.track else dumps(task.values)
     with w.send_lock:
         if w.dead:
             if out is not None:

@@ -6,6 +6,7 @@ The worker writes it (:class:`SlotTracker`), the driver reads it without asking 
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -13,12 +14,17 @@ from papy._task import Tracker
 
 #: layout of a worker's slot (doubles): sequence, job id, stage, index, count, start time;
 #: then the claim protocol's fields: the last job the worker took up (``SEEN``) and two
-#: jobs the driver withdrew (``WITHDRAWN``), written only under the slot's lock
-SLOT_SIZE = 9
-SEQ, JOB, STAGE, INDEX, COUNT, START, SEEN, W0, W1 = range(SLOT_SIZE)
+#: jobs the driver withdrew (``WITHDRAWN``), written only under the slot's lock; then the
+#: signal the worker ended itself on (``EXIT``: 0 while it lives)
+SLOT_SIZE = 10
+SEQ, JOB, STAGE, INDEX, COUNT, START, SEEN, W0, W1, EXIT = range(SLOT_SIZE)
 WITHDRAWN = (W0, W1)
 IDLE = -2.0  # INDEX when no task runs
 UNBORN = -3.0  # INDEX until the worker has started (imported, initialized)
+#: STAGE while a tracked task's item is rebuilt from its pickle, before any node sees it
+REBUILD = -2
+#: STAGE while a tracked task's item's result is pickled, after its last node
+SEND = -3
 
 
 class SlotTracker(Tracker):
@@ -87,6 +93,19 @@ def read_slot(slot: Any) -> tuple[int, int, int, int, float] | None:
     if slot[SEQ] != seq:
         return None
     return values
+
+
+def exit_code(slot: Any, code: int | None) -> int | None:
+    """Return a dead worker's exit code as its slot explains it.
+
+    A worker that ends itself on a signal (SIGTERM) kills its whole process group with
+    SIGKILL, itself included, or exits with 128 + the signal after a journal commit; the
+    signal it wrote to ``EXIT`` is then the cause to report (as ``-signal``).
+    """
+    signum = int(slot[EXIT])
+    if signum > 0 and code in (-signal.SIGKILL, 128 + signum):
+        return -signum
+    return code
 
 
 def semaphore_name(lock: Any) -> str | None:

@@ -52,12 +52,18 @@ from papy._journal import forks
 from papy._journal.files import sqlite_error
 from papy._task import CriticalSection, StepSpec, run_task
 from papy.pools import _shm
-from papy.pools._messages import dumps, encode_result, frame, loads, unframe
-from papy.pools._slot import SlotTracker, semaphore_name
+from papy.pools._messages import dumps, encode_result, frame, loads, rebuild_each, unframe
+from papy.pools._slot import EXIT, REBUILD, SEND, SlotTracker, semaphore_name
 
 
-def _on_sigterm(critical: CriticalSection, signum: int, frame: Any) -> None:
-    """Exit now, unless a journaled task is committing: then right after it (30 s at most)."""
+def _on_sigterm(critical: CriticalSection, slot: Any, signum: int, frame: Any) -> None:
+    """Exit now, unless a journaled task is committing: then right after it (30 s at most).
+
+    The exit kills the whole process group, this process included (SIGKILL), so the
+    signal is written to the slot first: the driver reports SIGTERM, not SIGKILL.
+    """
+    if slot is not None:
+        slot[EXIT] = signum
     if critical.defer():
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(30)
@@ -274,7 +280,7 @@ def worker_main(
     """
     signal.signal(signal.SIGINT, _ignore)  # Ctrl-C is the driver's to handle
     critical = CriticalSection()  # this process's journaled tasks, for SIGTERM
-    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, critical))
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, critical, slot))
     # What a node forks gets a fresh process's handling, not this worker's exit code.
     fork_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler})
     _forget_inherited_fork_server()
@@ -365,7 +371,10 @@ def worker_main(
                 tracker.every_item = bool(every_item)
                 tracker.start_job(job_id)
             try:
-                values = loads(body, _shm.map_buffers(fds, descs, None, (), mapped))
+                if every_item and tracker is not None:
+                    values = rebuild_each(body, functools.partial(tracker.begin, REBUILD))
+                else:
+                    values = loads(body, _shm.map_buffers(fds, descs, None, (), mapped))
             except Exception as exc:
                 # Nothing ran. Alone, the item fails with this; in a batch, the driver
                 # sends the halves again to find which items cannot be rebuilt.
@@ -387,6 +396,8 @@ def worker_main(
                     result = None  # type: ignore[assignment]
                 # Free the task's inputs (and their shared-memory mappings) before waiting.
                 values = data = body = None  # type: ignore[assignment]
+                if result is not None and every_item and tracker is not None:
+                    _pickle_each(result.values, tracker)
                 if result is not None:
                     payload = encode_result(result, spec, keys, out)
                     result = None  # type: ignore[assignment]
@@ -406,6 +417,17 @@ def worker_main(
         finally:
             if out is not None:
                 out.close()
+
+
+def _pickle_each(values: list[Any], tracker: SlotTracker) -> None:
+    """Pickle each result alone, announced in the slot, and drop the pickles: a result
+    whose pickling kills the worker is then named (a task that killed a worker once)."""
+    for i, value in enumerate(values):
+        tracker.begin(SEND, i)
+        try:
+            dumps(value)
+        except Exception:
+            pass  # encode_result turns it into a Failure naming its type
 
 
 def _journal_error(spec: StepSpec, exc: Exception) -> Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import threading
 import time
 import uuid
@@ -217,6 +218,55 @@ class DriverOnly:
 
     def __repr__(self) -> str:
         return f"DriverOnly({self.v})"
+
+
+def _exit_when_rebuilt(v: int, code: int, pid: int) -> ExitsWhenRebuilt:
+    if os.getpid() != pid:
+        os._exit(code)
+    return ExitsWhenRebuilt(v, code, pid)
+
+
+class ExitsWhenRebuilt:
+    """An item that pickles, but whose rebuilding ends any process but the one that made
+    it (a C extension type that crashes when unpickled in a worker, say)."""
+
+    def __init__(self, v: int, code: int, pid: int) -> None:
+        self.v, self.code, self.pid = v, code, pid
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_exit_when_rebuilt, (self.v, self.code, self.pid))
+
+    def __repr__(self) -> str:
+        return f"ExitsWhenRebuilt({self.v})"
+
+
+class ExitsWhenPickled:
+    """A result whose pickling ends the process that pickles it (the worker sending it)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        os._exit(self.code)
+
+
+def exits_when_pickled_on(bad: set[int], code: int = 5):
+    def fn(x: int) -> object:
+        if x in bad:
+            return ExitsWhenPickled(code)
+        return x * 2
+
+    return fn
+
+
+def sigterm_self_on(bad: set[int]):
+    def fn(x: int) -> int:
+        if x in bad:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        return x * 2
+
+    return fn
 
 
 def fork_then_exit_on(bad: set[int], pid_dir: str, child_s: float = 60.0):

@@ -1,10 +1,12 @@
-"""Hypothesis searches over two promises of the pools, each against a plain reference.
+"""Hypothesis searches over three promises of the pools, each against a plain reference.
 
 - A process pool whose dead workers cannot all be replaced (the driver is out of file
   descriptors: a replacement cannot even get its pipes) ends the run with every item
   delivered once, the crashing items as ``WorkerCrashed`` failures, or breaks with
   ``PoolError`` after delivering a correct prefix; it never hangs, loses, invents or
   reorders an item.
+- An item that kills its worker, while the worker rebuilds it, runs it or pickles its
+  result, fails alone, saying how and where, in three worker restarts at most.
 - A process a node starts (``os.fork``, ``multiprocessing`` with any start method, a
   program) handles SIGTERM and SIGINT exactly as it would if the node ran in a plain
   Python process: the handlers PaPy installs in its workers and in a running driver never
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import multiprocessing.forkserver
@@ -137,6 +140,114 @@ def test_a_pool_that_cannot_replace_its_workers_finishes_or_breaks_but_never_los
         assert len(out) == n
     else:
         assert "could not be started" in str(error), error
+
+
+# -- a poison item, wherever in the worker it strikes ----------------------------------------
+
+PHASES = ("rebuild", "run", "pickle")
+#: how a poison item ends its worker, and the exit code the pool reports for it
+HOWS = {"exit": 3, "kill": -signal.SIGKILL, "term": -signal.SIGTERM}
+SAYS = {
+    "rebuild": "while rebuilding this item from its pickle",
+    "run": "while running this item",
+    "pickle": "while pickling this item's result",
+}
+
+
+def die(how: str) -> None:
+    """End this process as ``how`` says: ``os._exit(3)``, SIGKILL or SIGTERM to itself."""
+    if how == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGTERM)
+    time.sleep(30)
+
+
+def _rebuild(v: int, how: str, pid: int) -> DiesRebuilt:
+    if os.getpid() != pid:
+        die(how)
+    return DiesRebuilt(v, how, pid)
+
+
+class DiesRebuilt:
+    """An input item whose rebuilding ends any process but the one that made it."""
+
+    def __init__(self, v: int, how: str, pid: int) -> None:
+        self.v, self.how, self.pid = v, how, pid
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild, (self.v, self.how, self.pid))
+
+
+class DiesPickled:
+    """A result whose pickling ends the process that pickles it."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        die(self.how)
+
+
+def poison_node(poison: dict[int, tuple[str, str]]):  # type: ignore[no-untyped-def]
+    """A node that doubles its item, unless ``poison`` says it ends its worker there."""
+
+    def node(x: object) -> object:
+        v = x.v if isinstance(x, DiesRebuilt) else x
+        phase, how = poison.get(v, ("", ""))  # type: ignore[call-overload]
+        if phase == "run":
+            die(how)
+        if phase == "pickle":
+            return DiesPickled(how)
+        return 2 * v  # type: ignore[operator]
+
+    return node
+
+
+@pytest.mark.timeout(300)
+@SEARCH
+@given(
+    method=st.sampled_from(["fork", "forkserver", "spawn"]),
+    workers=st.integers(1, 3),
+    batch=st.none() | st.integers(1, 16),
+    n=st.integers(1, 40),
+    data=st.data(),
+)
+def test_a_poison_item_fails_alone_in_three_restarts_wherever_it_kills_its_worker(
+    method: str, workers: int, batch: int | None, n: int, data: st.DataObject
+) -> None:
+    """An item that ends its worker (``os._exit``, SIGKILL, SIGTERM) while the worker
+    rebuilds it, runs the node on it, or pickles its result, fails alone with a
+    ``WorkerCrashed`` that says how and where, after three worker restarts at most; every
+    other item is delivered once, in order."""
+    bad = data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=min(n, 3)), label="bad")
+    poison = {
+        x: (data.draw(st.sampled_from(PHASES)), data.draw(st.sampled_from(sorted(HOWS))))
+        for x in sorted(bad)
+    }
+    items: list[object] = [
+        DiesRebuilt(x, poison[x][1], os.getpid()) if poison.get(x, ("",))[0] == "rebuild" else x
+        for x in range(n)
+    ]
+    started = time.monotonic()
+    with ProcessPool(workers, start_method=method, initializer=faulthandler.disable) as pool:
+        pipe = Pipeline("poison", pool=pool)
+        pipe.add(poison_node(poison), name="node", batch=batch)
+        out = list(pipe.map(items, errors="yield"))
+        restarts = pool.restarts
+    assert time.monotonic() - started < 120
+    assert len(out) == n
+    for x, o in enumerate(out):
+        if x not in poison:
+            assert o == 2 * x, (x, o)
+            continue
+        phase, how = poison[x]
+        assert isinstance(o, Failure), (x, o)
+        assert (o.item, o.node) == (x, "node")
+        assert isinstance(o.exception, WorkerCrashed), o.exception
+        assert o.exception.exitcode == HOWS[how], (phase, how, str(o.exception))
+        assert SAYS[phase] in str(o.exception), (phase, how, str(o.exception))
+    assert restarts <= 3 * len(poison), (restarts, poison)
+    event(f"{len(poison)} poison item(s)")
 
 
 # -- the signal handling of processes a node starts -------------------------------------------
