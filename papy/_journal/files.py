@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import urllib.parse
 
 from papy._errors import JournalError
 
@@ -80,8 +81,21 @@ def place_error(path: str, exc: OSError) -> JournalError:
     return JournalError(f"cannot open the journal {path}: {exc.strerror}")
 
 
-def sqlite_error(path: str, exc: sqlite3.Error) -> JournalError:
-    """Turn an SQLite error into a JournalError naming the cause (disk full, read-only...)."""
+def sqlite_error(
+    path: str, exc: sqlite3.Error, ident: tuple[int, int] | None = None
+) -> JournalError:
+    """Turn an SQLite error into a JournalError naming the cause (disk full, read-only...).
+
+    A journal file removed, or replaced by another (``ident``: the (device, inode) the run
+    opened), makes SQLite fail in ways that look like corruption ("disk I/O error",
+    "attempt to write a readonly database"): that is said first.
+    """
+    try:
+        now = file_ident(path)
+    except JournalError as gone:
+        return gone
+    if ident is not None and ident != (0, 0) and now != ident:
+        return replaced_error(path)
     text = str(exc)
     if "full" in text:
         return JournalError(f"cannot write the journal {path}: disk full ({text})")
@@ -102,9 +116,26 @@ def sqlite_error(path: str, exc: sqlite3.Error) -> JournalError:
     )
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """Open a connection in autocommit mode that waits up to 60 s for a busy file."""
-    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+def connect(path: str, ident: tuple[int, int] | None = None) -> sqlite3.Connection:
+    """Open a connection to the journal file ``path`` in autocommit mode that waits up to
+    60 s for a busy file.
+
+    Never creates the file: a journal removed during a run is not made again, empty, by a
+    connection that opens after it went (JournalError "was removed"). With ``ident``
+    (device, inode), the file at ``path`` must still be that one (JournalError "was
+    replaced"), so a connection opened late never reads or writes a journal swapped in.
+    """
+    uri = "file://" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+    try:
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.OperationalError:
+        file_ident(path)  # gone: say so
+        raise
+    if ident is not None and file_ident(path) != ident:
+        conn.close()
+        raise replaced_error(path)
     conn.execute("PRAGMA busy_timeout = 60000")
     return conn
 

@@ -120,7 +120,7 @@ class Journal:
         if self._conn is None:
             if self._ended:
                 raise JournalError(f"the run on {self.path} has ended; its journal is closed")
-            self._conn = connect(self.path)
+            self._conn = connect(self.path, self._ident)
             self._conn.execute("PRAGMA synchronous = NORMAL")
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # see papy._journal.checkpoint
         return self._conn
@@ -168,7 +168,7 @@ class Journal:
             with forks.section():
                 self._reconcile(nodes, name)
         except sqlite3.Error as exc:
-            raise sqlite_error(path, exc) from None
+            raise sqlite_error(path, exc, self._ident) from None
         ownership.private(path)
 
     def _reconcile(self, nodes: Sequence[Node], name: str) -> None:
@@ -467,7 +467,7 @@ class Journal:
             except sqlite3.OperationalError:
                 pass  # another connection still has it open: the checkpoint is what matters
         except sqlite3.Error as exc:
-            raise sqlite_error(self.path, exc) from None
+            raise sqlite_error(self.path, exc, self._ident) from None
         finally:
             self._ended = True
             if self.store is not None:

@@ -18,6 +18,7 @@ apart, and a worker store closed in the driver's process would drop the run's lo
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sqlite3
 import struct
@@ -146,7 +147,8 @@ class Store:
         got = self._conns.get(tid)
         if got is not None:
             return got
-        conn = forks.first_connection(self.path, connect)
+        known = self.ident if self.ident != (0, 0) else None
+        conn = forks.first_connection(self.path, functools.partial(connect, ident=known))
         conn.execute("PRAGMA synchronous = NORMAL")
         # the run's driver folds the log into the file (papy._journal.checkpoint), not a
         # worker holding the write lock
@@ -190,7 +192,7 @@ class Store:
             lock_byte(fd, fcntl.LOCK_EX, WRITE_BYTE)
             try:
                 with forks.section():
-                    write((conn or self.conn)(), sql, rows, self.path)
+                    write((conn or self.conn)(), sql, rows, self.path, self.ident)
             finally:
                 lock_byte(fd, fcntl.LOCK_UN, WRITE_BYTE)
 
@@ -280,8 +282,15 @@ def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
                 pass
 
 
-def write(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]], path: str) -> None:
-    """Run ``sql`` over ``rows`` in one transaction on ``conn``; JournalError naming the cause."""
+def write(
+    conn: sqlite3.Connection,
+    sql: str,
+    rows: Iterable[tuple[Any, ...]],
+    path: str,
+    ident: tuple[int, int] | None = None,
+) -> None:
+    """Run ``sql`` over ``rows`` in one transaction on ``conn``; JournalError naming the cause
+    (``ident``: the file the run opened, see :func:`~papy._journal.files.sqlite_error`)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -291,7 +300,7 @@ def write(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]], p
             conn.execute("ROLLBACK")
             raise
     except sqlite3.OperationalError as exc:
-        raise sqlite_error(path, exc) from None
+        raise sqlite_error(path, exc, ident) from None
 
 
 #: a worker thread's stores, by journal path (worker processes only; see the module doc)

@@ -433,7 +433,7 @@ def _pickle_each(values: list[Any], tracker: SlotTracker) -> None:
 def _journal_error(spec: StepSpec, exc: Exception) -> Exception:
     """Return a journal failure as a JournalError naming the file and the cause."""
     if isinstance(exc, sqlite3.Error) and spec.journal is not None:
-        return sqlite_error(spec.journal.path, exc)
+        return sqlite_error(spec.journal.path, exc, spec.journal.ident)
     return exc
 
 
