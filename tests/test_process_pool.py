@@ -1339,6 +1339,32 @@ def test_a_replacement_whose_initializer_never_returns_leaves_its_work_to_the_ot
     assert not [c for c in live_descendants() if c.pid not in before and _running(c.pid)]
 
 
+def _hang_in_first_start(folder: str):  # type: ignore[no-untyped-def]
+    def init() -> None:
+        try:
+            os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        time.sleep(600)
+
+    return init
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_worker_that_never_had_a_job_takes_those_of_one_still_starting(tmp_path, method, n):
+    # Found by the search over worker starts: the first worker's initializer never
+    # returned and held the run's only tasks; the other worker, started and idle, never
+    # looked for work (it took jobs only after delivering a result), so the run waited.
+    pool = ProcessPool(2, start_method=method, initializer=_hang_in_first_start(str(tmp_path)))
+    with pool:
+        pipe = Pipeline("first-hangs", pool=pool)
+        pipe.add(inc, name="inc", batch=1)
+        for _ in range(2):
+            assert list(pipe.map(range(n))) == [x + 1 for x in range(n)]
+
+
 def _reads_eof(fd: int, seconds: float) -> bool:
     ready, _, _ = select.select([fd], [], [], seconds)
     return bool(ready) and os.read(fd, 1) == b""

@@ -71,10 +71,10 @@ def tick(state: Any, workers: list[Worker]) -> bool:
     """Do what the pool's manager does on each turn (``state``: the pool's ``State``,
     locked; ``workers``: its live ones); return whether it must turn again soon.
 
-    Jobs held back around a suspect are looked at again (that wait is bounded), and a
-    worker still starting after :data:`~papy.pools._handles.SLOW_START_S` is reported,
-    once: an initializer that never returns leaves the pool waiting for it, and its
-    jobs for another worker to take them.
+    Jobs held back around a suspect are looked at again (that wait is bounded), a worker
+    still starting after :data:`~papy.pools._handles.SLOW_START_S` is reported, once (an
+    initializer that never returns leaves the pool waiting for it), and an idle worker
+    that started takes the jobs of one still starting.
     """
     again = False
     if state.holding is not None:
@@ -97,6 +97,13 @@ def tick(state: Any, workers: list[Worker]) -> bool:
             )
         else:
             again = True
+    # A worker that started and has nothing to do takes the jobs of one still starting
+    # (it would otherwise wait for a result to come before it looks for work).
+    if any(_slot.unborn(w.slot) and any(not j.withdrawn for j in w.jobs) for w in workers):
+        again = True
+        for w in workers:
+            if not w.jobs and not _slot.unborn(w.slot):
+                state.steal_locked(w)
     return again
 
 

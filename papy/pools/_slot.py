@@ -95,6 +95,11 @@ def read_slot(slot: Any) -> tuple[int, int, int, int, float] | None:
     return values
 
 
+def unborn(slot: Any) -> bool:
+    """Tell whether the slot's worker has not started yet (importing, initializing)."""
+    return bool(slot[INDEX] == UNBORN)
+
+
 def exit_code(slot: Any, code: int | None) -> int | None:
     """Return a dead worker's exit code as its slot explains it.
 

@@ -1,4 +1,4 @@
-"""Hypothesis searches over three promises of the pools, each against a plain reference.
+"""Hypothesis searches over four promises of the pools, each against a plain reference.
 
 - A process pool whose dead workers cannot all be replaced (the driver is out of file
   descriptors: a replacement cannot even get its pipes) ends the run with every item
@@ -7,6 +7,8 @@
   reorders an item.
 - An item that kills its worker, while the worker rebuilds it, runs it or pickles its
   result, fails alone, saying how and where, in three worker restarts at most.
+- Worker starts that are slow, never return, raise or exit never hang a run while one
+  worker can run: it finishes, or breaks with ``PoolError`` once a start failed.
 - A process a node starts (``os.fork``, ``multiprocessing`` with any start method, a
   program) handles SIGTERM and SIGINT exactly as it would if the node ran in a plain
   Python process: the handlers PaPy installs in its workers and in a running driver never
@@ -248,6 +250,98 @@ def test_a_poison_item_fails_alone_in_three_restarts_wherever_it_kills_its_worke
         assert SAYS[phase] in str(o.exception), (phase, how, str(o.exception))
     assert restarts <= 3 * len(poison), (restarts, poison)
     event(f"{len(poison)} poison item(s)")
+
+
+# -- worker starts that are slow, hang or fail ------------------------------------------------
+
+STARTS = ("ok", "slow", "hang", "raise", "exit")
+
+
+def start_as_planned(folder: str, plan: tuple[str, ...]) -> None:
+    """An initializer: worker start number k (counted in ``folder``) does ``plan[k]``:
+    returns at once or after 0.3 s, never returns, raises, or exits; later starts are ok."""
+    k = 0
+    while True:
+        try:
+            os.close(os.open(os.path.join(folder, f"start-{k}"), os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            k += 1
+    faulthandler.disable()
+    how = plan[k] if k < len(plan) else "ok"
+    if how == "slow":
+        time.sleep(0.3)
+    elif how == "hang":
+        time.sleep(600)
+    elif how == "raise":
+        raise RuntimeError(f"start {k} refuses")
+    elif how == "exit":
+        os._exit(7)
+
+
+def starts_done(folder: Path, plan: tuple[str, ...]) -> list[str]:
+    k = len(list(folder.glob("start-*")))
+    return [plan[i] if i < len(plan) else "ok" for i in range(k)]
+
+
+@pytest.mark.timeout(300)
+@SEARCH
+@given(
+    method=st.sampled_from(["fork", "forkserver", "spawn"]),
+    workers=st.integers(1, 3),
+    batch=st.none() | st.integers(1, 8),
+    n=st.integers(1, 40),
+    data=st.data(),
+)
+def test_workers_that_start_slowly_hang_or_fail_to_start_never_hang_the_run(
+    method: str,
+    workers: int,
+    batch: int | None,
+    n: int,
+    data: st.DataObject,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Worker starts (the first ones, and replacements after crashes) return at once or
+    late, never return, raise or exit, as drawn. While one worker can run, the run ends:
+    every item delivered once (crashing items as ``WorkerCrashed``), or, once a start has
+    failed, a ``PoolError`` after a correct prefix. Never a hang."""
+    first = data.draw(st.lists(st.sampled_from(STARTS), min_size=workers, max_size=workers))
+    if not {"ok", "slow"} & set(first):
+        first[data.draw(st.integers(0, workers - 1))] = "ok"  # one worker can run at first
+    later = data.draw(st.lists(st.sampled_from(STARTS), max_size=6), label="replacements")
+    # A worker whose start hangs lives on: leave one place for a worker that can run.
+    plan, hangs = [], 0
+    for how in first + later:
+        hangs += how == "hang"
+        plan.append("ok" if how == "hang" and hangs >= workers else how)
+    bad = frozenset(data.draw(st.sets(st.integers(0, n - 1), max_size=min(n, 3)), label="bad"))
+    folder = tmp_path_factory.mktemp("starts")
+    init = functools.partial(start_as_planned, str(folder), tuple(plan))
+    out: list[object] = []
+    error: PoolError | None = None
+    started = time.monotonic()
+    with ProcessPool(workers, start_method=method, initializer=init) as pool:
+        pipe = Pipeline("starts", pool=pool)
+        pipe.add(crash_on(bad, "exit"), name="node", batch=batch)
+        try:
+            for o in pipe.map(range(n), errors="yield"):
+                out.append(o)
+        except PoolError as exc:
+            error = exc
+    assert time.monotonic() - started < 120
+    for x, o in zip(range(n), out):
+        if x in bad:
+            assert isinstance(o, Failure) and isinstance(o.exception, WorkerCrashed), (x, o)
+        else:
+            assert o == 2 * x, (x, o)
+    done = starts_done(folder, tuple(plan))
+    if error is None:
+        assert len(out) == n
+        event("finished")
+    else:
+        assert {"raise", "exit"} & set(done), (str(error), done)
+        event("the pool broke")
+    event(f"starts: {' '.join(done)}")
 
 
 # -- the signal handling of processes a node starts -------------------------------------------
