@@ -564,12 +564,48 @@ def test_a_journal_swapped_in_during_a_run_keeps_its_own_records(tmp_path, caplo
     with ProcessPool(2) as pool:
         _, journal = _stopped_by_a_swap(tmp_path, pool)
     assert _stored(journal) == {"h": 500}
-    assert "not applied to the file that has the name now" in caplog.text
-    assert not (tmp_path / "run.db-wal").exists()  # set aside by the stopped run itself
-    assert [p.name for p in tmp_path.glob("run.db-wal.of-inode-*")]
+    wal = tmp_path / "run.db-wal"  # folded into the old file by the stopped run itself
+    assert not wal.exists() or wal.stat().st_size == 0
     again = Pipeline("other", pool=ThreadPool(2))
     again.add(lambda x: str(x) * 3, name="h")
     assert again.run(range(500), journal=journal).skipped == 500
+
+
+_SWAP_THEN_DIE = textwrap.dedent(
+    """
+    import os, sys
+    from papy import Pipeline, ThreadPool
+
+    journal, other = sys.argv[1], sys.argv[2]
+    pipe = Pipeline("swapped", pool=ThreadPool(2))
+    pipe.add(lambda x: x * 2, name="work", batch=4)
+    for i, _ in enumerate(pipe.map(range(3000), journal=journal)):
+        if i == 1000:
+            os.replace(other, journal)  # another journal takes the name...
+            os._exit(0)  # ...and the driver dies before it could fold its log
+    """
+)
+
+
+@pytest.mark.parametrize("opener", ["run", "papy journal show"])
+def test_a_log_a_dead_run_left_is_never_applied_to_the_journal_swapped_in(tmp_path, opener):
+    # The dead run's log (records it committed, not yet folded into its file) is named
+    # after the path: the next open would apply it to the journal that has the name now.
+    script, journal, other = tmp_path / "die.py", tmp_path / "run.db", tmp_path / "other.db"
+    script.write_text(_SWAP_THEN_DIE)
+    _other_journal(other)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(script), str(journal), str(other)], env=env, timeout=120
+    )
+    assert done.returncode == 0
+    assert (tmp_path / "run.db-wal").stat().st_size > 0  # the dead run's commits
+    if opener == "run":
+        again = Pipeline("other", pool=ThreadPool(2))
+        again.add(lambda x: str(x) * 3, name="h")
+        assert again.run(range(500), journal=journal).skipped == 500
+    assert _stored(journal) == {"h": 500}
+    assert [p.name for p in tmp_path.glob("run.db-wal.of-inode-*")]
 
 
 def test_a_pool_reused_after_a_journal_swap_keeps_the_next_runs_records(tmp_path):
@@ -580,6 +616,42 @@ def test_a_pool_reused_after_a_journal_swap_keeps_the_next_runs_records(tmp_path
         assert pipe.run(range(300), journal=journal).items == 300  # the worker lets go here
         assert pipe.run(range(300), journal=journal).skipped == 300
     assert _stored(journal) == {"h": 500, "work": 300}
+
+
+def _rename_at_30(journal: str, away: str):  # type: ignore[no-untyped-def]
+    def rename_at_30(x: int) -> int:
+        if x == 30 and not os.path.exists(away + ".done"):
+            open(away + ".done", "w").close()  # once
+            os.replace(journal, away)
+        time.sleep(0.002)
+        return x * 2
+
+    return rename_at_30
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+@pytest.mark.parametrize("then", ["moved back", "used where it went"])
+def test_a_journal_renamed_away_during_a_run_keeps_what_the_run_recorded(tmp_path, pool, then):
+    # The stopped run moved its own write-ahead log aside, as if another file's: the
+    # journal, moved back (or used where it went), lost every commit still in the log
+    # ("not a papy journal" for a new journal; recorded items run again otherwise).
+    journal, away = tmp_path / "run.db", tmp_path / "away.db"
+    workers = ThreadPool(2) if pool == "thread" else ProcessPool(2)
+    with workers:
+        pipe = Pipeline("renamed", pool=workers)
+        pipe.add(_rename_at_30(str(journal), str(away)), name="work", batch=4)
+        with pytest.raises(JournalError, match="was removed"):
+            pipe.run(range(300), journal=journal)
+        if then == "moved back":
+            os.replace(away, journal)
+        else:
+            journal = away
+        recorded = _stored(journal)["work"]
+        assert recorded > 0
+        again = pipe.run(range(300), journal=journal)
+        # and those its sinks recorded beside the journal (folded in by this run)
+        assert again.items == 300 and again.skipped >= recorded
+    assert _stored(journal) == {"work": 300}
 
 
 def _fork_a_lingering_child_on_3(pids: str, how: str):  # type: ignore[no-untyped-def]
@@ -679,6 +751,25 @@ def test_papy_journal_show_failures_and_forget(tmp_path):
     assert bad.exit_code == 1 and "no node 'nope'" in bad.output
     missing = runner.invoke(main, ["journal", "show", str(tmp_path / "none.db")])
     assert missing.exit_code == 1 and "no journal at" in missing.output
+
+
+@pytest.mark.parametrize("command", [["show"], ["forget", "--node", "h"]])
+def test_papy_journal_on_a_malformed_journal_says_so_in_one_line(tmp_path, command):
+    # A damaged page made "papy journal show" print sqlite3's raw traceback.
+    from click.testing import CliRunner
+
+    from papy.cli import main
+
+    journal = tmp_path / "run.db"
+    pipe = Pipeline("m", pool=ThreadPool(2))
+    pipe.add(lambda x: str(x) * 100, name="h")
+    assert pipe.run(range(2000), journal=journal).items == 2000
+    with open(journal, "r+b") as fh:  # damage the pages after the schema's
+        fh.seek(3 * 4096)
+        fh.write(b"\xff" * 8192)
+    got = CliRunner().invoke(main, ["journal", command[0], str(journal), *command[1:]])
+    assert got.exit_code == 1, got.output
+    assert "malformed" in got.output and "Traceback" not in got.output, got.output
 
 
 def test_cached_nodes_below_a_scatter_are_reused_when_the_gather_changes(tmp_path):

@@ -6,15 +6,33 @@ journal one does not trust.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from papy._errors import JournalError
 from papy._journal.files import FORMAT, VERSION, check_owner, connect, open_lock, sqlite_error
 from papy._journal.ownership import release_ownership, set_aside_stale_log, take_ownership
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _sqlite_errors_named(fn: F) -> F:
+    """Report an SQLite error (a malformed file, say) as a JournalError naming the journal."""
+
+    @functools.wraps(fn)
+    def wrapper(path: str, *args: Any) -> Any:
+        try:
+            return fn(path, *args)
+        except sqlite3.Error as exc:
+            raise sqlite_error(os.path.abspath(path), exc) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _open_readonly(path: str) -> sqlite3.Connection:
@@ -31,7 +49,7 @@ def _open_readonly(path: str) -> sqlite3.Connection:
         if lock is not None:
             os.close(lock)
     try:
-        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file://{urllib.parse.quote(p)}?mode=ro", uri=True)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
     except sqlite3.Error as exc:
         raise sqlite_error(p, exc) from None
@@ -42,6 +60,7 @@ def _open_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
+@_sqlite_errors_named
 def describe(path: str) -> dict[str, Any]:
     """Return a journal's metadata: pipeline, nodes with fingerprints and counts, size.
 
@@ -88,6 +107,7 @@ def describe(path: str) -> dict[str, Any]:
     }
 
 
+@_sqlite_errors_named
 def failures(path: str) -> list[dict[str, str]]:
     """Return the failed items: the node where each failed, its identity, the message.
 
@@ -116,6 +136,7 @@ def failures(path: str) -> list[dict[str, str]]:
     return out
 
 
+@_sqlite_errors_named
 def forget(path: str, node: str) -> list[str]:
     """Drop the records of ``node`` and of every node downstream of it; return their names.
 

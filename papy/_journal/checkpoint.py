@@ -68,3 +68,17 @@ class Checkpointer:
         """End the thread and wait for it (its last checkpoint, if one is running)."""
         self._stop.set()
         self._thread.join()
+
+
+def fold_log(conn: sqlite3.Connection | None) -> None:
+    """Fold the write-ahead log into the file ``conn`` has open, wherever that file is
+    now (removed, replaced by another, renamed away and maybe back): the log's commits
+    are that file's. What cannot be folded is left, and set aside later
+    (:func:`~papy._journal.ownership.set_aside_stale_log`)."""
+    if conn is None:
+        return
+    try:
+        with forks.section():
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass

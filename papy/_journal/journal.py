@@ -19,7 +19,7 @@ from typing import Any
 from papy._errors import JournalError
 from papy._items import Failure
 from papy._journal import forks, ownership
-from papy._journal.checkpoint import Checkpointer
+from papy._journal.checkpoint import Checkpointer, fold_log
 from papy._journal.digest import ItemIds, node_prints
 from papy._journal.files import (
     FORMAT,
@@ -29,8 +29,10 @@ from papy._journal.files import (
     check_format,
     check_owner,
     connect,
+    file_ident,
     open_lock,
     place_error,
+    replaced_error,
     sqlite_error,
 )
 from papy._journal.reconcile import reconcile, with_records
@@ -139,10 +141,8 @@ class Journal:
             check_owner(path, st)
             if not os.access(os.path.dirname(path), os.W_OK):
                 raise place_error(path, PermissionError(errno.EACCES, "Permission denied"))
-        if not os.path.exists(path):
-            for stale in (path + "-wal", path + "-shm"):  # of a journal deleted earlier
-                if os.path.lexists(stale):
-                    os.unlink(stale)
+        if not os.path.exists(path):  # a log of a journal deleted or moved away earlier
+            ownership.set_aside_stale_log(path, self._lock_fd)
         ownership.create_file(path)
         ownership.private(path)
         fresh = os.path.getsize(path) == 0
@@ -223,18 +223,8 @@ class Journal:
         if not now and t - self._last_check < _CHECK_EVERY_S:
             return
         self._last_check = t
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise JournalError(
-                f"the journal {self.path} was removed during the run: stopped, since what "
-                "the run computes could no longer be recorded"
-            ) from None
-        if (st.st_dev, st.st_ino) != self._ident:
-            raise JournalError(
-                f"the journal {self.path} was replaced by another file during the run: "
-                "stopped, since records would go to the old file"
-            )
+        if file_ident(self.path) != self._ident:  # JournalError if it is gone
+            raise replaced_error(self.path)
 
     # -- resuming ------------------------------------------------------------------------
 
@@ -456,7 +446,13 @@ class Journal:
         if self._checkpointer is not None:
             self._checkpointer.stop()
         try:
-            self.check(now=True)
+            try:
+                self.check(now=True)
+            except JournalError:  # the log's commits are the run's own file's, wherever it is
+                if self.store is not None:
+                    self.store.close()
+                fold_log(self._conn)
+                raise
             self.flush()
             if self.store is not None:
                 self.store.close()  # every thread's connection: the checkpoint needs them gone

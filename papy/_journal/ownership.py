@@ -101,15 +101,15 @@ def set_aside_stale_log(path: str, fd: int | None) -> None:
         now: tuple[int, int] | None = (st.st_dev, st.st_ino)
     except FileNotFoundError:
         now = None  # deleted: a file made there later must not get the log either
-    if recorded is None or recorded == now:
+    if now is not None and (recorded is None or recorded == now):
         return
     wal = path + "-wal"
-    if os.path.exists(wal):
-        aside = f"{wal}.of-inode-{recorded[1]}"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:  # empty: nothing to apply
+        aside = f"{wal}.of-inode-{recorded[1] if recorded else 'unknown'}"
         os.replace(wal, aside)
         _log.warning(
-            "journal: %s was left by another file named %s (a journal replaced or deleted "
-            "during a run); moved to %s, not applied to the file that has the name now",
+            "journal: %s was left by another file named %s (a journal replaced, deleted "
+            "or moved away during a run); moved to %s, not applied to any other file",
             wal,
             path,
             aside,
