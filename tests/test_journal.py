@@ -608,6 +608,54 @@ def test_a_log_a_dead_run_left_is_never_applied_to_the_journal_swapped_in(tmp_pa
     assert [p.name for p in tmp_path.glob("run.db-wal.of-inode-*")]
 
 
+_LOCK_FILE_REMOVED = textwrap.dedent(
+    """
+    import os, sys, time
+    from papy import Pipeline, ThreadPool
+
+    journal, ready, go = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    def work(x):
+        if x == 10:
+            os.unlink(journal + ".lock")  # a clean-up job, or a user, removes it
+            open(ready, "w").close()
+            while not os.path.exists(go):
+                time.sleep(0.01)
+        return x * 2
+
+    pipe = Pipeline("first", pool=ThreadPool(2))
+    pipe.add(work, name="work", batch=1)
+    print("ITEMS", pipe.run(range(300), journal=journal).items)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_run_cannot_start_when_the_lock_file_was_removed_during_the_first(tmp_path):
+    # With its lock file removed, a second run made a new one and ran beside the first on
+    # the same journal: 188-236 of 300 items ran twice, their side effects repeated.
+    script, journal = tmp_path / "first.py", tmp_path / "run.db"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    script.write_text(_LOCK_FILE_REMOVED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), str(journal), str(ready), str(go)]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists()
+        second = Pipeline("second", pool=ThreadPool(2))
+        second.add(lambda x: x * 2, name="work")
+        with pytest.raises(JournalError, match="lock file .* was removed or replaced"):
+            second.run(range(300), journal=journal)
+    finally:
+        go.touch()
+        out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0 and "ITEMS 300" in out
+    assert second.run(range(300), journal=journal).items == 300  # free once the first ended
+
+
 def test_a_pool_reused_after_a_journal_swap_keeps_the_next_runs_records(tmp_path):
     # The pool's worker keeps its connection to the replaced file until the next run's first
     # task, and closes it then: the next run's own log and records must survive that.

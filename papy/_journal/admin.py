@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 from papy._errors import JournalError
 from papy._journal.files import FORMAT, VERSION, check_owner, connect, open_lock, sqlite_error
-from papy._journal.ownership import release_ownership, set_aside_stale_log, take_ownership
+from papy._journal.ownership import (
+    hold_file,
+    release_file,
+    release_ownership,
+    set_aside_stale_log,
+    take_ownership,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -146,10 +152,12 @@ def forget(path: str, node: str) -> list[str]:
     _open_readonly(p).close()
     check_owner(p, os.stat(p))
     fd = open_lock(p)
-    owned = False
+    owned, held = False, -1
     try:
         take_ownership(p, fd)
         owned = True
+        st = os.stat(p)
+        held = hold_file(p, fd, (st.st_dev, st.st_ino))  # a run whose lock file went
         conn = connect(p)
         try:
             graph = {
@@ -173,6 +181,7 @@ def forget(path: str, node: str) -> list[str]:
         finally:
             conn.close()
     finally:
+        release_file(held)
         if owned:
             release_ownership(fd)
         else:

@@ -94,7 +94,7 @@ class Journal:
         self.run = os.urandom(8).hex()
         if os.path.islink(self.path):
             raise JournalError(f"{self.path} is a symbolic link; a journal must be a regular file")
-        self._lock_fd = -1
+        self._lock_fd = self._file_fd = -1
         self._owned = False
         self._conn: sqlite3.Connection | None = None
         self.store: Store | None = None
@@ -149,7 +149,7 @@ class Journal:
         st = os.stat(path)
         self._ident = (st.st_dev, st.st_ino)
         ownership.set_aside_stale_log(path, self._lock_fd)
-        ownership.note_file(self._lock_fd, self._ident)
+        self._file_fd = ownership.hold_file(path, self._lock_fd, self._ident)
         # the run's store: its workers in this process share the run's lock descriptor
         self.store = Store(path, self._ident, self.run, signer=self.signer, lock_fd=self._lock_fd)
         try:
@@ -474,14 +474,16 @@ class Journal:
             self._release()
 
     def forked(self) -> None:
-        """In a forked child: let go of the parent's lock descriptor (papy._journal.forks)."""
-        fd, self._lock_fd = self._lock_fd, -1
+        """In a forked child: let go of the parent's lock descriptors (papy._journal.forks)."""
+        for fd in (self._lock_fd, self._file_fd):
+            if fd >= 0:
+                os.close(fd)  # the child's copy only: the parent's locks stay
+        self._lock_fd = self._file_fd = -1
         self._owned = False
-        if fd >= 0:
-            os.close(fd)  # the child's copy only: the parent's lock stays
 
     def _release(self) -> None:
-        fd, self._lock_fd = self._lock_fd, -1
+        ownership.release_file(self._file_fd)
+        fd, self._lock_fd, self._file_fd = self._lock_fd, -1, -1
         if fd >= 0:
             if self._owned:  # ours: clear the owner's name
                 self._owned = False

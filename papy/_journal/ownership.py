@@ -2,8 +2,10 @@
 
 ``run.db.lock`` (next to the journal) holds a lock on its byte 0 for the run's whole life
 and names its owner (pid, host, start time); a second run, in this process or another,
-fails at once naming the first. Workers hold byte 2 shared while they run a journaled task,
-so a new run waits for the last commits of a run that died.
+fails at once naming the first. The run locks a byte of the journal file itself as well,
+so a lock file removed during a run does not let a second run in. Workers hold byte 2
+shared while they run a journaled task, so a new run waits for the last commits of a run
+that died.
 
 It also names the file (device, inode) the last run wrote to, which outlives the run: a
 journal replaced or deleted during a run leaves that file's write-ahead log
@@ -24,9 +26,11 @@ from typing import Any
 
 from papy._errors import JournalError
 from papy._journal.files import FILE_MODE, OWNER_BYTE, TASK_BYTE, place_error
-from papy._journal.store import lock_byte
+from papy._journal.store import lock_byte, ofd_locks
 
 _log = logging.getLogger("papy")
+#: the byte of the journal file a run holds (see :func:`hold_file`)
+FILE_BYTE = 2**62
 
 
 def take_ownership(path: str, fd: int) -> None:
@@ -78,6 +82,41 @@ def take_ownership(path: str, fd: int) -> None:
 def note_file(fd: int, ident: tuple[int, int]) -> None:
     """Record in the lock file (``fd``) the (device, inode) of the file the run writes to."""
     _write(fd, {**_read(fd), "file": list(ident)})
+
+
+def hold_file(path: str, fd: int, ident: tuple[int, int]) -> int:
+    """Lock the journal file itself for the run too, and record it in the lock file
+    (``fd``); return the descriptor that holds the lock (-1 without OFD locks).
+
+    The lock file alone can be removed during a run (by hand, by a clean-up job): a
+    second run would then make a new one and run beside the first on the same journal.
+    The byte locked, :data:`FILE_BYTE`, lies far past SQLite's own lock bytes (at 1 GiB),
+    and only open-file-description locks are used here: a POSIX lock on the journal file
+    would be dropped when SQLite closes any of its descriptors to it.
+    """
+    note_file(fd, ident)
+    if not ofd_locks():
+        return -1
+    held = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        lock_byte(held, fcntl.LOCK_EX, FILE_BYTE, wait=False)
+    except OSError:
+        os.close(held)
+        raise JournalError(
+            f"{path} is in use by another run, whose lock file {path}.lock was removed or "
+            "replaced during that run; wait for it to end, or use another journal"
+        ) from None
+    return held
+
+
+def release_file(fd: int) -> None:
+    """Drop the run's lock on the journal file (see :func:`hold_file`) and close it."""
+    if fd >= 0:
+        try:
+            lock_byte(fd, fcntl.LOCK_UN, FILE_BYTE)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def recorded_file(fd: int) -> tuple[int, int] | None:

@@ -49,6 +49,11 @@ _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 _KINDS = {fcntl.LOCK_EX: fcntl.F_WRLCK, fcntl.LOCK_SH: fcntl.F_RDLCK, fcntl.LOCK_UN: fcntl.F_UNLCK}
 
 
+def ofd_locks() -> bool:
+    """Tell whether this system has open-file-description locks (Linux does)."""
+    return _OFD is not None and _OFD_WAIT is not None
+
+
 def lock_byte(fd: int, kind: int, byte: int, wait: bool = True) -> None:
     """Lock (``LOCK_EX``/``LOCK_SH``) or unlock (``LOCK_UN``) one byte of the lock file.
 
