@@ -1151,3 +1151,17 @@ def test_a_cached_record_that_cannot_be_loaded_is_computed_again(tmp_path):
             finally:
                 _REC_BROKEN["now"] = False
     assert sorted(calls.read_text().split()) == ["0", "1", "1", "2"]  # item 1 again only
+
+
+def test_a_journal_path_with_characters_special_in_uris_works(tmp_path):
+    # Connections open the journal through an SQLite URI (so they never create the file):
+    # spaces, "?", "#" and "%" in the path must name that file, not a query or a fragment.
+    folder = tmp_path / "we ird?#%x"
+    folder.mkdir()
+    journal = folder / "r%20un?.db"
+    pipe = Pipeline("uri", pool=ThreadPool(2))
+    pipe.add(lambda x: x * 2, name="h")
+    assert pipe.run(range(100), journal=journal).items == 100
+    assert pipe.run(range(100), journal=journal).skipped == 100
+    assert sorted(p.name for p in folder.iterdir()) == ["r%20un?.db", "r%20un?.db.lock"]
+    assert _stored(journal) == {"h": 100}
