@@ -9,8 +9,10 @@ Each cell runs in a fresh interpreter (``benchmarks.cell``), checks its output o
 of the items before the clock and on every timed run (a wrong output is reported as WRONG
 and never timed). Reported per cell: the median of the wall times, items/s, efficiency
 against the "limit" row (the same CPU work on two plain processes, timed in the same
-round) and against the ideal (serial time / cores), peak RSS of the process tree, and the
-load average, with a loud warning when it is above 2. The table is printed and written
+round) and against the ideal (serial time / cores), peak RSS of the process tree, the
+load average, and the share of the machine other programs took during the cells
+(``benchmarks.others``: the load average counts the suite's own processes), with a loud
+warning when it is above 5%. The table is printed and written
 as JSON and Markdown to ``benchmarks/results/`` (``quick.*`` for ``--quick``).
 """
 
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import others
 from benchmarks.workloads import calibrate
 
 HERE = Path(__file__).resolve().parent
@@ -165,7 +168,9 @@ SUITE: dict[str, dict[str, Any]] = {
         "workers": 8,
     },
 }
-LOAD_WARN = 2.0
+#: share of the machine other programs may take during a cell before the figures of that
+#: workload are flagged (a fifth of the noise seen between rounds)
+OTHERS_WARN = 0.05
 
 
 def run_cell(
@@ -198,13 +203,13 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
-def _warn_load(when: str, load: float) -> None:
-    if load > LOAD_WARN:
+def _warn_others(when: str, used: float | None) -> None:
+    if used is not None and used > OTHERS_WARN:
         bar = "!" * 78
         print(
-            f"{bar}\n!! WARNING: load average {load:.2f} {when} is above {LOAD_WARN:g}: the "
-            f"machine is busy,\n!! these figures are NOT a measurement of the contestants.\n"
-            f"{bar}",
+            f"{bar}\n!! WARNING: other programs took {used:.0%} of the machine {when} (more "
+            f"than {OTHERS_WARN:.0%}):\n!! these figures are NOT a measurement of the "
+            f"contestants.\n{bar}",
             flush=True,
         )
 
@@ -219,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     load_start = _load()
-    _warn_load("at the start", load_start)
+    others.adopt_orphans()  # the cells' leftovers are reaped here: their CPU time is ours
     loops = calibrate()
     env = {
         **os.environ,
@@ -260,7 +265,7 @@ def main() -> None:
         sizes = [spec["n"]] + ([spec["also"]] if "also" in spec else [])
         rows = []
         load_wl = [_load()]
-        _warn_load(f"before {wl}", load_wl[0])
+        used: list[float] = []  # the share of the machine others took, per cell
         for n in sizes:
             n_run = max(1, n // 20) if args.quick else n
             # Round robin: one timed run of each contestant per round, so a machine that
@@ -274,7 +279,11 @@ def main() -> None:
                     reps = repeats if who in ONE_CELL else 1
                     m = min(spec.get("n_for", {}).get(who, n_run), n_run)
                     t_cell = time.perf_counter()
+                    before = others.sample()
                     cell = run_cell(wl, who, m, reps, workers, env)
+                    share = others.share(before, cores)
+                    if share is not None:
+                        used.append(share)
                     acc = cells.setdefault(
                         who,
                         {"n": m, "times": [], "peak_rss": 0, "ok": True, "load": [], "cell_s": 0.0},
@@ -312,8 +321,14 @@ def main() -> None:
         _efficiencies(spec, rows, cores, workers)
         for row in rows:
             print(_line(wl, row), flush=True)
-        _warn_load(f"after {wl}", load_wl[1])
-        results["workloads"][wl] = {"what": spec["what"], "rows": rows, "load": load_wl}
+        most = max(used, default=None)
+        _warn_others(f"during a cell of {wl}", most)
+        results["workloads"][wl] = {
+            "what": spec["what"],
+            "rows": rows,
+            "load": load_wl,
+            "others": most,
+        }
     machine["load_end"] = _load()
     machine["suite_s"] = time.perf_counter() - t_suite
     RESULTS.mkdir(exist_ok=True)
@@ -327,8 +342,9 @@ def main() -> None:
     print()
     print(md)
     print(f"suite: {machine['suite_s']:.0f} s", flush=True)
-    _warn_load("at the start", load_start)
-    _warn_load("at the end", machine["load_end"])
+    busiest = _busiest(results)
+    if busiest is not None:
+        _warn_others(f"during a cell of {busiest[0]}", busiest[1])
 
 
 def _efficiencies(
@@ -394,13 +410,17 @@ def _line(wl: str, row: dict[str, Any]) -> str:
 BASES = ("limit", "serial", "serial_cpu")
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
 def summary(results: dict[str, Any]) -> list[str]:
     """One line per workload: what the machine gave (the limit against the ideal), PaPy and
     the best peer against the limit (against the ideal where there is no limit row)."""
     out = [
         "| workload | limit vs ideal | PaPy | vs limit | vs ideal | best peer | vs limit "
-        "| vs ideal | load average |",
-        "|---|---:|---|---:|---:|---|---:|---:|---|",
+        "| vs ideal | load average | others' CPU |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|---:|",
     ]
     for wl, data in results["workloads"].items():
         rows = [r for r in data["rows"] if r.get("size", 0) == data["rows"][0].get("size", 0)]
@@ -426,26 +446,39 @@ def summary(results: dict[str, Any]) -> list[str]:
         lw = data.get("load", [0, 0])
         out.append(
             f"| {wl} | {_fmt(lim['vs_ideal']) if lim else '-'} | {cells(papy)} | {cells(best)} "
-            f"| {lw[0]:.2f} -> {lw[-1]:.2f} |"
+            f"| {lw[0]:.2f} -> {lw[-1]:.2f} | {_share(data.get('others'))} |"
         )
     out.append("")
     return out
 
 
+def _busiest(results: dict[str, Any]) -> tuple[str, float] | None:
+    """Return the workload whose cells other programs took most of the machine in, and
+    that share; None if it was never measured."""
+    shares = [(wl, d["others"]) for wl, d in results["workloads"].items() if d.get("others")]
+    return max(shares, key=lambda x: x[1], default=None)
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     load = f"load average {m['load_start']:.2f} at the start, {m.get('load_end', 0):.2f} at the end"
-    busy = max(m["load_start"], m.get("load_end", 0)) > LOAD_WARN
+    busiest = _busiest(results)
+    if busiest is not None:
+        load += (
+            f"; other programs took at most {busiest[1]:.1%} of the machine during a cell "
+            f"({busiest[0]})"
+        )
     out = [
         f"Machine: {m['cores']} cores, {m['processor']}, Python {m['python']}, "
         f"{m['platform']}; run {m['date']}, {m['repeats']} round(s)"
         f"{', quick (a twentieth of the items)' if m.get('quick') else ''}; {load}.",
         "",
     ]
-    if busy:
+    if busiest is not None and busiest[1] > OTHERS_WARN:
         out += [
-            f"**WARNING: the load average was above {LOAD_WARN:g}: the machine was busy and "
-            "these figures do not measure the contestants.**",
+            f"**WARNING: other programs took more than {OTHERS_WARN:.0%} of the machine "
+            f"during cells of {busiest[0]} ({busiest[1]:.0%}): those figures do not measure "
+            "the contestants.**",
             "",
         ]
     out += summary(results)

@@ -7,6 +7,7 @@ No timing is asserted here (timing targets live in benchmarks/); these check the
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -112,3 +113,35 @@ def test_efficiency_pairs_rounds_and_scales_by_items() -> None:
     assert by["serial"]["vs_limit"] == 0.5
     assert by["slow"]["vs_limit"] == 0.5
     assert by["bad"]["vs_limit"] is None and by["bad"]["vs_ideal"] is None
+
+
+_BURN = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass"
+
+
+def test_others_counts_other_programs_and_not_the_suites_own() -> None:
+    """The machine's state for a cell: a second of CPU burnt by the suite's own child is
+    the suite's; one burnt by a program outside the suite is the others'. (Lower bounds:
+    whatever else runs meanwhile only adds to the others.)"""
+    import subprocess
+
+    from benchmarks import others
+
+    before = others.sample()
+    subprocess.run([sys.executable, "-c", _BURN], check=True)  # the suite's own: reaped
+    after = others.sample()
+    assert after is not None and before is not None
+    _, own, _ = others.used(before, after)
+    assert own >= 0.9, own
+    # Another program: started through a shell that exits at once, so it is nobody's child
+    # here; it burns a second of CPU.
+    before = others.sample()
+    shell = ["sh", "-c", f'{sys.executable} -c "{_BURN}" & echo $!']
+    pid = int(subprocess.run(shell, check=True, capture_output=True, text=True).stdout)
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = others.sample()
+    assert after is not None and before is not None
+    _, own, theirs = others.used(before, after)
+    assert own < 0.5 and theirs >= 0.9, (own, theirs)
+    assert others.share(others.sample(), os.cpu_count() or 1) is not None
