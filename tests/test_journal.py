@@ -525,7 +525,7 @@ def test_a_journal_replaced_under_process_workers_stops_the_run_without_killing_
 
 def _swap_in_at_30(journal: str, other: str):  # type: ignore[no-untyped-def]
     def swap_in_at_30(x: int) -> int:
-        if x == 30:
+        if x == 30 and os.path.exists(other):  # once
             os.replace(other, journal)  # another pipeline's journal takes the name
         time.sleep(0.002)
         return x * 2
@@ -700,6 +700,44 @@ def test_a_journal_renamed_away_during_a_run_keeps_what_the_run_recorded(tmp_pat
         # and those its sinks recorded beside the journal (folded in by this run)
         assert again.items == 300 and again.skipped >= recorded
     assert _stored(journal) == {"work": 300}
+
+
+def _sink_renaming_at_10(journal: str, away: str, effects: str):  # type: ignore[no-untyped-def]
+    def sink(x: int) -> int:
+        with open(effects, "a") as fh:
+            fh.write(f"{x}\n")  # the side effect
+        if x == 10 and not os.path.exists(away + ".done"):
+            open(away + ".done", "w").close()
+            os.replace(journal, away)  # its batch-mates' records cannot be committed now
+        return x
+
+    return sink
+
+
+@pytest.mark.parametrize("then", ["moved back", "used where it went"])
+def test_a_sinks_pending_records_stay_with_the_journal_file_they_belong_to(tmp_path, then):
+    # A run stopped by its journal renamed away left its sink batch's records in a pending
+    # file named after the path; the next run of another pipeline at that path folded them
+    # into its own new journal, and the renamed journal, resumed, ran those items again:
+    # their side effects repeated.
+    journal, away, effects = tmp_path / "run.db", tmp_path / "away.db", tmp_path / "effects"
+    pipe = Pipeline("sunk", pool=ThreadPool(2))
+    pipe.add(_sink_renaming_at_10(str(journal), str(away), str(effects)), name="sink", batch=4)
+    with pytest.raises(JournalError, match="was removed"):
+        pipe.run(range(100), journal=journal)
+    other = Pipeline("other", pool=ThreadPool(2))
+    other.add(lambda x: -x, name="neg")
+    assert other.run(range(5), journal=journal).items == 5  # a new journal at the path
+    assert _stored(journal) == {"neg": 5}  # and none of the stopped run's records
+    if then == "moved back":
+        os.replace(journal, tmp_path / "other.db")
+        os.replace(away, journal)
+    else:
+        journal = away
+    pipe.run(range(100), journal=journal)
+    done = Counter(effects.read_text().split())
+    assert set(done) == {str(x) for x in range(100)}
+    assert set(done.values()) == {1}, [x for x, k in done.items() if k > 1]
 
 
 def _fork_a_lingering_child_on_3(pids: str, how: str):  # type: ignore[no-untyped-def]

@@ -1,11 +1,15 @@
 """A sink batch in progress: one record per item on disk at once, folded in after a crash.
 
 Each record of a sink batch goes to a private append-only file next to the journal
-(``run.db.pending-<host>-<pid>-<thread>``, mode 0600) with one ``write``, and the batch is
-committed to SQLite in one transaction at the end, after which the file is removed. If the
-process dies mid-batch, whoever runs the batch's items next (the pool's re-run, or the next
-run) first folds the file into the journal (:func:`fold_pending`), so the items the sink
-already did are not done again. The format is plain length-prefixed fields, never a pickle,
+(``run.db.pending-<inode>-<host>-<pid>-<thread>``, mode 0600) with one ``write``, and the
+batch is committed to SQLite in one transaction at the end, after which the file is
+removed. If the process dies mid-batch (or the run stops because its journal was removed,
+replaced or renamed away), whoever runs the batch's items next on that journal file (the
+pool's re-run, or the next run) first folds the file into the journal
+(:func:`fold_pending`), so the items the sink already did are not done again. The inode
+names the journal file the records belong to: another journal made or moved in under the
+same name never takes them, and the journal they belong to finds them under whatever name
+it has now in the same folder. The format is plain length-prefixed fields, never a pickle,
 so reading a file is safe before its records are authenticated.
 """
 
@@ -36,9 +40,8 @@ class SinkLog:
         self.store = store_for(spec)
         self.rows: list[Row] = []
         self.fd: int | None = None
-        self.file = (
-            f"{spec.path}{PENDING}{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
-        )
+        host, pid, tid = socket.gethostname(), os.getpid(), threading.get_ident()
+        self.file = f"{spec.path}{PENDING}{spec.ident[1]}-{host}-{pid}-{tid}"
 
     def add(self, jkey: tuple[str, str], value: Any, fail: Callable[[int, Exception], Any]) -> Any:
         """Write one item's record to the file at once; return what was recorded: the
@@ -137,23 +140,44 @@ def _alive(host: str, pid: int) -> bool:
     return True
 
 
+def _owner(name: str, base: str, inode: int) -> tuple[str, str] | None:
+    """Return (host, pid) of a pending file ``name`` that holds records of the journal
+    file ``inode`` (named ``base`` now), or None if it is another file's.
+
+    ``<name>.pending-<inode>-<host>-<pid>-<thread>``; a file without the inode (made by
+    an earlier version) is the journal's that has its name. Inode 0 (unknown) matches by
+    name only.
+    """
+    prefix, _, tail = name.partition(PENDING)
+    parts = tail.rsplit("-", 2)
+    if len(parts) != 3:
+        return None
+    head, pid = parts[0], parts[1]
+    ino, dash, host = head.partition("-")
+    if not (dash and ino.isdigit()):  # no inode: by its name alone
+        return (head, pid) if prefix == base else None
+    if int(ino) == inode and inode != 0:
+        return host, pid
+    return (host, pid) if inode == 0 and prefix == base else None
+
+
 def fold_pending(store: Store, everything: bool = False) -> int:
     """Commit the records of sink batches whose process died; return how many.
 
     ``everything``: also those of live-looking processes (only the run's owner, at start,
     when no other run can be writing). Files of other users are ignored.
     """
-    path = store.path
-    folder, base = os.path.split(path)
-    prefix = base + PENDING
+    folder = os.path.dirname(store.path)
     try:
-        names = [n for n in os.listdir(folder or ".") if n.startswith(prefix)]
+        names = [n for n in os.listdir(folder or ".") if PENDING in n]
     except OSError:
         return 0
     total = 0
     for name in names:
-        parts = name[len(prefix) :].rsplit("-", 2)
-        host, pid = parts[0], parts[1] if len(parts) == 3 else "0"
+        owner = _owner(name, os.path.basename(store.path), store.ident[1])
+        if owner is None:
+            continue  # another journal file's
+        host, pid = owner
         if not everything and (not pid.isdigit() or _alive(host, int(pid))):
             continue
         full = os.path.join(folder, name)
