@@ -162,7 +162,7 @@ def run_task(
     """
     if spec.journal is None or not jkeys:
         return _run(spec, keys, values, dirty, tracker)
-    with critical or contextlib.nullcontext(), task_guard(spec.journal):
+    with critical or contextlib.nullcontext(), task_guard(spec.journal, tracker):
         return _run_journaled(spec, keys, values, jkeys, dirty, tracker)
 
 

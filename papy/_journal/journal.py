@@ -38,7 +38,7 @@ from papy._journal.files import (
 from papy._journal.reconcile import reconcile, with_records
 from papy._journal.secret import Signer
 from papy._journal.sinklog import fold_pending
-from papy._journal.store import JournalSpec, Store
+from papy._journal.store import JournalSpec, Store, wait_for_earlier_runs
 from papy._node import Node
 from papy._report import Report
 
@@ -151,6 +151,7 @@ class Journal:
         ownership.set_aside_stale_log(path, self._lock_fd)
         self._file_fd = ownership.hold_file(path, self._lock_fd, self._ident)
         # the run's store: its workers in this process share the run's lock descriptor
+        wait_for_earlier_runs(path)  # their tasks' side effects, not yet recorded
         self.store = Store(path, self._ident, self.run, signer=self.signer, lock_fd=self._lock_fd)
         try:
             with forks.section():
@@ -451,7 +452,7 @@ class Journal:
             except JournalError:  # the log's commits are the run's own file's, wherever it is
                 if self.store is not None:
                     self.store.close()
-                fold_log(self._conn)
+                fold_log(self._conn, self.path, self._file_fd)
                 raise
             self.flush()
             if self.store is not None:

@@ -23,6 +23,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -118,8 +119,9 @@ class Store:
         self.pid = os.getpid()
         self._signer = signer
         self._conns: dict[int, sqlite3.Connection] = {}
-        #: threads running a task of the run (their connection is closed when it ends)
-        self._busy: set[int] = set()
+        #: threads running a task of the run (their connection is closed when it ends), with
+        #: the task's tracker (see :meth:`wait_for_tasks`)
+        self._busy: dict[int, Any] = {}
         self._guard = threading.Lock()
         self._writing = threading.Lock()
         self._fd = lock_fd if lock_fd is not None else -1
@@ -128,6 +130,10 @@ class Store:
         # a worker's store dropped without close() (a task's copied context) closes at once
         self._final = weakref.finalize(self, _close_handles, self._handles, self.pid)
         forks.track(self)
+        if self.owner:
+            with _OWNED_GUARD:
+                _OWNED[:] = [r for r in _OWNED if r() is not None]
+                _OWNED.append(weakref.ref(self))
 
     @property
     def signer(self) -> Signer:
@@ -210,16 +216,17 @@ class Store:
         rows.sort(key=_row_key)
         self.write(INSERT_OUTPUT, rows)
 
-    def enter(self) -> None:
-        """Note that this thread runs a task of the run (see :meth:`close`)."""
+    def enter(self, tracker: Any = None) -> None:
+        """Note that this thread runs a task of the run (see :meth:`close`); ``tracker``:
+        the task's, whose ``abandoned`` says its pool gave up on it."""
         with self._guard:
-            self._busy.add(threading.get_ident())
+            self._busy[threading.get_ident()] = tracker
 
     def leave(self) -> None:
         """Note that this thread's task ended; after :meth:`close`, close its connection."""
         tid = threading.get_ident()
         with self._guard:
-            self._busy.discard(tid)
+            self._busy.pop(tid, None)
             conn = self._conns.pop(tid, None) if self._closed else None
             last = self._closed and not self._busy
         if conn is not None:
@@ -242,6 +249,22 @@ class Store:
         _close_all(conns)
         if last:
             self._final()
+
+    def wait_for_tasks(self, timeout: float) -> bool:
+        """Wait until no thread runs a task of this run; False after ``timeout`` seconds.
+
+        Tasks their pool gave up on (a thread past its node's timeout: it commits nothing,
+        and its items are recorded as failed) are not waited for.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._guard:
+                running = [t for t in self._busy.values() if not getattr(t, "abandoned", False)]
+            if not running:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
     def forked(self) -> None:
         """In a forked child: let go of the parent's lock descriptor (its locks stay)."""
@@ -348,6 +371,33 @@ def _same_file(path: str, ident: tuple[int, int]) -> bool:
     return (st.st_dev, st.st_ino) == ident
 
 
+#: the driver stores of this process (one per run), to find the tasks of earlier runs
+_OWNED: list[weakref.ref[Store]] = []
+_OWNED_GUARD = threading.Lock()
+#: seconds a run waits for the tasks of an earlier run on its journal in this process
+EARLIER_S = 40.0
+
+
+def wait_for_earlier_runs(path: str) -> None:
+    """Wait until no thread of this process runs a task of an earlier run on the journal
+    ``path`` (a thread pool lets a run left early finish the tasks it started).
+
+    Those tasks still do their nodes' side effects, and record them only when they end:
+    a run that began before would not know, and do them again. JournalError after
+    :data:`EARLIER_S` seconds.
+    """
+    with _OWNED_GUARD:
+        earlier = [s for r in _OWNED if (s := r()) is not None and s.path == path]
+    deadline = time.monotonic() + EARLIER_S
+    for store in earlier:
+        if not store.wait_for_tasks(max(0.0, deadline - time.monotonic())):
+            raise JournalError(
+                f"tasks of an earlier run on the journal {path} still run on threads of this "
+                f"process after {EARLIER_S:g} s (a run left early, whose nodes have not "
+                "returned); wait for them, or use another journal"
+            )
+
+
 class task_guard:
     """Hold the lock file's task byte (shared) while a worker process runs a journaled task.
 
@@ -355,14 +405,15 @@ class task_guard:
     process holds the run's lock already and skips this.
     """
 
-    def __init__(self, spec: JournalSpec) -> None:
+    def __init__(self, spec: JournalSpec, tracker: Any = None) -> None:
         self.spec = spec
+        self.tracker = tracker
         self.fd: int | None = None
         self.store: Store | None = None
 
     def __enter__(self) -> None:
         store = self.store = store_for(self.spec)
-        store.enter()
+        store.enter(self.tracker)
         if store.owner:
             return
         fd = store.lock_fd()

@@ -1,13 +1,16 @@
 """A journal replaced or removed during a run stops that run, and loses nothing after it.
 
-Someone (a node, another program, the user) renames another journal over the run's, or
-deletes the run's journal (with or without its ``-wal`` and ``-shm`` files), at a moment
-Hypothesis draws: while a node runs on item ``at`` (in a worker process or on a thread),
-or in the driver after ``at`` outputs were read. The pool (threads, ``fork`` or
-``forkserver`` processes), workers, batch and buffer are drawn too. The run must stop
+Someone (a node, another program, the user) renames another journal over the run's,
+renames the run's journal away, or deletes it (with or without its ``-wal`` and ``-shm``
+files), at a moment Hypothesis draws, and the worker process that did it may end right
+after (a ``fork`` pool then forks its replacement): while a node runs on item ``at`` (in
+a worker process or on a thread), or in the driver after ``at`` outputs were read. The
+pool (threads, ``fork`` or ``forkserver`` processes), workers, batch and buffer are drawn
+too. The run must stop
 with a JournalError naming what happened (mid-run or at its close), after delivering a
 correct prefix of the outputs, and never hang; the journal swapped in must keep exactly
-its own records; the next run on that path must give what a plain evaluation gives, and
+its own records; a journal renamed away must be whole where it went; the next run on
+that path must give what a plain evaluation gives, and
 the one after it must skip every item.
 
 ``PAPY_JOURNAL_SWAP_EXAMPLES`` sets the number of examples (5; ``make fuzz``: 60).
@@ -31,9 +34,13 @@ OTHER = 50  # records of the journal swapped in
 
 
 def act(action: str, journal: str, other: str) -> None:
-    """Replace the journal with ``other``, or remove it (``delete_all``: its log too)."""
+    """Replace the journal with ``other``, rename it to ``<journal>.away``, or remove it
+    (``delete_all``: its log too)."""
     if action == "swap":
         os.replace(other, journal)
+        return
+    if action == "rename":
+        os.replace(journal, journal + ".away")
         return
     suffixes = ["", "-wal", "-shm"] if action == "delete_all" else [""]
     for suffix in suffixes:
@@ -43,8 +50,11 @@ def act(action: str, journal: str, other: str) -> None:
             pass
 
 
-def work(x: int, at: int | None, action: str, journal: str, other: str, once: str) -> int:
-    """Double ``x``; on item ``at`` (the first time only), do ``action`` to the journal."""
+def work(
+    x: int, at: int | None, action: str, journal: str, other: str, once: str, crash: bool
+) -> int:
+    """Double ``x``; on item ``at`` (the first time only), do ``action`` to the journal,
+    then (``crash``) end the worker process."""
     if x == at:
         try:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -52,6 +62,8 @@ def work(x: int, at: int | None, action: str, journal: str, other: str, once: st
             pass
         else:
             act(action, journal, other)
+            if crash:
+                os._exit(7)
     return 2 * x
 
 
@@ -98,7 +110,8 @@ def setups(draw: st.DrawFn) -> dict[str, Any]:
         "n": n,
         "at": draw(st.integers(0, n - 1)),
         "where": draw(st.sampled_from(["node", "driver"])),
-        "action": draw(st.sampled_from(["swap", "delete", "delete_all"])),
+        "action": draw(st.sampled_from(["swap", "delete", "delete_all", "rename"])),
+        "crash": draw(st.booleans()),
     }
 
 
@@ -125,6 +138,8 @@ def test_a_journal_swapped_or_removed_mid_run_stops_it_and_loses_nothing_after(
     other_journal(other)
     n, at, action = setup["n"], setup["at"], setup["action"]
     in_node = setup["where"] == "node"
+    # a worker process that ends right after: a fork pool forks its replacement
+    crash = setup.get("crash", False) and in_node and setup["pool"] != "thread"
     if setup["pool"] == "thread":
         pool: Any = ThreadPool(setup["workers"])
     else:
@@ -132,7 +147,7 @@ def test_a_journal_swapped_or_removed_mid_run_stops_it_and_loses_nothing_after(
     expected = [2 * x for x in range(n)]
     with pool:
         pipe = Pipeline("swapped", pool=pool)
-        args = (at if in_node else None, action, str(journal), str(other), str(once))
+        args = (at if in_node else None, action, str(journal), str(other), str(once), crash)
         pipe.add(work, name="work", args=args, batch=setup["batch"])
         pipe.buffer = setup["buffer"]
         out: list[int] = []
@@ -142,11 +157,17 @@ def test_a_journal_swapped_or_removed_mid_run_stops_it_and_loses_nothing_after(
                 if not in_node and len(out) == at + 1:
                     act(action, str(journal), str(other))
         said = "replaced by another file" if action == "swap" else "was removed"
+        away = Path(f"{journal}.away")
         assert said in str(stopped.value), str(stopped.value)
         assert out == expected[: len(out)]
         event(f"{action}: stopped after {len(out)} of {n} outputs")
         if action == "swap":
             assert stored(journal) == {"h": OTHER}  # none of the stopped run's records
+        if action == "rename":  # a whole journal where it went, with what the run recorded
+            kept = stored(away).get("work", 0)
+            assert list(pipe.map(range(n), journal=away)) == expected
+            again = pipe.run(range(n), journal=away)
+            assert (again.items, again.skipped) == (n, n), (kept, again.skipped)
         assert list(pipe.map(range(n), journal=journal)) == expected
         again = pipe.run(range(n), journal=journal)
         assert (again.items, again.skipped) == (n, n), (again.items, again.skipped)
