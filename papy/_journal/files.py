@@ -171,8 +171,8 @@ def file_ident(path: str) -> tuple[int, int]:
         st = os.stat(path)
     except FileNotFoundError:
         raise JournalError(
-            f"the journal {path} was removed during the run: stopped, since what the run "
-            "computes could no longer be recorded"
+            f"the journal {path} was removed during the run (deleted or moved away): "
+            "stopped, since what the run computes could no longer be recorded"
         ) from None
     return (st.st_dev, st.st_ino)
 
