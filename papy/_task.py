@@ -212,7 +212,7 @@ def _run_journaled(
                 st.failed(current[i], replayed=True)  # this node's, recorded by an earlier run
         if j == last and per_item_sink:
             name, fp = recorded_at[j]
-            log = SinkLog(journal, name, fp)
+            log = SinkLog(journal, name, fp, tracker)
             plain = not (stage.batched or stage.is_async)
             t0 = time.perf_counter()
             timed = tracker is not None and (tracker.every_item or stage.timeout is not None)

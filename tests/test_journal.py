@@ -782,6 +782,36 @@ def test_a_run_right_after_one_left_early_on_threads_waits_for_its_tasks(tmp_pat
     assert set(done.values()) == {1}, sorted(int(x) for x, k in done.items() if k > 1)
 
 
+def _sink_hanging_on_5(effects: str):  # type: ignore[no-untyped-def]
+    def sink(x: int) -> int:
+        with open(effects, "a") as fh:
+            fh.write(f"{x}\n")  # the side effect, then (item 5) a hang past the timeout
+        if x == 5:
+            time.sleep(3)
+        return x
+
+    return sink
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_a_thread_given_up_on_does_not_make_its_batch_mates_side_effects_repeat(
+    tmp_path, batch
+):
+    # The batch-mates a thread had finished before its late item were re-run on another
+    # thread: their records sat in the abandoned thread's pending file, which nothing
+    # folded in while its thread lived (2-34 items twice in 7 of 7 runs).
+    journal, effects = tmp_path / "run.db", tmp_path / "effects"
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("late", pool=pool)
+        pipe.add(_sink_hanging_on_5(str(effects)), name="sink", batch=batch, timeout=1.0)
+        out = list(pipe.map(range(40), journal=journal, errors="yield"))
+    assert [o for o in out if not isinstance(o, Failure)] == [x for x in range(40) if x != 5]
+    assert [(o.item, o.exc_type) for o in out if isinstance(o, Failure)] == [(5, "TimeoutError")]
+    done = Counter(effects.read_text().split())
+    assert set(done) == {str(x) for x in range(40)}
+    assert set(done.values()) == {1}, sorted(int(x) for x, k in done.items() if k > 1)
+
+
 def _fork_a_lingering_child_on_3(pids: str, how: str):  # type: ignore[no-untyped-def]
     def fn(x: int) -> int:
         if x == 3:

@@ -28,15 +28,19 @@ from papy._journal.store import JournalSpec, Store, store_for
 
 PENDING = ".pending-"
 _ROW_HEAD = struct.Struct("!9I")  # total length, then the lengths of the 8 fields
+#: pending files this process writes now (path -> its batch's tracker): see :func:`_alive`
+_WRITING: dict[str, Any] = {}
+_WRITING_GUARD = threading.Lock()
 
 
 class SinkLog:
     """The records of a sink batch in progress, one per item, as soon as the item is done."""
 
-    def __init__(self, spec: JournalSpec, node: str, fp: str) -> None:
+    def __init__(self, spec: JournalSpec, node: str, fp: str, tracker: Any = None) -> None:
         self.spec = spec
         self.node = node
         self.fp = fp
+        self.tracker = tracker  # its ``abandoned``: the pool gave up on the batch
         self.store = store_for(spec)
         self.rows: list[Row] = []
         self.fd: int | None = None
@@ -50,6 +54,8 @@ class SinkLog:
         (row,) = self.store.signer.rows(self.node, self.fp, (jkey,), values, fail)
         self.rows.append(row)
         if self.fd is None:
+            with _WRITING_GUARD:  # before the file exists: no other thread may fold it
+                _WRITING[self.file] = self.tracker
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
             self.fd = os.open(self.file, flags | os.O_CLOEXEC, FILE_MODE)
         os.write(self.fd, encode_row(row))
@@ -68,13 +74,15 @@ class SinkLog:
             self.close()
             raise
         if self.fd is not None:
+            os.unlink(self.file)  # before close(): while listed, no other thread folds it
             self.close()
-            os.unlink(self.file)
 
     def close(self) -> None:
         """Close the file, keeping it (a batch cut short: the next run folds it in)."""
         fd, self.fd = self.fd, None
         if fd is not None:
+            with _WRITING_GUARD:
+                _WRITING.pop(self.file, None)
             os.close(fd)
 
 
@@ -126,11 +134,19 @@ def decode_rows(data: bytes) -> list[Row]:
     return rows
 
 
-def _alive(host: str, pid: int) -> bool:
+def _alive(host: str, pid: int, path: str) -> bool:
+    """Tell whether the process (and, in this one, the batch) writing pending file ``path``
+    may still add to it."""
     if host != socket.gethostname():
         return True  # cannot tell: leave it to a run that owns the journal
     if pid == os.getpid():
-        return True  # another thread of this process, busy with its own batch
+        # Another thread of this process, busy with its own batch; not one a thread pool
+        # gave up on (a late item): that thread adds nothing more, and the batch-mates it
+        # did are re-run elsewhere, which must find them done.
+        with _WRITING_GUARD:
+            if path not in _WRITING:
+                return False  # closed: a batch cut short
+            return not getattr(_WRITING[path], "abandoned", False)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -178,9 +194,9 @@ def fold_pending(store: Store, everything: bool = False) -> int:
         if owner is None:
             continue  # another journal file's
         host, pid = owner
-        if not everything and (not pid.isdigit() or _alive(host, int(pid))):
-            continue
         full = os.path.join(folder, name)
+        if not everything and (not pid.isdigit() or _alive(host, int(pid), full)):
+            continue
         try:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
