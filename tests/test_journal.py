@@ -794,9 +794,7 @@ def _sink_hanging_on_5(effects: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("batch", [4, 16])
-def test_a_thread_given_up_on_does_not_make_its_batch_mates_side_effects_repeat(
-    tmp_path, batch
-):
+def test_a_thread_given_up_on_does_not_make_its_batch_mates_side_effects_repeat(tmp_path, batch):
     # The batch-mates a thread had finished before its late item were re-run on another
     # thread: their records sat in the abandoned thread's pending file, which nothing
     # folded in while its thread lived (2-34 items twice in 7 of 7 runs).
