@@ -12,7 +12,7 @@ against the "limit" row (the same CPU work on two plain processes, timed in the 
 round) and against the ideal (serial time / cores), peak RSS of the process tree, the
 load average, and the share of the machine other programs took during the cells
 (``benchmarks.others``: the load average counts the suite's own processes), with a loud
-warning when it is above 5%. The table is printed and written
+warning when it is above 10%. The table is printed and written
 as JSON and Markdown to ``benchmarks/results/`` (``quick.*`` for ``--quick``).
 """
 
@@ -169,8 +169,12 @@ SUITE: dict[str, dict[str, Any]] = {
     },
 }
 #: share of the machine other programs may take during a cell before the figures of that
-#: workload are flagged (a fifth of the noise seen between rounds)
-OTHERS_WARN = 0.05
+#: workload are flagged: measured with nothing else running, cells show 2-11% (the
+#: kernel's work for them, processes reaped outside the suite's accounting)
+OTHERS_WARN = 0.10
+#: contestants whose processes' CPU the suite cannot see (Ray's reap their children
+#: without passing their CPU time on: 13.7 s of a 27.9 s W2 cell, nothing else running)
+UNSEEN = {"ray_data"}
 
 
 def run_cell(
@@ -282,7 +286,7 @@ def main() -> None:
                     before = others.sample()
                     cell = run_cell(wl, who, m, reps, workers, env)
                     share = others.share(before, cores)
-                    if share is not None:
+                    if share is not None and who not in UNSEEN:
                         used.append(share)
                     acc = cells.setdefault(
                         who,

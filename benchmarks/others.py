@@ -17,6 +17,8 @@ import os
 import resource
 import time
 
+import psutil
+
 _PR_SET_CHILD_SUBREAPER = 36
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -60,26 +62,50 @@ def _own_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def sample(wait_s: float = 0.0) -> tuple[float, float, float] | None:
-    """Return (time, machine busy s, own s) now, or None where ``/proc/stat`` is missing,
-    after waiting up to ``wait_s`` for the cell's leftover processes to end."""
+def _living() -> dict[tuple[int, float], float]:
+    """CPU seconds so far of each live descendant (a cell's process that outlives it: a
+    cluster's, Ray's), by (pid, start time)."""
+    got = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                got[(p.pid, p.create_time())] = t.user + t.system
+        except psutil.Error:
+            pass
+    return got
+
+
+Sample = tuple[float, float, float, dict[tuple[int, float], float]]
+
+
+def sample(wait_s: float = 0.0) -> Sample | None:
+    """Return (time, machine busy s, reaped own s, live descendants' s) now, or None where
+    ``/proc/stat`` is missing, after waiting up to ``wait_s`` for the cell's leftover
+    processes to end."""
     _reap_orphans(wait_s)
     try:
         busy = _machine_busy_s()
     except (OSError, ValueError, IndexError):
         return None
-    return time.monotonic(), busy, _own_s()
+    return time.monotonic(), busy, _own_s(), _living()
 
 
-def used(
-    before: tuple[float, float, float], after: tuple[float, float, float]
-) -> tuple[float, float, float]:
-    """Return (wall s, the suite's CPU s, other programs' CPU s) between two samples."""
+def used(before: Sample, after: Sample) -> tuple[float, float, float]:
+    """Return (wall s, the suite's CPU s, other programs' CPU s) between two samples.
+
+    The suite's: what its reaped processes used (a process reaped meanwhile counts its
+    whole life there, so what it had used before is taken off), plus what its live
+    descendants used meanwhile.
+    """
+    old, new = before[3], after[3]
     own = after[2] - before[2]
+    own -= sum(cpu for key, cpu in old.items() if key not in new)
+    own += sum(cpu - old.get(key, 0.0) for key, cpu in new.items())
     return after[0] - before[0], own, max(0.0, after[1] - before[1] - own)
 
 
-def share(before: tuple[float, float, float] | None, cores: int) -> float | None:
+def share(before: Sample | None, cores: int) -> float | None:
     """Return the share of the machine (0-1) other programs used since ``before``."""
     after = sample(wait_s=2.0)
     if before is None or after is None:
