@@ -47,6 +47,8 @@ SEARCH = settings(
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
 )
+#: the searches whose examples start and kill many workers (spawn included): half as many
+SEARCH_HALF = settings(SEARCH, max_examples=max(1, EXAMPLES // 2))
 
 # -- workers that cannot be replaced --------------------------------------------------------
 
@@ -206,7 +208,7 @@ def poison_node(poison: dict[int, tuple[str, str]]):  # type: ignore[no-untyped-
 
 
 @pytest.mark.timeout(300)
-@SEARCH
+@SEARCH_HALF
 @given(
     method=st.sampled_from(["fork", "forkserver", "spawn"]),
     workers=st.integers(1, 3),
@@ -285,7 +287,7 @@ def starts_done(folder: Path, plan: tuple[str, ...]) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-@SEARCH
+@SEARCH_HALF
 @given(
     method=st.sampled_from(["fork", "forkserver", "spawn"]),
     workers=st.integers(1, 3),
