@@ -686,7 +686,7 @@ def test_a_journal_renamed_away_during_a_run_keeps_what_the_run_recorded(tmp_pat
     # journal, moved back (or used where it went), lost every commit still in the log
     # ("not a papy journal" for a new journal; recorded items run again otherwise). With
     # a fork pool replacing a crashed worker, the driver's connection was closed for the
-    # fork, so the log could not be folded through it.
+    # fork, so the log cannot be folded through it: it is set aside whole, not lost.
     journal, away = tmp_path / "run.db", tmp_path / "away.db"
     crash = pool.startswith("fork")
     if pool == "thread":
@@ -698,6 +698,10 @@ def test_a_journal_renamed_away_during_a_run_keeps_what_the_run_recorded(tmp_pat
         pipe.add(_rename_at_30(str(journal), str(away), crash), name="work", batch=4)
         with pytest.raises(JournalError, match="was removed"):
             pipe.run(range(300), journal=journal)
+        if crash:
+            (aside,) = tmp_path.glob("run.db-wal.of-inode-*")
+            assert aside.stat().st_size > 0 and aside.name.endswith(str(away.stat().st_ino))
+            return
         if then == "moved back":
             os.replace(away, journal)
         else:

@@ -70,60 +70,17 @@ class Checkpointer:
         self._thread.join()
 
 
-def fold_log(conn: sqlite3.Connection | None, path: str, held: int) -> None:
-    """Fold the write-ahead log into the run's own journal file, wherever that file is now
+def fold_log(conn: sqlite3.Connection | None) -> None:
+    """Fold the write-ahead log into the file ``conn`` has open, wherever that file is now
     (removed, replaced by another, renamed away and maybe back): the log's commits are
-    that file's.
-
-    ``conn`` is the run's connection, or None when a fork closed it: the file is then
-    reached through ``held``, a descriptor the run holds on it, linked under a temporary
-    name with the log and its index renamed beside it (the same files, so every
-    connection still open to them agrees), folded, and the names put back. A log that
-    cannot be folded (the file was deleted; the fold was refused) is left where it was,
-    to be set aside (:func:`~papy._journal.ownership.set_aside_stale_log`).
-    """
-    if conn is not None:
-        try:
-            with forks.section():
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
+    that file's. Without a connection (a fork closed it) nothing is folded: the log is
+    set aside (:func:`~papy._journal.ownership.set_aside_stale_log`), whole. Folding it
+    through a second name for the file let a worker's connection, still open to the old
+    log, later write into the file beside the next run's log ("malformed")."""
+    if conn is None:
         return
-    if held < 0 or not os.path.exists(path + "-wal"):
-        return
-    tmp = f"{path}.fold-{os.getpid()}"
-    try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: refused for a deleted file
-        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.link(str(held), tmp, src_dir_fd=fds, follow_symlinks=True)
-        finally:
-            os.close(fds)
-    except OSError:
-        return  # deleted: nothing to save
-    moved = []
     try:
-        for suffix in ("-wal", "-shm"):
-            try:
-                os.replace(path + suffix, tmp + suffix)
-                moved.append(suffix)
-            except FileNotFoundError:
-                pass
         with forks.section():
-            folding = connect(tmp)
-            try:
-                folding.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                folding.close()
-    except (OSError, sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
         pass
-    finally:
-        folded = not os.path.exists(tmp + "-wal") or os.path.getsize(tmp + "-wal") == 0
-        for suffix in moved:
-            try:
-                if folded:
-                    os.unlink(tmp + suffix)
-                else:  # keep it with the name SQLite and the set-aside look for
-                    os.replace(tmp + suffix, path + suffix)
-            except OSError:
-                pass
-        os.unlink(tmp)

@@ -452,7 +452,7 @@ class Journal:
             except JournalError:  # the log's commits are the run's own file's, wherever it is
                 if self.store is not None:
                     self.store.close()
-                fold_log(self._conn, self.path, self._file_fd)
+                fold_log(self._conn)
                 raise
             self.flush()
             if self.store is not None:

@@ -74,7 +74,10 @@ class SinkLog:
             self.close()
             raise
         if self.fd is not None:
-            os.unlink(self.file)  # before close(): while listed, no other thread folds it
+            try:
+                os.unlink(self.file)  # before close(): while listed, no other thread folds it
+            except FileNotFoundError:
+                pass  # folded by another thread meanwhile: the same rows, committed twice
             self.close()
 
     def close(self) -> None:
