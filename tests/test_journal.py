@@ -698,9 +698,13 @@ def test_a_journal_renamed_away_during_a_run_keeps_what_the_run_recorded(tmp_pat
         pipe.add(_rename_at_30(str(journal), str(away), crash), name="work", batch=4)
         with pytest.raises(JournalError, match="was removed"):
             pipe.run(range(300), journal=journal)
-        if crash:
-            (aside,) = tmp_path.glob("run.db-wal.of-inode-*")
-            assert aside.stat().st_size > 0 and aside.name.endswith(str(away.stat().st_ino))
+        if crash:  # its log was folded before the fork, or it is set aside whole
+            aside = list(tmp_path.glob("run.db-wal.of-inode-*"))
+            if aside:
+                assert aside[0].stat().st_size > 0
+                assert aside[0].name.endswith(str(away.stat().st_ino))
+            else:
+                assert _stored(away)["work"] > 0
             return
         if then == "moved back":
             os.replace(away, journal)
