@@ -49,6 +49,13 @@ SEARCH = settings(
 )
 #: the searches whose examples start and kill many workers (spawn included): half as many
 SEARCH_HALF = settings(SEARCH, max_examples=max(1, EXAMPLES // 2))
+#: a process pool with 1 to 3 workers on any start method, and up to 40 items
+WORKER_POOLS = {
+    "method": st.sampled_from(["fork", "forkserver", "spawn"]),
+    "workers": st.integers(1, 3),
+    "n": st.integers(1, 40),
+    "data": st.data(),
+}
 
 # -- workers that cannot be replaced --------------------------------------------------------
 
@@ -209,13 +216,7 @@ def poison_node(poison: dict[int, tuple[str, str]]):  # type: ignore[no-untyped-
 
 @pytest.mark.timeout(300)
 @SEARCH_HALF
-@given(
-    method=st.sampled_from(["fork", "forkserver", "spawn"]),
-    workers=st.integers(1, 3),
-    batch=st.none() | st.integers(1, 16),
-    n=st.integers(1, 40),
-    data=st.data(),
-)
+@given(batch=st.none() | st.integers(1, 16), **WORKER_POOLS)
 def test_a_poison_item_fails_alone_in_three_restarts_wherever_it_kills_its_worker(
     method: str, workers: int, batch: int | None, n: int, data: st.DataObject
 ) -> None:
@@ -288,13 +289,7 @@ def starts_done(folder: Path, plan: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.timeout(300)
 @SEARCH_HALF
-@given(
-    method=st.sampled_from(["fork", "forkserver", "spawn"]),
-    workers=st.integers(1, 3),
-    batch=st.none() | st.integers(1, 8),
-    n=st.integers(1, 40),
-    data=st.data(),
-)
+@given(batch=st.none() | st.integers(1, 8), **WORKER_POOLS)
 def test_workers_that_start_slowly_hang_or_fail_to_start_never_hang_the_run(
     method: str,
     workers: int,
