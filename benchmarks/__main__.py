@@ -13,7 +13,8 @@ round) and against the ideal (serial time / cores), peak RSS of the process tree
 load average, and the share of the machine other programs took during the cells
 (``benchmarks.others``: the load average counts the suite's own processes), with a loud
 warning when it is above 10%. The table is printed and written
-as JSON and Markdown to ``benchmarks/results/`` (``quick.*`` for ``--quick``).
+as JSON and Markdown to ``benchmarks/results/``: ``latest.*`` for a full run, ``quick.*``
+for ``--quick``, ``partial.*`` for a run with ``--only``, ``--peers`` or ``--skip``.
 """
 
 from __future__ import annotations
@@ -218,13 +219,23 @@ def _warn_others(when: str, used: float | None) -> None:
         )
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--only", default="", help="comma-separated workloads (W1,W2,...)")
     ap.add_argument("--peers", default="", help="comma-separated contestants (limit,papy,...)")
     ap.add_argument("--skip", default="", help="comma-separated contestants to leave out")
     ap.add_argument("--quick", action="store_true", help="small inputs, one repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Read the command line (``argv``; None: ``sys.argv``)."""
+    return _parser().parse_args(argv)
+
+
+def main() -> None:
+    ap = _parser()
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     load_start = _load()
@@ -337,8 +348,7 @@ def main() -> None:
     machine["suite_s"] = time.perf_counter() - t_suite
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    # A smoke test never replaces the recorded full run.
-    name = "quick" if args.quick else "latest"
+    name = results_name(args)
     for path in (RESULTS / f"{stamp}.json", RESULTS / f"{name}.json"):
         path.write_text(json.dumps(results, indent=2))
     md = to_markdown(results)
@@ -349,6 +359,14 @@ def main() -> None:
     busiest = _busiest(results)
     if busiest is not None:
         _warn_others(f"during a cell of {busiest[0]}", busiest[1])
+
+
+def results_name(args: argparse.Namespace) -> str:
+    """Name the files a run writes: a smoke test (``--quick``) or a run of some workloads or
+    contestants never replaces the recorded full run (``latest``)."""
+    if args.quick:
+        return "quick"
+    return "partial" if args.only or args.peers or args.skip else "latest"
 
 
 def _efficiencies(

@@ -145,3 +145,19 @@ def test_others_counts_other_programs_and_not_the_suites_own() -> None:
     _, own, theirs = others.used(before, after)
     assert own < 0.5 and theirs >= 0.9, (own, theirs)
     assert others.share(others.sample(), os.cpu_count() or 1) is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        ([], "latest"),
+        (["--repeats", "5"], "latest"),
+        (["--quick"], "quick"),
+        (["--quick", "--only", "W1"], "quick"),
+        (["--only", "W1"], "partial"),
+        (["--peers", "limit,papy"], "partial"),
+        (["--skip", "ray_data"], "partial"),
+    ],
+)
+def test_only_a_full_run_replaces_the_recorded_results(argv: list[str], name: str) -> None:
+    assert runner.results_name(runner.parse_args(argv)) == name
