@@ -280,7 +280,7 @@ def main() -> None:
         sizes = [spec["n"]] + ([spec["also"]] if "also" in spec else [])
         rows = []
         load_wl = [_load()]
-        used: list[float] = []  # the share of the machine others took, per cell
+        used: list[tuple[float, str]] = []  # the share of the machine others took, per cell
         for n in sizes:
             n_run = max(1, n // 20) if args.quick else n
             # Round robin: one timed run of each contestant per round, so a machine that
@@ -297,12 +297,13 @@ def main() -> None:
                     before = others.sample()
                     cell = run_cell(wl, who, m, reps, workers, env)
                     share = others.share(before, cores)
-                    if share is not None and who not in UNSEEN:
-                        used.append(share)
                     acc = cells.setdefault(
                         who,
                         {"n": m, "times": [], "peak_rss": 0, "ok": True, "load": [], "cell_s": 0.0},
                     )
+                    if share is not None and who not in UNSEEN:
+                        used.append((share, who))
+                        acc["others"] = max(acc.get("others", 0.0), share)
                     acc["cell_s"] += time.perf_counter() - t_cell  # wall time, start-up included
                     if "error" in cell:
                         acc["error"] = cell["error"]
@@ -336,13 +337,14 @@ def main() -> None:
         _efficiencies(spec, rows, cores, workers)
         for row in rows:
             print(_line(wl, row), flush=True)
-        most = max(used, default=None)
-        _warn_others(f"during a cell of {wl}", most)
+        most, most_who = max(used, default=(None, ""))
+        _warn_others(f"during a cell of {wl} ({most_who})", most)
         results["workloads"][wl] = {
             "what": spec["what"],
             "rows": rows,
             "load": load_wl,
             "others": most,
+            "others_cell": most_who,
         }
     machine["load_end"] = _load()
     machine["suite_s"] = time.perf_counter() - t_suite
@@ -477,7 +479,11 @@ def summary(results: dict[str, Any]) -> list[str]:
 def _busiest(results: dict[str, Any]) -> tuple[str, float] | None:
     """Return the workload whose cells other programs took most of the machine in, and
     that share; None if it was never measured."""
-    shares = [(wl, d["others"]) for wl, d in results["workloads"].items() if d.get("others")]
+    shares = [
+        (f"{wl} {d['others_cell']}" if d.get("others_cell") else wl, d["others"])
+        for wl, d in results["workloads"].items()
+        if d.get("others")
+    ]
     return max(shares, key=lambda x: x[1], default=None)
 
 
@@ -499,7 +505,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     if busiest is not None and busiest[1] > OTHERS_WARN:
         out += [
             f"**WARNING: other programs took more than {OTHERS_WARN:.0%} of the machine "
-            f"during cells of {busiest[0]} ({busiest[1]:.0%}): those figures do not measure "
+            f"during a cell of {busiest[0]} ({busiest[1]:.0%}): its figures do not measure "
             "the contestants.**",
             "",
         ]
