@@ -29,11 +29,14 @@ class Tracker:
     :attr:`every_item` is False). The default does nothing, at no cost.
 
     ``abandoned`` is set by the pool when it gave up on the task (a thread past its
-    deadline): the task then neither commits to the journal nor reports.
+    deadline): the task then neither commits to the journal nor reports. ``handing_on`` is
+    true while the re-run of an abandoned task's other items (which records the late
+    item's failure) has not ended: until then the task's items are not all accounted for.
     """
 
     every_item = False
     abandoned = False
+    handing_on = False
 
     def begin(self, stage: int, index: int, count: int = 1) -> None:
         """Record that item ``index`` entered stage ``stage`` (see the class docstring)."""

@@ -34,8 +34,8 @@ from papy._apply import (
 )
 from papy._items import Failure, Key, at_position, child_key, failure_from_exception, position
 from papy._journal.records import lookup, record, unrecordable
-from papy._journal.sinklog import SinkLog
-from papy._journal.store import JournalSpec, task_guard
+from papy._journal.sinklog import SinkLog, keep_failures
+from papy._journal.store import JournalSpec, store_for, task_guard
 from papy._rundir import set_current as set_run_dir
 
 __all__ = [
@@ -184,6 +184,10 @@ def _run_journaled(
     stages = spec.stages
     last = len(stages) - 1
     recorded_at = {idx: (name, fp) for idx, name, fp in journal.nodes}
+    per_item_sink = journal.sink and last in recorded_at
+    if per_item_sink and store_for(journal).closed:  # a re-run of a run that has ended
+        failed = [(jk, v) for jk, v in zip(jkeys, values) if type(v) is Failure]
+        keep_failures(journal, *recorded_at[last], failed)  # then lookup() raises
     hits = lookup(journal, jkeys)
     # Each item starts after the last stage that has its output recorded.
     start = [0] * len(keys)
@@ -192,7 +196,6 @@ def _run_journaled(
         for i, v in hits[idx].items():
             start[i] = idx + 1
             current[i] = at_position(v, position(keys[i]))  # recorded at another position?
-    per_item_sink = journal.sink and last in recorded_at
     if not hits and not per_item_sink and set(recorded_at) <= {last}:
         result = _run(spec, keys, values, dirty, tracker)  # the common case: record the tail
         _check_abandoned(tracker)
@@ -224,6 +227,8 @@ def _run_journaled(
                             if timed:
                                 tracker.begin(j, i)  # type: ignore[union-attr]
                             v = apply_one(stage, keys[i], v)
+                            if timed:  # stops its clock: recorded, unless already given up on
+                                tracker.begin(j, -1, 0)  # type: ignore[union-attr]
                             if type(v) is Failure:
                                 st.failed(v)
                     else:

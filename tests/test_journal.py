@@ -818,6 +818,86 @@ def test_a_thread_given_up_on_does_not_make_its_batch_mates_side_effects_repeat(
     assert set(done.values()) == {1}, sorted(int(x) for x, k in done.items() if k > 1)
 
 
+def _recording(effects: str, slow: set[int], slow_s: float):  # type: ignore[no-untyped-def]
+    def fn(x: int) -> int:
+        time.sleep(slow_s if x in slow else 0.01)
+        with open(effects, "a") as fh:
+            fh.write(f"{x}\n")  # the side effect, after the (late) work
+        return x
+
+    return fn
+
+
+@pytest.mark.parametrize("late_in", ["sink", "node before the sink"])
+def test_a_thread_that_ends_its_late_item_as_the_pool_gives_up_starts_nothing_more(
+    tmp_path, monkeypatch, late_in
+):
+    # The watchdog judged item 0 late, but before it gave up on the task, the thread had
+    # finished item 0 and started the next item's sink; the pool then re-ran that item on
+    # another thread: two side effects in one run, nothing reported (1 of 15 runs; 3 of 3
+    # with the watchdog 30 ms slower). The delay below is the watchdog being descheduled.
+    import papy.pools.thread as thread_pool
+
+    give_up = thread_pool._abandon
+
+    def slow_watchdog(*args: Any) -> None:
+        time.sleep(0.05)
+        give_up(*args)
+
+    monkeypatch.setattr(thread_pool, "_abandon", slow_watchdog)
+    journal, effects = tmp_path / "run.db", tmp_path / "effects"
+    sink = _recording(str(effects), {0}, 0.32)
+    with ThreadPool(2) as pool:
+        pipe = Pipeline("late", pool=pool)
+        if late_in == "sink":
+            pipe.add(sink, name="sink", batch=8, timeout=0.3)
+        else:
+            up = pipe.add(_recording(str(tmp_path / "up"), {0}, 0.32), batch=8, timeout=0.3)
+            pipe.add(_recording(str(effects), set(), 0), after=up, name="sink", batch=8)
+        out = list(pipe.map(range(8), journal=journal, errors="yield"))
+        again = list(pipe.map(range(8), journal=journal, errors="yield"))
+    ok = [o for o in out if not isinstance(o, Failure)]
+    assert ok == [x for x in range(8) if x in ok] and len(out) == 8
+    assert all(o.exc_type == "TimeoutError" for o in out if isinstance(o, Failure))
+    assert again == out  # replayed, nothing run again
+    done = Counter(effects.read_text().split())
+    assert set(done.values()) == {1}, done
+    assert set(done) >= {str(x) for x in range(1, 8)}
+
+
+@pytest.mark.parametrize("stop", ["break", "SIGINT"])
+def test_a_sink_item_that_timed_out_in_a_run_left_early_is_not_called_again(tmp_path, stop):
+    # Its TimeoutError was recorded only by the re-run of its batch-mates, which could
+    # not write to the journal of a run that had ended: the next run called the sink
+    # again while the late call still ran (2 side effects in 7 of 7 runs; 3 after a
+    # break, an interrupt and a full run).
+    journal, effects = tmp_path / "run.db", tmp_path / "effects"
+    slow = {12, 13, 17, 24, 31, 38}
+    with ThreadPool(4) as pool:
+        pipe = Pipeline("left", pool=pool)
+        pipe.add(_recording(str(effects), slow, 0.5), name="sink", batch=2, timeout=0.15)
+        if stop == "break":
+            outputs = pipe.map(range(60), journal=journal, errors="yield")
+            for _ in zip(range(10), outputs):
+                pass
+            outputs.close()  # type: ignore[attr-defined]
+        else:
+            threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
+            with pytest.raises(KeyboardInterrupt):
+                pipe.run(range(60), journal=journal)
+        out = list(pipe.map(range(60), journal=journal, errors="yield"))
+        time.sleep(0.6)  # every late call has ended
+    failed = {o.item for o in out if isinstance(o, Failure)}
+    assert failed <= slow
+    assert all(o.exc_type == "TimeoutError" for o in out if isinstance(o, Failure))
+    assert [o for o in out if not isinstance(o, Failure)] == [
+        x for x in range(60) if x not in failed
+    ]
+    done = Counter(effects.read_text().split())
+    assert set(done) == {str(x) for x in range(60)}
+    assert set(done.values()) == {1}, sorted(int(x) for x, k in done.items() if k > 1)
+
+
 def _fork_a_lingering_child_on_3(pids: str, how: str):  # type: ignore[no-untyped-def]
     def fn(x: int) -> int:
         if x == 3:

@@ -15,6 +15,7 @@ so reading a file is safe before its records are authenticated.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -87,6 +88,30 @@ class SinkLog:
             with _WRITING_GUARD:
                 _WRITING.pop(self.file, None)
             os.close(fd)
+
+
+def _as_recorded(failure: Any, _attempt: int, _error: Exception) -> Any:
+    return failure  # a Failure always pickles: its fields are strings
+
+
+def keep_failures(
+    spec: JournalSpec, node: str, fp: str, failed: list[tuple[tuple[str, str], Any]]
+) -> None:
+    """Write the records of a batch's known failures (``(journal key, Failure)`` pairs) to
+    a pending file for the next run on the journal to fold in.
+
+    For a batch its run, now ended, can no longer commit: the re-run of a late item's
+    batch-mates on a thread pool. The late call still runs in the background; its
+    item's timeout is then on record, so the next run does not call the sink on it again.
+    """
+    if not failed:
+        return
+    log = SinkLog(spec, node, fp)
+    try:
+        for jkey, failure in failed:
+            log.add(jkey, failure, functools.partial(_as_recorded, failure))
+    finally:
+        log.close()
 
 
 def encode_row(row: Row) -> bytes:

@@ -254,12 +254,17 @@ class Store:
         """Wait until no thread runs a task of this run; False after ``timeout`` seconds.
 
         Tasks their pool gave up on (a thread past its node's timeout: it commits nothing,
-        and its items are recorded as failed) are not waited for.
+        and its items are recorded as failed) are not waited for once the re-run of their
+        other items, which records the late item's failure, has ended (``handing_on``).
         """
         deadline = time.monotonic() + timeout
         while True:
             with self._guard:
-                running = [t for t in self._busy.values() if not getattr(t, "abandoned", False)]
+                running = [
+                    t
+                    for t in self._busy.values()
+                    if not getattr(t, "abandoned", False) or getattr(t, "handing_on", False)
+                ]
             if not running:
                 return True
             if time.monotonic() >= deadline:

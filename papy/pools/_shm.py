@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import errno
 import mmap
 import os
 import pickle
+import resource
 import socket
 import threading
 import weakref
@@ -40,8 +42,11 @@ from typing import Any
 #: bytes from which a buffer travels through shared memory instead of the pipes (1 MiB);
 #: ``ProcessPool(shm_threshold=...)`` changes it per pool, ``None`` turns it off
 SHM_THRESHOLD = 1 << 20
-#: descriptors the kernel passes in one message at most (SCM_MAX_FD)
+#: descriptors the kernel passes in one message at most (SCM_MAX_FD); also the most
+#: segments one message carries (further buffers travel in the message)
 _FDS_PER_MESSAGE = 250
+#: errors of a segment the system cannot make now: the buffer travels in the message
+_NO_SEGMENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC}
 
 #: where one out-of-band buffer lies: (index of its segment in the message, offset, length)
 Desc = tuple[int, int, int]
@@ -124,10 +129,18 @@ class Arena:
     SPARE = 64
     SPARE_BYTES = 64 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        #: segments sent and not yet given back at most (each is a descriptor here and in
+        #: the driver); beyond it, and when the system refuses one, values stay in the
+        #: message: see :func:`segment_limit`
+        self.limit = segment_limit() if limit is None else limit
         self.ids = 0
         self.sent: dict[int, tuple[int, int]] = {}  # id -> (fd, capacity)
         self.spare: list[tuple[int, int, int]] = []  # (id, fd, capacity)
+
+    def full(self) -> bool:
+        """Tell whether no more segments may be sent before some are given back."""
+        return len(self.sent) >= self.limit
 
     def take(self, data: memoryview) -> tuple[int, int]:
         """Return ``(id, fd)`` of a segment now holding a copy of ``data``."""
@@ -164,6 +177,19 @@ class Arena:
         spare, self.spare = self.spare, []
         for _, fd, _ in spare:
             _close_fd(fd)
+
+
+def segment_limit() -> int:
+    """Return how many segments a worker keeps in flight at most: a sixteenth of this
+    process's open-file limit (``ulimit -n``, inherited from the driver; 64 of 1,024),
+    so that the driver, which holds a descriptor for each, stays well below its own."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 1 << 20
+    return max(4, soft // 16)
 
 
 def _close_fd(fd: int) -> None:
@@ -304,12 +330,19 @@ class Outgoing:
         seg = 0
         if found is not None:
             fd, offset = found
-        elif self.arena is not None:
-            seg, fd = self.arena.take(raw)
-            offset = 0
+        elif len(self.fds) >= _FDS_PER_MESSAGE or (self.arena is not None and self.arena.full()):
+            return True  # descriptors are a bounded resource: this one goes in the message
         else:
-            fd = create_segment(raw)
-            self.owned.append(fd)
+            try:
+                if self.arena is not None:
+                    seg, fd = self.arena.take(raw)
+                else:
+                    fd = create_segment(raw)
+                    self.owned.append(fd)
+            except OSError as exc:
+                if exc.errno in _NO_SEGMENT:
+                    return True  # out of descriptors or shared memory: in the message
+                raise
             offset = 0
         index = self._index.get(fd)
         if index is None:
@@ -346,20 +379,27 @@ def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
 
 
 def recv_fds(sock: socket.socket, count: int) -> list[int]:
-    """Receive ``count`` descriptors sent by :func:`send_fds`; EOFError if the peer died."""
+    """Receive ``count`` descriptors sent by :func:`send_fds`; EOFError if the peer died.
+
+    Every chunk :func:`send_fds` sent is read, even after the kernel dropped descriptors
+    of one (this process's open-file limit: :class:`DescriptorsLost` then, once the
+    stream is past them), so the next message is read from its start.
+    """
     fds: list[int] = []
+    lost = False
     try:
-        while len(fds) < count:
-            want = min(_FDS_PER_MESSAGE, count - len(fds))
+        for start in range(0, count, _FDS_PER_MESSAGE):
+            want = min(_FDS_PER_MESSAGE, count - start)
             msg, got, flags, _addr = socket.recv_fds(sock, 1, want, socket.MSG_CMSG_CLOEXEC)
             if not msg:
                 raise EOFError("the peer closed its socket")
             fds.extend(got)
-            if flags & socket.MSG_CTRUNC:
-                raise DescriptorsLost(
-                    "shared-memory segments could not be received: this process has too "
-                    "many open files (raise its limit, `ulimit -n`, or keep fewer large values)"
-                )
+            lost = lost or bool(flags & socket.MSG_CTRUNC) or len(got) < want
+        if lost:
+            raise DescriptorsLost(
+                "shared-memory segments could not be received: this process has too "
+                "many open files (raise its limit, `ulimit -n`, or keep fewer large values)"
+            )
     except BaseException:
         for fd in fds:
             _close_fd(fd)

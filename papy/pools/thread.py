@@ -44,7 +44,7 @@ from typing import Any
 
 from papy._errors import PoolError
 from papy._items import NO_INPUT, Failure, failure_from_exception
-from papy._task import TaskResult, Tracker, run_task
+from papy._task import Abandoned, TaskResult, Tracker, run_task
 from papy.pools._base import Pool, Task
 
 log = logging.getLogger("papy")
@@ -62,27 +62,52 @@ _CPU_BOUND = 0.5
 
 
 class _ItemClock(Tracker):
-    """Where a thread's task is: ``(stage, index, count, since)``, read by the watchdog."""
+    """Where a thread's task is: ``(stage, index, count, since)``, read by the watchdog.
 
-    __slots__ = ("now", "abandoned")
+    The watchdog gives up on a task only while its clock still shows the item it judged
+    late (:meth:`abandon`), and a thread moves on to its next item only while its task
+    was not given up on (:meth:`begin` raises :class:`Abandoned`): under one lock, so a
+    thread that finished the late item just in time never starts another item (a sink's
+    side effect) that the pool has meanwhile handed to a re-run.
+    """
+
+    __slots__ = ("now", "abandoned", "handing_on", "lock")
 
     def __init__(self) -> None:
         self.now: tuple[int, int, int, float] = (0, -1, 0, 0.0)
         self.abandoned = False
+        self.handing_on = False
+        self.lock = threading.Lock()
 
     def begin(self, stage: int, index: int, count: int = 1) -> None:
-        self.now = (stage, index, count, time.monotonic())
+        with self.lock:
+            if self.abandoned:
+                raise Abandoned()
+            self.now = (stage, index, count, time.monotonic())
+
+    def abandon(self, judged: tuple[int, int, int, float]) -> bool:
+        """Mark the task abandoned if its thread is still on the ``judged`` item."""
+        with self.lock:
+            if self.now != judged:
+                return False  # it moved on: judged again on the next tick
+            self.abandoned = True
+            return True
 
 
 class _Running:
     """A task on its way through the pool, and whether the watchdog gave up on it."""
 
-    __slots__ = ("task", "future", "rerun", "clock", "lock", "finished")
+    __slots__ = ("task", "future", "rerun", "clock", "lock", "finished", "handed_from")
 
-    def __init__(self, task: Task, future: Future[TaskResult], rerun: bool = False) -> None:
+    def __init__(
+        self, task: Task, future: Future[TaskResult], handed_from: _ItemClock | None = None
+    ) -> None:
         self.task: Task | None = task  # None once finished: its inputs are not held after
         self.future = future
-        self.rerun = rerun  # the future is already running: a late item's batch-mates
+        #: the future is already running: a late item's batch-mates, re-run
+        self.rerun = handed_from is not None
+        #: the abandoned task's clock, ``handing_on`` until this re-run ended
+        self.handed_from = handed_from
         self.clock = _ItemClock()
         self.lock = threading.Lock()
         self.finished = False  # the result was reported, or the task was abandoned
@@ -108,10 +133,14 @@ class _State:
         self.counter = itertools.count()
         self.watchdog: threading.Thread | None = None
 
-    def spawn(self) -> None:
+    def spawn(self, first: _Running | None = None) -> None:
+        """Start a thread (under ``cond``); it runs ``first``, if given, before the queue."""
         self.size += 1
         t = threading.Thread(
-            target=_work, args=(self,), name=f"{self.name}-{next(self.counter)}", daemon=True
+            target=_work,
+            args=(self, first),
+            name=f"{self.name}-{next(self.counter)}",
+            daemon=True,
         )
         self.threads.append(t)
         t.start()
@@ -173,7 +202,11 @@ def _fail(future: Future[TaskResult], error: PoolError) -> None:
         pass  # done meanwhile (cancelled, or its result came first)
 
 
-def _work(state: _State) -> None:
+def _work(state: _State, first: _Running | None = None) -> None:
+    if first is not None:
+        if not _run_one(state, first):
+            return
+        del first
     while True:
         with state.cond:
             state.idle += 1
@@ -205,6 +238,8 @@ def _run_one(state: _State, running: _Running) -> bool:
     with state.cond:
         if state.closed:
             # close() drained the queue before this thread took the task from it.
+            if running.handed_from is not None:
+                running.handed_from.handing_on = False
             _fail(running.future, PoolError("the pool was closed before the task ran"))
             return False
         state.running.add(running)
@@ -232,6 +267,8 @@ def _run_one(state: _State, running: _Running) -> bool:
             state.cpu_s += cpu
             state.tasks_done += 1
     task = None
+    if running.handed_from is not None:
+        running.handed_from.handing_on = False  # its items are accounted for now
     with running.lock:
         if running.finished:
             return False  # abandoned: a replacement thread already took its place
@@ -269,7 +306,8 @@ def _watch_loop(state: _State) -> None:
             running_now = list(state.timed)
         now = time.monotonic()
         for running in running_now:
-            stage, index, count, since = running.clock.now
+            judged = running.clock.now
+            stage, index, count, since = judged
             if index < 0:
                 continue
             task = running.task
@@ -278,17 +316,24 @@ def _watch_loop(state: _State) -> None:
             limit = task.spec.stages[stage].timeout
             if limit is None or now - since <= limit * max(1, count):
                 continue
-            _abandon(state, running, stage, index, count)
+            _abandon(state, running, judged)
         time.sleep(_TICK_S)
 
 
-def _abandon(state: _State, running: _Running, stage: int, index: int, count: int) -> None:
-    """Give up on a task whose item ``index`` overran: fail that item, re-run the others."""
+def _abandon(state: _State, running: _Running, judged: tuple[int, int, int, float]) -> None:
+    """Give up on a task whose item (``judged``: its clock when seen late) overran: fail
+    that item, re-run the others on the thread that replaces this one."""
+    stage, index, count, _ = judged
     with running.lock:
         if running.finished:
             return  # finished in time after all
+        running.clock.handing_on = True  # before it counts as abandoned (see Tracker)
+        if not running.clock.abandon(judged):
+            running.clock.handing_on = False
+            return  # the item ended in time after all; its thread went on
         running.finished = True
-        running.clock.abandoned = True
+        if running.handed_from is not None:
+            running.handed_from.handing_on = False  # this task's own re-run carries on
     with state.cond:
         state.timed.discard(running)
         state.running.discard(running)
@@ -302,10 +347,6 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
         node,
         limit,
     )
-    if not state.closed:
-        with state.cond:
-            state.size -= 1  # the abandoned thread no longer takes tasks
-        state.spawn()  # before re-running, so the pool is whole when seen
     values = list(task.values)
     late = range(index, min(len(values), index + max(1, count)))
     for i in late:
@@ -318,11 +359,16 @@ def _abandon(state: _State, running: _Running, stage: int, index: int, count: in
         given = values[i] if stage == 0 else NO_INPUT  # a later node's input is not held
         values[i] = failure_from_exception(node, task.keys[i], error, given)
     retry = Task(task.spec, task.keys, values, task.timeout, task.jkeys, dirty=True)
-    # The same future completes when the re-run does: the scheduler sees one task.
-    try:
-        state.put(_Running(retry, running.future, rerun=True))
-    except PoolError:
-        _fail(running.future, PoolError("the pool was closed before the task finished"))
+    # The same future completes when the re-run does: the scheduler sees one task. The
+    # thread that replaces the abandoned one runs it first, ahead of every queued task:
+    # the late item's failure is recorded (a journal) and its batch-mates go on at once.
+    with state.cond:
+        if not state.closed:
+            state.size -= 1  # the abandoned thread no longer takes tasks
+            state.spawn(_Running(retry, running.future, handed_from=running.clock))
+            return
+    running.clock.handing_on = False
+    _fail(running.future, PoolError("the pool was closed before the task finished"))
 
 
 class ThreadPool(Pool):
