@@ -93,9 +93,29 @@ def first_and_last(arr: np.ndarray) -> float:
     return float(arr[0] + arr[-1])
 
 
+#: a driver's global a forked worker reads (see read_inherited)
+INHERITED: dict[str, np.ndarray] = {}
+
+
+def read_inherited(_: int) -> tuple[float, float]:
+    a = INHERITED["a"]
+    return float(a[0]), float(a[-1])
+
+
 def view_len(view: memoryview) -> tuple[int, str, tuple[int, ...], int]:
     """Return what a worker sees of a memoryview: size, format, shape and a checksum."""
     return view.nbytes, view.format, tuple(view.shape or ()), int(sum(view.cast("B")[::4096]))
+
+
+def make_view(spec: tuple[int, str, bool]) -> memoryview:
+    """Return a memoryview of ``n`` bytes in format ``fmt``, over bytes when ``readonly``."""
+    n, fmt, readonly = spec
+    data = bytes(range(256)) * (n // 256)
+    return memoryview(data if readonly else bytearray(data)).cast(fmt)
+
+
+def describe_view(view: memoryview) -> tuple[str, str, tuple[int, ...], bool, bytes]:
+    return type(view).__name__, view.format, tuple(view.shape), view.readonly, view.tobytes()
 
 
 def crash_on_3(arr: np.ndarray) -> float:

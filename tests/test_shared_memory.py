@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pool_helpers
 import psutil
 import pytest
 from helpers import live_descendants
@@ -26,12 +27,15 @@ from pool_helpers import (
     MiB,
     big_array,
     crash_on_3,
+    describe_view,
     digest,
     digest_and_value,
     first_and_last,
     keep_and_check,
+    make_view,
     many_arrays,
     payload,
+    read_inherited,
     scribble_and_sum,
     sum_after,
     total,
@@ -128,6 +132,37 @@ def test_workers_started_by_fork_pass_large_values_too():
     out, shared = _split_run(payload, digest, 1 * MiB, start_method="fork")
     assert out == [digest(payload(x)) for x in range(N)]
     assert shared > 0
+
+
+@pytest.mark.parametrize("threshold", [MiB, None])
+def test_a_memoryview_stays_a_memoryview_whatever_its_size(threshold):
+    # Under the threshold (or with shared memory off) cloudpickle sent it as bytes, over
+    # it as a memoryview: code calling .cast() or writing into it worked above only.
+    specs = [(n, fmt, ro) for n in (MiB - 256, MiB, 3 * MiB) for fmt in "Bd" for ro in (0, 1)]
+    with ProcessPool(1, shm_threshold=threshold) as pool:
+        made = Pipeline("made", pool=pool)
+        made.add(make_view)
+        out = list(made.map(specs, progress=False))
+    assert [describe_view(v) for v in out] == [describe_view(make_view(s)) for s in specs]
+
+
+def test_a_forked_worker_never_reads_a_later_items_data_through_a_value_it_inherited():
+    # The driver's result (a view of a segment) was a global when a fork pool started;
+    # the driver then dropped it, its segment went back to the producing worker and was
+    # written again: the forked worker read another item's data (1.0 for 7.0) from its
+    # inherited global (4 of 4 runs).
+    with ProcessPool(1) as maker:
+        make = Pipeline("make", pool=maker)
+        make.add(big_array)
+        (pool_helpers.INHERITED["a"],) = make.map([7], progress=False)
+        with ProcessPool(1, "fork") as forked:  # its worker inherits the global
+            read = Pipeline("read", pool=forked)
+            read.add(read_inherited)
+            assert list(read.map([0], progress=False)) == [(7.0, 7.0)]
+            del pool_helpers.INHERITED["a"]
+            gc.collect()
+            assert list(make.map(range(1, 9), progress=False))  # segments written again
+            assert list(read.map([0], progress=False)) == [(7.0, 7.0)]
 
 
 def test_values_reach_the_driver_and_thread_pools_whole_and_stay_valid():

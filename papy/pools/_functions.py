@@ -174,14 +174,41 @@ def from_file(path: str, mod_name: str, qualname: str) -> Any:
     return _resolve(namespace, qualname)
 
 
+def view_from(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    """Rebuild a ``memoryview`` of format ``fmt`` and ``shape`` over ``buffer`` (no copy)."""
+    return memoryview(buffer).cast("B").cast(fmt, shape)  # type: ignore[call-overload]
+
+
+def reduce_view(obj: memoryview) -> Any:
+    """Reduce a ``memoryview`` to a memoryview of the same format, shape and writability.
+
+    cloudpickle sends a memoryview as ``bytes``, so a node's memoryview would arrive as
+    a memoryview only when it went through shared memory. A contiguous one goes as a
+    :class:`pickle.PickleBuffer` of itself (out of band when the pickler takes buffers),
+    another as a copy of its bytes. NotImplemented for a format ``cast`` cannot rebuild
+    (a struct or an explicit byte order): those still arrive as ``bytes``.
+    """
+    try:
+        view_from(bytes(obj.itemsize), obj.format, (1,) if obj.ndim else ())
+    except (TypeError, ValueError):
+        return NotImplemented
+    if obj.c_contiguous:
+        return view_from, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+    data = obj.tobytes()
+    return view_from, (data if obj.readonly else bytearray(data), obj.format, obj.shape)
+
+
 class FilePickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, except that functions and classes of a user file go by reference."""
+    """cloudpickle, except that functions and classes of a user file go by reference, and
+    a ``memoryview`` stays one (:func:`reduce_view`)."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (types.FunctionType, type)):
             home = file_home(obj)
             if home is not None:
                 return (from_file, home)
+        if type(obj) is memoryview:
+            return reduce_view(obj)
         return super().reducer_override(obj)
 
 

@@ -18,18 +18,13 @@ from typing import Any
 from papy._items import NO_INPUT, Failure, failure_from_exception, qualified_type
 from papy._task import StepSpec, TaskResult
 from papy.pools._base import Task
-from papy.pools._functions import dumps_code
+from papy.pools._functions import dumps_code, reduce_view
 from papy.pools._shm import Outgoing
 
 
 def _bytes_from(buffer: Any) -> bytes:
     """Rebuild a large ``bytes`` value from its out-of-band buffer (one copy)."""
     return bytes(buffer)
-
-
-def _view_from(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    """Rebuild a large ``memoryview`` over its out-of-band buffer (no copy)."""
-    return memoryview(buffer).cast("B").cast(fmt, shape)  # type: ignore[call-overload]
 
 
 class _OutOfBandPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
@@ -52,12 +47,8 @@ class _OutOfBandPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
             return _bytes_from, (pickle.PickleBuffer(obj),)
         if kind is bytearray and len(obj) >= self.threshold:
             return bytearray, (pickle.PickleBuffer(obj),)
-        if kind is memoryview and obj.nbytes >= self.threshold and obj.ndim and obj.c_contiguous:
-            try:
-                _view_from(obj, obj.format, obj.shape)
-            except (TypeError, ValueError):
-                return NotImplemented
-            return _view_from, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+        if kind is memoryview:
+            return reduce_view(obj)
         return NotImplemented
 
 

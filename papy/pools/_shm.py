@@ -240,6 +240,13 @@ class Registry:
         with self.lock:
             self.pinned.update(i for i in inodes if i in self.inodes)
 
+    def pin_all(self) -> None:
+        """Before this process forks: the child inherits every mapping, and a value it
+        reads through one (a global of the driver's) must never show a later item's
+        data, so no segment mapped now is given back to be written again."""
+        with self.lock:
+            self.pinned.update(self.inodes)
+
     def forget(
         self, start: int, fd: int, ino: int, give_back: Callable[[bool], None] | None
     ) -> None:
@@ -294,6 +301,8 @@ class Registry:
 #: this process's mapped segments: one for all its pools, as a value received by one pool
 #: may go on to another (the address space is the process's, not a pool's or a run's)
 REGISTRY = Registry()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=REGISTRY.pin_all)
 
 
 class Outgoing:
