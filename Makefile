@@ -72,8 +72,10 @@ fuzz: $(STAMP)
 	  round=$$((round + 1)); echo "fuzz round $$round"; \
 	  PAPY_FUZZ_PROFILE=fuzz PAPY_FUZZ_JOURNAL_EXAMPLES=200 PAPY_FUZZ_DASK_EXAMPLES=60 \
 	  PAPY_RECOVERY_EXAMPLES=100 PAPY_JOURNAL_FORK_EXAMPLES=60 PAPY_JOURNAL_SWAP_EXAMPLES=300 \
+	  PAPY_THREAD_TIMEOUT_EXAMPLES=100 \
 	    $(BIN)/python -m pytest tests/test_fuzz.py tests/test_fuzz_journal.py \
 	    tests/integration/test_dask_fuzz.py tests/faults/test_recovery_search.py \
-	    tests/faults/test_journal_forks.py tests/faults/test_journal_swaps.py -x -q -p no:cacheprovider \
+	    tests/faults/test_journal_forks.py tests/faults/test_journal_swaps.py \
+	    tests/faults/test_thread_timeouts_search.py -x -q -p no:cacheprovider \
 	    --hypothesis-show-statistics || exit 1; \
 	done
