@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from papy._errors import PoolError
+from papy._interrupt import deferred
 from papy._journal.journal import Journal
 from papy._plan import Graph, Plan, compile_plan
 from papy._rundir import check_workdir, make_run_dir
@@ -84,7 +85,7 @@ class RunScope:
                 force=self._force,
                 retry_failed=self._retry_failed,
             )
-            stack.callback(self.journal.close)
+            stack.callback(_closing(self.journal))
             spec_for = self.journal.spec_for
         pools = self._pools()  # closed before the journal and the run directory go
         self.plan = compile_plan(
@@ -141,3 +142,16 @@ class RunScope:
                         stack.callback(p.release, spec_ids)
             for fn in reversed(before):  # the stack runs callbacks last-in first-out
                 stack.callback(fn)
+
+
+def _closing(journal: Journal) -> Callable[[], None]:
+    """Return what closes ``journal`` whole: a Ctrl-C (or SIGTERM) that arrives meanwhile
+    acts once it is closed. Cut short, the close kept the run's lock, and every later run
+    in the process on that journal failed: "in use by another run" (its own pid)."""
+
+    def close() -> None:
+        with deferred():
+            journal.close()
+
+    return close
+
