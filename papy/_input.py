@@ -75,7 +75,8 @@ class ThreadedInput:
         self._it = iter(items)
         self._wake = wake
         self._buf: deque[Any] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # ``with`` on a C lock: see papy.pools.thread
+        self._cond = threading.Condition(self._lock)
         self._credit = 0  # items the thread may still read
         self._outstanding = 0  # granted and not yet taken by the scheduler
         self._woken = False
@@ -93,7 +94,7 @@ class ThreadedInput:
     @property
     def ended(self) -> bool:
         """Tell whether the input is exhausted (or raised) and every item read was taken."""
-        with self._cond:
+        with self._lock:
             return self.done and not self._buf
 
     def read(self, n: int) -> list[Any]:
@@ -102,7 +103,7 @@ class ThreadedInput:
         Never blocks: items still being read arrive with a later call (the scheduler is
         woken when they do).
         """
-        with self._cond:
+        with self._lock:
             if n > 0 and not self.done:
                 self._credit += n
                 self._outstanding += n
@@ -117,14 +118,14 @@ class ThreadedInput:
 
     def close(self) -> None:
         """Stop the thread once it is not inside the input (a blocked read cannot be cut)."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify()
 
     def _loop(self) -> None:
         it = self._it
         while True:
-            with self._cond:
+            with self._lock:
                 while self._credit == 0 and not self._closed:
                     self._cond.wait()
                 if self._closed:
@@ -151,7 +152,7 @@ class ThreadedInput:
                     self._wake()
 
     def _finish(self, error: BaseException | None) -> None:
-        with self._cond:
+        with self._lock:
             self.error = error
             self.done = True
             self._woken = True

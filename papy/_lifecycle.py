@@ -154,4 +154,3 @@ def _closing(journal: Journal) -> Callable[[], None]:
             journal.close()
 
     return close
-

@@ -16,9 +16,8 @@ reads an immutable :class:`~papy._plan.Plan`. Each turn of :meth:`Scheduler.iter
    every output by key to one-parent children, join and gather tables, and terminals;
 4. *deliver*: yield the output node's results in input order from the reorder buffer.
 
-Sizing (``_sizing``), the tables (``_tables``), the step queues (``_queues``) and set-up
-and tear-down (``_lifecycle``) live in their own modules; the item states are named in
-:class:`papy._items.ItemState`.
+Sizing (``_sizing``), tables (``_tables``), step queues (``_queues``), set-up and tear-down
+(``_lifecycle``) live in their own modules; :class:`papy._items.ItemState` names the states.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import Any
 from papy._errors import PapyError, PoolError, RunAborted
 from papy._html import HtmlReport
 from papy._input import DirectInput, ThreadedInput, reader_for
-from papy._interrupt import check, signal_count, trap_signals
+from papy._interrupt import check, held, signal_count, trap_signals
 from papy._items import NO_INPUT, Failure, ItemState, Key, child_key
 from papy._lifecycle import RunScope
 from papy._node import Node
@@ -243,7 +242,8 @@ class Scheduler:
                 t0 = perf()
                 self._admit()
                 t1 = perf()
-                self._dispatch()
+                with held():  # no KeyboardInterrupt inside a pool's submit
+                    self._dispatch()
                 t2 = perf()
                 check(seen)  # a signal taken since, whose KeyboardInterrupt was lost
                 prof["admit"] += t1 - t0
@@ -412,13 +412,14 @@ class Scheduler:
             return
         t1 = time.perf_counter()
         try:
-            while True:
-                if item[0] is not None:  # (None, ...) is the input reader's wake-up
-                    self._complete(*item)  # type: ignore[arg-type]
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    return
+            with held():  # no KeyboardInterrupt between taking a result and routing it
+                while True:
+                    if item[0] is not None:  # (None, ...) is the input reader's wake-up
+                        self._complete(*item)  # type: ignore[arg-type]
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        return
         finally:
             self.profile["route"] += time.perf_counter() - t1
 

@@ -118,6 +118,19 @@ def describe_view(view: memoryview) -> tuple[str, str, tuple[int, ...], bool, by
     return type(view).__name__, view.format, tuple(view.shape), view.readonly, view.tobytes()
 
 
+def fork_a_late_reader(arr: np.ndarray, outdir: str) -> float:
+    """Fork a child that reads ``arr`` after this task returned and writes what it saw."""
+    first = float(arr[0])
+    if os.fork() == 0:
+        try:
+            time.sleep(0.4)
+            with open(os.path.join(outdir, str(int(first))), "w") as fh:
+                fh.write(f"{arr.min()} {arr.max()}")
+        finally:
+            os._exit(0)
+    return first
+
+
 def crash_on_3(arr: np.ndarray) -> float:
     """Kill this worker (SIGKILL) on the array of item 3."""
     if arr[0] == 3.0:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pool_helpers import (
     digest,
     digest_and_value,
     first_and_last,
+    fork_a_late_reader,
     keep_and_check,
     make_view,
     many_arrays,
@@ -138,12 +140,58 @@ def test_workers_started_by_fork_pass_large_values_too():
 def test_a_memoryview_stays_a_memoryview_whatever_its_size(threshold):
     # Under the threshold (or with shared memory off) cloudpickle sent it as bytes, over
     # it as a memoryview: code calling .cast() or writing into it worked above only.
-    specs = [(n, fmt, ro) for n in (MiB - 256, MiB, 3 * MiB) for fmt in "Bd" for ro in (0, 1)]
+    sizes = (0, MiB - 256, MiB, 3 * MiB)
+    specs = [(n, fmt, ro) for n in sizes for fmt in "Bd" for ro in (0, 1)]
     with ProcessPool(1, shm_threshold=threshold) as pool:
         made = Pipeline("made", pool=pool)
         made.add(make_view)
         out = list(made.map(specs, progress=False))
     assert [describe_view(v) for v in out] == [describe_view(make_view(s)) for s in specs]
+
+
+def test_a_child_a_worker_forked_never_reads_a_later_items_data(tmp_path):
+    # A node on a process worker forked a child that read its input after the task had
+    # returned; the segment went back to the producing worker and was written again:
+    # 38 of 40 children saw another item's array.
+    with ProcessPool(1, shm_threshold=1024) as make, ProcessPool(1, shm_threshold=1024) as use:
+        pipe = Pipeline("late readers", buffer=2)
+        made = pipe.add(big_array, pool=make, batch=1)
+        pipe.add(fork_a_late_reader, after=made, pool=use, batch=1, args=(str(tmp_path),))
+        assert list(pipe.map(range(30), progress=False)) == [float(x) for x in range(30)]
+        deadline = time.monotonic() + 10
+        while len(os.listdir(tmp_path)) < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    seen = {int(n): (tmp_path / n).read_text() for n in os.listdir(tmp_path)}
+    assert seen == {x: f"{float(x)} {float(x)}" for x in range(30)}
+
+
+def test_fork_pools_started_while_results_stream_in_never_hang():
+    # A fork copied the registry's lock while another thread held it (receiving a
+    # result): the new worker waited for it forever, in clearing what it inherited (the
+    # run hung in 2 of 6 runs).
+    stop = threading.Event()
+    with ProcessPool(2, shm_threshold=1024) as streaming:
+        stream = Pipeline("stream", buffer=8)
+        stream.add(big_array, pool=streaming, batch=1)
+
+        def keep_streaming() -> None:
+            while not stop.is_set():
+                for _ in stream.map(range(30), progress=False):
+                    pass
+
+        thread = threading.Thread(target=keep_streaming, daemon=True)
+        thread.start()
+        try:
+            for _ in range(10):
+                with ProcessPool(2, "fork", shm_threshold=1024) as forked:
+                    probe = Pipeline("probe", pool=forked)
+                    probe.add(first_and_last)
+                    got = list(probe.map([big_array(1), big_array(2)], progress=False))
+                    assert got == [2.0, 4.0]
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert not thread.is_alive()
 
 
 def test_a_forked_worker_never_reads_a_later_items_data_through_a_value_it_inherited():
@@ -366,6 +414,9 @@ def make(i):
 def first(a):
     return float(a[0])
 
+def bump(d):
+    return {k: v + 1 for k, v in d.items()}
+
 if __name__ == "__main__":
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the usual default
@@ -381,8 +432,27 @@ if __name__ == "__main__":
         pipe = Pipeline("small")
         pipe.add(first, after=pipe.add(make, pool=a), pool=b)
         out = list(pipe.map(range(3000), errors="yield", progress=False))
+    failed = sum(isinstance(o, Failure) for o in out)
+    right = out == [float(i) for i in range(3000)]
+    most_1024, most[0] = most[0], 0
+    # items of 300 small arrays each, made in the driver, through three pools
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    pools = [ProcessPool(2, shm_threshold=64) for _ in range(3)]
+    with pools[0], pools[1], pools[2]:
+        pipe = Pipeline("many")
+        node = None
+        for p in pools:
+            node = pipe.add(bump, after=node, pool=p)
+        items = [{k: np.full(300, float(i)) for k in range(300)} for i in range(40)]
+        many = list(pipe.map(items, errors="yield", progress=False))
     done.set()
-    print(sum(isinstance(o, Failure) for o in out), out == [float(i) for i in range(3000)], most[0])
+    failed += sum(isinstance(o, Failure) for o in many)
+    right = right and all(
+        set(m) == set(range(300)) and all(float(v[0]) == i + 3 for v in m.values())
+        for i, m in enumerate(many)
+        if not isinstance(m, Failure)
+    )
+    print(failed, right, most_1024, most[0])
 """
 
 
@@ -397,24 +467,25 @@ def test_many_values_in_shared_memory_stay_within_the_open_file_limit(tmp_path):
         [sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    failed, right, most_fds = done.stdout.split()
+    failed, right, most_at_1024, most_at_256 = done.stdout.split()
     assert (failed, right) == ("0", "True"), done.stderr[-2000:]
-    assert int(most_fds) < 1024 // 2
+    assert int(most_at_1024) < 1024 // 2
+    assert int(most_at_256) <= 256  # six workers at 256: tight, but nothing failed
 
 
 def test_descriptors_the_kernel_dropped_leave_the_stream_at_the_next_message():
-    from papy.pools import _shm
+    from papy.pools import _fds
 
     a, b = socket.socketpair()
     seg = os.memfd_create("papy-test")
     fds = [os.dup(seg) for _ in range(300)]  # two chunks of descriptors
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        _shm.send_fds(a, fds)
+        _fds.send_fds(a, fds)
         a.sendall(b"next")
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
-        with pytest.raises(_shm.DescriptorsLost, match="open files"):
-            _shm.recv_fds(b, len(fds))
+        with pytest.raises(_fds.DescriptorsLost, match="open files"):
+            _fds.recv_fds(b, len(fds))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for fd in [*fds, seg]:

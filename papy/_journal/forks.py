@@ -47,7 +47,8 @@ class Holder(Protocol):
         """In the child of a fork: let go of what is the parent's (its lock descriptors)."""
 
 
-_cond = threading.Condition()
+_lock = threading.Lock()  # ``with`` on a C lock: see papy.pools.thread
+_cond = threading.Condition(_lock)
 _inside = 0  # threads inside a section (each counted once, however deeply nested)
 _forking = False  # a fork is closing connections or under way: sections and forks wait
 _local = threading.local()
@@ -56,7 +57,7 @@ _holders: weakref.WeakSet[Holder] = weakref.WeakSet()
 
 def track(holder: Holder) -> None:
     """Have ``holder``'s connections closed before each fork of this process."""
-    with _cond:
+    with _lock:
         _holders.add(holder)
 
 
@@ -72,7 +73,7 @@ class section:
         global _inside
         depth = getattr(_local, "depth", 0)
         if depth == 0 and not getattr(_local, "forking", False):
-            with _cond:
+            with _lock:
                 while _forking:
                     _cond.wait()
                 _inside += 1
@@ -82,7 +83,7 @@ class section:
         global _inside
         _local.depth -= 1
         if _local.depth == 0 and not getattr(_local, "forking", False):
-            with _cond:
+            with _lock:
                 _inside -= 1
                 if _inside == 0:
                     _cond.notify_all()
@@ -145,7 +146,7 @@ def _before_fork() -> None:
         return
     # One fork at a time: two threads forking at once would each close connections while
     # the other forks (SQLite holds a mutex while it closes one).
-    with _cond:
+    with _lock:
         while _forking or _inside:
             _cond.wait()
         _forking = True
@@ -163,7 +164,7 @@ def _after_fork_in_parent() -> None:
     if getattr(_local, "skipped", False):
         _local.skipped = False
         return
-    with _cond:
+    with _lock:
         _forking = False
         _cond.notify_all()
 
@@ -172,8 +173,9 @@ def _after_fork_in_child() -> None:
     # One thread lives on, outside any section: start from a clean state. A lock file's
     # open-file-description lock is shared with every process that inherited the
     # descriptor: a child a node forked would hold the run's lock for as long as it lives.
-    global _cond, _inside, _forking, _local
-    _cond = threading.Condition()
+    global _lock, _cond, _inside, _forking, _local
+    _lock = threading.Lock()
+    _cond = threading.Condition(_lock)
     _inside, _forking = 0, False
     _local = threading.local()
     for holder in list(_holders):

@@ -30,7 +30,7 @@ from typing import Any
 from papy._errors import PoolError
 from papy._items import qualified_type
 from papy._task import TaskResult
-from papy.pools import _recovery, _shm, _slot
+from papy.pools import _fds, _recovery, _shm, _slot
 from papy.pools._base import Task
 from papy.pools._functions import dumps_code
 from papy.pools._handles import (
@@ -369,8 +369,8 @@ class State:
             job_id, unloadable, descs, nfds, segments, pinned = header
             lost: OSError | None = None
             try:
-                fds = _shm.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
-            except _shm.DescriptorsLost as exc:  # the items fail, naming the cause
+                fds = _fds.recv_fds(w.sock, nfds) if nfds and w.sock is not None else []
+            except _fds.DescriptorsLost as exc:  # the items fail, naming the cause
                 fds, lost = [], exc
         except EOFError:
             w.eof = True  # its end is closed (or shut down): it can never report again
@@ -384,7 +384,7 @@ class State:
             give(False)  # never received: the producer frees them
         with self.lock:
             if not w.jobs or w.jobs[0].id != job_id:
-                _shm.close_fds(fds)
+                _fds.close_fds(fds)
                 for give in back:
                     give(False)
                 return True  # a result for a job already given up on (timed out)

@@ -175,7 +175,12 @@ def from_file(path: str, mod_name: str, qualname: str) -> Any:
 
 
 def view_from(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    """Rebuild a ``memoryview`` of format ``fmt`` and ``shape`` over ``buffer`` (no copy)."""
+    """Rebuild a ``memoryview`` of format ``fmt`` and ``shape`` over ``buffer`` (no copy).
+
+    An empty one comes back one-dimensional (``cast`` refuses a zero in a shape).
+    """
+    if 0 in shape:
+        return memoryview(buffer).cast("B").cast(fmt)  # type: ignore[call-overload]
     return memoryview(buffer).cast("B").cast(fmt, shape)  # type: ignore[call-overload]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from papy._errors import PoolError
 from papy._interrupt import deferred
 from papy._task import TaskResult
-from papy.pools import _slot
+from papy.pools import _shm, _slot
 from papy.pools._base import Task
 from papy.pools._latch import Latch
 from papy.pools._output import Output, finish_outputs
@@ -394,7 +394,16 @@ def start_worker(ctx: Any, initializer: bytes | None, shm_threshold: int | None)
         drop_name_when_collected(lock)
         proc = ctx.Process(
             target=worker_main,
-            args=(child, initializer, slot, os.getpid(), (out_w, err_w), shm_threshold, lock),
+            args=(
+                child,
+                initializer,
+                slot,
+                os.getpid(),
+                (out_w, err_w),
+                shm_threshold,
+                lock,
+                _shm.segment_limit(),  # from the driver's open-file limit, not the worker's
+            ),
             name="papy-worker",
             daemon=True,  # multiprocessing's exit handler must never wait for a worker
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from papy.pools import _shm
+from papy.pools import _fds, _shm
 from papy.pools._functions import dumps_code
 from papy.pools._handles import Job, Worker, free_note, wire_keys
 from papy.pools._messages import dumps, encode_each, encode_items, frame
@@ -105,7 +105,7 @@ def send_job(state: Shipper, w: Worker, job: Job) -> bool:
     try:
         w.conn.send_bytes(frame((*header, descs, len(fds)), body))
         if fds and w.sock is not None:
-            _shm.send_fds(w.sock, fds)
+            _fds.send_fds(w.sock, fds)
     except (OSError, ValueError):
         return False  # the worker died; its sentinel fires and the manager re-queues
     finally:

@@ -39,12 +39,11 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from papy.pools._fds import _FDS_PER_MESSAGE, _close_fd, close_fds
+
 #: bytes from which a buffer travels through shared memory instead of the pipes (1 MiB);
 #: ``ProcessPool(shm_threshold=...)`` changes it per pool, ``None`` turns it off
 SHM_THRESHOLD = 1 << 20
-#: descriptors the kernel passes in one message at most (SCM_MAX_FD); also the most
-#: segments one message carries (further buffers travel in the message)
-_FDS_PER_MESSAGE = 250
 #: errors of a segment the system cannot make now: the buffer travels in the message
 _NO_SEGMENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC}
 
@@ -179,6 +178,34 @@ class Arena:
             _close_fd(fd)
 
 
+class _Count:
+    """Segments this process made for messages and has not closed yet (see Outgoing)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.n = 0
+
+    def reset(self) -> None:
+        """In a forked child: it made none of them, and the lock may be held."""
+        self.lock = threading.Lock()
+        self.n = 0
+
+    def add(self, k: int) -> None:
+        if k:
+            with self.lock:
+                self.n += k
+
+
+_MADE = _Count()
+
+
+def driver_budget() -> int:
+    """Return how many segments the driver holds at most before large values it sends
+    travel in the message: a quarter of its open-file limit (those it maps of results,
+    and those it makes for messages, several senders at once)."""
+    return segment_limit() * 4
+
+
 def segment_limit() -> int:
     """Return how many segments a worker keeps in flight at most: a sixteenth of this
     process's open-file limit (``ulimit -n``, inherited from the driver; 64 of 1,024),
@@ -190,13 +217,6 @@ def segment_limit() -> int:
     if soft == resource.RLIM_INFINITY or soft <= 0:
         soft = 1 << 20
     return max(4, soft // 16)
-
-
-def _close_fd(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 class Registry:
@@ -240,12 +260,19 @@ class Registry:
         with self.lock:
             self.pinned.update(i for i in inodes if i in self.inodes)
 
-    def pin_all(self) -> None:
+    def before_fork(self) -> None:
         """Before this process forks: the child inherits every mapping, and a value it
         reads through one (a global of the driver's) must never show a later item's
-        data, so no segment mapped now is given back to be written again."""
-        with self.lock:
-            self.pinned.update(self.inodes)
+        data, so no segment mapped now is given back to be written again. The lock is
+        held across the fork (a child must not inherit it held by another thread)."""
+        self.lock.acquire()
+        self.pinned.update(self.inodes)
+
+    def after_fork_in_parent(self) -> None:
+        self.lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()  # the inherited one is held, by the forking thread
 
     def forget(
         self, start: int, fd: int, ino: int, give_back: Callable[[bool], None] | None
@@ -302,7 +329,12 @@ class Registry:
 #: may go on to another (the address space is the process's, not a pool's or a run's)
 REGISTRY = Registry()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=REGISTRY.pin_all)
+    os.register_at_fork(
+        before=REGISTRY.before_fork,
+        after_in_parent=REGISTRY.after_fork_in_parent,
+        after_in_child=REGISTRY.after_fork_in_child,
+    )
+    os.register_at_fork(after_in_child=_MADE.reset)
 
 
 class Outgoing:
@@ -339,7 +371,7 @@ class Outgoing:
         seg = 0
         if found is not None:
             fd, offset = found
-        elif len(self.fds) >= _FDS_PER_MESSAGE or (self.arena is not None and self.arena.full()):
+        elif len(self.fds) >= _FDS_PER_MESSAGE or self._full():
             return True  # descriptors are a bounded resource: this one goes in the message
         else:
             try:
@@ -348,6 +380,7 @@ class Outgoing:
                 else:
                     fd = create_segment(raw)
                     self.owned.append(fd)
+                    _MADE.add(1)
             except OSError as exc:
                 if exc.errno in _NO_SEGMENT:
                     return True  # out of descriptors or shared memory: in the message
@@ -362,11 +395,19 @@ class Outgoing:
         self.nbytes += n
         return False
 
+    def _full(self) -> bool:
+        if self.arena is not None:
+            return self.arena.full()
+        # a mapping holds two descriptors: the registry's, and the one mmap keeps
+        held = 2 * len(self.registry.fds) if self.registry is not None else 0
+        return held + _MADE.n >= driver_budget()
+
     def close(self) -> None:
         """Close the segments made for this message (the receiver holds its own copy)."""
         owned, self.owned = self.owned, []
         for fd in owned:
             _close_fd(fd)
+        _MADE.add(-len(owned))
 
     def reset(self) -> None:
         """Forget every buffer taken so far (pickling failed and starts again)."""
@@ -377,49 +418,19 @@ class Outgoing:
         self.segments = []
 
 
-class DescriptorsLost(OSError):
-    """The kernel dropped descriptors sent to this process (its open-file limit)."""
+#: a worker's mapped inputs of the task it runs, ``(mapping, inode)`` (see map_buffers),
+#: and the inodes of those that were mapped when the worker forked: a child may read
+#: them after the task, so they are reported pinned (never written again)
+MAPPED: list[tuple[weakref.ref[mmap.mmap], int]] = []
+FORKED: set[int] = set()
 
 
-def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
-    """Send descriptors right after a message (a few hundred per system call at most)."""
-    for i in range(0, len(fds), _FDS_PER_MESSAGE):
-        socket.send_fds(sock, [b"F"], list(fds[i : i + _FDS_PER_MESSAGE]))
+def _note_fork() -> None:
+    FORKED.update(ino for ref, ino in MAPPED if ref() is not None)
 
 
-def recv_fds(sock: socket.socket, count: int) -> list[int]:
-    """Receive ``count`` descriptors sent by :func:`send_fds`; EOFError if the peer died.
-
-    Every chunk :func:`send_fds` sent is read, even after the kernel dropped descriptors
-    of one (this process's open-file limit: :class:`DescriptorsLost` then, once the
-    stream is past them), so the next message is read from its start.
-    """
-    fds: list[int] = []
-    lost = False
-    try:
-        for start in range(0, count, _FDS_PER_MESSAGE):
-            want = min(_FDS_PER_MESSAGE, count - start)
-            msg, got, flags, _addr = socket.recv_fds(sock, 1, want, socket.MSG_CMSG_CLOEXEC)
-            if not msg:
-                raise EOFError("the peer closed its socket")
-            fds.extend(got)
-            lost = lost or bool(flags & socket.MSG_CTRUNC) or len(got) < want
-        if lost:
-            raise DescriptorsLost(
-                "shared-memory segments could not be received: this process has too "
-                "many open files (raise its limit, `ulimit -n`, or keep fewer large values)"
-            )
-    except BaseException:
-        for fd in fds:
-            _close_fd(fd)
-        raise
-    return fds
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    """Close received descriptors that will not be mapped (a message no longer wanted)."""
-    for fd in fds:
-        _close_fd(fd)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_note_fork)
 
 
 def map_buffers(

@@ -51,7 +51,7 @@ from papy._items import qualified_type
 from papy._journal import forks
 from papy._journal.files import sqlite_error
 from papy._task import CriticalSection, StepSpec, run_task
-from papy.pools import _shm
+from papy.pools import _fds, _shm
 from papy.pools._messages import dumps, encode_result, frame, loads, rebuild_each, unframe
 from papy.pools._slot import EXIT, REBUILD, SEND, SlotTracker, semaphore_name
 
@@ -263,6 +263,7 @@ def worker_main(
     outputs: tuple[Connection, Connection] | None = None,
     shm_threshold: int | None = None,
     claim_lock: Any = None,
+    shm_segments: int | None = None,
 ) -> None:
     """Receive tasks, run them, send results back, until the pipe closes.
 
@@ -276,7 +277,8 @@ def worker_main(
     A failing initializer is reported to the driver once, with its traceback, and the
     worker exits with code 1: the driver then fails the run with a PoolError instead of
     restarting workers that cannot start. Buffers of ``shm_threshold`` bytes or more in a
-    result go back through shared memory (None: every byte through the pipe).
+    result go back through shared memory (None: every byte through the pipe), at most
+    ``shm_segments`` of them in flight (see :class:`~papy.pools._shm.Arena`).
     """
     signal.signal(signal.SIGINT, _ignore)  # Ctrl-C is the driver's to handle
     critical = CriticalSection()  # this process's journaled tasks, for SIGTERM
@@ -322,7 +324,7 @@ def worker_main(
         tracker.idle()  # started: from now on a death is the fault of a task, if any
     # The socket under the pipe carries the descriptors of shared-memory segments.
     sock = socket.socket(fileno=os.dup(conn.fileno())) if shm_threshold is not None else None
-    arena = _shm.Arena()
+    arena = _shm.Arena(shm_segments)
     _shm.REGISTRY.clear()  # inherited through ``fork``: the driver's, not this process's
     specs: dict[str, StepSpec | BaseException] = {}
     while True:
@@ -339,7 +341,7 @@ def worker_main(
                 arena.release(header[2], reuse=False)
                 continue
             job_id, spec_id, spec_blob, keys, jkeys, dirty, every_item, drop, descs, nfds = header
-            fds = _shm.recv_fds(sock, nfds) if nfds and sock is not None else []
+            fds = _fds.recv_fds(sock, nfds) if nfds and sock is not None else []
         except (EOFError, OSError):
             return
         for old in drop:  # the driver's cache of this worker's functions is full
@@ -351,18 +353,19 @@ def worker_main(
                 specs[spec_id] = exc
         spec = specs[spec_id]
         if tracker is not None and not tracker.claim(job_id):
-            _shm.close_fds(fds)  # withdrawn by the driver: answer, never run it
+            _fds.close_fds(fds)  # withdrawn by the driver: answer, never run it
             try:
                 conn.send_bytes(frame((job_id, None, [], 0, [], []), b""))
             except OSError:
                 return
             continue
         out = _shm.Outgoing(shm_threshold, None, arena) if shm_threshold is not None else None
-        mapped: list[Any] = []  # (mapping, inode) of the task's inputs
+        mapped = _shm.MAPPED  # (mapping, inode) of the task's inputs
+        mapped.clear()
         if isinstance(spec, BaseException):
             # The node's function cannot be loaded here (an ImportError, say): the driver
             # fails the task's items with that error; the worker itself is fine.
-            _shm.close_fds(fds)
+            _fds.close_fds(fds)
             unloadable: bool | str = True
             payload = _pickled_error(spec)
         else:
@@ -405,13 +408,14 @@ def worker_main(
                 tracker.idle()
         # Inputs this process still maps (a node kept a reference): the producer must not
         # write into those segments again.
-        pinned = [ino for ref, ino in mapped if ref() is not None]
-        mapped = []
+        pinned = [ino for ref, ino in mapped if ref() is not None or ino in _shm.FORKED]
+        mapped.clear()
+        _shm.FORKED.clear()
         try:
             sent = (out.descs, len(out.fds), out.segments) if out is not None else ([], 0, [])
             conn.send_bytes(frame((job_id, unloadable, *sent, pinned), payload))
             if out is not None and out.fds:
-                _shm.send_fds(sock, out.fds)  # type: ignore[arg-type]
+                _fds.send_fds(sock, out.fds)  # type: ignore[arg-type]
         except (BrokenPipeError, OSError):
             return
         finally:

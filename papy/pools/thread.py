@@ -128,7 +128,10 @@ class _State:
         self.threads: list[threading.Thread] = []
         self.timed: set[_Running] = set()  # running tasks that have a timed stage
         self.running: set[_Running] = set()  # tasks a thread has started, not reported
-        self.cond = threading.Condition()
+        #: taken with ``with lock`` (a C lock: a KeyboardInterrupt cannot land between
+        #: taking it and the block that releases it, as in Condition.__enter__)
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.closed = False
         self.counter = itertools.count()
         self.watchdog: threading.Thread | None = None
@@ -152,7 +155,7 @@ class _State:
         (and failed there) or refused: a submit racing ``close()`` never leaves a future
         that nothing will complete.
         """
-        with self.cond:
+        with self.lock:
             if self.closed:
                 raise PoolError("the ThreadPool is closed; make a new pool")
             self.queue.put(running)
@@ -164,7 +167,7 @@ class _State:
         whatever its thread returns later is discarded, and the thread ends when the call
         returns (a journaled task still records the outputs it computed: they are right).
         """
-        with self.cond:
+        with self.lock:
             if self.closed:
                 return
             self.closed = True
@@ -208,19 +211,19 @@ def _work(state: _State, first: _Running | None = None) -> None:
             return
         del first
     while True:
-        with state.cond:
+        with state.lock:
             state.idle += 1
         try:
             running = state.queue.get(timeout=IDLE_S) if state.floor else state.queue.get()
         except queue.Empty:
-            with state.cond:
+            with state.lock:
                 if state.size > state.floor:  # type: ignore[operator]
                     state.idle -= 1
                     state.size -= 1
                     return  # a self-sizing pool gives back a thread it no longer needs
                 state.idle -= 1
             continue
-        with state.cond:
+        with state.lock:
             state.idle -= 1
         if running is None:
             return
@@ -235,7 +238,7 @@ def _run_one(state: _State, running: _Running) -> bool:
     """Run one task; return False when this thread was abandoned and must end."""
     if not running.rerun and not running.future.set_running_or_notify_cancel():
         return True
-    with state.cond:
+    with state.lock:
         if state.closed:
             # close() drained the queue before this thread took the task from it.
             if running.handed_from is not None:
@@ -263,7 +266,7 @@ def _run_one(state: _State, running: _Running) -> bool:
         result, error = None, exc
     if state.floor:
         cpu = time.thread_time() - cpu
-        with state.cond:
+        with state.lock:
             state.cpu_s += cpu
             state.tasks_done += 1
     task = None
@@ -274,7 +277,7 @@ def _run_one(state: _State, running: _Running) -> bool:
             return False  # abandoned: a replacement thread already took its place
         running.finished = True
         running.task = None  # the run has the result: nothing here holds the inputs any more
-    with state.cond:
+    with state.lock:
         state.running.discard(running)
         state.timed.discard(running)
     if error is not None:
@@ -285,7 +288,7 @@ def _run_one(state: _State, running: _Running) -> bool:
 
 
 def _watch(state: _State, running: _Running) -> None:
-    with state.cond:
+    with state.lock:
         state.timed.add(running)
         if state.watchdog is None:
             state.watchdog = threading.Thread(
@@ -298,7 +301,7 @@ def _watch(state: _State, running: _Running) -> None:
 def _watch_loop(state: _State) -> None:
     """Abandon every task whose current item overran its node's timeout."""
     while True:
-        with state.cond:
+        with state.lock:
             while not state.timed and not state.closed:
                 state.cond.wait()
             if state.closed:
@@ -334,7 +337,7 @@ def _abandon(state: _State, running: _Running, judged: tuple[int, int, int, floa
         running.finished = True
         if running.handed_from is not None:
             running.handed_from.handing_on = False  # this task's own re-run carries on
-    with state.cond:
+    with state.lock:
         state.timed.discard(running)
         state.running.discard(running)
     task = running.task
@@ -362,7 +365,7 @@ def _abandon(state: _State, running: _Running, judged: tuple[int, int, int, floa
     # The same future completes when the re-run does: the scheduler sees one task. The
     # thread that replaces the abandoned one runs it first, ahead of every queued task:
     # the late item's failure is recorded (a journal) and its batch-mates go on at once.
-    with state.cond:
+    with state.lock:
         if not state.closed:
             state.size -= 1  # the abandoned thread no longer takes tasks
             state.spawn(_Running(retry, running.future, handed_from=running.clock))
@@ -405,7 +408,7 @@ class ThreadPool(Pool):
         state.put(_Running(task, fut))
         if self.autoscale:
             now = time.perf_counter()
-            with state.cond:
+            with state.lock:
                 if now - self._sampled >= 0.05:  # the threads' CPU use, in cores
                     self._cpu_rate = (state.cpu_s - self._cpu_seen) / (now - self._sampled)
                     self._sampled, self._cpu_seen = now, state.cpu_s
