@@ -33,9 +33,6 @@ _last = ""
 _child: dict[int, tuple[Any, Any]] = {}
 _fork_mask = threading.local()
 _fork_guarded = False
-#: blocks of :func:`held` the main thread is in, and whether a signal came meanwhile
-_holding = 0
-_held = False
 
 
 def real_interrupt() -> bool:
@@ -48,38 +45,11 @@ def real_interrupt() -> bool:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _count, _last, _held
+    global _count, _last
     _pending.set()
     _count += 1
     _last = "SIGTERM" if signum == signal.SIGTERM else ""
-    if _holding:
-        _held = True  # raised at the end of the held block (see held)
-        return
     raise KeyboardInterrupt(_last)
-
-
-@contextlib.contextmanager
-def held() -> Iterator[None]:
-    """Let a run's signal raise its ``KeyboardInterrupt`` only at the end of the block.
-
-    For the scheduler's work between two waits (submitting tasks, taking results):
-    an exception raised at any bytecode there could leave a lock of a pool, a future or
-    a queue taken and never released (``threading.Condition.__enter__`` is Python code),
-    and the pool's threads then wait for it forever. Cheap (a counter), unlike
-    :func:`deferred`; only for the handlers of :func:`trap_signals`.
-    """
-    global _holding, _held
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _holding += 1
-    try:
-        yield
-    finally:
-        _holding -= 1
-        if not _holding and _held:
-            _held = False
-            raise KeyboardInterrupt(_last)
 
 
 def signal_count() -> int:
@@ -209,24 +179,6 @@ def trap_signals() -> Callable[[], None]:
             _saved.clear()
 
     return restore
-
-
-@contextlib.contextmanager
-def let_through() -> Iterator[None]:
-    """Inside :func:`held`: let signals raise at once again for the block (a node's own
-    code, run in the main thread by an ``InlinePool``: Ctrl-C must stop a long call)."""
-    global _holding, _held
-    if threading.current_thread() is not threading.main_thread() or not _holding:
-        yield
-        return
-    saved, _holding = _holding, 0
-    try:
-        if _held:
-            _held = False
-            raise KeyboardInterrupt(_last)
-        yield
-    finally:
-        _holding = saved
 
 
 @contextlib.contextmanager

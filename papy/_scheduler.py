@@ -37,7 +37,7 @@ from typing import Any
 from papy._errors import PapyError, PoolError, RunAborted
 from papy._html import HtmlReport
 from papy._input import DirectInput, ThreadedInput, reader_for
-from papy._interrupt import check, held, signal_count, trap_signals
+from papy._interrupt import check, signal_count, trap_signals
 from papy._items import NO_INPUT, Failure, ItemState, Key, child_key
 from papy._lifecycle import RunScope
 from papy._node import Node
@@ -242,8 +242,7 @@ class Scheduler:
                 t0 = perf()
                 self._admit()
                 t1 = perf()
-                with held():  # no KeyboardInterrupt inside a pool's submit
-                    self._dispatch()
+                self._dispatch()
                 t2 = perf()
                 check(seen)  # a signal taken since, whose KeyboardInterrupt was lost
                 prof["admit"] += t1 - t0
@@ -412,14 +411,13 @@ class Scheduler:
             return
         t1 = time.perf_counter()
         try:
-            with held():  # no KeyboardInterrupt between taking a result and routing it
-                while True:
-                    if item[0] is not None:  # (None, ...) is the input reader's wake-up
-                        self._complete(*item)  # type: ignore[arg-type]
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        return
+            while True:
+                if item[0] is not None:  # (None, ...) is the input reader's wake-up
+                    self._complete(*item)  # type: ignore[arg-type]
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
         finally:
             self.profile["route"] += time.perf_counter() - t1
 

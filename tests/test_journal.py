@@ -1420,3 +1420,21 @@ def test_a_journal_path_with_characters_special_in_uris_works(tmp_path):
     assert pipe.run(range(100), journal=journal).skipped == 100
     assert sorted(p.name for p in folder.iterdir()) == ["r%20un?.db", "r%20un?.db.lock"]
     assert _stored(journal) == {"h": 100}
+
+
+def test_an_sqlite_error_raised_while_a_ctrl_c_unwinds_is_the_ctrl_c(tmp_path):
+    # A SIGINT during a journal's open made SQLite fail "cannot rollback - no transaction
+    # is active", reported as "not a papy journal ... corrupt: move it away" for a healthy
+    # journal (3 processes of 11 interrupted at random).
+    from papy._journal.files import sqlite_error
+
+    conn = sqlite3.connect(tmp_path / "run.db")
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                conn.execute("ROLLBACK")  # what a `with conn:` does as the interrupt unwinds
+        except sqlite3.Error as exc:
+            raise sqlite_error(str(tmp_path / "run.db"), exc) from None
+    conn.close()

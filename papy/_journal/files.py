@@ -88,8 +88,12 @@ def sqlite_error(
 
     A journal file removed, or replaced by another (``ident``: the (device, inode) the run
     opened), makes SQLite fail in ways that look like corruption ("disk I/O error",
-    "attempt to write a readonly database"): that is said first.
+    "attempt to write a readonly database"): that is said first. An error raised while a
+    Ctrl-C unwound ("cannot rollback - no transaction is active") is not the file's
+    fault: that KeyboardInterrupt is raised here instead.
     """
+    if isinstance(exc.__context__, KeyboardInterrupt):
+        raise exc.__context__
     try:
         now = file_ident(path)
     except JournalError as gone:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from papy._interrupt import let_through
 from papy._task import TaskResult, run_task
 from papy.pools._base import Pool, Task
 
@@ -31,9 +30,7 @@ class InlinePool(Pool):
         fut: Future[TaskResult] = Future()
         fut.set_running_or_notify_cancel()
         try:
-            with let_through():  # the scheduler holds signals back; the nodes' code may not
-                result = run_task(task.spec, task.keys, task.values, task.jkeys, task.dirty)
-            fut.set_result(result)
+            fut.set_result(run_task(task.spec, task.keys, task.values, task.jkeys, task.dirty))
         except Exception as exc:  # a bug in the engine, not in a node: fail the task
             fut.set_exception(exc)
         return fut
