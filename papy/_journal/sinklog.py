@@ -1,8 +1,8 @@
 """A sink batch in progress: one record per item on disk at once, folded in after a crash.
 
 Each record of a sink batch goes to a private append-only file next to the journal
-(``run.db.pending-<inode>-<host>-<pid>-<thread>``, mode 0600) with one ``write``, and the
-batch is committed to SQLite in one transaction at the end, after which the file is
+(``run.db.pending-<inode>-<host>-<pid>-<thread>.<serial>``, mode 0600) with one
+``write``, and the batch is committed to SQLite in one transaction at the end, after which the file is
 removed. If the process dies mid-batch (or the run stops because its journal was removed,
 replaced or renamed away), whoever runs the batch's items next on that journal file (the
 pool's re-run, or the next run) first folds the file into the journal
@@ -16,6 +16,7 @@ so reading a file is safe before its records are authenticated.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import socket
 import struct
@@ -31,6 +32,7 @@ PENDING = ".pending-"
 _ROW_HEAD = struct.Struct("!9I")  # total length, then the lengths of the 8 fields
 #: pending files this process writes now (path -> its batch's tracker): see :func:`_alive`
 _WRITING: dict[str, Any] = {}
+_SERIAL = itertools.count()  # of this process's batches (see SinkLog)
 _WRITING_GUARD = threading.Lock()
 
 
@@ -46,7 +48,10 @@ class SinkLog:
         self.rows: list[Row] = []
         self.fd: int | None = None
         host, pid, tid = socket.gethostname(), os.getpid(), threading.get_ident()
-        self.file = f"{spec.path}{PENDING}{spec.ident[1]}-{host}-{pid}-{tid}"
+        # A thread's ident is reused once it ended: the serial keeps a later batch from
+        # taking (and truncating) the file of a batch cut short that no one folded yet.
+        serial = next(_SERIAL)
+        self.file = f"{spec.path}{PENDING}{spec.ident[1]}-{host}-{pid}-{tid}.{serial}"
 
     def add(self, jkey: tuple[str, str], value: Any, fail: Callable[[int, Exception], Any]) -> Any:
         """Write one item's record to the file at once; return what was recorded: the
@@ -57,7 +62,7 @@ class SinkLog:
         if self.fd is None:
             with _WRITING_GUARD:  # before the file exists: no other thread may fold it
                 _WRITING[self.file] = self.tracker
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW
             self.fd = os.open(self.file, flags | os.O_CLOEXEC, FILE_MODE)
         os.write(self.fd, encode_row(row))
         return values[0]
@@ -188,7 +193,7 @@ def _owner(name: str, base: str, inode: int) -> tuple[str, str] | None:
     """Return (host, pid) of a pending file ``name`` that holds records of the journal
     file ``inode`` (named ``base`` now), or None if it is another file's.
 
-    ``<name>.pending-<inode>-<host>-<pid>-<thread>``; a file without the inode (made by
+    ``<name>.pending-<inode>-<host>-<pid>-<thread>.<serial>``; a file without the inode (made by
     an earlier version) is the journal's that has its name. Inode 0 (unknown) matches by
     name only.
     """
