@@ -2,15 +2,15 @@
 
 Each record of a sink batch goes to a private append-only file next to the journal
 (``run.db.pending-<inode>-<host>-<pid>-<thread>.<serial>``, mode 0600) with one
-``write``, and the batch is committed to SQLite in one transaction at the end, after which the file is
-removed. If the process dies mid-batch (or the run stops because its journal was removed,
-replaced or renamed away), whoever runs the batch's items next on that journal file (the
-pool's re-run, or the next run) first folds the file into the journal
-(:func:`fold_pending`), so the items the sink already did are not done again. The inode
-names the journal file the records belong to: another journal made or moved in under the
-same name never takes them, and the journal they belong to finds them under whatever name
-it has now in the same folder. The format is plain length-prefixed fields, never a pickle,
-so reading a file is safe before its records are authenticated.
+``write``, and the batch is committed to SQLite in one transaction at the end, after
+which the file is removed. If the process dies mid-batch (or the run stops because its
+journal was removed, replaced or renamed away), whoever runs the batch's items next on
+that journal file (the pool's re-run, or the next run) first folds the file into the
+journal (:func:`fold_pending`), so the items the sink already did are not done again.
+The inode names the journal file the records belong to: another journal made or moved in
+under the same name never takes them, and the journal they belong to finds them under
+whatever name it has now in the same folder. The format is plain length-prefixed fields,
+never a pickle, so reading a file is safe before its records are authenticated.
 """
 
 from __future__ import annotations
