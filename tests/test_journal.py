@@ -766,6 +766,20 @@ def _slow_sink(effects: str):  # type: ignore[no-untyped-def]
     return sink
 
 
+def _leave_early(pipe: Pipeline, journal: Path, n: int, read: int, by_signal: bool) -> None:
+    """Leave a journaled run of ``n`` items early: after ``read`` outputs (the caller
+    stops reading), or by a real SIGINT 0.3 s in."""
+    if by_signal:
+        threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
+        with pytest.raises(KeyboardInterrupt):
+            pipe.run(range(n), journal=journal)
+        return
+    outputs = pipe.map(range(n), journal=journal, errors="yield")
+    for _ in zip(range(read), outputs):
+        pass
+    outputs.close()  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("how", ["map left early", "interrupted"])
 def test_a_run_right_after_one_left_early_on_threads_waits_for_its_tasks(tmp_path, how):
     # A thread pool lets a run left early finish the tasks it started: their sinks did
@@ -775,15 +789,7 @@ def test_a_run_right_after_one_left_early_on_threads_waits_for_its_tasks(tmp_pat
     with ThreadPool(4) as pool:
         pipe = Pipeline("early", pool=pool)
         pipe.add(_slow_sink(str(effects)), name="sink", batch=1)
-        if how == "map left early":
-            outputs = pipe.map(range(200), journal=journal)
-            for _ in zip(range(20), outputs):
-                pass
-            outputs.close()  # type: ignore[attr-defined]
-        else:
-            threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
-            with pytest.raises(KeyboardInterrupt):
-                pipe.run(range(200), journal=journal)
+        _leave_early(pipe, journal, 200, 20, by_signal=how != "map left early")
         assert sorted(pipe.map(range(200), journal=journal)) == list(range(200))
     done = Counter(effects.read_text().split())
     assert set(done) == {str(x) for x in range(200)}
@@ -876,15 +882,7 @@ def test_a_sink_item_that_timed_out_in_a_run_left_early_is_not_called_again(tmp_
     with ThreadPool(4) as pool:
         pipe = Pipeline("left", pool=pool)
         pipe.add(_recording(str(effects), slow, 0.5), name="sink", batch=2, timeout=0.15)
-        if stop == "break":
-            outputs = pipe.map(range(60), journal=journal, errors="yield")
-            for _ in zip(range(10), outputs):
-                pass
-            outputs.close()  # type: ignore[attr-defined]
-        else:
-            threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
-            with pytest.raises(KeyboardInterrupt):
-                pipe.run(range(60), journal=journal)
+        _leave_early(pipe, journal, 60, 10, by_signal=stop != "break")
         out = list(pipe.map(range(60), journal=journal, errors="yield"))
         time.sleep(0.6)  # every late call has ended
     failed = {o.item for o in out if isinstance(o, Failure)}

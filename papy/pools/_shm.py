@@ -351,6 +351,8 @@ class Outgoing:
         self.threshold = threshold
         self.registry = registry
         self.arena = arena  # a worker's: its segments are given back to be reused
+        #: the driver's segments at most (read once per message, not per buffer)
+        self.budget = driver_budget() if arena is None else 0
         self.fds: list[int] = []  # to send beside the message, in order
         self.segments: list[int] = []  # arena ids of ``fds``
         self.owned: list[int] = []  # created here: closed by close()
@@ -400,7 +402,7 @@ class Outgoing:
             return self.arena.full()
         # a mapping holds two descriptors: the registry's, and the one mmap keeps
         held = 2 * len(self.registry.fds) if self.registry is not None else 0
-        return held + _MADE.n >= driver_budget()
+        return held + _MADE.n >= self.budget
 
     def close(self) -> None:
         """Close the segments made for this message (the receiver holds its own copy)."""
